@@ -1,0 +1,409 @@
+"""``grid-portal``: the command line.
+
+Kept light: ``grid-portal --help`` imports neither Dask nor the portal (``import distributed``
+alone costs about 0.6 s); each command imports what it needs when it runs. Mistakes the user
+can fix are GridErrors: they print one line and exit with 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from grid_portal import __version__
+from grid_portal.errors import GridError, UsageError
+
+EPILOG = """\
+Start here:
+  grid-portal serve                      run a portal on this machine (prints how to join)
+  grid-portal token create               make a join token for a volunteer
+  grid-portal volunteer URL --token T    lend this machine to a portal
+  grid-portal nodes                      list the grid's machines and their live load
+  grid-portal status                     the grid's totals
+
+Docs: README.md, docs/volunteer.md, docs/researcher.md.
+"""
+
+
+def _size(text: str) -> int:
+    from grid_portal.units import parse_size
+
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    from grid_portal.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"label {text!r} must look like KEY=VALUE, e.g. room=B12")
+    return key.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grid-portal",
+        description="Grid Portal: a community compute grid for science, used from Jupyter.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"grid-portal {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # serve
+    p = sub.add_parser(
+        "serve",
+        help="run a portal: a Dask scheduler (mutual TLS) and the enrolment endpoint",
+        description="Run a portal on this machine. On first start it creates the portal's own "
+        "certificate authority in the data dir; every connection to the scheduler is mutual "
+        "TLS against it, also on loopback.",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    p.add_argument("--port", type=int, default=8786, help="scheduler port (default 8786; 0: any)")
+    p.add_argument(
+        "--http-port", type=int, default=8788, help="enrolment HTTPS port (default 8788; 0: any)"
+    )
+    p.add_argument("--data-dir", type=Path, help="where the CA, ledger and keys live")
+    p.add_argument("--contact-host", help="the host name volunteers use to reach this portal")
+    p.add_argument(
+        "--telemetry-interval", type=_duration, default=2.0, help="seconds between node samples"
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="a private portal on loopback with this machine as its volunteer (what Grid() "
+        "starts when nothing is configured)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    # token
+    p = sub.add_parser("token", help="join tokens for volunteers and researchers")
+    tsub = p.add_subparsers(dest="token_command", metavar="ACTION")
+    t = tsub.add_parser(
+        "create",
+        help="print a new join token",
+        description="Print a new join token. Tokens are random, stored only hashed, expire, "
+        "and can be limited in uses. They carry a pin of the portal's CA, so a volunteer "
+        "cannot be fooled by an impostor portal.",
+    )
+    t.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime (default 1h)")
+    t.add_argument(
+        "--uses",
+        type=_positive_int,
+        default=None,
+        help="how many enrolments (default: unlimited until it expires)",
+    )
+    t.add_argument(
+        "--for",
+        dest="role",
+        choices=["node", "client"],
+        default="node",
+        help="node: a volunteer machine (default); client: a researcher's connection",
+    )
+    t.add_argument("--note", default="", help="a note for `token list`")
+    t.add_argument("--data-dir", type=Path, help="the portal's data dir")
+    t.set_defaults(func=cmd_token_create)
+    t = tsub.add_parser("list", help="list tokens (never their secrets)")
+    t.add_argument("--data-dir", type=Path, help="the portal's data dir")
+    t.set_defaults(func=cmd_token_list)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+    # volunteer
+    p = sub.add_parser(
+        "volunteer",
+        help="lend this machine to a portal",
+        description="Enrol this machine with a portal and run grid work on it until stopped. "
+        "It rejoins by itself when the portal or the network comes back. Ctrl-C or SIGTERM "
+        "let running tasks finish first, so nothing is lost.",
+    )
+    p.add_argument("portal", metavar="PORTAL_URL", help="the portal's https:// address")
+    p.add_argument("--token", required=True, help="a join token from `grid-portal token create`")
+    p.add_argument("--name", help="this machine's name on the grid (default: host name)")
+    p.add_argument("--cpus", type=int, help="CPUs to lend (default: all but one)")
+    p.add_argument("--memory", type=_size, help="memory to lend, e.g. 8GB (default: half)")
+    p.add_argument("--gpus", default="none", help="GPUs to lend: none (default), all, or 0,2")
+    p.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label researchers can select on (repeatable), e.g. --label room=B12",
+    )
+    p.add_argument(
+        "--oversubscribe", action="store_true", help="allow offering more than the machine has"
+    )
+    p.add_argument("--state-dir", type=Path, help="where this volunteer keeps its certificate")
+    p.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=120.0,
+        help="on stop, how long running tasks may take to finish (default 2m)",
+    )
+    p.add_argument(
+        "--reconnect-max",
+        type=_duration,
+        default=30.0,
+        help="longest wait between attempts to rejoin (default 30s)",
+    )
+    p.set_defaults(func=cmd_volunteer)
+
+    # nodes / status
+    p = sub.add_parser("nodes", help="the grid's machines, their capacity and live load")
+    p.add_argument("--json", action="store_true", help="machine-readable records")
+    p.add_argument("--portal", help="a connection file (default: as Grid() finds one)")
+    p.set_defaults(func=cmd_nodes)
+    p = sub.add_parser("status", help="the grid's totals")
+    p.add_argument("--json", action="store_true", help="machine-readable totals")
+    p.add_argument("--portal", help="a connection file (default: as Grid() finds one)")
+    p.set_defaults(func=cmd_status)
+
+    # embedded
+    p = sub.add_parser("embedded", help="the private portal Grid() starts on this machine")
+    esub = p.add_subparsers(dest="embedded_command", metavar="ACTION")
+    e = esub.add_parser("start", help="start it (if not running) and print its connection file")
+    e.set_defaults(func=cmd_embedded_start)
+    e = esub.add_parser("stop", help="stop it")
+    e.set_defaults(func=cmd_embedded_stop)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        logging.getLogger("tornado").setLevel(logging.WARNING)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from grid_portal.connection import default_data_dir
+
+    return (args.data_dir or default_data_dir()).expanduser()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    from grid_portal.portal.server import PortalConfig, describe, run_portal
+
+    if args.embedded:
+        from grid_portal.embedded import embedded_config, publish_connection
+
+        config = embedded_config(args.data_dir)
+
+        def ready(info: Any) -> None:
+            publish_connection(info)
+            print(f"Embedded portal ready at {info.scheduler}", flush=True)
+
+    else:
+        config = PortalConfig(
+            data_dir=_data_dir(args),
+            host=args.host,
+            port=args.port,
+            http_port=args.http_port,
+            contact_host=args.contact_host,
+            telemetry_interval=args.telemetry_interval,
+        )
+
+        def ready(info: Any) -> None:
+            print(describe(info), flush=True)
+
+    try:
+        asyncio.run(run_portal(config, on_ready=ready))
+    except OSError as exc:
+        raise GridError(
+            f"cannot start the portal: {exc}. Is another portal using port {args.port} or "
+            f"{args.http_port}? Choose others with --port and --http-port."
+        ) from None
+    return 0
+
+
+def _token_store(args: argparse.Namespace) -> tuple[Any, str]:
+    from grid_portal.portal.ledger import LEDGER_FILE
+    from grid_portal.portal.security import CertificateAuthority, ca_pin
+    from grid_portal.portal.tokens import TokenStore
+
+    data_dir = _data_dir(args)
+    if not (data_dir / "ca" / "ca.pem").exists():
+        raise GridError(
+            f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
+            "portal's --data-dir"
+        )
+    ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    return TokenStore(data_dir / LEDGER_FILE), ca_pin(ca.fingerprint())
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    store, pin = _token_store(args)
+    created = store.create(ttl=args.ttl, uses=args.uses, note=args.note, pin=pin, role=args.role)
+    print(created.text)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    store, _ = _token_store(args)
+    table = Table("id", "for", "created", "expires", "uses left", "note")
+    for t in store.list():
+        table.add_row(
+            str(t.id),
+            getattr(t, "role", "node"),
+            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M"),
+            datetime.fromtimestamp(t.expires_at).strftime("%Y-%m-%d %H:%M"),
+            "unlimited" if t.uses_left is None else str(t.uses_left),
+            t.note,
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_volunteer(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    from grid_portal.node.agent import (
+        Volunteer,
+        VolunteerOptions,
+        decide_offer,
+        default_state_dir,
+        enrol,
+        hostname,
+        measure_network,
+    )
+    from grid_portal.node.probe import parse_gpu_selection, probe_gpus, probe_static
+
+    gpus = parse_gpu_selection(args.gpus, probe_gpus())
+    static = probe_static(gpus=gpus)
+    offer = decide_offer(args.cpus, args.memory, gpus, static, oversubscribe=args.oversubscribe)
+    state_dir = (args.state_dir or default_state_dir()).expanduser()
+    creds = enrol(args.portal, args.token, args.name or hostname(), state_dir)
+    static.network = measure_network(args.portal, Path(creds.ca).read_text())
+    options = VolunteerOptions(
+        cpus=offer.cpus,
+        memory=offer.memory,
+        gpus=offer.gpus,
+        labels=dict(args.label),
+        drain_timeout=args.drain_timeout,
+        reconnect_max=args.reconnect_max,
+    )
+    volunteer = Volunteer(creds, options, static)
+
+    async def main() -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, volunteer.request_stop)
+        await volunteer.run()
+
+    print(
+        f"Volunteering as {creds.name} for {creds.scheduler}. Ctrl-C to leave (running tasks "
+        "finish first).",
+        flush=True,
+    )
+    asyncio.run(main())
+    print("Left the grid. Thank you!", flush=True)
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> Any:
+    from grid_portal.client import Grid
+
+    return Grid(args.portal, start_embedded=False, timeout=10)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from grid_portal.render import nodes_table
+
+    with _grid(args) as grid:
+        nodes = grid.nodes()
+    if args.json:
+        print(json.dumps([n.to_dict() for n in nodes], indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(nodes_table(nodes))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from grid_portal.render import capacity_text
+
+    with _grid(args) as grid:
+        capacity = grid.capacity()
+    if args.json:
+        print(json.dumps(capacity.to_dict(), indent=2))
+    else:
+        print(capacity_text(capacity))
+    return 0
+
+
+def cmd_embedded_start(args: argparse.Namespace) -> int:
+    from grid_portal.connection import embedded_connection_path
+    from grid_portal.embedded import ensure_embedded_portal
+
+    conn = ensure_embedded_portal()
+    print(
+        f"embedded portal at {conn.scheduler} (pid {conn.pid}); connection file: "
+        f"{embedded_connection_path()}"
+    )
+    return 0
+
+
+def cmd_embedded_stop(args: argparse.Namespace) -> int:
+    from grid_portal.embedded import stop_embedded_portal
+
+    print("stopped the embedded portal" if stop_embedded_portal() else "no embedded portal runs")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GridError as exc:
+        print(f"grid-portal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""``Grid``: the one client every front end (CLI, magics, widgets, REST, sidebar) goes through.
+
+It wraps a ``distributed.Client`` connected over mutual TLS, and asks the portal's scheduler
+plugin (the single source of truth) for nodes and capacity through its ``grid_*`` handlers.
+It keeps no copy of grid state beyond a short-lived cache of the largest node's offer, used
+only to refuse at once a request that no node could ever satisfy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from distributed import Client, Future
+
+from grid_portal.connection import Connection, find_connection
+from grid_portal.errors import ConnectionFailed, Unsatisfiable
+from grid_portal.model import CPU, GPU, MEMORY, Capacity, Node, Requirement
+from grid_portal.units import format_size, parse_size
+
+_OFFER_CACHE_SECONDS = 5.0
+
+
+class Grid:
+    """A connection to a Grid Portal.
+
+    ``Grid()`` finds the portal by itself (see ``grid_portal.connection``): a connection file
+    given as ``address`` or in ``GRID_PORTAL_ADDRESS``, the user's saved connection, a portal
+    this user runs here, or else an embedded portal on loopback with one local volunteer, which
+    it starts when none runs.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = 20.0,
+        start_embedded: bool = True,
+        asynchronous: bool = False,
+    ) -> None:
+        connection = find_connection(address)
+        if connection is None:
+            if not start_embedded:
+                raise ConnectionFailed(
+                    "no portal is configured: set GRID_PORTAL_ADDRESS to a connection file, "
+                    "or run `grid-portal serve`"
+                )
+            from grid_portal.embedded import ensure_embedded_portal
+
+            connection = ensure_embedded_portal(timeout=max(timeout, 60.0))
+        self.connection: Connection = connection
+        self._largest: tuple[float, dict[str, float]] | None = None
+        try:
+            self.client = Client(
+                connection.scheduler,
+                security=connection.security(),
+                timeout=timeout,
+                asynchronous=asynchronous,
+                set_as_default=False,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionFailed(
+                f"cannot connect to the portal at {connection.scheduler}: {exc}. Is it "
+                "running? (`grid-portal serve`, or check GRID_PORTAL_ADDRESS)"
+            ) from None
+
+    # -- context management ---------------------------------------------------------------
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Grid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Grid {self.connection.scheduler}>"
+
+    # -- talking to the portal plugin -----------------------------------------------------
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        handler = getattr(self.client.scheduler, op)
+        return self.client.sync(handler, **kwargs)
+
+    def nodes(self) -> list[Node]:
+        """Every node the portal knows, online ones and recently offline ones."""
+        return [Node.from_dict(d) for d in self._call("grid_nodes")]
+
+    def node(self, name: str) -> Node | None:
+        """One node with its last 10 minutes of telemetry history."""
+        data = self._call("grid_node", name=name)
+        return None if data is None else Node.from_dict(data)
+
+    def capacity(self) -> Capacity:
+        return Capacity.from_dict(self._call("grid_capacity"))
+
+    def changes(self, since: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        """Long poll: the nodes changed after version ``since`` (for live views)."""
+        return self._call("grid_changes", since=since, timeout=timeout)
+
+    def whoami(self) -> dict[str, Any] | None:
+        return self._call("grid_whoami")
+
+    # -- running work -----------------------------------------------------------------------
+    def requirement(
+        self, cpus: float = 1, gpus: float = 0, memory: int | str | None = None
+    ) -> Requirement:
+        return Requirement(
+            cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory is not None else None
+        )
+
+    def check(self, requirement: Requirement) -> None:
+        """Raise ``Unsatisfiable`` when no connected node could ever run this."""
+        needs = requirement.resources()
+        largest = self._largest_offer(refresh=False)
+        if _fits(needs, largest):
+            return
+        largest = self._largest_offer(refresh=True)  # a node may have just joined
+        if _fits(needs, largest):
+            return
+        raise Unsatisfiable(
+            f"no node on the grid offers {_describe(needs)}; the largest offers "
+            f"{_describe(largest)}. Ask for less, or pass wait=True to wait for such a node."
+        )
+
+    def _largest_offer(self, refresh: bool) -> dict[str, float]:
+        now = time.monotonic()
+        if refresh or self._largest is None or now - self._largest[0] > _OFFER_CACHE_SECONDS:
+            self._largest = (now, self._call("grid_largest_offer"))
+        return self._largest[1]
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        cpus: float = 1,
+        gpus: float = 0,
+        memory: int | str | None = None,
+        wait: bool = False,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a node that has the resources; returns a Future."""
+        requirement = self.requirement(cpus, gpus, memory)
+        if not wait:
+            self.check(requirement)
+        kwargs.setdefault("pure", False)
+        return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        cpus: float = 1,
+        gpus: float = 0,
+        memory: int | str | None = None,
+        wait: bool = False,
+        **kwargs: Any,
+    ) -> list[Future]:
+        requirement = self.requirement(cpus, gpus, memory)
+        if not wait:
+            self.check(requirement)
+        kwargs.setdefault("pure", False)
+        return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+
+    def compute(
+        self,
+        collection: Any,
+        *,
+        cpus: float = 1,
+        gpus: float = 0,
+        memory: int | str | None = None,
+        wait: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a Dask collection (array, dataframe, delayed) with every task's resources."""
+        requirement = self.requirement(cpus, gpus, memory)
+        if not wait:
+            self.check(requirement)
+        return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+
+    def gather(self, futures: Any) -> Any:
+        return self.client.gather(futures)
+
+
+def _fits(needs: dict[str, float], largest: dict[str, float]) -> bool:
+    return all(largest.get(k, 0.0) >= v for k, v in needs.items())
+
+
+def _describe(resources: dict[str, float]) -> str:
+    parts = []
+    cpus = resources.get(CPU)
+    if cpus is not None:
+        parts.append(f"{cpus:g} CPU{'s' if cpus != 1 else ''}")
+    gpus = resources.get(GPU)
+    if gpus is not None and (gpus or GPU in resources):
+        parts.append(f"{gpus:g} GPU{'s' if gpus != 1 else ''}")
+    memory = resources.get(MEMORY)
+    if memory:
+        parts.append(f"{format_size(memory)} memory")
+    return ", ".join(parts) or "nothing"

@@ -1,0 +1,150 @@
+"""The embedded default: a private portal on loopback with this machine as its one volunteer.
+
+With nothing configured, ``Grid()`` and the Jupyter server extension use it, so a notebook
+works with zero set-up. It runs as its own background process (``grid-portal serve
+--embedded``) so that it outlives kernel restarts: results kept by the portal are still there
+after one. Kernels find it through a connection file in the Jupyter runtime dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grid_portal.connection import (
+    Connection,
+    embedded_connection_path,
+    embedded_data_dir,
+    pid_alive,
+)
+from grid_portal.errors import ConnectionFailed
+from grid_portal.portal.server import PortalConfig, PortalInfo
+
+logger = logging.getLogger("grid_portal.embedded")
+
+
+def embedded_config(
+    data_dir: Path | None = None, cpus: int | None = None, memory: int | None = None
+) -> PortalConfig:
+    """Loopback only, ports chosen by the OS, plus the local volunteer as a companion."""
+    config = PortalConfig(
+        data_dir=data_dir or embedded_data_dir(), host="127.0.0.1", port=0, http_port=0
+    )
+
+    async def local_volunteer(info: PortalInfo) -> None:
+        await run_local_volunteer(info, cpus=cpus, memory=memory)
+
+    config.companions.append(local_volunteer)
+    return config
+
+
+async def run_local_volunteer(
+    info: PortalInfo, cpus: int | None = None, memory: int | None = None
+) -> None:
+    """This machine as a volunteer of its own portal: no token needed, the CA is right here."""
+    from grid_portal.node.agent import (
+        Credentials,
+        Volunteer,
+        VolunteerOptions,
+        decide_offer,
+        hostname,
+    )
+    from grid_portal.node.probe import probe_static
+    from grid_portal.portal.security import write_private
+
+    static = probe_static()
+    offer = decide_offer(cpus, memory, [], static)
+    name = f"{hostname()}-local"
+    directory = info.data_dir / "local-volunteer"
+    cert, key = info.ca.issue(name, role="node")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "node.pem").write_text(cert)
+    write_private(directory / "node-key.pem", key)
+    creds = Credentials(
+        name=name,
+        scheduler=info.connection.scheduler,
+        ca=info.connection.ca,
+        cert=str(directory / "node.pem"),
+        key=str(directory / "node-key.pem"),
+    )
+    options = VolunteerOptions(cpus=offer.cpus, memory=offer.memory, labels={"embedded": "true"})
+    volunteer = Volunteer(creds, options, static)
+    try:
+        await volunteer.run()
+    finally:
+        volunteer.request_stop()
+
+
+def publish_connection(info: PortalInfo) -> None:
+    """Tell kernels and servers of this user where the embedded portal is."""
+    path = embedded_connection_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info.connection.save(path)
+
+
+def ensure_embedded_portal(timeout: float = 60.0) -> Connection:
+    """The running embedded portal's connection, starting the portal first if needed."""
+    path = embedded_connection_path()
+    lock_path = embedded_data_dir() / "start.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        # Two kernels starting at once must not start two portals.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = _alive_connection(path)
+        if existing is not None:
+            return existing
+        log_path = embedded_data_dir() / "portal.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "grid_portal.cli", "serve", "--embedded"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # outlive the kernel that started it
+            )
+        print(
+            f"Started an embedded Grid Portal (pid {process.pid}) with this machine as its "
+            "volunteer; stop it with `grid-portal embedded stop`.",
+            file=sys.stderr,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            conn = _alive_connection(path)
+            if conn is not None and conn.pid == process.pid:
+                return conn
+            if process.poll() is not None:
+                raise ConnectionFailed(
+                    f"the embedded portal failed to start (exit code {process.returncode}); "
+                    f"see {log_path}"
+                )
+            time.sleep(0.1)  # polling for a file another process writes
+        raise ConnectionFailed(
+            f"the embedded portal did not start within {timeout:.0f} s; see {log_path}"
+        )
+
+
+def _alive_connection(path: Path) -> Connection | None:
+    if not path.exists():
+        return None
+    try:
+        conn = Connection.load(path)
+    except ConnectionFailed:
+        return None
+    return conn if pid_alive(conn.pid) else None
+
+
+def stop_embedded_portal(timeout: float = 30.0) -> bool:
+    """Stop the embedded portal if one runs; returns whether one did."""
+    conn = _alive_connection(embedded_connection_path())
+    if conn is None or conn.pid is None:
+        return False
+    os.kill(conn.pid, 15)
+    deadline = time.monotonic() + timeout
+    while pid_alive(conn.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True

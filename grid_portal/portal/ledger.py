@@ -1,0 +1,100 @@
+"""The portal's ledger: one SQLite file (WAL mode) in the data dir.
+
+It holds what must survive a portal restart: who enrolled, and (with the workflows issue)
+jobs, tasks and contributions. Each table is owned by one module; this one owns the
+connection settings and the enrolment records.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the settings every part of the portal uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT: one writer at a time, across processes too."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@dataclass
+class Enrolment:
+    name: str
+    role: str
+    serial: str
+    enrolled_at: float
+    revoked: bool
+
+
+class EnrolmentBook:
+    """Names and certificate serials of everyone who enrolled (volunteers and researchers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+        self.conn.execute(
+            """CREATE TABLE IF NOT EXISTS enrolments (
+                name TEXT NOT NULL, role TEXT NOT NULL, serial TEXT NOT NULL,
+                enrolled_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (role, name))"""
+        )
+
+    def unique_name(self, wanted: str, role: str) -> str:
+        """``wanted`` if free, else ``wanted-2``, ``wanted-3``...: two laptops called "laptop"
+        must not collide in the registry."""
+        taken = {
+            row[0]
+            for row in self.conn.execute(
+                "SELECT name FROM enrolments WHERE role = ? AND (name = ? OR name LIKE ?)",
+                (role, wanted, f"{wanted}-%"),
+            )
+        }
+        if wanted not in taken:
+            return wanted
+        n = 2
+        while f"{wanted}-{n}" in taken:
+            n += 1
+        return f"{wanted}-{n}"
+
+    def record(self, name: str, role: str, serial: str) -> None:
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO enrolments (name, role, serial, enrolled_at, revoked) "
+                "VALUES (?, ?, ?, ?, 0)",
+                (name, role, serial, time.time()),
+            )
+
+    def get(self, name: str, role: str) -> Enrolment | None:
+        row = self.conn.execute(
+            "SELECT name, role, serial, enrolled_at, revoked FROM enrolments "
+            "WHERE name = ? AND role = ?",
+            (name, role),
+        ).fetchone()
+        return None if row is None else Enrolment(*row[:4], revoked=bool(row[4]))
+
+    def list(self) -> list[Enrolment]:
+        rows = self.conn.execute(
+            "SELECT name, role, serial, enrolled_at, revoked FROM enrolments ORDER BY enrolled_at"
+        )
+        return [Enrolment(*row[:4], revoked=bool(row[4])) for row in rows]

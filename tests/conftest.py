@@ -1,0 +1,225 @@
+"""Shared fixtures: real portals and real volunteers, as processes, on loopback.
+
+Every test session gets its own XDG and Jupyter dirs, so nothing here touches the user's own
+portal, embedded portal or saved connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="grid-portal-tests-"))
+for _var, _sub in (
+    ("XDG_DATA_HOME", "data"),
+    ("XDG_CONFIG_HOME", "config"),
+    ("XDG_RUNTIME_DIR", "runtime"),
+    ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
+):
+    os.environ[_var] = str(_SESSION_HOME / _sub)
+    (_SESSION_HOME / _sub).mkdir(mode=0o700, exist_ok=True)
+os.environ.pop("GRID_PORTAL_ADDRESS", None)
+os.environ.pop("GRID_PORTAL_DATA_DIR", None)
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last error
+            last_error = exc
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what or predicate}"
+        + (f" (last error: {last_error!r})" if last_error else "")
+    )
+
+
+def grid_portal_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "grid_portal.cli", *args]
+
+
+# Portals and volunteers started by the tests can import tests/gridtasks.py, the module of
+# task functions the tests send (as a researcher's own package would be installed on nodes).
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p
+)
+
+
+@dataclass
+class Portal:
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    log: Path
+    volunteers: list[Volunteer] = field(default_factory=list)
+
+    @property
+    def connection_file(self) -> str:
+        return str(self.data_dir / "connection.json")
+
+    @property
+    def http(self) -> str:
+        return self.info["local_http"]
+
+    @property
+    def scheduler(self) -> str:
+        return self.info["local_scheduler"]
+
+    def token(self, *extra: str) -> str:
+        out = subprocess.run(
+            grid_portal_command("token", "create", "--data-dir", str(self.data_dir), *extra),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    def grid(self) -> Any:
+        from grid_portal import Grid
+
+        return Grid(self.connection_file, start_embedded=False)
+
+    def stop(self) -> None:
+        for v in self.volunteers:
+            v.kill()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Volunteer:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            # The agent's Nanny spawns the worker in its own process; a SIGKILL to the agent
+            # alone would leave the worker orphaned, so signal the whole process group when
+            # simulating a machine dying.
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_portal(tmp: Path, *extra: str) -> Portal:
+    data_dir = tmp / "portal"
+    log = tmp / "portal.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            grid_portal_command(
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--telemetry-interval",
+                "0.5",
+                *extra,
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def ready() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            raise AssertionError(f"portal exited early:\n{log.read_text()}")
+        path = data_dir / "portal.json"
+        if not path.exists():
+            return None
+        info = json.loads(path.read_text())
+        return info if info.get("pid") == process.pid else None
+
+    info = wait_for(ready, timeout=30, what="the portal to start")
+    return Portal(data_dir=data_dir, process=process, info=info, log=log)
+
+
+def start_volunteer(
+    portal: Portal,
+    tmp: Path,
+    name: str,
+    *extra: str,
+    token: str | None = None,
+    wait: bool = True,
+) -> Volunteer:
+    token = token or portal.token()
+    log = tmp / f"volunteer-{name}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            grid_portal_command(
+                "volunteer",
+                portal.http,
+                "--token",
+                token,
+                "--name",
+                name,
+                "--state-dir",
+                str(tmp / f"state-{name}"),
+                "--reconnect-max",
+                "2s",
+                *extra,
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    volunteer = Volunteer(name=name, process=process, log=log)
+    portal.volunteers.append(volunteer)
+    if wait:
+        with portal.grid() as grid:
+
+            def online() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(f"volunteer {name} exited:\n{volunteer.output()}")
+                return any(n.name == name and n.online for n in grid.nodes())
+
+            wait_for(online, timeout=60, what=f"volunteer {name} to join")
+    return volunteer
+
+
+@pytest.fixture
+def portal(tmp_path: Path) -> Iterator[Portal]:
+    p = start_portal(tmp_path)
+    yield p
+    p.stop()
