@@ -8,15 +8,18 @@ only to refuse at once a request that no node could ever satisfy.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import dask
 from distributed import Client, Future
 
 from grid_portal.connection import Connection, find_connection
-from grid_portal.errors import ConnectionFailed, Unsatisfiable
-from grid_portal.model import CPU, GPU, MEMORY, Capacity, Node, Requirement
+from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable
+from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.units import format_size, parse_size
 
 _OFFER_CACHE_SECONDS = 5.0
@@ -51,6 +54,8 @@ class Grid:
             connection = ensure_embedded_portal(timeout=max(timeout, 60.0))
         self.connection: Connection = connection
         self._largest: tuple[float, dict[str, float]] | None = None
+        # Plain submit() calls of this client form one interactive-session job.
+        self._session_job = f"session-{uuid.uuid4().hex[:10]}"
         try:
             self.client = Client(
                 connection.scheduler,
@@ -102,6 +107,58 @@ class Grid:
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
 
+    # -- jobs -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def job(
+        self, name: str, kind: str = "task", job_id: str | None = None, session: bool = False
+    ) -> Iterator[str]:
+        """Everything submitted inside ``with grid.job("name") as job_id:`` is one job.
+
+        Grouping rides on Dask task annotations, so it costs no extra round trip.
+        """
+        job_id = job_id or new_job_id()
+        annotations = {"grid_job": job_id, "grid_job_name": name, "grid_job_kind": kind}
+        if session:
+            annotations["grid_job_open"] = True
+        with dask.annotate(**annotations):
+            yield job_id
+
+    def jobs(self, everyone: bool = False) -> list[Job]:
+        """This user's jobs (an admin may ask for everyone's), oldest first."""
+        return [Job.from_dict(j) for j in self._call("grid_jobs", everyone=everyone)["jobs"]]
+
+    def jobs_overview(self, everyone: bool = False) -> dict[str, Any]:
+        """``{"jobs": [...], "others": {"running": n, "queued": n}}`` as plain data."""
+        return self._call("grid_jobs", everyone=everyone)
+
+    def get_job(self, job_id: str) -> Job | None:
+        data = self._call("grid_job", job_id=job_id)
+        return None if data is None else Job.from_dict(data)
+
+    def cancel(self, job_id: str, reason: str = "cancelled by its owner") -> Job:
+        """Cancel a job: queued tasks are dropped, running ones are released."""
+        data = self._call("grid_job_cancel", job_id=job_id, reason=reason)
+        if "job" not in data:
+            raise GridError(f"no job {job_id!r} that you may cancel; see grid.jobs()")
+        return Job.from_dict(data["job"])
+
+    def register_job(
+        self, job_id: str, name: str, kind: str, spec: dict[str, Any] | None = None
+    ) -> Job:
+        """Create a job record up front (workflows keep their spec for resubmission)."""
+        return Job.from_dict(
+            self._call("grid_job_create", job_id=job_id, name=name, kind=kind, spec=spec)
+        )
+
+    def store_result(self, job_id: str, data: bytes, ttl: float | None = None) -> None:
+        """Keep ``data`` at the portal, retrievable after a kernel restart."""
+        reply = self._call("grid_job_store_result", job_id=job_id, data=data, ttl=ttl)
+        if "error" in reply:
+            raise GridError(f"the portal did not keep the result of {job_id}: {reply['error']}")
+
+    def fetch_result(self, job_id: str) -> bytes | None:
+        return self._call("grid_job_result", job_id=job_id)
+
     # -- running work -----------------------------------------------------------------------
     def requirement(
         self, cpus: float = 1, gpus: float = 0, memory: int | str | None = None
@@ -145,7 +202,10 @@ class Grid:
         if not wait:
             self.check(requirement)
         kwargs.setdefault("pure", False)
-        return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+        if dask.get_annotations().get("grid_job"):
+            return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+        with self.job("interactive session", session=True, job_id=self._session_job):
+            return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
 
     def map(
         self,
@@ -161,7 +221,10 @@ class Grid:
         if not wait:
             self.check(requirement)
         kwargs.setdefault("pure", False)
-        return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+        if dask.get_annotations().get("grid_job"):
+            return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+        with self.job(f"map {_name_of(fn)}"):
+            return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
 
     def compute(
         self,
@@ -177,10 +240,22 @@ class Grid:
         requirement = self.requirement(cpus, gpus, memory)
         if not wait:
             self.check(requirement)
-        return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+        if dask.get_annotations().get("grid_job"):
+            return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+        with self.job(f"compute {_name_of(collection)}", kind="graph"):
+            return self.client.compute(collection, resources=requirement.resources(), **kwargs)
 
     def gather(self, futures: Any) -> Any:
         return self.client.gather(futures)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _name_of(obj: Any) -> str:
+    name = getattr(obj, "__name__", None) or getattr(obj, "name", None) or type(obj).__name__
+    return str(name)[:60]
 
 
 def _fits(needs: dict[str, float], largest: dict[str, float]) -> bool:

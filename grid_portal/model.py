@@ -208,3 +208,44 @@ class Requirement:
         if self.memory:
             res[MEMORY] = float(self.memory)
         return res
+
+
+@dataclass
+class Job:
+    """A unit of work a person submitted: a %%grid cell, a workflow, a Dask graph, a map."""
+
+    id: str
+    name: str
+    owner: str
+    kind: str  # "cell" | "workflow" | "graph" | "task"
+    state: JobState
+    submitted: float
+    started: float | None = None
+    finished: float | None = None
+    tasks_total: int = 0
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    nodes: list[str] = field(default_factory=list)
+    error: str | None = None
+    has_result: bool = False
+
+    @property
+    def elapsed(self) -> float | None:
+        import time
+
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = JobState(data.pop("state"))
+        data["nodes"] = list(data.get("nodes") or [])  # msgpack hands lists back as tuples
+        return cls(state=state, **{k: v for k, v in data.items() if k in known})

@@ -21,3 +21,7 @@ def burn(seconds: float) -> str:
     while _time.perf_counter() < end:
         pass
     return get_worker().name
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)

@@ -9,21 +9,31 @@ else.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
-from grid_portal.model import NodeState
+from grid_portal.model import JobState, NodeState
+from grid_portal.portal.jobs import JobBook
 from grid_portal.portal.registry import NodeRegistry
-from grid_portal.portal.security import peer_identity
+from grid_portal.portal.security import Identity, peer_identity
 
 if TYPE_CHECKING:
     from distributed import Scheduler
     from distributed.scheduler import WorkerState
 
 logger = logging.getLogger("grid_portal.portal")
+
+# Task annotations the Grid client sets (dask.annotate) to group tasks into jobs.
+JOB_ANNOTATION = "grid_job"
+JOB_NAME_ANNOTATION = "grid_job_name"
+JOB_KIND_ANNOTATION = "grid_job_kind"
+JOB_OPEN_ANNOTATION = "grid_job_open"  # an interactive session: more tasks may follow
+JOB_OWNER_ANNOTATION = "grid_job_owner"  # honoured only from a trusted service identity
+TRUSTED_ROLES = ("admin", "service")
 
 # What a worker sends once at registration (Worker.startup_information) and in each heartbeat
 # (Worker.metrics). The node side fills these; see grid_portal/node/plugin.py.
@@ -34,13 +44,25 @@ METRIC_KEY = "grid"
 class PortalPlugin(SchedulerPlugin):
     name = "grid-portal"
 
-    def __init__(self, telemetry_interval: float = 2.0, offline_retention: float = 3600.0):
+    def __init__(
+        self,
+        telemetry_interval: float = 2.0,
+        offline_retention: float = 3600.0,
+        ledger_path: Path | None = None,
+        result_ttl: float | None = None,
+    ):
         self.telemetry_interval = telemetry_interval
         self.registry = NodeRegistry(
             sample_interval=telemetry_interval, offline_retention=offline_retention
         )
+        self.jobs = JobBook(
+            ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
+        )
+        self.jobs.on_change = self.registry.notify
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
+        self._client_identity: dict[str, Identity | None] = {}
+        self._client_sessions: dict[str, set[str]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
@@ -53,6 +75,12 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_changes": self.handle_changes,
                 "grid_largest_offer": self.handle_largest_offer,
                 "grid_whoami": self.handle_whoami,
+                "grid_jobs": self.handle_jobs,
+                "grid_job": self.handle_job,
+                "grid_job_create": self.handle_job_create,
+                "grid_job_cancel": self.handle_job_cancel,
+                "grid_job_store_result": self.handle_job_store_result,
+                "grid_job_result": self.handle_job_result,
             }
         )
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
@@ -65,6 +93,97 @@ class PortalPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self._poll is not None:
             self._poll.stop()
+        self.jobs.flush()
+
+    # -- jobs from task annotations ---------------------------------------------------------
+    def _identity_of_client(self, client: str) -> Identity | None:
+        if client not in self._client_identity:
+            assert self.scheduler is not None
+            stream = self.scheduler.client_comms.get(client)
+            comm = getattr(stream, "comm", None)
+            self._client_identity[client] = peer_identity(comm) if comm is not None else None
+        return self._client_identity[client]
+
+    def update_graph(
+        self,
+        scheduler: Scheduler,
+        *,
+        client: str,
+        keys: set[Any],
+        tasks: list[Any],
+        annotations: dict[str, dict[Any, Any]],
+        **kwargs: Any,
+    ) -> None:
+        job_of = annotations.get(JOB_ANNOTATION)
+        if not job_of:
+            return
+        identity = self._identity_of_client(client)
+        default_owner = identity.name if identity is not None else "unknown"
+        trusted = identity is not None and identity.role in TRUSTED_ROLES
+        names = annotations.get(JOB_NAME_ANNOTATION, {})
+        kinds = annotations.get(JOB_KIND_ANNOTATION, {})
+        opens = annotations.get(JOB_OPEN_ANNOTATION, {})
+        owners = annotations.get(JOB_OWNER_ANNOTATION, {})
+        by_job: dict[str, list[Any]] = {}
+        for key, job_id in job_of.items():
+            by_job.setdefault(str(job_id), []).append(key)
+        for job_id, job_keys in by_job.items():
+            first = job_keys[0]
+            owner = owners.get(first) if trusted and owners.get(first) else default_owner
+            existing = self.jobs.jobs.get(job_id)
+            if existing is not None and existing.owner != owner:
+                logger.warning(
+                    "%s tried to add tasks to %s's job %s", owner, existing.owner, job_id
+                )
+                continue
+            record = self.jobs.ensure(
+                job_id,
+                owner=owner,
+                name=names.get(first),
+                kind=kinds.get(first, "task"),
+                open=bool(opens.get(first, False)),
+            )
+            if record.open:
+                self._client_sessions.setdefault(client, set()).add(job_id)
+            if record.state is JobState.CANCELLED:
+                # Tasks that arrive after their job was cancelled are cancelled on arrival.
+                scheduler.stimulus_cancel(
+                    job_keys,
+                    client=client,
+                    force=True,
+                    reason="grid-job-cancelled",
+                    msg=record.error or "cancelled",
+                )
+                continue
+            self.jobs.add_tasks(job_id, job_keys)
+            # Tasks that were already done (the same key submitted again) count at once.
+            for key in job_keys:
+                ts = scheduler.tasks.get(key)
+                if ts is not None and ts.state in ("memory", "erred"):
+                    self.jobs.task_finished(key, ok=ts.state == "memory")
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any
+    ) -> None:
+        if key not in self.jobs.task_jobs:
+            return
+        if finish == "processing":
+            ts = self.scheduler.tasks.get(key) if self.scheduler else None
+            ws = ts.processing_on if ts is not None else None
+            self.jobs.task_started(key, str(ws.name) if ws is not None else None)
+        elif finish == "memory":
+            self.jobs.task_finished(key, ok=True)
+        elif finish == "erred":
+            ts = self.scheduler.tasks.get(key) if self.scheduler else None
+            text = getattr(ts, "exception_text", None) or "the task failed"
+            self.jobs.task_finished(key, ok=False, error=text)
+        elif finish == "forgotten":
+            self.jobs.task_forgotten(key)
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        self._client_identity.pop(client, None)
+        for job_id in self._client_sessions.pop(client, set()):
+            self.jobs.close_session(job_id)
 
     # -- Dask events ------------------------------------------------------------------------
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
@@ -107,6 +226,7 @@ class PortalPlugin(SchedulerPlugin):
                 used_resources=dict(ws.used_resources),
             )
         self.registry.forget_stale()
+        self.jobs.flush()
 
     # -- handlers for the Grid client ------------------------------------------------------
     def handle_nodes(self, comm: Any = None, history: bool = False) -> list[dict[str, Any]]:
@@ -122,11 +242,27 @@ class PortalPlugin(SchedulerPlugin):
         return self.registry.capacity()
 
     async def handle_changes(
-        self, comm: Any = None, since: int = 0, timeout: float = 10.0
+        self, comm: Any = None, since: int = 0, jobs_since: int = 0, timeout: float = 10.0
     ) -> dict[str, Any]:
-        """Long poll: answer as soon as anything changed after version ``since``."""
-        await self.registry.wait_for_change(since, min(float(timeout), 60.0))
-        return self.registry.changes(since)
+        """Long poll: answer as soon as a node or one of the caller's jobs changed."""
+        owner = self._owner_filter(comm)
+
+        def changed() -> bool:
+            if self.registry.version > since:
+                return True
+            return any(
+                r.version > jobs_since and (owner is None or r.owner == owner)
+                for r in self.jobs.jobs.values()
+            )
+
+        await self.registry.wait_until(changed, min(float(timeout), 60.0))
+        self.refresh()
+        result = self.registry.changes(since)
+        result["jobs_version"] = self.jobs.version
+        result["jobs"] = [
+            j for j in self.jobs.changes(jobs_since) if owner is None or j["owner"] == owner
+        ]
+        return result
 
     def handle_largest_offer(self, comm: Any = None) -> dict[str, float]:
         return self.registry.largest_offer()
@@ -134,6 +270,87 @@ class PortalPlugin(SchedulerPlugin):
     def handle_whoami(self, comm: Any = None) -> dict[str, Any] | None:
         identity = peer_identity(comm) if comm is not None else None
         return None if identity is None else {"role": identity.role, "name": identity.name}
+
+    # -- job handlers -------------------------------------------------------------------------
+    def _caller(self, comm: Any) -> Identity | None:
+        return peer_identity(comm) if comm is not None else None
+
+    def _owner_filter(self, comm: Any, everyone: bool = False) -> str | None:
+        """None means 'all jobs' (trusted callers asking for everyone's); else a user name."""
+        identity = self._caller(comm)
+        if identity is None:
+            return "" if comm is not None else None
+        if everyone and identity.role in TRUSTED_ROLES:
+            return None
+        return identity.name
+
+    def _may_see(self, comm: Any, owner: str) -> bool:
+        identity = self._caller(comm)
+        if comm is None:
+            return True
+        return identity is not None and (identity.name == owner or identity.role in TRUSTED_ROLES)
+
+    def handle_jobs(self, comm: Any = None, everyone: bool = False) -> dict[str, Any]:
+        owner = self._owner_filter(comm, everyone)
+        identity = self._caller(comm)
+        me = identity.name if identity is not None else ""
+        return {"jobs": self.jobs.list(owner), "others": self.jobs.others(me)}
+
+    def handle_job(self, comm: Any = None, job_id: str = "") -> dict[str, Any] | None:
+        record = self.jobs.jobs.get(job_id)
+        if record is None or not self._may_see(comm, record.owner):
+            return None
+        return record.to_dict()
+
+    def handle_job_create(
+        self,
+        comm: Any = None,
+        job_id: str = "",
+        name: str = "",
+        kind: str = "task",
+        spec: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        identity = self._caller(comm)
+        me = identity.name if identity is not None else "unknown"
+        if owner and identity is not None and identity.role in TRUSTED_ROLES:
+            me = owner
+        return self.jobs.ensure(job_id, owner=me, name=name, kind=kind, spec=spec).to_dict()
+
+    async def handle_job_cancel(
+        self, comm: Any = None, job_id: str = "", reason: str = "cancelled"
+    ) -> dict[str, Any]:
+        record = self.jobs.jobs.get(job_id)
+        if record is None or not self._may_see(comm, record.owner):
+            return {"error": "not-found"}
+        keys = self.jobs.cancel(job_id, reason=reason)
+        scheduler = self.scheduler
+        assert scheduler is not None
+        wanted = [k for k in keys if k in scheduler.tasks and scheduler.tasks[k].who_wants]
+        if wanted:
+            some_client = next(iter(scheduler.tasks[wanted[0]].who_wants)).client_key
+            scheduler.stimulus_cancel(
+                wanted, client=some_client, force=True, reason="grid-job-cancelled", msg=reason
+            )
+        return {"job": record.to_dict()}
+
+    def handle_job_store_result(
+        self, comm: Any = None, job_id: str = "", data: bytes = b"", ttl: float | None = None
+    ) -> dict[str, Any]:
+        record = self.jobs.jobs.get(job_id)
+        if record is None or not self._may_see(comm, record.owner):
+            return {"error": "not-found"}
+        try:
+            self.jobs.store_result(job_id, bytes(data), ttl)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return {"ok": True}
+
+    def handle_job_result(self, comm: Any = None, job_id: str = "") -> bytes | None:
+        record = self.jobs.jobs.get(job_id)
+        if record is None or not self._may_see(comm, record.owner):
+            return None
+        return self.jobs.fetch_result(job_id)
 
 
 def node_state(ws: WorkerState) -> tuple[NodeState, str | None]:

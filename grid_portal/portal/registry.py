@@ -86,6 +86,25 @@ class NodeRegistry:
         record.version = self.version
         self._notify()
 
+    def notify(self) -> None:
+        """Wake long polls; also called by the job book when a job changes."""
+        self._notify()
+
+    async def wait_until(self, condition: Any, timeout: float) -> None:
+        """Return once ``condition()`` holds (checked on every change), or after ``timeout``."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
     def _notify(self) -> None:
         if self._changed is None and _has_loop():
             self._changed = asyncio.Event()

@@ -40,6 +40,7 @@ class PortalConfig:
     contact_host: str | None = None  # the name volunteers use to reach us, if not the default
     telemetry_interval: float = 2.0
     offline_retention: float = 3600.0
+    result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
     companions: list[Callable[[PortalInfo], Awaitable[Any]]] = field(default_factory=list)
 
@@ -130,6 +131,8 @@ async def run_portal(
     plugin = PortalPlugin(
         telemetry_interval=config.telemetry_interval,
         offline_retention=config.offline_retention,
+        ledger_path=config.data_dir / LEDGER_FILE,
+        result_ttl=config.result_ttl,
     )
     # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that would
     # show the grid's workers to anyone: give it no routes, on loopback, on a spare port.

@@ -1,0 +1,361 @@
+"""The job book: every job's progress, kept by the portal and written to the ledger.
+
+Jobs are recognised from Dask's own task annotations: the Grid client wraps what it submits
+in ``dask.annotate(grid_job=ID, grid_job_name=..., grid_job_kind=...)``, and the scheduler
+plugin sees those annotations in ``update_graph`` and every state change in ``transition``.
+So a job costs no extra round trip, and a plain Dask graph sent through ``Grid.compute`` is a
+job like any other.
+
+Counters change on every task transition; they are kept in memory and written to SQLite at
+most once a second per job (and at once when a job finishes), so 10,000 tiny tasks do not
+mean 10,000 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grid_portal.model import JobState
+from grid_portal.portal.ledger import connect, transaction
+
+DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured otherwise
+MAX_RESULT_BYTES = 64 * 2**20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, kind TEXT NOT NULL,
+    state TEXT NOT NULL, submitted REAL NOT NULL, started REAL, finished REAL,
+    tasks_total INTEGER NOT NULL DEFAULT 0, tasks_done INTEGER NOT NULL DEFAULT 0,
+    tasks_failed INTEGER NOT NULL DEFAULT 0, nodes TEXT NOT NULL DEFAULT '[]', error TEXT,
+    spec TEXT, result BLOB, result_expires REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted);
+"""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    owner: str
+    kind: str
+    state: JobState = JobState.QUEUED
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    tasks_total: int = 0
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    nodes: list[str] = field(default_factory=list)
+    error: str | None = None
+    spec: dict[str, Any] | None = None
+    has_result: bool = False
+    version: int = 0
+    open: bool = True  # more tasks may still come (an interactive session)
+    dirty: bool = True
+    keys: set[Any] = field(default_factory=set)
+    counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
+    abandoned: int = 0  # tasks whose client let go of them before they finished
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "kind": self.kind,
+            "state": self.state.value,
+            "submitted": self.submitted,
+            "started": self.started,
+            "finished": self.finished,
+            "tasks_total": self.tasks_total,
+            "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "nodes": list(self.nodes),
+            "error": self.error,
+            "has_result": self.has_result,
+        }
+
+
+class JobBook:
+    def __init__(self, ledger_path: Path | None, result_ttl: float = DEFAULT_RESULT_TTL) -> None:
+        self.jobs: dict[str, JobRecord] = {}
+        self.task_jobs: dict[Any, str] = {}  # task key -> job id, for tasks still wanted
+        self.version = 0
+        self.result_ttl = result_ttl
+        self.conn = None
+        self.on_change: Any = None  # called after every change, to wake long polls
+        if ledger_path is not None:
+            self.conn = connect(ledger_path)
+            self.conn.executescript(_SCHEMA)
+            self._load()
+
+    # -- persistence ------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Jobs from before a restart: finished ones as they were; unfinished ones were cut
+        short by the restart (their tasks died with the old scheduler)."""
+        assert self.conn is not None
+        rows = self.conn.execute(
+            "SELECT id, name, owner, kind, state, submitted, started, finished, tasks_total, "
+            "tasks_done, tasks_failed, nodes, error, spec, result IS NOT NULL FROM jobs"
+        ).fetchall()
+        now = time.time()
+        for row in rows:
+            record = JobRecord(
+                id=row[0],
+                name=row[1],
+                owner=row[2],
+                kind=row[3],
+                state=JobState(row[4]),
+                submitted=row[5],
+                started=row[6],
+                finished=row[7],
+                tasks_total=row[8],
+                tasks_done=row[9],
+                tasks_failed=row[10],
+                nodes=json.loads(row[11] or "[]"),
+                error=row[12],
+                spec=json.loads(row[13]) if row[13] else None,
+                has_result=bool(row[14]),
+                open=False,
+            )
+            if not record.state.finished:
+                record.state = JobState.INTERRUPTED
+                record.error = "the portal restarted while this job ran; submit it again"
+                record.finished = now
+                record.dirty = True
+            else:
+                record.dirty = False
+            self.jobs[record.id] = record
+        self.flush(force=True)
+
+    def flush(self, force: bool = False) -> None:
+        if self.conn is None:
+            return
+        dirty = [r for r in self.jobs.values() if r.dirty]
+        if not dirty:
+            return
+        with transaction(self.conn):
+            for r in dirty:
+                self.conn.execute(
+                    "INSERT INTO jobs (id, name, owner, kind, state, submitted, started, "
+                    "finished, tasks_total, tasks_done, tasks_failed, nodes, error, spec) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
+                    "started=excluded.started, finished=excluded.finished, "
+                    "tasks_total=excluded.tasks_total, tasks_done=excluded.tasks_done, "
+                    "tasks_failed=excluded.tasks_failed, nodes=excluded.nodes, "
+                    "error=excluded.error",
+                    (
+                        r.id,
+                        r.name,
+                        r.owner,
+                        r.kind,
+                        r.state.value,
+                        r.submitted,
+                        r.started,
+                        r.finished,
+                        r.tasks_total,
+                        r.tasks_done,
+                        r.tasks_failed,
+                        json.dumps(r.nodes),
+                        r.error,
+                        json.dumps(r.spec) if r.spec is not None else None,
+                    ),
+                )
+                r.dirty = False
+
+    # -- changes ----------------------------------------------------------------------------
+    def _touch(self, record: JobRecord) -> None:
+        self.version += 1
+        record.version = self.version
+        record.dirty = True
+        if self.on_change is not None:
+            self.on_change()
+
+    def changes(self, since: int) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.jobs.values() if r.version > since]
+
+    # -- events -----------------------------------------------------------------------------
+    def ensure(
+        self,
+        job_id: str,
+        owner: str,
+        name: str | None = None,
+        kind: str = "task",
+        spec: dict[str, Any] | None = None,
+        open: bool = False,
+    ) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record is None:
+            record = JobRecord(
+                id=job_id, name=name or job_id, owner=owner, kind=kind, spec=spec, open=open
+            )
+            self.jobs[job_id] = record
+            self._touch(record)
+            self.flush()  # a job's existence is written at once; counters may lag a second
+        return record
+
+    def add_tasks(self, job_id: str, keys: list[str]) -> None:
+        record = self.jobs[job_id]
+        new = [k for k in keys if k not in record.keys]
+        if not new:
+            return
+        record.keys.update(new)
+        for k in new:
+            self.task_jobs[k] = job_id
+        record.tasks_total += len(new)
+        if record.state.finished and record.state is not JobState.CANCELLED:
+            record.state, record.finished = JobState.QUEUED, None  # a session took more work
+        self._touch(record)
+
+    def task_started(self, key: str, node: str | None, now: float | None = None) -> None:
+        record = self._record_for(key)
+        if record is None:
+            return
+        if record.started is None:
+            record.started = time.time() if now is None else now
+        if record.state is JobState.QUEUED:
+            record.state = JobState.RUNNING
+            self._touch(record)
+            self.flush()
+        if node and node not in record.nodes:
+            record.nodes.append(node)
+        self._touch(record)
+
+    def task_finished(self, key: str, ok: bool, error: str | None = None) -> None:
+        job_id = self.task_jobs.get(key)
+        record = self.jobs.get(job_id) if job_id else None
+        if record is None or key in record.counted:
+            return  # a result recomputed after a node was lost is not a second result
+        record.counted.add(key)
+        if ok:
+            record.tasks_done += 1
+        else:
+            record.tasks_failed += 1
+            record.error = record.error or error
+        self._maybe_finish(record)
+        self._touch(record)
+
+    def task_forgotten(self, key: str) -> None:
+        """The client let go of a task before it finished (cancelled, or the client left)."""
+        job_id = self.task_jobs.pop(key, None)
+        record = self.jobs.get(job_id) if job_id else None
+        if record is None or record.state.finished or key in record.counted:
+            return
+        record.keys.discard(key)
+        if record.tasks_done + record.tasks_failed < record.tasks_total:
+            record.tasks_total = max(
+                record.tasks_done + record.tasks_failed, record.tasks_total - 1
+            )
+        self._maybe_finish(record)
+        self._touch(record)
+
+    def _maybe_finish(self, record: JobRecord) -> None:
+        if record.open or record.state.finished:
+            return
+        if record.tasks_done + record.tasks_failed >= record.tasks_total:
+            if record.tasks_failed:
+                record.state = JobState.FAILED
+            elif record.abandoned:
+                record.state = JobState.CANCELLED
+                record.error = record.error or (
+                    f"{record.abandoned} task(s) were dropped before they finished: the "
+                    "client that submitted them let go of them or disconnected"
+                )
+            else:
+                record.state = JobState.DONE
+            record.finished = time.time()
+            if record.started is None:
+                record.started = record.finished
+            self._touch(record)
+            self.flush()
+
+    def close_session(self, job_id: str) -> None:
+        record = self.jobs.get(job_id)
+        if record is None or not record.open:
+            return
+        record.open = False
+        outstanding = record.tasks_total - record.tasks_done - record.tasks_failed
+        if outstanding > 0:
+            record.tasks_total -= outstanding  # the client left: nobody wants those results
+        self._maybe_finish(record)
+        if not record.state.finished:
+            record.state, record.finished = JobState.DONE, time.time()
+        self._touch(record)
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> list[str]:
+        """Mark the job cancelled; returns the keys of its unfinished tasks to release."""
+        record = self.jobs[job_id]
+        if record.state.finished:
+            return []
+        record.state = JobState.CANCELLED
+        record.error = reason
+        record.finished = time.time()
+        record.open = False
+        keys = [k for k in record.keys if self.task_jobs.get(k) == job_id]
+        self._touch(record)
+        self.flush()
+        return keys
+
+    def _record_for(self, key: str) -> JobRecord | None:
+        job_id = self.task_jobs.get(key)
+        return self.jobs.get(job_id) if job_id else None
+
+    # -- results kept for later (a %%grid --bg cell after a kernel restart) ---------------
+    def store_result(self, job_id: str, data: bytes, ttl: float | None = None) -> None:
+        if len(data) > MAX_RESULT_BYTES:
+            raise ValueError(
+                f"the result is {len(data)} bytes; the portal keeps at most {MAX_RESULT_BYTES}"
+            )
+        record = self.jobs[job_id]
+        record.has_result = True
+        self._touch(record)
+        self.flush()
+        if self.conn is not None:
+            expires = time.time() + (self.result_ttl if ttl is None else ttl)
+            with transaction(self.conn):
+                self.conn.execute(
+                    "UPDATE jobs SET result = ?, result_expires = ? WHERE id = ?",
+                    (data, expires, job_id),
+                )
+
+    def fetch_result(self, job_id: str) -> bytes | None:
+        if self.conn is None:
+            return None
+        row = self.conn.execute(
+            "SELECT result, result_expires FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        if row is None or row[0] is None or (row[1] is not None and row[1] < time.time()):
+            return None
+        return bytes(row[0])
+
+    def expire_results(self, now: float | None = None) -> None:
+        if self.conn is None:
+            return
+        now = time.time() if now is None else now
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE jobs SET result = NULL, result_expires = NULL "
+                "WHERE result_expires IS NOT NULL AND result_expires < ?",
+                (now,),
+            )
+        for record in self.jobs.values():
+            if record.has_result and self.fetch_result(record.id) is None:
+                record.has_result = False
+                self._touch(record)
+
+    # -- queries ----------------------------------------------------------------------------
+    def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        records = sorted(self.jobs.values(), key=lambda r: r.submitted)
+        return [r.to_dict() for r in records if owner is None or r.owner == owner]
+
+    def others(self, owner: str) -> dict[str, int]:
+        counts = {"running": 0, "queued": 0}
+        for r in self.jobs.values():
+            if r.owner != owner and r.state.value in counts:
+                counts[r.state.value] += 1
+        return counts

@@ -1,0 +1,142 @@
+"""Jobs: tracked by the portal from task annotations, kept in the ledger, owned by a user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Portal, start_portal, start_volunteer, wait_for
+from distributed import CancelledError
+from gridtasks import fail, where_and_what
+
+from grid_portal import Grid
+from grid_portal.connection import Connection
+from grid_portal.errors import GridError
+from grid_portal.model import JobState
+from grid_portal.portal.security import CertificateAuthority, write_private
+
+
+def _client_connection(portal: Portal, tmp: Path, user: str) -> str:
+    """A researcher's connection file, as enrolment would give them."""
+    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
+    cert, key = ca.issue(user, role="client")
+    (tmp / f"{user}.pem").write_text(cert)
+    write_private(tmp / f"{user}-key.pem", key)
+    path = tmp / f"{user}.json"
+    Connection(
+        scheduler=portal.scheduler,
+        http=portal.http,
+        ca=str(portal.data_dir / "ca" / "ca.pem"),
+        cert=str(tmp / f"{user}.pem"),
+        key=str(tmp / f"{user}-key.pem"),
+        name=user,
+    ).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def grid_with_node(portal: Portal, tmp_path: Path):
+    start_volunteer(portal, tmp_path, "worker", "--cpus", "2", "--memory", "1GB")
+    return portal
+
+
+def test_map_is_one_job_with_progress_and_nodes(grid_with_node: Portal) -> None:
+    with grid_with_node.grid() as grid:
+        futures = grid.map(where_and_what, range(5), [0.05] * 5)
+        assert [v for _, v in grid.gather(futures)] == list(range(5))
+        job = wait_for(
+            lambda: next(
+                (j for j in grid.jobs() if j.name == "map where_and_what" and j.state.finished),
+                None,
+            ),
+            what="the map job to finish",
+        )
+        assert job.state is JobState.DONE
+        assert (job.tasks_total, job.tasks_done, job.tasks_failed) == (5, 5, 0)
+        assert job.nodes == ["worker"]
+        assert job.kind == "task" and job.owner  # the admin connection's user
+        assert job.started is not None and job.finished >= job.started
+
+
+def test_a_failing_task_fails_its_job_with_the_error(grid_with_node: Portal) -> None:
+    with grid_with_node.grid() as grid:
+        with grid.job("doomed") as job_id:
+            future = grid.submit(fail, "boom")
+        with pytest.raises(ValueError, match="boom"):
+            future.result(timeout=30)
+        job = wait_for(lambda: (j := grid.get_job(job_id)) and j.state.finished and j)
+        assert job.state is JobState.FAILED
+        assert "boom" in job.error
+
+
+def test_cancel_stops_a_job_and_its_futures(grid_with_node: Portal) -> None:
+    with grid_with_node.grid() as grid:
+        with grid.job("long sleep") as job_id:
+            futures = [grid.submit(where_and_what, i, 30.0) for i in range(4)]
+        wait_for(lambda: grid.get_job(job_id).state is JobState.RUNNING, what="job running")
+        job = grid.cancel(job_id)
+        with grid.job("ignored", job_id=job_id):  # late arrivals of a cancelled job
+            futures.append(grid.submit(where_and_what, 9, 30.0))
+        assert job.state is JobState.CANCELLED
+        for f in futures:
+            with pytest.raises(CancelledError):
+                f.result(timeout=10)
+        assert grid.get_job(job_id).state is JobState.CANCELLED
+        with pytest.raises(GridError, match="no job"):
+            grid.cancel("no-such-job")
+
+
+def test_users_see_and_cancel_only_their_own_jobs(grid_with_node: Portal, tmp_path: Path) -> None:
+    alice = Grid(_client_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
+    bob = Grid(_client_connection(grid_with_node, tmp_path, "bob"), start_embedded=False)
+    try:
+        with alice.job("alice's work") as job_id:
+            future = alice.submit(where_and_what, 1, 20.0)
+        wait_for(lambda: alice.get_job(job_id) is not None)
+        assert alice.get_job(job_id).owner == "alice"
+        assert [j.id for j in bob.jobs()] == []
+        assert bob.get_job(job_id) is None
+        assert (
+            bob.jobs_overview()["others"]["running"] + bob.jobs_overview()["others"]["queued"] == 1
+        )
+        with pytest.raises(GridError):
+            bob.cancel(job_id)
+        assert alice.get_job(job_id).state in (JobState.QUEUED, JobState.RUNNING)
+        with grid_with_node.grid() as admin:  # the portal's admin sees everyone's jobs
+            assert job_id in [j.id for j in admin.jobs(everyone=True)]
+        alice.cancel(job_id)
+        with pytest.raises(CancelledError):
+            future.result(timeout=10)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_jobs_and_kept_results_survive_a_portal_restart(tmp_path: Path) -> None:
+    portal = start_portal(tmp_path)
+    try:
+        start_volunteer(portal, tmp_path, "worker", "--cpus", "1", "--memory", "1GB")
+        with portal.grid() as grid:
+            with grid.job("finished before", kind="cell") as done_id:
+                assert grid.submit(where_and_what, 3).result(timeout=30) == ("worker", 3)
+            grid.store_result(done_id, b"kept bytes")
+            with grid.job("cut short") as cut_id:
+                running = grid.submit(where_and_what, 4, 60.0)  # noqa: F841 - kept alive
+            wait_for(lambda: grid.get_job(cut_id).state is JobState.RUNNING)
+            wait_for(lambda: grid.get_job(done_id).state is JobState.DONE)
+            # kill -9 while the job runs: no chance to write anything more
+            portal.process.kill()
+            portal.process.wait()
+        restarted = start_portal(tmp_path)
+        try:
+            with restarted.grid() as grid:
+                done = grid.get_job(done_id)
+                assert done.state is JobState.DONE and done.tasks_done == 1
+                assert done.has_result and grid.fetch_result(done_id) == b"kept bytes"
+                cut = grid.get_job(cut_id)
+                assert cut.state is JobState.INTERRUPTED
+                assert "restarted" in cut.error
+        finally:
+            restarted.stop()
+    finally:
+        portal.stop()
