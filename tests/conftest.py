@@ -139,6 +139,7 @@ class Volunteer:
 
 
 def start_portal(tmp: Path, *extra: str) -> Portal:
+    tmp.mkdir(parents=True, exist_ok=True)
     data_dir = tmp / "portal"
     log = tmp / "portal.log"
     with open(log, "wb") as out:
