@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portal", help="a connection file (default: as Grid() finds one)")
     p.set_defaults(func=cmd_status)
 
+    # lab
+    p = sub.add_parser(
+        "lab",
+        help="JupyterLab with the grid: the sidebar, %%grid, and (with nothing configured) an "
+        "embedded portal with this machine as its volunteer",
+        description="Start JupyterLab with the grid. Extra arguments go to `jupyter lab`.",
+    )
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed to jupyter lab")
+    p.set_defaults(func=cmd_lab)
+
     # embedded
     p = sub.add_parser("embedded", help="the private portal Grid() starts on this machine")
     esub = p.add_subparsers(dest="embedded_command", metavar="ACTION")
@@ -369,6 +379,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(capacity_text(capacity))
     return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    jupyter = shutil.which("jupyter")
+    if jupyter is None:
+        raise GridError(
+            "JupyterLab is not installed: pip install 'grid-portal[jupyter]' (or run ./dev lab)"
+        )
+    command = [jupyter, "lab", *args.jupyter_args]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in command:
+        command.append("--allow-root")  # JupyterLab refuses to run as root without it
+    os.execv(jupyter, command)
+    return 0  # not reached
 
 
 def cmd_embedded_start(args: argparse.Namespace) -> int:
