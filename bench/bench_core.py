@@ -94,16 +94,18 @@ def main() -> None:
                 f"{idle_cpu(volunteer.process.pid, args.idle_seconds):.2f} % of one core",
             )
         )
-        with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster:
-            with Client(cluster) as plain:
-                tcp_rt = round_trips(lambda f, *a: plain.submit(f, *a, pure=False), args.rounds)
-                rows.append(
-                    (
-                        "round trip, Client.submit on plain tcp LocalCluster",
-                        f"{tcp_rt * 1000:.2f} ms",
-                    )
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster,
+            Client(cluster) as plain,
+        ):
+            tcp_rt = round_trips(lambda f, *a: plain.submit(f, *a, pure=False), args.rounds)
+            rows.append(
+                (
+                    "round trip, Client.submit on plain tcp LocalCluster",
+                    f"{tcp_rt * 1000:.2f} ms",
                 )
-                rows.append(("TLS cost (TLS / tcp, raw clients)", f"{raw_rt / tcp_rt:.2f}x"))
+            )
+            rows.append(("TLS cost (TLS / tcp, raw clients)", f"{raw_rt / tcp_rt:.2f}x"))
     finally:
         portal.stop()
     print("| measure | result |\n|---|---|")

@@ -306,6 +306,12 @@ class Volunteer:
                         dashboard=False,
                         local_directory=self.options.local_directory,
                         silence_logs=logging.WARNING,
+                        # Tasks see only the GPUs the volunteer lends. NVML numbers devices
+                        # in PCI order; make CUDA use the same order so the indices agree.
+                        env={
+                            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                            "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.options.gpus)),
+                        },
                     )
                     await self.nanny
                 logger.info(
