@@ -168,7 +168,7 @@ _SCHEMA: dict[str, Any] = {
                 "needs": {
                     "description": "Names of the stages that must finish first; their outputs are passed to this stage as keyword arguments named after them.",
                     "type": "array",
-                    "uniqueItems": True,
+                    "maxItems": MAX_STAGES,
                     "items": {
                         "description": "The name of another stage of this job.",
                         "type": "string",
@@ -451,23 +451,25 @@ class _Walker:
                 SpecProblem(path, f"nested more than {MAX_DEPTH} levels deep; flatten it")
             )
             raise _Abort
+        # Sizes are roughly what the value takes as JSON text, plus a separator.
         if value is None or isinstance(value, bool):
-            self.budget(path, 5)
+            self.budget(path, 6)
             return value
         if isinstance(value, int):
-            self.budget(path, 8)
             if abs(value) >= _MAX_INT:
+                self.budget(path, 20)
                 self.problem(path, "integer too large (use fewer than 19 digits)")
                 return 0
+            self.budget(path, len(str(int(value))) + 1)
             return int(value)
         if isinstance(value, float):
-            self.budget(path, 8)
+            self.budget(path, len(repr(value)) + 1)
             if not math.isfinite(value):
                 self.problem(path, f"{value} is not allowed; use a finite number")
                 return 0.0
             return float(value)
         if isinstance(value, str):
-            self.budget(path, len(value) + 2)
+            self.budget(path, len(value) + 3)
             return str(value)
         if isinstance(value, Mapping):
             self.budget(path, 2)
@@ -479,7 +481,7 @@ class _Walker:
                         f"key {_short(key)} is {_type_name(key)}, not text; quote it",
                     )
                     continue
-                self.budget(path, len(key) + 3)
+                self.budget(path, len(key) + 4)
                 out[str(key)] = self.copy(item, _join_path(path, key), depth + 1)
             return out
         if isinstance(value, (list, tuple)):
@@ -676,7 +678,6 @@ def _known_fields(node: dict[str, Any]) -> list[str]:
 
 
 def _apply_override(doc: dict[str, Any], text: str) -> None:
-    label = f"--set {text}"
     if not isinstance(text, str) or "=" not in text:
         raise SpecError(
             f"--set {_short(text)}: write key=value, like stages.simulate.params.steps=2000"
@@ -706,9 +707,9 @@ def _apply_override(doc: dict[str, Any], text: str) -> None:
         last = i == len(parts) - 1
         if done == "stages" and isinstance(node, list) and isinstance(part, str):
             # Stages are addressed by name: stages.simulate.params.steps
-            names = [s.get("name") for s in node if isinstance(s, dict)]
+            names = [s.get("name") if isinstance(s, dict) else None for s in node]
             if part not in names:
-                known = ", ".join(str(n) for n in names) or "none"
+                known = ", ".join(str(n) for n in names if n is not None) or "none"
                 raise SpecError(f"{label}: no stage named {part!r}; stages are: {known}")
             part = names.index(part)
         if isinstance(node, list):
@@ -858,7 +859,9 @@ def _sort_key(error: jsonschema.ValidationError) -> tuple[Any, ...]:
 
 def _validate(doc: dict[str, Any]) -> None:
     problems: list[SpecProblem] = []
-    for error in sorted(_validator().iter_errors(doc), key=_sort_key):
+    # A hostile document can hold millions of errors: sort only the first few thousand.
+    errors = itertools.islice(_validator().iter_errors(doc), 20 * MAX_PROBLEMS)
+    for error in sorted(errors, key=_sort_key):
         for problem in _schema_problems(error):
             if problem not in problems:
                 problems.append(problem)
@@ -1197,7 +1200,7 @@ def _argument_name(stage_name: str) -> str:
 # --- semantic checks ----------------------------------------------------------------------------
 
 
-class _Problems(list):  # type: ignore[type-arg]
+class _Problems(list[SpecProblem]):
     def add(self, path: str, message: str) -> None:
         self.append(SpecProblem(path, message))
 
@@ -1216,6 +1219,12 @@ def _build_map(raw: dict[str, Any], where: str, problems: _Problems) -> MapSpec 
                 f"{where}.as",
                 "not used with grid: each grid item's keys are passed as keyword arguments; remove 'as'",
             )
+        for key in raw["grid"]:
+            if not re.fullmatch(IDENTIFIER_PATTERN[:-1] + r"\Z", key) or keyword.iskeyword(key):
+                problems.add(
+                    f"{where}.grid",
+                    f"key {_short(key)} cannot be an argument name: {_PATTERN_HINTS[IDENTIFIER_PATTERN]}, not a Python keyword",
+                )
         return MapSpec("grid", grid=raw["grid"], origin=where)
     if kind == "over":
         return MapSpec("over", over=raw["over"], as_name=as_name, origin=where)
@@ -1322,6 +1331,9 @@ def _build_stage(
         sources.setdefault(arg, f"{where}.map")
     for i, need in enumerate(raw.get("needs", [])):
         arg = _argument_name(need)
+        if need in raw["needs"][:i]:
+            problems.add(f"{where}.needs[{i}]", f"{need!r} is listed twice; list each stage once")
+            continue
         if arg in sources:
             problems.add(
                 f"{where}.needs[{i}]",
