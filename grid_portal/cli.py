@@ -175,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_volunteer)
 
     # nodes / status
-    p = sub.add_parser("nodes", help="the grid's machines, their capacity and live load")
+    p = sub.add_parser(
+        "nodes",
+        help="the grid's machines, their capacity and live load; `nodes revoke NAME`",
+        description="List the grid's machines. `grid-portal nodes revoke NAME` disconnects a "
+        "node at once and refuses it from then on (the portal's admin only).",
+    )
+    p.add_argument("action", nargs="?", choices=["revoke"], help="revoke: throw a node out")
+    p.add_argument("name", nargs="?", help="the node to revoke")
     p.add_argument("--json", action="store_true", help="machine-readable records")
     p.add_argument("--portal", help="a connection file (default: as Grid() finds one)")
     p.set_defaults(func=cmd_nodes)
@@ -358,6 +365,13 @@ def _grid(args: argparse.Namespace) -> Any:
 def cmd_nodes(args: argparse.Namespace) -> int:
     from grid_portal.render import nodes_table
 
+    if args.action == "revoke":
+        if not args.name:
+            raise UsageError("say which node: grid-portal nodes revoke NAME")
+        with _grid(args) as grid:
+            reply = grid.revoke(args.name)
+        print(f"revoked {reply['revoked']}; disconnected {reply['disconnected']} worker(s)")
+        return 0
     with _grid(args) as grid:
         nodes = grid.nodes()
     if args.json:

@@ -104,6 +104,13 @@ class Grid:
         """Long poll: the nodes changed after version ``since`` (for live views)."""
         return self._call("grid_changes", since=since, timeout=timeout)
 
+    def revoke(self, name: str) -> dict[str, Any]:
+        """Disconnect a node now and refuse it from then on (the portal's admin only)."""
+        reply = self._call("grid_revoke", name=name)
+        if "error" in reply:
+            raise GridError(reply["error"])
+        return reply
+
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
 

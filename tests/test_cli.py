@@ -212,3 +212,49 @@ def test_a_worker_without_a_certificate_is_refused(portal: Portal) -> None:
     assert "REFUSED" in result.stdout, result.stdout + result.stderr
     with portal.grid() as grid:
         assert grid.nodes() == []
+
+
+def test_revoked_node_is_disconnected_at_once_and_cannot_rejoin(
+    portal: Portal, tmp_path: Path
+) -> None:
+    volunteer = start_volunteer(portal, tmp_path, "rogue", "--cpus", "1", "--memory", "1GB")
+    result = run("nodes", "revoke", "rogue", "--portal", portal.connection_file)
+    assert result.returncode == 0, result.stderr
+    assert "revoked rogue" in result.stdout
+    with portal.grid() as grid:
+        wait_for(lambda: grid.node("rogue").state.value == "offline", what="rogue disconnected")
+        assert grid.node("rogue").reason == "revoked"
+        # The volunteer keeps trying to rejoin; the portal keeps refusing it.
+        wait_for(
+            lambda: "revoked by the portal" in portal.log.read_text(),
+            timeout=60,
+            what="a refused rejoin",
+        )
+        assert not grid.client.scheduler_info()["workers"]
+    assert_clear_error(
+        run("nodes", "revoke", "nobody", "--portal", portal.connection_file),
+        "no node named 'nobody'",
+    )
+    volunteer.kill()
+
+
+def test_a_client_certificate_cannot_join_as_a_worker(portal: Portal) -> None:
+    """An admin or researcher certificate is not a node's: it may not run a worker."""
+    code = (
+        "import asyncio, json\n"
+        "from distributed import Worker\n"
+        "from grid_portal.connection import Connection\n"
+        f"conn = Connection.load({portal.connection_file!r})\n"
+        "async def main():\n"
+        "    w = Worker(conn.scheduler, security=conn.security(), name='impostor', death_timeout=5)\n"
+        "    try:\n"
+        "        await w\n"
+        "    except Exception as e:\n"
+        "        print('REFUSED', e)\n"
+        "        return\n"
+        "    print('JOINED')\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(["python", "-c", code], capture_output=True, text=True, timeout=60)
+    assert "REFUSED" in result.stdout, result.stdout + result.stderr
+    assert "only enrolled volunteer nodes" in portal.log.read_text()

@@ -93,6 +93,24 @@ class EnrolmentBook:
         ).fetchone()
         return None if row is None else Enrolment(*row[:4], revoked=bool(row[4]))
 
+    def revoke(self, name: str, role: str = "node") -> bool:
+        """Revoke every certificate issued under this name; returns whether one existed."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE enrolments SET revoked = 1 WHERE name = ? AND role = ?", (name, role)
+            )
+        return cursor.rowcount > 0
+
+    def is_revoked(self, name: str, serial: str, role: str = "node") -> bool:
+        row = self.conn.execute(
+            "SELECT revoked FROM enrolments WHERE name = ? AND role = ? AND serial = ?",
+            (name, role, serial),
+        ).fetchone()
+        revoked_name = self.conn.execute(
+            "SELECT 1 FROM enrolments WHERE name = ? AND role = ? AND revoked = 1", (name, role)
+        ).fetchone()
+        return bool(row and row[0]) or revoked_name is not None
+
     def list(self) -> list[Enrolment]:
         rows = self.conn.execute(
             "SELECT name, role, serial, enrolled_at, revoked FROM enrolments ORDER BY enrolled_at"

@@ -18,6 +18,7 @@ from tornado.ioloop import PeriodicCallback
 
 from grid_portal.model import JobState, NodeState
 from grid_portal.portal.jobs import JobBook
+from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.security import Identity, peer_identity
 
@@ -59,6 +60,7 @@ class PortalPlugin(SchedulerPlugin):
             ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
         )
         self.jobs.on_change = self.registry.notify
+        self.enrolments = EnrolmentBook(ledger_path) if ledger_path is not None else None
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
         self._client_identity: dict[str, Identity | None] = {}
@@ -67,6 +69,11 @@ class PortalPlugin(SchedulerPlugin):
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        # Gate worker registration on the TLS identity: only a node certificate may join, as
+        # the name written in it, and not once revoked. (A plugin's add_worker hook runs too
+        # late and without the comm, so wrap Dask's own handler instead.)
+        self._register_worker = scheduler.handlers["register-worker"]
+        scheduler.handlers["register-worker"] = self.checked_register_worker
         scheduler.handlers.update(
             {
                 "grid_nodes": self.handle_nodes,
@@ -75,6 +82,7 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_changes": self.handle_changes,
                 "grid_largest_offer": self.handle_largest_offer,
                 "grid_whoami": self.handle_whoami,
+                "grid_revoke": self.handle_revoke,
                 "grid_jobs": self.handle_jobs,
                 "grid_job": self.handle_job,
                 "grid_job_create": self.handle_job_create,
@@ -184,6 +192,48 @@ class PortalPlugin(SchedulerPlugin):
         self._client_identity.pop(client, None)
         for job_id in self._client_sessions.pop(client, set()):
             self.jobs.close_session(job_id)
+
+    # -- who may join -----------------------------------------------------------------------
+    def refusal(self, identity: Identity | None, name: Any) -> str | None:
+        """Why a worker presenting ``identity`` may not join as ``name``; None if it may."""
+        if identity is None or identity.role != "node":
+            return "only enrolled volunteer nodes may join as workers"
+        if str(name) != identity.name:
+            return f"this certificate belongs to node {identity.name!r}, not {name!r}"
+        if self.enrolments is not None and self.enrolments.is_revoked(
+            identity.name, identity.serial_hex
+        ):
+            return f"node {identity.name!r} was revoked by the portal's admin"
+        return None
+
+    async def checked_register_worker(self, comm: Any, **msg: Any) -> None:
+        from distributed.metrics import time as dask_time
+
+        reason = self.refusal(peer_identity(comm), msg.get("name"))
+        if reason is not None:
+            logger.warning("refused a worker from %s: %s", msg.get("address"), reason)
+            await comm.write({"status": "error", "message": reason, "time": dask_time()})
+            return
+        await self._register_worker(comm, **msg)
+
+    async def handle_revoke(self, comm: Any = None, name: str = "") -> dict[str, Any]:
+        """Revoke a node: it is disconnected at once and cannot rejoin. Admins only."""
+        identity = self._caller(comm)
+        if comm is not None and (identity is None or identity.role not in TRUSTED_ROLES):
+            return {"error": "only the portal's admin may revoke nodes"}
+        known = self.enrolments.revoke(name) if self.enrolments is not None else False
+        assert self.scheduler is not None
+        removed = []
+        for address, ws in list(self.scheduler.workers.items()):
+            if str(ws.name) == name:
+                await self.scheduler.remove_worker(
+                    address, stimulus_id=f"grid-revoke-{name}", close=True
+                )
+                removed.append(address)
+        if not known and not removed:
+            return {"error": f"no node named {name!r}"}
+        self.registry.leave_by_name(name, reason="revoked")
+        return {"revoked": name, "disconnected": len(removed)}
 
     # -- Dask events ------------------------------------------------------------------------
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:

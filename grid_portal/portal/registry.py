@@ -174,6 +174,14 @@ class NodeRegistry:
         record.cpus_in_use = record.gpus_in_use = 0.0
         self._touch(record)
 
+    def leave_by_name(self, name: str, reason: str | None = None) -> None:
+        record = self.nodes.get(name)
+        if record is not None and record.address:
+            self.leave(record.address, reason=reason)
+        elif record is not None:
+            record.reason = reason
+            self._touch(record)
+
     def update(
         self,
         address: str,
