@@ -95,10 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry-interval", type=_duration, default=2.0, help="seconds between node samples"
     )
     p.add_argument(
+        "--node-timeout",
+        type=_duration,
+        default=15.0,
+        help="how soon a node that vanished is declared offline and its tasks rerun (default 15s)",
+    )
+    p.add_argument(
         "--embedded",
         action="store_true",
         help="a private portal on loopback with this machine as its volunteer (what Grid() "
         "starts when nothing is configured)",
+    )
+    p.add_argument("--cpus", type=int, help="with --embedded: CPUs the local volunteer lends")
+    p.add_argument(
+        "--memory", type=_size, help="with --embedded: memory the local volunteer lends, e.g. 8GB"
     )
     p.set_defaults(func=cmd_serve)
 
@@ -237,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.embedded:
         from grid_portal.embedded import embedded_config, publish_connection
 
-        config = embedded_config(args.data_dir)
+        config = embedded_config(args.data_dir, cpus=args.cpus, memory=args.memory)
 
         def ready(info: Any) -> None:
             publish_connection(info)
@@ -251,6 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             contact_host=args.contact_host,
             telemetry_interval=args.telemetry_interval,
+            node_timeout=args.node_timeout,
         )
 
         def ready(info: Any) -> None:

@@ -138,7 +138,7 @@ class Volunteer:
         return self.log.read_text(errors="replace")
 
 
-def start_portal(tmp: Path, *extra: str) -> Portal:
+def start_portal(tmp: Path, *extra: str, host: str = "127.0.0.1") -> Portal:
     tmp.mkdir(parents=True, exist_ok=True)
     data_dir = tmp / "portal"
     log = tmp / "portal.log"
@@ -147,7 +147,7 @@ def start_portal(tmp: Path, *extra: str) -> Portal:
             grid_portal_command(
                 "serve",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 "0",
                 "--http-port",
@@ -183,24 +183,28 @@ def start_volunteer(
     *extra: str,
     token: str | None = None,
     wait: bool = True,
+    prefix: tuple[str, ...] = (),
 ) -> Volunteer:
     token = token or portal.token()
     log = tmp / f"volunteer-{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            grid_portal_command(
-                "volunteer",
-                portal.http,
-                "--token",
-                token,
-                "--name",
-                name,
-                "--state-dir",
-                str(tmp / f"state-{name}"),
-                "--reconnect-max",
-                "2s",
-                *extra,
-            ),
+            [
+                *prefix,
+                *grid_portal_command(
+                    "volunteer",
+                    portal.http,
+                    "--token",
+                    token,
+                    "--name",
+                    name,
+                    "--state-dir",
+                    str(tmp / f"state-{name}"),
+                    "--reconnect-max",
+                    "2s",
+                    *extra,
+                ),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -8,12 +8,15 @@ else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.metrics import time as dask_time
+from distributed.scheduler import heartbeat_interval
 from tornado.ioloop import PeriodicCallback
 
 from grid_portal.model import JobState, NodeState
@@ -51,8 +54,11 @@ class PortalPlugin(SchedulerPlugin):
         offline_retention: float = 3600.0,
         ledger_path: Path | None = None,
         result_ttl: float | None = None,
+        node_timeout: float = 15.0,
     ):
         self.telemetry_interval = telemetry_interval
+        self.node_timeout = node_timeout
+        self._timing_out: set[str] = set()
         self.registry = NodeRegistry(
             sample_interval=telemetry_interval, offline_retention=offline_retention
         )
@@ -207,8 +213,6 @@ class PortalPlugin(SchedulerPlugin):
         return None
 
     async def checked_register_worker(self, comm: Any, **msg: Any) -> None:
-        from distributed.metrics import time as dask_time
-
         reason = self.refusal(peer_identity(comm), msg.get("name"))
         if reason is not None:
             logger.warning("refused a worker from %s: %s", msg.get("address"), reason)
@@ -266,7 +270,13 @@ class PortalPlugin(SchedulerPlugin):
         scheduler = self.scheduler
         if scheduler is None:
             return
+        now = dask_time()
+        # Heartbeats slow down as a grid grows (Dask spaces them out); never call a node
+        # silent before it has missed three of them.
+        timeout = max(self.node_timeout, 3 * heartbeat_interval(len(scheduler.workers)))
         for address, ws in scheduler.workers.items():
+            if now - ws.last_seen > timeout and address not in self._timing_out:
+                self._drop_silent_worker(address, now - ws.last_seen)
             state, reason = node_state(ws)
             self.registry.update(
                 address,
@@ -277,6 +287,24 @@ class PortalPlugin(SchedulerPlugin):
             )
         self.registry.forget_stale()
         self.jobs.flush()
+
+    def _drop_silent_worker(self, address: str, silent_for: float) -> None:
+        """A node that stopped heartbeating (cable pulled, power cut) is removed now, so its
+        tasks rerun elsewhere. Dask's own worker-ttl check would first try to restart it
+        through its nanny, which is just as unreachable, and so take much longer."""
+        assert self.scheduler is not None
+        logger.warning("node at %s silent for %.0f s: declaring it offline", address, silent_for)
+        self._timing_out.add(address)
+
+        async def remove() -> None:
+            try:
+                await self.scheduler.remove_worker(
+                    address, stimulus_id=f"grid-node-timeout-{dask_time()}", close=False
+                )
+            finally:
+                self._timing_out.discard(address)
+
+        asyncio.get_running_loop().create_task(remove())
 
     # -- handlers for the Grid client ------------------------------------------------------
     def handle_nodes(self, comm: Any = None, history: bool = False) -> list[dict[str, Any]]:

@@ -40,6 +40,9 @@ class PortalConfig:
     contact_host: str | None = None  # the name volunteers use to reach us, if not the default
     telemetry_interval: float = 2.0
     offline_retention: float = 3600.0
+    # How soon a node that vanished without a word (power cut, cable pulled) is declared
+    # offline and its tasks rerun elsewhere.
+    node_timeout: float = 15.0
     result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
     companions: list[Callable[[PortalInfo], Awaitable[Any]]] = field(default_factory=list)
@@ -133,6 +136,7 @@ async def run_portal(
         offline_retention=config.offline_retention,
         ledger_path=config.data_dir / LEDGER_FILE,
         result_ttl=config.result_ttl,
+        node_timeout=config.node_timeout,
     )
     # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that would
     # show the grid's workers to anyone: give it no routes, on loopback, on a spare port.
@@ -145,6 +149,9 @@ async def run_portal(
             dashboard=False,
             dashboard_address="127.0.0.1:0",
             plugins=[plugin],
+            # Our plugin declares silent nodes offline after node_timeout; Dask's own check
+            # stays as a backstop.
+            worker_ttl=max(60.0, config.node_timeout * 4),
         )
         await scheduler
     ledger_path = config.data_dir / LEDGER_FILE
