@@ -1,0 +1,220 @@
+/**
+ * Filtering and sorting of the node list, and ordering and timing of jobs. Pure: the
+ * sidebar calls these on every update (1,000 nodes take well under a millisecond).
+ */
+
+import { IGridNode, IJob, JobState, NodeState } from './types';
+
+export interface INodeFilter {
+  /** Only nodes that offer at least one GPU. */
+  gpuOnly: boolean;
+  /** Only nodes that are up and running nothing. */
+  idleOnly: boolean;
+  /** Whitespace-separated terms; a node must match all of them (case-insensitive). */
+  text: string;
+}
+
+export type NodeSortKey = 'name' | 'state' | 'cpu' | 'memory' | 'gpu' | 'free';
+
+export const NODE_SORT_KEYS: readonly NodeSortKey[] = [
+  'name',
+  'state',
+  'cpu',
+  'memory',
+  'gpu',
+  'free'
+];
+
+export interface INodeSort {
+  key: NodeSortKey;
+  descending: boolean;
+}
+
+/** Display order of states: usable first, gone last. */
+const STATE_ORDER: { [S in NodeState]: number } = {
+  online: 0,
+  busy: 1,
+  paused: 2,
+  draining: 3,
+  offline: 4
+};
+
+export function gpuCount(node: IGridNode): number {
+  return node.capacity?.gpus?.length ?? 0;
+}
+
+export function isIdle(node: IGridNode): boolean {
+  if (node.state !== 'online') {
+    return false;
+  }
+  const running = node.telemetry?.running_tasks ?? 0;
+  return running === 0 && (node.cpus_in_use ?? 0) === 0 && (node.gpus_in_use ?? 0) === 0;
+}
+
+/** Cores offered and not in use. */
+export function coresFree(node: IGridNode): number {
+  if (node.state === 'offline') {
+    return 0;
+  }
+  return Math.max(0, (node.offer?.cpus ?? 0) - (node.cpus_in_use ?? 0));
+}
+
+/** Mean GPU utilisation in percent, or -1 without GPUs (so they sort below idle GPUs). */
+export function gpuUtilization(node: IGridNode): number {
+  const gpus = node.telemetry?.gpus ?? [];
+  if (!gpus.length) {
+    return gpuCount(node) ? 0 : -1;
+  }
+  return gpus.reduce((sum, g) => sum + (g.utilization ?? 0), 0) / gpus.length;
+}
+
+/** The text a search term is matched against: what a person may type to find a node. */
+function haystack(node: IGridNode): string {
+  const parts: string[] = [node.name, node.state, node.address ?? ''];
+  const cap = node.capacity;
+  if (cap) {
+    parts.push(cap.cpu_model ?? '', cap.os ?? '', cap.arch ?? '');
+    for (const gpu of cap.gpus ?? []) {
+      parts.push(gpu.name ?? '');
+    }
+  }
+  for (const [key, value] of Object.entries(node.labels ?? {})) {
+    parts.push(`${key}=${value}`);
+  }
+  if (node.reason) {
+    parts.push(node.reason);
+  }
+  return parts.join('\n').toLowerCase();
+}
+
+export function nodeMatches(node: IGridNode, filter: INodeFilter): boolean {
+  if (filter.gpuOnly && gpuCount(node) === 0) {
+    return false;
+  }
+  if (filter.idleOnly && !isIdle(node)) {
+    return false;
+  }
+  const terms = filter.text.toLowerCase().split(/\s+/).filter(Boolean);
+  if (!terms.length) {
+    return true;
+  }
+  const text = haystack(node);
+  return terms.every(term => text.includes(term));
+}
+
+const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: 'base' });
+
+function sortValue(node: IGridNode, key: NodeSortKey): number {
+  switch (key) {
+    case 'state':
+      return STATE_ORDER[node.state] ?? 5;
+    case 'cpu':
+      return node.telemetry?.cpu_percent ?? -1;
+    case 'memory':
+      return node.telemetry?.memory_percent ?? -1;
+    case 'gpu':
+      return gpuUtilization(node);
+    case 'free':
+      return coresFree(node);
+    default:
+      return 0;
+  }
+}
+
+/**
+ * The nodes to show, in order. Names compare "naturally" (node2 before node10) and break
+ * every tie, so the order is stable while telemetry changes.
+ */
+export function filterAndSortNodes(
+  nodes: Iterable<IGridNode>,
+  filter: INodeFilter,
+  sort: INodeSort
+): IGridNode[] {
+  const out: IGridNode[] = [];
+  for (const node of nodes) {
+    if (nodeMatches(node, filter)) {
+      out.push(node);
+    }
+  }
+  const sign = sort.descending ? -1 : 1;
+  out.sort((a, b) => {
+    if (sort.key !== 'name') {
+      const d = sortValue(a, sort.key) - sortValue(b, sort.key);
+      if (d !== 0) {
+        return sign * d;
+      }
+      return collator.compare(a.name, b.name);
+    }
+    return sign * collator.compare(a.name, b.name);
+  });
+  return out;
+}
+
+export const ACTIVE_JOB_STATES: readonly JobState[] = ['queued', 'running'];
+
+export function isActive(job: IJob): boolean {
+  return job.state === 'queued' || job.state === 'running';
+}
+
+/** Active jobs first (newest first), then finished ones, most recently finished first. */
+export function sortJobs(jobs: Iterable<IJob>): IJob[] {
+  return Array.from(jobs).sort((a, b) => {
+    const activeA = isActive(a);
+    const activeB = isActive(b);
+    if (activeA !== activeB) {
+      return activeA ? -1 : 1;
+    }
+    const timeA = activeA ? a.submitted : (a.finished ?? a.submitted);
+    const timeB = activeB ? b.submitted : (b.finished ?? b.submitted);
+    return timeB - timeA || collator.compare(a.id, b.id);
+  });
+}
+
+export interface IJobTiming {
+  /** `queued for`, `running for`, or the finished outcome (`done in`, `failed after`...). */
+  label: string;
+  seconds: number | null;
+}
+
+/** What the elapsed-time column says for a job at time `now` (unix seconds). */
+export function jobTiming(job: IJob, now: number): IJobTiming {
+  switch (job.state) {
+    case 'queued':
+      return { label: 'queued for', seconds: Math.max(0, now - job.submitted) };
+    case 'running':
+      return {
+        label: 'running for',
+        seconds: Math.max(0, now - (job.started ?? job.submitted))
+      };
+    default: {
+      const start = job.started ?? job.submitted;
+      const seconds = job.finished !== null ? Math.max(0, job.finished - start) : null;
+      const label =
+        job.state === 'done'
+          ? 'done in'
+          : job.state === 'failed'
+            ? 'failed after'
+            : `${job.state} after`;
+      return { label, seconds };
+    }
+  }
+}
+
+/** Progress for the bar: done and failed as fractions of the total, each 0..1. */
+export function jobProgress(job: IJob): { done: number; failed: number } {
+  const total = job.tasks_total ?? 0;
+  if (!(total > 0)) {
+    return { done: job.state === 'done' ? 1 : 0, failed: 0 };
+  }
+  const done = Math.min(1, Math.max(0, (job.tasks_done ?? 0) / total));
+  const failed = Math.min(1 - done, Math.max(0, (job.tasks_failed ?? 0) / total));
+  return { done, failed };
+}
+
+/** `a, b, c +4 more` for a compact nodes column. */
+export function shortList(names: readonly string[], max = 3): string {
+  if (names.length <= max) {
+    return names.join(', ');
+  }
+  return `${names.slice(0, max).join(', ')} +${names.length - max} more`;
+}

@@ -1,0 +1,442 @@
+/**
+ * The "Grid" sidebar: totals, the node list (virtualised), a node detail view and the
+ * user's jobs. Plain DOM inside a Lumino widget; all decisions about data live in the pure
+ * modules (filter, format, model, sparkline, timing).
+ *
+ * Rendering happens at most once per animation frame and only while the panel is visible,
+ * so a burst of websocket deltas or a hidden sidebar costs next to nothing.
+ */
+
+import { showErrorMessage } from '@jupyterlab/apputils';
+import { Message } from '@lumino/messaging';
+import { Widget } from '@lumino/widgets';
+
+import { GridConnection } from './connection';
+import { h, replaceChildren } from './dom';
+import { INodeFilter, INodeSort, NodeSortKey, filterAndSortNodes, sortJobs } from './filter';
+import { formatSize, plural } from './format';
+import { gridIcon } from './icon';
+import { visibleRange } from './timing';
+import { IGridNode } from './types';
+import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, nodeDetailContent, nodeRowContent } from './views';
+
+export const SIDEBAR_ID = 'grid-portal:sidebar';
+
+/** Finished jobs kept in the list; older ones drop off (the CLI has the full history). */
+const MAX_FINISHED_JOBS = 30;
+
+const SORT_LABELS: { [K in NodeSortKey]: string } = {
+  name: 'Name',
+  state: 'State',
+  cpu: 'CPU use',
+  memory: 'Memory use',
+  gpu: 'GPU use',
+  free: 'Free cores'
+};
+
+const nowSeconds = () => Date.now() / 1000;
+
+export class GridSidebar extends Widget {
+  constructor(connection: GridConnection) {
+    super();
+    this._connection = connection;
+    this.id = SIDEBAR_ID;
+    this.addClass('gp-sidebar');
+    this.title.icon = gridIcon;
+    this.title.caption = 'Grid';
+    this._buildLayout();
+    connection.changed.connect(this._scheduleRender, this);
+  }
+
+  /** Which parts of a node row to show (from the settings). */
+  setColumns(columns: readonly string[]): void {
+    const known = columns.filter((c): c is Column => (ALL_COLUMNS as string[]).includes(c));
+    this._columns = new Set(known);
+    this._rows.clear(); // rows are keyed by node only: rebuild them all
+    replaceChildren(this._spacer);
+    this._scheduleRender();
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._connection.changed.disconnect(this._scheduleRender, this);
+    this._stopTick();
+    if (this._frame !== null) {
+      cancelAnimationFrame(this._frame);
+    }
+    super.dispose();
+  }
+
+  protected onAfterShow(msg: Message): void {
+    this._startTick();
+    this._scheduleRender();
+  }
+
+  protected onAfterHide(msg: Message): void {
+    this._stopTick();
+  }
+
+  protected onResize(msg: Widget.ResizeMessage): void {
+    this._scheduleRender();
+  }
+
+  private _buildLayout(): void {
+    const search = h('input', {
+      class: 'gp-search jp-mod-styled',
+      type: 'search',
+      placeholder: 'Search nodes, GPUs, labels…',
+      'aria-label': 'Search nodes'
+    });
+    search.addEventListener('input', () => {
+      this._filter = { ...this._filter, text: search.value };
+      this._list.scrollTop = 0;
+      this._scheduleRender();
+    });
+    const check = (cls: string, label: string, key: 'gpuOnly' | 'idleOnly') => {
+      const box = h('input', { type: 'checkbox', class: cls });
+      box.addEventListener('change', () => {
+        this._filter = { ...this._filter, [key]: box.checked };
+        this._list.scrollTop = 0;
+        this._scheduleRender();
+      });
+      return h('label', { class: 'gp-check' }, box, label);
+    };
+    const sort = h('select', { class: 'gp-sort', 'aria-label': 'Sort nodes by', title: 'Sort nodes by' });
+    for (const [key, label] of Object.entries(SORT_LABELS)) {
+      sort.appendChild(h('option', { value: key }, label));
+    }
+    sort.addEventListener('change', () => {
+      const key = sort.value as NodeSortKey;
+      // Names read best A to Z; every measure reads best largest first.
+      this._sort = { key, descending: key !== 'name' && key !== 'state' };
+      dir.textContent = this._sort.descending ? '↓' : '↑';
+      this._scheduleRender();
+    });
+    const dir = h('button', {
+      class: 'gp-sort-dir jp-Button',
+      type: 'button',
+      title: 'Reverse the order'
+    }, '↑');
+    dir.addEventListener('click', () => {
+      this._sort = { ...this._sort, descending: !this._sort.descending };
+      dir.textContent = this._sort.descending ? '↓' : '↑';
+      this._scheduleRender();
+    });
+
+    this._list.addEventListener('scroll', () => this._scheduleRender(), { passive: true });
+    this._list.appendChild(this._spacer);
+    // One listener for all rows: rows come and go as the list scrolls.
+    this._list.addEventListener('click', event => {
+      const row = (event.target as Element).closest<HTMLElement>('.gp-node-row');
+      if (row?.dataset.node) {
+        this._openNode(row.dataset.node);
+      }
+    });
+    this._list.addEventListener('keydown', event => {
+      const row = (event.target as Element).closest<HTMLElement>('.gp-node-row');
+      if (row?.dataset.node && (event.key === 'Enter' || event.key === ' ')) {
+        event.preventDefault();
+        this._openNode(row.dataset.node);
+      }
+    });
+
+    const back = h('button', { class: 'gp-back jp-Button', type: 'button' }, '← All nodes');
+    back.addEventListener('click', () => this._closeNode());
+    this._detail.append(
+      h('div', { class: 'gp-detail-head' }, back, this._detailTitle),
+      this._detailBody
+    );
+    this._detail.hidden = true;
+
+    this._toolbar.append(
+      search,
+      h(
+        'div',
+        { class: 'gp-toolbar-row' },
+        check('gp-filter-gpu', 'GPU nodes', 'gpuOnly'),
+        check('gp-filter-idle', 'Idle', 'idleOnly'),
+        h('span', { class: 'gp-spacer' }),
+        sort,
+        dir
+      ),
+      this._nodeCount
+    );
+
+    const retry = h('button', { class: 'gp-retry jp-Button', type: 'button' }, 'Retry now');
+    retry.addEventListener('click', () => this._connection.reconnectNow());
+
+    this.node.append(
+      h(
+        'header',
+        { class: 'gp-header' },
+        h('h2', { class: 'gp-title' }, 'Grid'),
+        this._connStatus
+      ),
+      h('div', { class: 'gp-error', role: 'alert', hidden: true }, this._errorText, retry),
+      this._totals,
+      h(
+        'section',
+        { class: 'gp-nodes' },
+        this._toolbar,
+        this._list,
+        this._detail
+      ),
+      h(
+        'section',
+        { class: 'gp-jobs' },
+        h('h3', { class: 'gp-subtitle' }, 'My jobs', this._others),
+        this._jobList
+      )
+    );
+  }
+
+  private _openNode(name: string): void {
+    this._listScroll = this._list.scrollTop;
+    void this._connection.watchNode(name);
+  }
+
+  private _closeNode(): void {
+    this._connection.unwatchNode();
+  }
+
+  private _scheduleRender(): void {
+    if (this._frame !== null || this.isDisposed) {
+      return;
+    }
+    this._frame = requestAnimationFrame(() => {
+      this._frame = null;
+      if (this.isVisible) {
+        this._render();
+      }
+    });
+  }
+
+  private _render(): void {
+    const now = nowSeconds();
+    this._renderStatus(now);
+    this._renderTotals();
+    const detail = this._connection.detail;
+    const showDetail = detail !== null;
+    if (this._list.hidden !== showDetail) {
+      this._list.hidden = showDetail;
+      this._toolbar.hidden = showDetail;
+      this._detail.hidden = !showDetail;
+      if (!showDetail) {
+        this._list.scrollTop = this._listScroll;
+      }
+    }
+    if (detail) {
+      this._detailTitle.textContent = detail.name;
+      replaceChildren(
+        this._detailBody,
+        ...nodeDetailContent(this._connection.state.nodes.get(detail.name), detail, now)
+      );
+    } else {
+      this._renderNodes(now);
+    }
+    this._renderJobs(now);
+  }
+
+  private _renderStatus(now: number): void {
+    const conn = this._connection;
+    const state = conn.state;
+    let text: string;
+    switch (conn.status) {
+      case 'open':
+        text = state.loaded ? 'live' : 'connecting…';
+        break;
+      case 'connecting':
+        text = 'connecting…';
+        break;
+      case 'waiting': {
+        const secs = Math.max(0, Math.ceil(((conn.retryAt ?? 0) - Date.now()) / 1000));
+        text = `reconnecting in ${secs} s`;
+        break;
+      }
+      case 'standby':
+        text = 'paused while hidden';
+        break;
+      default:
+        text = 'stopped';
+    }
+    this._connStatus.textContent = text;
+    this._connStatus.dataset.status = conn.status;
+    const banner = this._errorText.parentElement as HTMLElement;
+    banner.hidden = !state.error;
+    this._errorText.textContent = state.error ?? '';
+  }
+
+  private _renderTotals(): void {
+    const c = this._connection.state.capacity;
+    const tile = (key: string, label: string, value: string, of: string) =>
+      h(
+        'div',
+        { class: 'gp-total', 'data-total': key, title: `${value} ${label} of ${of}` },
+        h(
+          'div',
+          { class: 'gp-total-value' },
+          h('span', { class: 'gp-total-num' }, value),
+          ' ', // a break opportunity: narrow sidebars wrap "/ total" under the value
+          h('span', { class: 'gp-total-of' }, `/ ${of}`)
+        ),
+        h('div', { class: 'gp-total-label' }, label)
+      );
+    if (!c) {
+      replaceChildren(this._totals, h('div', { class: 'gp-empty' }, 'Waiting for the grid…'));
+      return;
+    }
+    replaceChildren(
+      this._totals,
+      tile('nodes', 'nodes online', `${c.nodes_online}`, `${c.nodes_total}`),
+      tile('cores', 'cores free', `${c.cores_free}`, `${c.cores_total}`),
+      tile('gpus', 'GPUs free', `${c.gpus_free}`, `${c.gpus_total}`),
+      tile('memory', 'memory free', formatSize(c.memory_free), formatSize(c.memory_total))
+    );
+  }
+
+  private _renderNodes(now: number): void {
+    const state = this._connection.state;
+    if (state.nodes !== this._lastNodes || this._filter !== this._lastFilter || this._sort !== this._lastSort) {
+      this._visible = filterAndSortNodes(state.nodes.values(), this._filter, this._sort);
+      this._lastNodes = state.nodes;
+      this._lastFilter = this._filter;
+      this._lastSort = this._sort;
+    }
+    const nodes = this._visible;
+    const total = state.nodes.size;
+    this._nodeCount.textContent = !state.loaded
+      ? ''
+      : total === 0
+        ? 'No nodes have joined the grid yet.'
+        : nodes.length === total
+          ? plural(total, 'node')
+          : `${nodes.length} of ${plural(total, 'node')} match`;
+
+    this._spacer.style.height = `${nodes.length * NODE_ROW_HEIGHT}px`;
+    const { start, end } = visibleRange(
+      this._list.scrollTop,
+      this._list.clientHeight,
+      NODE_ROW_HEIGHT,
+      nodes.length
+    );
+    // Keep the row elements of nodes still in view (a click between press and release
+    // must land on the same element); drop the rest.
+    const keep = new Map<string, HTMLElement>();
+    for (let i = start; i < end; i++) {
+      const node = nodes[i];
+      let row = this._rows.get(node.name);
+      if (!row) {
+        row = h('div', { class: 'gp-node-row', 'data-node': node.name, tabindex: 0, role: 'button' });
+        this._spacer.appendChild(row);
+      }
+      this._rows.delete(node.name);
+      keep.set(node.name, row);
+      this._fillRow(row, node, i, now);
+    }
+    for (const row of this._rows.values()) {
+      row.remove();
+    }
+    this._rows = keep;
+  }
+
+  private _fillRow(row: HTMLElement, node: IGridNode, index: number, now: number): void {
+    row.style.transform = `translateY(${index * NODE_ROW_HEIGHT}px)`;
+    row.dataset.state = node.state;
+    row.setAttribute('aria-label', `${node.name}, ${node.state}`);
+    replaceChildren(row, ...nodeRowContent(node, this._columns, now));
+  }
+
+  private _renderJobs(now: number): void {
+    const all = sortJobs(this._connection.state.jobs.values());
+    let finished = 0;
+    const jobs = all.filter(j =>
+      j.state === 'queued' || j.state === 'running' ? true : finished++ < MAX_FINISHED_JOBS
+    );
+    const others = this._connection.others;
+    this._others.textContent = others
+      ? ` · others: ${others.running} running, ${others.queued} queued`
+      : '';
+    if (!jobs.length) {
+      this._jobRows.clear();
+      replaceChildren(
+        this._jobList,
+        h('div', { class: 'gp-empty' }, 'No jobs yet. Use “Run cell on grid” or %%grid in a notebook.')
+      );
+      return;
+    }
+    const rows = new Map<string, JobRow>();
+    const ordered: HTMLElement[] = [];
+    for (const job of jobs) {
+      let row = this._jobRows.get(job.id);
+      if (!row) {
+        row = new JobRow(job, id => void this._cancel(id));
+      }
+      row.update(job, now);
+      rows.set(job.id, row);
+      ordered.push(row.node);
+    }
+    this._jobRows = rows;
+    // Reorder without detaching rows that are already in place.
+    const list = this._jobList;
+    for (let i = 0; i < ordered.length; i++) {
+      if (list.children[i] !== ordered[i]) {
+        list.insertBefore(ordered[i], list.children[i] ?? null);
+      }
+    }
+    while (list.children.length > ordered.length) {
+      list.lastElementChild?.remove();
+    }
+  }
+
+  private async _cancel(id: string): Promise<void> {
+    try {
+      await this._connection.cancelJob(id);
+    } catch (error) {
+      this._jobRows.get(id)?.enableCancel();
+      void showErrorMessage('Cancel job', (error as Error).message);
+    }
+  }
+
+  /** A 1 s tick while shown: elapsed times, "last seen" and the retry countdown move on. */
+  private _startTick(): void {
+    if (this._tick === null) {
+      this._tick = window.setInterval(() => this._scheduleRender(), 1000);
+    }
+  }
+
+  private _stopTick(): void {
+    if (this._tick !== null) {
+      window.clearInterval(this._tick);
+      this._tick = null;
+    }
+  }
+
+  private _connection: GridConnection;
+  private _columns: ReadonlySet<Column> = new Set(ALL_COLUMNS);
+  private _filter: INodeFilter = { gpuOnly: false, idleOnly: false, text: '' };
+  private _sort: INodeSort = { key: 'name', descending: false };
+  private _visible: IGridNode[] = [];
+  private _lastNodes: unknown = null;
+  private _lastFilter: INodeFilter | null = null;
+  private _lastSort: INodeSort | null = null;
+  private _rows = new Map<string, HTMLElement>();
+  private _jobRows = new Map<string, JobRow>();
+  private _frame: number | null = null;
+  private _tick: number | null = null;
+  private _listScroll = 0;
+
+  private _connStatus = h('span', { class: 'gp-conn' });
+  private _errorText = h('span', { class: 'gp-error-text' });
+  private _totals = h('div', { class: 'gp-totals' });
+  private _nodeCount = h('div', { class: 'gp-node-count' });
+  private _toolbar = h('div', { class: 'gp-toolbar' });
+  private _list = h('div', { class: 'gp-node-list', role: 'list' });
+  private _spacer = h('div', { class: 'gp-node-spacer' });
+  private _detail = h('div', { class: 'gp-node-detail' });
+  private _detailTitle = h('h3', { class: 'gp-detail-name' });
+  private _detailBody = h('div', { class: 'gp-detail-body' });
+  private _others = h('span', { class: 'gp-others' });
+  private _jobList = h('div', { class: 'gp-job-list' });
+}
