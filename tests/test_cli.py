@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_help_teaches_and_imports_no_dask() -> None:
         assert word in result.stdout
     check = subprocess.run(
         [
-            "python",
+            sys.executable,
             "-c",
             "import sys, grid_portal, grid_portal.cli; "
             "print('distributed' in sys.modules or 'dask' in sys.modules)",
@@ -207,7 +208,7 @@ def test_a_worker_without_a_certificate_is_refused(portal: Portal) -> None:
         "asyncio.run(main())\n"
     )
     result = subprocess.run(
-        ["python", "-c", code], capture_output=True, text=True, timeout=60, env=os.environ
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ
     )
     assert "REFUSED" in result.stdout, result.stdout + result.stderr
     with portal.grid() as grid:
@@ -255,6 +256,8 @@ def test_a_client_certificate_cannot_join_as_a_worker(portal: Portal) -> None:
         "    print('JOINED')\n"
         "asyncio.run(main())\n"
     )
-    result = subprocess.run(["python", "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert "REFUSED" in result.stdout, result.stdout + result.stderr
     assert "only enrolled volunteer nodes" in portal.log.read_text()
