@@ -147,17 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     # volunteer
     p = sub.add_parser(
         "volunteer",
-        help="lend this machine to a portal",
-        description="Enrol this machine with a portal and run grid work on it until stopped. "
-        "It rejoins by itself when the portal or the network comes back. Ctrl-C or SIGTERM "
-        "let running tasks finish first, so nothing is lost.",
+        help="lend this machine to a portal; pause, resume, drain or show it",
+        usage="grid-portal volunteer PORTAL_URL --token TOKEN [options]\n"
+        "       grid-portal volunteer {pause,resume,drain,status} [--name NAME]",
+        description="Enrol this machine with a portal and run grid work on it until stopped, "
+        "under your rules (hours, idle-only, owner load, battery, temperature) and in a "
+        "sandbox. It rejoins by itself when the portal or the network comes back. Ctrl-C or "
+        "SIGTERM let running tasks finish first, so nothing is lost.\n\n"
+        "While it runs, from another terminal of the same user:\n"
+        "  grid-portal volunteer pause     no new tasks; running ones are suspended\n"
+        "  grid-portal volunteer resume    undo pause (your rules still apply)\n"
+        "  grid-portal volunteer drain     finish running tasks, take no new ones, then leave\n"
+        "  grid-portal volunteer status    state, reason, tasks, sandbox",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("portal", metavar="PORTAL_URL", help="the portal's https:// address")
-    p.add_argument("--token", required=True, help="a join token from `grid-portal token create`")
+    p.add_argument(
+        "portal",
+        nargs="?",
+        metavar="PORTAL_URL",
+        help="the portal's https:// address (or pause, resume, drain, status: see above)",
+    )
+    p.add_argument("--token", help="a join token from `grid-portal token create`")
+    p.add_argument("--token-file", type=Path, help="read the join token from this file")
+    p.add_argument("--config", type=Path, help="read options from a TOML file (volunteer.toml)")
     p.add_argument("--name", help="this machine's name on the grid (default: host name)")
     p.add_argument("--cpus", type=int, help="CPUs to lend (default: all but one)")
     p.add_argument("--memory", type=_size, help="memory to lend, e.g. 8GB (default: half)")
-    p.add_argument("--gpus", default="none", help="GPUs to lend: none (default), all, or 0,2")
+    p.add_argument("--gpus", help="GPUs to lend: none (default), all, or indices like 0,2")
     p.add_argument(
         "--label",
         type=_label,
@@ -168,6 +184,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--oversubscribe", action="store_true", help="allow offering more than the machine has"
+    )
+    rules = p.add_argument_group("rules (see docs/volunteer-policy.md)")
+    rules.add_argument(
+        "--idle-only",
+        action="store_true",
+        default=None,
+        help="run only while you are not using the machine",
+    )
+    rules.add_argument(
+        "--max-owner-load",
+        metavar="PCT",
+        help="pause while your own programs use more than PCT%% of the CPU",
+    )
+    rules.add_argument(
+        "--owner-load-grace",
+        metavar="D",
+        help="how long the load must stay over (or under) the limit (default 30s)",
+    )
+    rules.add_argument(
+        "--hours",
+        help="run only within these hours, e.g. 18:00-08:00 or 'mon-fri 18:00-08:00; "
+        "sat,sun 00:00-24:00'",
+    )
+    rules.add_argument(
+        "--pause-on-battery", action="store_true", default=None, help="pause while on battery"
+    )
+    rules.add_argument(
+        "--max-temperature", metavar="C", help="pause while the CPU is hotter than C °C"
+    )
+    rules.add_argument(
+        "--idle-input",
+        dest="idle_input_seconds",
+        metavar="D",
+        help="idle-only: keyboard and mouse untouched this long (default 5m)",
+    )
+    rules.add_argument(
+        "--suspend-limit",
+        metavar="D",
+        help="paused longer than this, running tasks move elsewhere (default 10m)",
+    )
+    box = p.add_argument_group("sandbox")
+    box.add_argument(
+        "--sandbox",
+        choices=("auto", "bubblewrap", "user", "process", "none"),
+        default="auto",
+        help="how grid tasks are kept from your files (default auto: bubblewrap if it works here)",
+    )
+    box.add_argument(
+        "--sandbox-user",
+        default="grid-portal",
+        help="for --sandbox user: the unprivileged user tasks run as (default grid-portal)",
+    )
+    box.add_argument(
+        "--scratch",
+        type=Path,
+        help="the one directory grid work may write to (default: in the state dir)",
     )
     p.add_argument("--state-dir", type=Path, help="where this volunteer keeps its certificate")
     p.add_argument(
@@ -182,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="longest wait between attempts to rejoin (default 30s)",
     )
+    ctl = p.add_argument_group("pause, resume, drain, status")
+    ctl.add_argument("--reason", help="pause: the reason shown on the grid")
+    ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
+    ctl.add_argument("--json", action="store_true", help="status: machine-readable")
     p.set_defaults(func=cmd_volunteer)
 
     # nodes / status
@@ -219,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = esub.add_parser("stop", help="stop it")
     e.set_defaults(func=cmd_embedded_stop)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+    __import__("grid_portal.cli_jobs").cli_jobs.register(sub)  # submit, jobs, job, cancel, logs
     return parser
 
 
@@ -320,34 +397,109 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     return 0
 
 
+VOLUNTEER_CONTROL = ("pause", "resume", "drain", "status")
+
+
+def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The volunteer's settings: the command line over the --config file over the defaults."""
+    from grid_portal.node.policy import POLICY_OPTIONS, load_policy_config, policy_from_options
+    from grid_portal.units import parse_size
+
+    config = load_policy_config(args.config) if args.config else {}
+
+    def pick(key: str) -> Any:
+        value = getattr(args, key, None)
+        return config.get(key) if value is None else value
+
+    portal = args.portal or config.get("portal")
+    if not portal:
+        raise UsageError(
+            "give the portal's address: grid-portal volunteer https://PORTAL:8788 --token "
+            'TOKEN (or portal = "https://..." in the --config file)'
+        )
+    token = args.token
+    token_file = args.token_file or config.get("token_file")
+    if not token and token_file:
+        path = Path(token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(
+            "--token is required to join a portal: ask its admin for one "
+            "(`grid-portal token create`), or give --token-file"
+        )
+    gpus = pick("gpus")
+    if isinstance(gpus, list):
+        gpus = ",".join(str(i) for i in gpus) or "none"
+    memory = args.memory if args.memory is not None else config.get("memory")
+    policy = policy_from_options(**{k: pick(k) for k in POLICY_OPTIONS})
+    return {
+        "portal": portal,
+        "token": token,
+        "name": pick("name"),
+        "cpus": pick("cpus"),
+        "memory": parse_size(memory) if memory is not None else None,
+        "gpus": gpus or "none",
+        "labels": {**config.get("labels", {}), **dict(args.label)},
+        "policy": policy,
+    }
+
+
 def cmd_volunteer(args: argparse.Namespace) -> int:
+    if args.portal in VOLUNTEER_CONTROL:
+        return _volunteer_control(args)
     _setup_logging(args.verbose)
+    from dataclasses import replace
+
     from grid_portal.node.agent import (
         Volunteer,
         VolunteerOptions,
         decide_offer,
         default_state_dir,
+        describe_policy,
         enrol,
         hostname,
         measure_network,
     )
+    from grid_portal.node.envcheck import check_portal
     from grid_portal.node.probe import parse_gpu_selection, probe_gpus, probe_static
+    from grid_portal.node.sandbox import plan_sandbox
 
-    gpus = parse_gpu_selection(args.gpus, probe_gpus())
+    # Everything the volunteer typed is checked before anyone is contacted.
+    settings = _volunteer_settings(args)
+    gpus = parse_gpu_selection(settings["gpus"], probe_gpus())
     static = probe_static(gpus=gpus)
-    offer = decide_offer(args.cpus, args.memory, gpus, static, oversubscribe=args.oversubscribe)
+    offer = decide_offer(
+        settings["cpus"], settings["memory"], gpus, static, oversubscribe=args.oversubscribe
+    )
+    name = settings["name"] or hostname()
     state_dir = (args.state_dir or default_state_dir()).expanduser()
-    creds = enrol(args.portal, args.token, args.name or hostname(), state_dir)
-    static.network = measure_network(args.portal, Path(creds.ca).read_text())
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    plan = plan_sandbox(
+        args.sandbox,
+        args.scratch or state_dir / "scratch" / safe,
+        gpus=gpus,
+        sandbox_user=args.sandbox_user,
+        user_scratch=args.scratch or Path("/var/lib/grid-portal/scratch") / safe,
+    )
+    creds = enrol(settings["portal"], settings["token"], name, state_dir, check=check_portal)
+    plan = plan.allow_reading(creds.ca, creds.cert, creds.key)
+    static.network = measure_network(settings["portal"], Path(creds.ca).read_text())
     options = VolunteerOptions(
         cpus=offer.cpus,
         memory=offer.memory,
         gpus=offer.gpus,
-        labels=dict(args.label),
+        labels=settings["labels"],
         drain_timeout=args.drain_timeout,
         reconnect_max=args.reconnect_max,
+        local_directory=str(plan.scratch / "work"),
+        policy=settings["policy"],
+        control=True,
+        verbose=args.verbose,
     )
-    volunteer = Volunteer(creds, options, static)
+    volunteer = Volunteer(creds, replace(options), static, sandbox=plan)
 
     async def main() -> None:
         import signal
@@ -357,14 +509,72 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, volunteer.request_stop)
         await volunteer.run()
 
+    rules = describe_policy(settings["policy"])
     print(
-        f"Volunteering as {creds.name} for {creds.scheduler}. Ctrl-C to leave (running tasks "
-        "finish first).",
+        f"Volunteering as {creds.name} for {creds.scheduler}.\n"
+        f"  sandbox: {plan.describe()}\n"
+        f"  rules:   {'; '.join(rules) if rules else 'none: grid work always runs'}\n"
+        "Ctrl-C to leave (running tasks finish first); `grid-portal volunteer status` to see "
+        "what it does.",
         flush=True,
     )
     asyncio.run(main())
     print("Left the grid. Thank you!", flush=True)
     return 0
+
+
+def _volunteer_control(args: argparse.Namespace) -> int:
+    """`grid-portal volunteer pause|resume|drain|status`: ask the running agent."""
+    import time
+
+    from grid_portal.node.control import find_agent, request, running_agents
+
+    op = args.portal
+    path = find_agent(args.name)
+    fields = {"reason": args.reason} if op == "pause" and args.reason else {}
+    status = request(path, op, **fields)
+    if op == "drain" and args.wait:
+        print(f"{status.get('name')}: draining; waiting for its running tasks...", flush=True)
+        while status.get("name") in running_agents(path.parent):
+            time.sleep(0.5)
+        print(f"{status.get('name')}: left the grid")
+        return 0
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(_volunteer_status_text(status, full=op == "status"))
+    return 0
+
+
+def _volunteer_status_text(status: dict[str, Any], full: bool) -> str:
+    from grid_portal.units import format_size
+
+    head = f"{status.get('name')}: {status.get('state')}"
+    if status.get("reason"):
+        head += f" ({status['reason']})"
+    if not full:
+        return head
+    lines = [head]
+    running, suspended = status.get("running_tasks"), status.get("suspended_tasks")
+    if running is not None:
+        tasks = f"{running} running"
+        if suspended:
+            tasks += f", {suspended} of them suspended"
+        lines.append(f"  tasks    {tasks}")
+    offer = status.get("offer") or {}
+    if offer:
+        gpus = offer.get("gpus") or []
+        lines.append(
+            f"  lends    {offer.get('cpus')} CPUs, {format_size(offer.get('memory'))}, "
+            + (f"GPUs {', '.join(map(str, gpus))}" if gpus else "no GPU")
+        )
+    lines.append(f"  portal   {status.get('portal')}")
+    lines.append(f"  sandbox  {status.get('sandbox_description') or status.get('sandbox')}")
+    rules = status.get("rules") or []
+    lines.append(f"  rules    {'; '.join(rules) if rules else 'none: grid work always runs'}")
+    if len(status.get("reasons") or []) > 1:
+        lines.append(f"  why      {'; '.join(status['reasons'])}")
+    return "\n".join(lines)
 
 
 def _grid(args: argparse.Namespace) -> Any:

@@ -8,6 +8,7 @@ after one. Kernels find it through a connection file in the Jupyter runtime dir.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -87,8 +88,14 @@ def publish_connection(info: PortalInfo) -> None:
     info.connection.save(path)
 
 
-def ensure_embedded_portal(timeout: float = 60.0) -> Connection:
-    """The running embedded portal's connection, starting the portal first if needed."""
+def ensure_embedded_portal(
+    timeout: float = 60.0, cpus: int | None = None, memory: int | None = None
+) -> Connection:
+    """The running embedded portal's connection, starting the portal first if needed.
+
+    ``cpus`` and ``memory`` (bytes) are what its local volunteer lends when this call starts
+    it; a portal that already runs keeps its own.
+    """
     path = embedded_connection_path()
     lock_path = embedded_data_dir() / "start.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +106,14 @@ def ensure_embedded_portal(timeout: float = 60.0) -> Connection:
         if existing is not None:
             return existing
         log_path = embedded_data_dir() / "portal.log"
+        command = [sys.executable, "-m", "grid_portal.cli", "serve", "--embedded"]
+        if cpus is not None:
+            command += ["--cpus", str(cpus)]
+        if memory is not None:
+            command += ["--memory", str(memory)]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "grid_portal.cli", "serve", "--embedded"],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -146,5 +158,9 @@ def stop_embedded_portal(timeout: float = 30.0) -> bool:
     os.kill(conn.pid, 15)
     deadline = time.monotonic() + timeout
     while pid_alive(conn.pid) and time.monotonic() < deadline:
+        # Started by this very process (Grid() or a Jupyter server): reap it, or it lingers
+        # as a zombie that pid_alive() counts as alive.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(conn.pid, os.WNOHANG)
         time.sleep(0.1)
     return True

@@ -140,3 +140,17 @@ def test_jobs_and_kept_results_survive_a_portal_restart(tmp_path: Path) -> None:
             restarted.stop()
     finally:
         portal.stop()
+
+
+def test_only_the_admin_may_run_code_on_the_portal(grid_with_node: Portal, tmp_path: Path) -> None:
+    student = Grid(_client_connection(grid_with_node, tmp_path, "student"), start_embedded=False)
+    try:
+        with pytest.raises(PermissionError, match="reserved for the portal's admin"):
+            student.client.run_on_scheduler(lambda: "pwned")
+        with pytest.raises(PermissionError):
+            student.client.run(lambda: "pwned")  # on every volunteer, outside any task
+        assert student.submit(where_and_what, 1).result(timeout=30) == ("worker", 1)
+    finally:
+        student.close()
+    with grid_with_node.grid() as admin:
+        assert admin.client.run_on_scheduler(lambda: "ok") == "ok"

@@ -23,6 +23,7 @@ from grid_portal.model import JobState, NodeState
 from grid_portal.portal.jobs import JobBook
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.registry import NodeRegistry
+from grid_portal.portal.scheduling import Scheduling
 from grid_portal.portal.security import Identity, peer_identity
 
 if TYPE_CHECKING:
@@ -38,6 +39,29 @@ JOB_KIND_ANNOTATION = "grid_job_kind"
 JOB_OPEN_ANNOTATION = "grid_job_open"  # an interactive session: more tasks may follow
 JOB_OWNER_ANNOTATION = "grid_job_owner"  # honoured only from a trusted service identity
 TRUSTED_ROLES = ("admin", "service")
+
+# Dask handlers that run arbitrary code on the portal or control the whole grid. Dask lets any
+# connected client call them; on a grid shared by many people only its admin may.
+ADMIN_ONLY_HANDLERS = (
+    "run_function",  # client.run_on_scheduler
+    "feed",
+    "broadcast",  # client.run on every volunteer, outside any task
+    "proxy",
+    "register_scheduler_plugin",
+    "unregister_scheduler_plugin",
+    "register_worker_plugin",
+    "unregister_worker_plugin",
+    "register_nanny_plugin",
+    "unregister_nanny_plugin",
+    "restart",
+    "restart_workers",
+    "terminate",
+    "rebalance",
+    "replicate",
+    "set_resources",
+    "set_restrictions",
+    "dump_cluster_state_to_url",
+)
 
 # What a worker sends once at registration (Worker.startup_information) and in each heartbeat
 # (Worker.metrics). The node side fills these; see grid_portal/node/plugin.py.
@@ -71,6 +95,8 @@ class PortalPlugin(SchedulerPlugin):
         self._poll: PeriodicCallback | None = None
         self._client_identity: dict[str, Identity | None] = {}
         self._client_sessions: dict[str, set[str]] = {}
+        # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
+        self.scheduling = Scheduling(self, ledger_path)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
@@ -80,6 +106,9 @@ class PortalPlugin(SchedulerPlugin):
         # late and without the comm, so wrap Dask's own handler instead.)
         self._register_worker = scheduler.handlers["register-worker"]
         scheduler.handlers["register-worker"] = self.checked_register_worker
+        for name in ADMIN_ONLY_HANDLERS:
+            if name in scheduler.handlers:
+                scheduler.handlers[name] = _admin_only(name, scheduler.handlers[name])
         scheduler.handlers.update(
             {
                 "grid_nodes": self.handle_nodes,
@@ -97,6 +126,7 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_job_result": self.handle_job_result,
             }
         )
+        scheduler.handlers.update(self.scheduling.handlers())  # issue 6: workflows
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
@@ -128,6 +158,7 @@ class PortalPlugin(SchedulerPlugin):
         annotations: dict[str, dict[Any, Any]],
         **kwargs: Any,
     ) -> None:
+        self.scheduling.update_graph(scheduler, client, tasks, annotations)  # issue 6
         job_of = annotations.get(JOB_ANNOTATION)
         if not job_of:
             return
@@ -179,6 +210,8 @@ class PortalPlugin(SchedulerPlugin):
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any
     ) -> None:
+        if self.scheduler is not None:  # issue 6: fair share, task records, placement
+            self.scheduling.transition(self.scheduler, key, start, finish, kwargs)
         if key not in self.jobs.task_jobs:
             return
         if finish == "processing":
@@ -260,6 +293,7 @@ class PortalPlugin(SchedulerPlugin):
             sandbox=info.get("sandbox"),
         )
         logger.info("node %s joined from %s", name, worker)
+        self.scheduling.add_worker(scheduler, worker)  # issue 6: waiting `where` tasks
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.registry.leave(worker, reason="left the grid")
@@ -416,7 +450,9 @@ class PortalPlugin(SchedulerPlugin):
         self, comm: Any = None, job_id: str = "", data: bytes = b"", ttl: float | None = None
     ) -> dict[str, Any]:
         record = self.jobs.jobs.get(job_id)
-        if record is None or not self._may_see(comm, record.owner):
+        if record is None or not (
+            self._may_see(comm, record.owner) or self._ran_on_caller(comm, record.nodes)
+        ):
             return {"error": "not-found"}
         try:
             self.jobs.store_result(job_id, bytes(data), ttl)
@@ -424,11 +460,39 @@ class PortalPlugin(SchedulerPlugin):
             return {"error": str(exc)}
         return {"ok": True}
 
+    def _ran_on_caller(self, comm: Any, nodes: list[str]) -> bool:
+        """A node may keep the result of a job whose task it ran: a %%grid --bg cell stores
+        its own result from the node, so it is kept even when its kernel has gone."""
+        identity = self._caller(comm)
+        return identity is not None and identity.role == "node" and identity.name in nodes
+
     def handle_job_result(self, comm: Any = None, job_id: str = "") -> bytes | None:
         record = self.jobs.jobs.get(job_id)
         if record is None or not self._may_see(comm, record.owner):
             return None
         return self.jobs.fetch_result(job_id)
+
+
+def _admin_only(name: str, handler: Any) -> Any:
+    """Wrap a Dask scheduler handler so that only the portal's admin (or a service) may call it."""
+    import inspect
+
+    from distributed.core import _expects_comm
+
+    expects_comm = _expects_comm(handler)
+
+    # No functools.wraps: Dask inspects a handler's signature to decide whether to pass the
+    # comm, and this wrapper always needs it.
+    async def guarded(comm: Any, **msg: Any) -> Any:
+        identity = peer_identity(comm)
+        if identity is None or identity.role not in TRUSTED_ROLES:
+            who = identity.name if identity is not None else "an unknown peer"
+            logger.warning("refused %s to %s: admin only", name, who)
+            raise PermissionError(f"{name} is reserved for the portal's admin")
+        result = handler(comm, **msg) if expects_comm else handler(**msg)
+        return await result if inspect.isawaitable(result) else result
+
+    return guarded
 
 
 def node_state(ws: WorkerState) -> tuple[NodeState, str | None]:

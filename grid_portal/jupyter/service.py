@@ -1,0 +1,478 @@
+"""The Jupyter server's one connection to the grid, and the live event feed built on it.
+
+``GridPortal`` is a traitlets ``Configurable`` parented to the server app (``c.GridPortal.*``)
+and kept in ``web_app.settings["grid_portal"]``. It holds one ``Grid`` per server, created on
+first use. Every ``Grid`` call blocks (it waits on Dask comms), so each runs on a small thread
+pool of its own and is awaited from the event loop: nothing that waits on the portal runs on
+the server's event loop, and a long poll never takes a thread the default executor needs.
+
+``EventHub`` is the one background task per server that long-polls the portal for changes
+(``grid_changes``) and fans them out as deltas to every connected websocket, so the cost of
+live views does not grow with the number of open sidebars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from traitlets import Float, Int, TraitError, Unicode, Union, validate
+from traitlets.config import LoggingConfigurable
+
+from grid_portal.errors import ConnectionFailed, GridError, UsageError
+from grid_portal.units import parse_size
+
+if TYPE_CHECKING:
+    from grid_portal.client import Grid
+
+T = TypeVar("T")
+
+ENV_ADDRESS = "GRID_PORTAL_ADDRESS"  # same variable as grid_portal.connection (kept light here)
+
+
+class GridPortal(LoggingConfigurable):
+    """Where this Jupyter server finds its portal, and its one ``Grid`` to it."""
+
+    address = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Connection file of the portal to use (what `grid-portal serve` or
+        `grid-portal login` wrote). Unset: GRID_PORTAL_ADDRESS, then a saved login or a portal
+        this user runs, else the embedded portal on loopback, started on first use and stopped
+        with this server.""",
+    )
+    embedded_cpus = Int(
+        None,
+        allow_none=True,
+        config=True,
+        help="CPUs the embedded portal's local volunteer lends (default: all but one).",
+    )
+    embedded_memory = Union(
+        [Int(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="Memory the embedded portal's local volunteer lends: bytes or a size such as "
+        "'8GB' (default: half of this machine's).",
+    )
+    connect_timeout = Float(
+        20.0, config=True, help="Seconds to wait for the portal when connecting."
+    )
+    call_timeout = Float(
+        30.0,
+        config=True,
+        help="Seconds to wait for the portal's answer to one request before answering 503.",
+    )
+    events_interval = Float(
+        0.25,
+        config=True,
+        help="Least seconds between two deltas on the events websocket: changes arriving "
+        "faster are merged into one message.",
+    )
+    events_poll_timeout = Float(
+        10.0, config=True, help="Seconds one long poll of the portal for changes may wait."
+    )
+    threads = Int(8, config=True, help="Threads that run blocking Grid calls.")
+
+    @validate("embedded_memory")
+    def _valid_memory(self, proposal: dict[str, Any]) -> int | str | None:
+        value = proposal["value"]
+        if isinstance(value, str):
+            try:
+                parse_size(value)
+            except UsageError as exc:
+                raise TraitError(f"GridPortal.embedded_memory: {exc}") from None
+        return value
+
+    @validate("embedded_cpus")
+    def _valid_cpus(self, proposal: dict[str, Any]) -> int | None:
+        value = proposal["value"]
+        if value is not None and value < 1:
+            raise TraitError(f"GridPortal.embedded_cpus must be 1 or more, not {value}")
+        return value
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="grid-portal")
+        self._grid: Grid | None = None
+        self._user: str | None = None
+        self._connecting: asyncio.Future[Grid] | None = None
+        self._closed = False
+        self.embedded_pid: int | None = None  # set when this server started the embedded portal
+        # Grid.job() marks submissions with dask.annotate, which sets Dask's global config:
+        # two threads submitting at once could tag each other's tasks. One at a time.
+        self.submit_lock = threading.Lock()
+        self.events = EventHub(self)
+
+    # -- the connection -------------------------------------------------------------------
+    def _connect(self) -> tuple[Grid, str]:
+        """Blocking: resolve the portal (starting the embedded one if need be) and connect."""
+        from grid_portal.client import Grid
+        from grid_portal.connection import embedded_connection_path, find_connection
+
+        address = self.address or os.environ.get(ENV_ADDRESS) or None
+        if find_connection(address) is None:
+            from grid_portal.embedded import ensure_embedded_portal
+
+            memory = parse_size(self.embedded_memory) if self.embedded_memory else None
+            conn = ensure_embedded_portal(
+                timeout=max(self.connect_timeout, 60.0), cpus=self.embedded_cpus, memory=memory
+            )
+            if _is_our_child(conn.pid):
+                self.embedded_pid = conn.pid
+                self.log.info("Grid Portal: started the embedded portal (pid %s)", conn.pid)
+            address = str(embedded_connection_path())
+        grid = Grid(address, timeout=self.connect_timeout, start_embedded=False)
+        try:
+            who = grid.whoami() or {}
+        except BaseException:
+            grid.close()
+            raise
+        user = str(who.get("name") or "")
+        hub_user = os.environ.get("JUPYTERHUB_USER")
+        if hub_user and hub_user != user:
+            self.log.warning(
+                "Grid Portal: this server's portal connection belongs to %r, not to the hub "
+                "user %r; jobs are owned by %r",
+                user,
+                hub_user,
+                user,
+            )
+        self.log.info("Grid Portal: connected to %s as %r", grid.connection.scheduler, user)
+        return grid, user
+
+    async def grid(self) -> Grid:
+        """The server's Grid, connected on first use; concurrent first uses share one connect."""
+        if self._closed:
+            raise ConnectionFailed("the Jupyter server is shutting down")
+        if self._grid is not None:
+            return self._grid
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect_in_thread())
+            # A connect that every waiter gave up on must not warn "never retrieved".
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(self._connecting)
+
+    async def _connect_in_thread(self) -> Grid:
+        loop = asyncio.get_running_loop()
+        try:
+            grid, user = await loop.run_in_executor(self._executor, self._connect)
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, GridError):
+                raise
+            raise ConnectionFailed(f"cannot connect to the portal: {exc}; is it running?") from None
+        if self._closed:
+            await loop.run_in_executor(None, _close_quietly, grid)
+            raise ConnectionFailed("the Jupyter server is shutting down")
+        self._grid, self._user = grid, user
+        return grid
+
+    async def user(self) -> str:
+        """The name jobs are owned by: the name in this server's portal certificate."""
+        await self.grid()
+        return self._user or ""
+
+    async def run(self, fn: Callable[[Grid], T], timeout: float | None = None) -> T:
+        """``fn(grid)`` on the thread pool; portal failures become ``ConnectionFailed``."""
+        grid = await self.grid()
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._executor, fn, grid), timeout or self.call_timeout
+            )
+        except GridError:
+            raise
+        except TimeoutError:
+            self._drop(grid)
+            raise ConnectionFailed(
+                f"the portal at {grid.connection.scheduler} did not answer within "
+                f"{timeout or self.call_timeout:.0f} s; is it running?"
+            ) from None
+        except OSError as exc:  # Dask's CommClosedError is an OSError
+            self._drop(grid)
+            raise ConnectionFailed(
+                f"lost the connection to the portal at {grid.connection.scheduler} ({exc}); "
+                "is it running?"
+            ) from None
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the thread pool, for blocking work that needs no portal."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _drop(self, grid: Grid) -> None:
+        """Forget a Grid whose portal went away: the next call connects afresh (the portal
+        may be back at another address, as an embedded portal is after a restart)."""
+        if self._grid is grid and not self._closed:
+            self._grid = None
+            self._executor.submit(_close_quietly, grid)
+
+    async def close(self) -> None:
+        """Stop the event feed, close the Grid, stop the embedded portal if we started it."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.events.close()
+        loop = asyncio.get_running_loop()
+        grid, self._grid = self._grid, None
+        if grid is not None:
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, _close_quietly, grid), 10)
+            except TimeoutError:
+                self.log.warning("Grid Portal: closing the portal connection timed out")
+        if self.embedded_pid is not None and _embedded_pid() == self.embedded_pid:
+            from grid_portal.embedded import stop_embedded_portal
+
+            # Only the portal this server started: one a kernel or `grid-portal embedded
+            # start` began (or a newer one) belongs to someone else.
+            self.log.info("Grid Portal: stopping the embedded portal (pid %s)", self.embedded_pid)
+            await loop.run_in_executor(None, stop_embedded_portal)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_quietly(grid: Grid) -> None:
+    # A connection to a portal that went away may fail to close; it is gone either way.
+    with contextlib.suppress(Exception):
+        grid.close()
+
+
+def _embedded_pid() -> int | None:
+    """The pid of the embedded portal that runs now, if one does."""
+    from grid_portal.connection import Connection, embedded_connection_path, pid_alive
+
+    try:
+        pid = Connection.load(embedded_connection_path()).pid
+    except GridError:
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _is_our_child(pid: int | None) -> bool:
+    if not pid:
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid() == os.getpid()
+    except psutil.Error:
+        return False
+
+
+# -- the live event feed --------------------------------------------------------------------
+
+
+class Listener(Protocol):
+    def send(self, text: str) -> None: ...
+
+
+class EventHub:
+    """One long poll of the portal per server, fanned out to every websocket as deltas.
+
+    It mirrors what it has sent (each node as its JSON text, this user's jobs, capacity) at
+    the version it has seen, so a late subscriber gets a snapshot that the next delta applies
+    to exactly, and ``GET nodes`` is answered from the mirror while it is live instead of
+    moving every node through Dask and JSON again (each node is encoded once per change, on
+    the thread pool). The portal stays the source of truth: the mirror is at most one poll
+    behind it, and after a portal restart (versions go backwards) or an outage it is rebuilt
+    from scratch and every subscriber gets a fresh snapshot. The task runs only while a
+    websocket listens or ``GET nodes`` was asked in the last ``REST_INTEREST`` seconds.
+    """
+
+    REST_INTEREST = 60.0
+
+    def __init__(self, portal: GridPortal) -> None:
+        self.portal = portal
+        self.listeners: set[Listener] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._interest_until = 0.0  # monotonic time until which REST readers want the mirror
+        self._ready = False
+        self._poll_started = 0.0
+        self._version = 0
+        self._jobs_version = 0
+        self._nodes: dict[str, str] = {}  # name -> the node as JSON text
+        self._jobs: dict[str, Any] = {}
+        self._capacity: dict[str, Any] = {}
+        self._error: str | None = None
+        self.messages_sent = 0  # counters, for the benchmark and the log
+        self.bytes_sent = 0
+
+    @property
+    def log(self) -> Any:
+        return self.portal.log
+
+    def subscribe(self, listener: Listener) -> None:
+        self.listeners.add(listener)
+        if self._error is not None:
+            self._send(listener, _dumps({"type": "error", "message": self._error}))
+        elif self._ready:
+            self._send(listener, self._snapshot())
+        # else: the snapshot goes out as soon as the first sync completes
+        self._ensure_running()
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self.listeners.discard(listener)
+
+    async def nodes_json(self) -> str | None:
+        """``{"nodes": [...]}`` from the mirror, or None when it is not live (ask the portal).
+
+        Either way this keeps the mirror alive for the next ``REST_INTEREST`` seconds.
+        """
+        self._interest_until = time.monotonic() + self.REST_INTEREST
+        self._ensure_running()
+        if not self._live():
+            return None
+        parts = list(self._nodes.values())
+        return await self.portal.offload(_join_nodes, parts)
+
+    def _live(self) -> bool:
+        # A poll that hangs far past its own timeout means the portal went quiet: distrust
+        # the mirror then, and let the caller ask (and fail) directly.
+        overdue = time.monotonic() - self._poll_started > self.portal.events_poll_timeout + 5
+        return self._ready and self._error is None and not overdue
+
+    def _wanted(self) -> bool:
+        return bool(self.listeners) or time.monotonic() < self._interest_until
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        self.listeners.clear()
+        self._interest_until = 0.0
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- the loop -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = 0.5
+        while self._wanted():
+            started = self._poll_started = time.monotonic()
+            try:
+                if self._ready:
+                    await self._poll()
+                else:
+                    await self._sync()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the feed must survive anything
+                message = str(exc) if isinstance(exc, GridError) else "the grid feed failed"
+                if not isinstance(exc, GridError):
+                    self.log.exception("Grid Portal: the event feed failed")
+                self._fail(message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            # Merge bursts: at most one delta per events_interval.
+            pause = self.portal.events_interval - (time.monotonic() - started)
+            if pause > 0 and self._wanted():
+                await asyncio.sleep(pause)
+        # Nobody wants it: the mirror would go stale, so drop it and rebuild on next use.
+        self._ready = False
+        self._nodes, self._jobs = {}, {}
+
+    async def _sync(self) -> None:
+        """Rebuild the mirror from scratch and send every subscriber a snapshot."""
+        user = await self.portal.user()
+
+        def fetch(grid: Grid) -> tuple[dict[str, Any], dict[str, str], Any, dict[str, Any]]:
+            changes = grid._call("grid_changes", since=0, jobs_since=0, timeout=0)
+            # Jobs loaded from the ledger after a portal restart have no version yet; list them.
+            overview = grid.jobs_overview()
+            nodes = {n["name"]: _dumps(n) for n in changes["nodes"]}
+            return changes, nodes, overview["jobs"], grid._call("grid_capacity")
+
+        changes, nodes, jobs, capacity = await self.portal.run(fetch)
+        self._version = int(changes["version"])
+        self._jobs_version = int(changes["jobs_version"])
+        self._nodes = nodes
+        self._jobs = {j["id"]: j for j in jobs if j["owner"] == user}
+        self._capacity = dict(capacity)
+        self._ready, self._error = True, None
+        self._broadcast(self._snapshot())
+
+    async def _poll(self) -> None:
+        """One long poll; broadcast what changed."""
+        user = await self.portal.user()
+        since, jobs_since = self._version, self._jobs_version
+        wait = self.portal.events_poll_timeout
+
+        def fetch(grid: Grid) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
+            changes = grid._call("grid_changes", since=since, jobs_since=jobs_since, timeout=wait)
+            nodes = [(n["name"], _dumps(n)) for n in changes["nodes"]]
+            return changes, nodes, grid._call("grid_capacity")
+
+        changes, nodes, capacity = await self.portal.run(
+            fetch, timeout=wait + self.portal.call_timeout
+        )
+        version, jobs_version = int(changes["version"]), int(changes["jobs_version"])
+        if version < since or jobs_version < jobs_since:
+            self.log.info("Grid Portal: the portal restarted; resynchronising the event feed")
+            self._ready = False
+            return
+        self._version, self._jobs_version = version, jobs_version
+        removed = list(changes["removed"])
+        if nodes or removed:
+            for name, text in nodes:
+                self._nodes[name] = text
+            for name in removed:
+                self._nodes.pop(name, None)
+            self._broadcast(
+                f'{{"type":"nodes","version":{version},'
+                f'"nodes":[{",".join(text for _, text in nodes)}],"removed":{_dumps(removed)}}}'
+            )
+        jobs = [j for j in changes["jobs"] if j["owner"] == user]
+        if jobs:
+            for job in jobs:
+                self._jobs[job["id"]] = job
+            self._broadcast(_dumps({"type": "jobs", "jobs": jobs, "removed": []}))
+        capacity = dict(capacity)
+        if capacity != self._capacity:
+            self._capacity = capacity
+            self._broadcast(_dumps({"type": "capacity", "capacity": capacity}))
+
+    def _fail(self, message: str) -> None:
+        self._ready = False
+        if message != self._error:
+            self._error = message
+            self._broadcast(_dumps({"type": "error", "message": message}))
+
+    # -- sending --------------------------------------------------------------------------
+    def _snapshot(self) -> str:
+        return (
+            f'{{"type":"snapshot","version":{self._version},'
+            f'"nodes":[{",".join(self._nodes.values())}],'
+            f'"jobs":{_dumps(list(self._jobs.values()))},"capacity":{_dumps(self._capacity)}}}'
+        )
+
+    def _broadcast(self, text: str) -> None:
+        for listener in list(self.listeners):
+            self._send(listener, text)
+
+    def _send(self, listener: Listener, text: str) -> None:
+        try:
+            listener.send(text)
+        except Exception:  # noqa: BLE001 - a closed socket must not stop the others
+            self.listeners.discard(listener)
+            return
+        self.messages_sent += 1
+        self.bytes_sent += len(text)
+
+
+def _join_nodes(parts: list[str]) -> str:
+    return '{"nodes":[' + ",".join(parts) + "]}"
+
+
+def _dumps(message: Any) -> str:
+    return json.dumps(message, separators=(",", ":"))
