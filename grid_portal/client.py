@@ -202,17 +202,22 @@ class Grid:
         gpus: float = 0,
         memory: int | str | None = None,
         wait: bool = False,
+        where: str | None = None,
         **kwargs: Any,
     ) -> Future:
-        """Run ``fn(*args, **kwargs)`` on a node that has the resources; returns a Future."""
+        """Run ``fn(*args, **kwargs)`` on a node that has the resources; returns a Future.
+
+        ``where`` is a requirement expression (docs/requirements.md) the node must meet.
+        """
         requirement = self.requirement(cpus, gpus, memory)
         if not wait:
             self.check(requirement)
         kwargs.setdefault("pure", False)
-        if dask.get_annotations().get("grid_job"):
-            return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
-        with self.job("interactive session", session=True, job_id=self._session_job):
-            return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+        with self._placed(where, requirement, wait):  # issue 6: `where`
+            if dask.get_annotations().get("grid_job"):
+                return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+            with self.job("interactive session", session=True, job_id=self._session_job):
+                return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
 
     def map(
         self,
@@ -222,16 +227,18 @@ class Grid:
         gpus: float = 0,
         memory: int | str | None = None,
         wait: bool = False,
+        where: str | None = None,
         **kwargs: Any,
     ) -> list[Future]:
         requirement = self.requirement(cpus, gpus, memory)
         if not wait:
             self.check(requirement)
         kwargs.setdefault("pure", False)
-        if dask.get_annotations().get("grid_job"):
-            return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
-        with self.job(f"map {_name_of(fn)}"):
-            return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+        with self._placed(where, requirement, wait):  # issue 6: `where`
+            if dask.get_annotations().get("grid_job"):
+                return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+            with self.job(f"map {_name_of(fn)}"):
+                return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
 
     def compute(
         self,
@@ -241,19 +248,67 @@ class Grid:
         gpus: float = 0,
         memory: int | str | None = None,
         wait: bool = False,
+        where: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run a Dask collection (array, dataframe, delayed) with every task's resources."""
         requirement = self.requirement(cpus, gpus, memory)
         if not wait:
             self.check(requirement)
-        if dask.get_annotations().get("grid_job"):
-            return self.client.compute(collection, resources=requirement.resources(), **kwargs)
-        with self.job(f"compute {_name_of(collection)}", kind="graph"):
-            return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+        with self._placed(where, requirement, wait):  # issue 6: `where`
+            if dask.get_annotations().get("grid_job"):
+                return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+            with self.job(f"compute {_name_of(collection)}", kind="graph"):
+                return self.client.compute(collection, resources=requirement.resources(), **kwargs)
 
     def gather(self, futures: Any) -> Any:
         return self.client.gather(futures)
+
+    # -- issue 6: requirement expressions and workflows ------------------------------------
+    @contextlib.contextmanager
+    def _placed(self, where: str | None, requirement: Requirement, wait: bool) -> Iterator[None]:
+        """Tasks submitted inside run only on nodes that meet ``where``.
+
+        A mistake in the expression raises ExpressionError (a UsageError naming it); when no
+        connected node meets it, Unsatisfiable names the closest nodes and what they lack,
+        unless ``wait`` (then the tasks wait for such a node to join).
+        """
+        if where is None:
+            yield
+            return
+        from grid_portal.portal.matching import compile_requirement
+        from grid_portal.portal.placement import describe_refusal
+
+        text = compile_requirement(where).text
+        if not wait:
+            report = self._call("grid_match", where=text, resources=requirement.resources())
+            if not report["matching"]:
+                asked = f"where {text!r} with {_describe(requirement.resources())}"
+                raise Unsatisfiable(describe_refusal(asked, report))
+        with dask.annotate(grid_where=text):
+            yield
+
+    def run_workflow(
+        self,
+        spec: Any,
+        wait: bool = False,
+        overrides: Iterable[str] = (),
+        *,
+        wait_for_nodes: bool = False,
+        progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Check and submit a workflow (a job file path, YAML/JSON text, a dict or a JobSpec).
+
+        Nothing is submitted when the spec has a problem (SpecError lists each one) or when
+        no connected node could run a stage (Unsatisfiable, unless ``wait_for_nodes``).
+        Returns the Job; with ``wait``, once it finished. Its outputs:
+        ``grid_portal.jobs.workflow.workflow_outputs(grid, job.id)``.
+        """
+        from grid_portal.jobs.workflow import submit_workflow
+
+        return submit_workflow(
+            self, spec, overrides, wait=wait, wait_for_nodes=wait_for_nodes, progress=progress
+        )
 
 
 def new_job_id() -> str:

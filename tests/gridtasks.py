@@ -25,3 +25,42 @@ def burn(seconds: float) -> str:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+# -- workflows, placement and fair share (issue 6) --------------------------------------------
+
+
+def wf_seed(base: int) -> int:
+    return base
+
+
+def wf_simulate(i: int, seed: int) -> dict:
+    from distributed import get_worker
+
+    return {"i": i, "value": seed + i * i, "node": get_worker().name}
+
+
+def wf_analyse(simulate: list) -> dict:
+    values = [r["value"] for r in simulate]
+    return {"values": values, "total": sum(values)}
+
+
+def wf_timed(value: int, seconds: float = 0.0) -> dict:
+    """Sleeps, then says where it ran and when (wall clock, the same machine in tests)."""
+    import time as _time
+
+    from distributed import get_worker
+
+    start = _time.time()
+    _time.sleep(seconds)
+    return {"value": value, "node": get_worker().name, "start": start, "end": _time.time()}
+
+
+def wf_where_ran(anywhere: list) -> dict:
+    from distributed import get_worker
+
+    return {"node": get_worker().name, "inputs": len(anywhere)}
+
+
+def wf_offset(j: int, simulate: list) -> list:
+    return [j * 100 + r["value"] for r in simulate]

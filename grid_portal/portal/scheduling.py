@@ -1,0 +1,268 @@
+"""The portal plugin's workflow side: placement, fair share, task records and held outputs.
+
+``PortalPlugin`` owns one ``Scheduling`` and forwards three Dask hooks to it (``update_graph``,
+``transition``, ``add_worker``) plus the ``grid_*`` handlers listed in ``handlers()``. Kept
+apart from ``plugin.py`` so that file stays about nodes and jobs, and so this side can grow
+without touching it.
+
+Order inside ``update_graph`` matters: Dask calls plugins after it created the new tasks and
+set their priorities, and before it moves them; so restrictions (placement, quota holds) and
+fair-share priorities set here are the ones Dask uses for its very first decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dask
+from dask.utils import key_split
+
+from grid_portal.model import Node
+from grid_portal.portal.fairshare import FairShare
+from grid_portal.portal.matching import ExpressionError
+from grid_portal.portal.placement import WHERE_ANNOTATION, Placement, match_report
+from grid_portal.portal.tasklog import (
+    HOLD_ANNOTATION,
+    STAGE_ANNOTATION,
+    OutputHolds,
+    TaskLog,
+    summarize_stages,
+)
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+    from grid_portal.portal.plugin import PortalPlugin
+
+logger = logging.getLogger("grid_portal.portal")
+
+# Dask's default work-stealing interval (1 s in distributed 2026.8) leaves fast nodes idle
+# while slow ones hold a queue: volunteers differ in speed far more than a cluster's machines.
+# 50 ms brought a 200-task sweep on nodes of speeds 2, 1 and 0.5 from 1.26x to about 1.11x its
+# lower bound (bench/bench_makespan.py). Set only where nobody configured another value.
+STEAL_INTERVAL_KEY = "distributed.scheduler.work-stealing-interval"
+STEAL_INTERVAL = "50ms"
+
+JOB_ANNOTATION = "grid_job"
+OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.workflow.TaskOutputForwarder.name
+JOB_OWNER_ANNOTATION = "grid_job_owner"
+
+
+class Scheduling:
+    def __init__(self, plugin: PortalPlugin, ledger_path: Path | None) -> None:
+        self.plugin = plugin
+        self.placement = Placement()
+        self.fairshare = FairShare(ledger_path)
+        self.tasklog = TaskLog(ledger_path)
+        self.holds = OutputHolds()
+        # The plugin is made before the Scheduler, which reads this when it starts stealing.
+        current = dask.config.get(STEAL_INTERVAL_KEY, None)
+        if current is None or current == _packaged_default(STEAL_INTERVAL_KEY):
+            dask.config.set({STEAL_INTERVAL_KEY: STEAL_INTERVAL})
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "grid_match": self.handle_match,
+            "grid_job_tasks": self.handle_job_tasks,
+            "grid_job_logs": self.handle_job_logs,
+            "grid_task_output": self.handle_task_output,
+            "grid_workflow_outputs": self.handle_workflow_outputs,
+            "grid_workflow_release": self.handle_workflow_release,
+            "grid_fairshare": self.handle_fairshare,
+            "grid_fairshare_set": self.handle_fairshare_set,
+        }
+
+    # -- Dask hooks ---------------------------------------------------------------------------
+    def update_graph(
+        self,
+        scheduler: Scheduler,
+        client: str,
+        tasks: list[Any],
+        annotations: dict[str, dict[Any, Any]],
+    ) -> None:
+        identity = self.plugin._identity_of_client(client)
+        default_user = identity.name if identity is not None else "unknown"
+        owners = annotations.get(JOB_OWNER_ANNOTATION, {})
+        trusted = identity is not None and identity.role in ("admin", "service")
+
+        def user_of(key: Any) -> str:
+            owner = owners.get(key) if trusted else None
+            return str(owner) if owner else default_user
+
+        where = annotations.get(WHERE_ANNOTATION, {})
+        if where:
+            self.placement.update_graph(scheduler, tasks, where)
+        self.fairshare.update_graph(scheduler, self.placement, tasks, user_of)
+        held = annotations.get(HOLD_ANNOTATION, {})
+        if held:
+            jobs = annotations.get(JOB_ANNOTATION, {})
+            stages = annotations.get(STAGE_ANNOTATION, {})
+            by_job: dict[tuple[str, str], list[Any]] = {}
+            for key, flag in held.items():
+                job_id = jobs.get(key)
+                if flag and job_id and key in scheduler.tasks:
+                    by_job.setdefault((str(job_id), str(stages.get(key, ""))), []).append(key)
+            for (job_id, stage), keys in by_job.items():
+                record = self.plugin.jobs.jobs.get(job_id)
+                if record is not None and record.owner == user_of(keys[0]):
+                    self.holds.add(scheduler, job_id, stage, keys)
+        self.holds.expire(scheduler, self._finished_at)
+
+    def _finished_at(self, job_id: str) -> float | None:
+        record = self.plugin.jobs.jobs.get(job_id)
+        return record.finished if record is not None else None
+
+    def transition(
+        self, scheduler: Scheduler, key: Any, start: str, finish: str, kwargs: dict[str, Any]
+    ) -> None:
+        self.fairshare.transition(scheduler, self.placement, key, start, finish, kwargs)
+        job_id = self.plugin.jobs.task_jobs.get(key)
+        if job_id is not None:
+            self._record(scheduler, job_id, key, start, finish, kwargs)
+        if finish == "forgotten":
+            self.placement.forget(key)
+
+    def _record(
+        self,
+        scheduler: Scheduler,
+        job_id: str,
+        key: Any,
+        start: str,
+        finish: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        log = self.tasklog
+        ts = scheduler.tasks.get(key)
+        if start == "released" and finish not in ("memory", "erred", "forgotten"):
+            # Entering the queue: new, or to be computed again (a node holding it left).
+            stage = (ts.annotations or {}).get(STAGE_ANNOTATION) if ts is not None else None
+            log.seen(job_id, key, str(stage or key_split(key)))
+        if finish == "processing":
+            ws = ts.processing_on if ts is not None else None
+            log.started(key, str(ws.name) if ws is not None else None)
+        elif start == "processing" and finish in ("released", "waiting", "no-worker"):
+            log.requeued(key)
+        elif finish in ("memory", "erred"):
+            address = kwargs.get("worker")
+            ws = scheduler.workers.get(address) if address else None
+            node = str(ws.name) if ws is not None else None
+            error = getattr(ts, "exception_text", None) if finish == "erred" else None
+            log.finished(key, finish == "memory", node, kwargs.get("startstops") or (), error)
+        elif finish == "forgotten":
+            log.forgotten(key)
+
+    def add_worker(self, scheduler: Scheduler, address: str) -> None:
+        if OUTPUT_FORWARDER not in scheduler.worker_plugins:
+            # Sent with the registration reply (built after this hook): the joining node and
+            # every later one forward their shell tasks' output to grid_task_output.
+            from distributed.protocol.pickle import dumps
+
+            from grid_portal.jobs.workflow import TaskOutputForwarder
+
+            scheduler.worker_plugins[OUTPUT_FORWARDER] = dumps(TaskOutputForwarder())
+        record = self.plugin.registry.by_address(address)
+        node = Node.from_dict(record.to_dict()) if record is not None else None
+        self.placement.add_worker(scheduler, address, node)
+
+    # -- handlers -------------------------------------------------------------------------------
+    def handle_match(
+        self, comm: Any = None, where: str | None = None, resources: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Which connected nodes could run a task with this requirement and these resources."""
+        nodes = [Node.from_dict(d) for d in self.plugin.registry.list()]
+        try:
+            return match_report(nodes, where, resources or {})
+        except ExpressionError as exc:
+            return {"error": str(exc), "matching": [], "online": 0, "closest": []}
+
+    def _visible(self, comm: Any, job_id: str) -> Any:
+        record = self.plugin.jobs.jobs.get(job_id)
+        if record is None or not self.plugin._may_see(comm, record.owner):
+            return None
+        return record
+
+    def handle_job_tasks(self, comm: Any = None, job_id: str = "") -> dict[str, Any] | None:
+        """A job with its per-stage progress and, for each task, where and when it ran."""
+        record = self._visible(comm, job_id)
+        if record is None:
+            return None
+        tasks = self.tasklog.tasks(job_id)
+        return {"job": record.to_dict(), "stages": summarize_stages(tasks), "tasks": tasks}
+
+    def handle_job_logs(
+        self, comm: Any = None, job_id: str = "", stage: str | None = None, item: int | None = None
+    ) -> dict[str, Any] | None:
+        if self._visible(comm, job_id) is None:
+            return None
+        return {"tasks": self.tasklog.logs(job_id, stage, item)}
+
+    def handle_task_output(
+        self, comm: Any = None, key: str = "", stdout: str = "", stderr: str = ""
+    ) -> dict[str, Any]:
+        """What a shell task printed, sent by the node that ran it (and only by that node)."""
+        identity = self.plugin._caller(comm)
+        if comm is not None and (identity is None or identity.role != "node"):
+            return {"ok": False}
+        node = identity.name if identity is not None else None
+        return {"ok": self.tasklog.output(key, stdout, stderr, node=node)}
+
+    def handle_workflow_outputs(self, comm: Any = None, job_id: str = "") -> dict[str, Any]:
+        if self._visible(comm, job_id) is None:
+            return {"error": f"no job {job_id!r} of yours; see `grid-portal jobs`"}
+        assert self.plugin.scheduler is not None
+        outputs = self.holds.outputs(self.plugin.scheduler, job_id)
+        if outputs is None:
+            return {
+                "error": f"job {job_id} keeps no outputs: it is not a workflow, it was "
+                "cancelled, or its outputs were already fetched or expired"
+            }
+        return {"outputs": outputs}
+
+    def handle_workflow_release(self, comm: Any = None, job_id: str = "") -> dict[str, Any]:
+        if self._visible(comm, job_id) is None or self.plugin.scheduler is None:
+            return {"released": False}
+        return {"released": self.holds.release(self.plugin.scheduler, job_id)}
+
+    def handle_fairshare(self, comm: Any = None) -> dict[str, Any]:
+        """Usage, priority factor and quota of each user (everyone sees everyone's: fairness
+        is easier to trust when it can be checked)."""
+        report = self.fairshare.report()
+        report["virtual_time"] = self.fairshare.virtual_time()
+        report["time"] = time.time()
+        return report
+
+    def handle_fairshare_set(
+        self,
+        comm: Any = None,
+        half_life: float | None = None,
+        user: str | None = None,
+        quota: float | None = None,
+        clear_quota: bool = False,
+    ) -> dict[str, Any]:
+        """Set the half-life or a user's quota. The portal's admin only."""
+        identity = self.plugin._caller(comm)
+        if comm is not None and (identity is None or identity.role != "admin"):
+            return {"error": "only the portal's admin may change fair-share settings"}
+        try:
+            if half_life is not None:
+                self.fairshare.set_half_life(float(half_life))
+            if user:
+                self.fairshare.set_quota(user, None if clear_quota else quota)
+        except (TypeError, ValueError) as exc:
+            return {"error": str(exc)}
+        return self.handle_fairshare(comm)
+
+
+def _packaged_default(key: str) -> Any:
+    """The value Dask's own configuration files give ``key`` (what nobody changed)."""
+    value = None
+    for defaults in dask.config.defaults:
+        node: Any = defaults
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            value = node
+    return value
