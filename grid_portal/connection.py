@@ -8,6 +8,8 @@ Where ``Grid()`` looks, in order (the first that exists wins):
 1. the ``address`` argument: a connection file's path;
 2. ``GRID_PORTAL_ADDRESS``: the same;
 3. ``~/.config/grid-portal/connection.json`` (``grid-portal login`` writes it);
+3b. under JupyterHub (``JUPYTERHUB_API_TOKEN`` and ``GRID_PORTAL_URL`` set): this Hub user's
+   connection to the class portal, enrolling first (``grid_portal.hubconnect``);
 4. the embedded portal's file in the runtime dir, if that portal is alive;
 6. otherwise the embedded portal is started (loopback only, plus one local volunteer).
 """
@@ -122,6 +124,12 @@ def find_connection(address: str | os.PathLike[str] | None = None) -> Connection
     user = user_connection_path()
     if user.exists():
         return Connection.load(user)
+    # Issue 9: in a JupyterHub user's server, enrol with the class portal as the Hub user.
+    from grid_portal.hubconnect import connect_via_hub
+
+    hub = connect_via_hub()
+    if hub is not None:
+        return hub
     local = default_data_dir() / CONNECTION_FILE
     if local.exists():
         conn = Connection.load(local)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.web
@@ -37,6 +37,8 @@ class PortalContext:
     scheduler_port: int
     contact_host: str | None = None
     enrol_rate_per_minute: int = 30
+    # More tornado rules (pattern, handler, kwargs): the status page, JupyterHub enrolment.
+    extra_routes: list[Any] = field(default_factory=list)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -143,6 +145,7 @@ def make_app(portal: PortalContext) -> tornado.web.Application:
             (r"/api/ping", PingHandler, kwargs),
             (r"/api/bandwidth", BandwidthHandler, kwargs),
             (r"/api/enrol", EnrolHandler, kwargs),
+            *portal.extra_routes,
         ],
         log_function=_quiet_log,
     )

@@ -44,6 +44,8 @@ class PortalConfig:
     # offline and its tasks rerun elsewhere.
     node_timeout: float = 15.0
     result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
+    # Issue 9: a grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
+    jupyterhub: Any = None
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
     companions: list[Callable[[PortalInfo], Awaitable[Any]]] = field(default_factory=list)
 
@@ -138,6 +140,10 @@ async def run_portal(
         result_ttl=config.result_ttl,
         node_timeout=config.node_timeout,
     )
+    # Issue 9: per-volunteer contributions and capacity samples (a plugin of its own).
+    from grid_portal.portal.contributions import ContributionsPlugin
+
+    contributions = ContributionsPlugin(config.data_dir / LEDGER_FILE, plugin)
     # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that would
     # show the grid's workers to anyone: give it no routes, on loopback, on a spare port.
     with dask.config.set({"distributed.scheduler.http.routes": []}):
@@ -148,7 +154,7 @@ async def run_portal(
             security=security,
             dashboard=False,
             dashboard_address="127.0.0.1:0",
-            plugins=[plugin],
+            plugins=[plugin, contributions],
             # Our plugin declares silent nodes offline after node_timeout; Dask's own check
             # stays as a backstop.
             worker_ttl=max(60.0, config.node_timeout * 4),
@@ -161,6 +167,13 @@ async def run_portal(
         enrolments=EnrolmentBook(ledger_path),
         scheduler_port=scheduler.port,
         contact_host=config.contact_host,
+    )
+    # Issue 9: the public status page and exports, and JupyterHub enrolment when configured.
+    from grid_portal.portal.hub import hub_routes
+    from grid_portal.portal.status_page import status_routes
+
+    context.extra_routes = status_routes(plugin, contributions) + hub_routes(
+        context, config.jupyterhub
     )
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(str(cert_path), str(key_path))
@@ -225,6 +238,7 @@ def describe(info: PortalInfo) -> str:
         f"Grid Portal is running.\n"
         f"  scheduler (mutual TLS): {info.scheduler}\n"
         f"  enrolment (HTTPS):      {info.http}\n"
+        f"  public status page:     {info.http}/status\n"
         f"  data dir:               {info.data_dir}\n"
         f"  CA fingerprint:         {info.ca_fingerprint}\n"
         f"\n"
