@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory", type=_size, help="with --embedded: memory the local volunteer lends, e.g. 8GB"
     )
+    __import__("grid_portal.cli_classroom").cli_classroom.add_serve_options(p)  # --jupyterhub
     p.set_defaults(func=cmd_serve)
 
     # token
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_embedded_stop)
     p.set_defaults(func=lambda args: p.print_help() or 2)
     __import__("grid_portal.cli_jobs").cli_jobs.register(sub)  # submit, jobs, job, cancel, logs
+    __import__("grid_portal.cli_classroom").cli_classroom.register(sub)  # ledger, classroom
     return parser
 
 
@@ -339,6 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             contact_host=args.contact_host,
             telemetry_interval=args.telemetry_interval,
             node_timeout=args.node_timeout,
+            jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
         )
 
         def ready(info: Any) -> None:
@@ -451,8 +454,6 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
     if args.portal in VOLUNTEER_CONTROL:
         return _volunteer_control(args)
     _setup_logging(args.verbose)
-    from dataclasses import replace
-
     from grid_portal.node.agent import (
         Volunteer,
         VolunteerOptions,
@@ -499,7 +500,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         control=True,
         verbose=args.verbose,
     )
-    volunteer = Volunteer(creds, replace(options), static, sandbox=plan)
+    volunteer = Volunteer(creds, options, static, sandbox=plan)
 
     async def main() -> None:
         import signal

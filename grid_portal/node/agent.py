@@ -1,9 +1,21 @@
-"""``grid-portal volunteer``: enrol with a portal, then run a supervised Dask Nanny + Worker.
+"""``grid-portal volunteer``: enrol with a portal, then run a supervised, sandboxed worker.
 
-A plain ``dask worker`` exits when its scheduler goes away. A volunteer must not: the agent
-starts a fresh Nanny whenever the previous one ended, with back-off, until the owner stops it.
-SIGINT/SIGTERM drain the node (running tasks finish, nothing new starts) and then leave
-gracefully, so nothing is lost.
+The agent is the trusted part, running as the volunteer. It starts the Dask worker as a child
+process (``grid_portal.node.worker``) inside the sandbox (``grid_portal.node.sandbox``) and
+controls it over that process's stdin/stdout, a channel no one else can reach. It
+
+- restarts the worker whenever it ended (a plain ``dask worker`` exits when its scheduler goes
+  away; a volunteer must not), with back-off, until the owner stops it;
+- applies the volunteer's rules (``grid_portal.node.policy``): it observes the machine every
+  second or two and tells the worker to pause (no new tasks, running ones suspended), to move
+  its tasks elsewhere after the suspend limit, or to run again;
+- answers ``grid-portal volunteer pause|resume|drain|status`` on an owner-only local socket
+  (``grid_portal.node.control``);
+- on SIGINT/SIGTERM or ``drain``, drains the node (running tasks finish, nothing new starts) and
+  leaves gracefully, so nothing is lost. A second signal stops at once.
+
+The decisions are made here, outside the sandbox, where the agent can see the desktop session
+and the whole machine; the worker only executes them.
 """
 
 from __future__ import annotations
@@ -11,14 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +42,17 @@ from typing import Any
 import platformdirs
 import psutil
 
-from grid_portal.errors import ConnectionFailed, EnrolmentRefused, UsageError
+from grid_portal.errors import ConnectionFailed, EnrolmentRefused, GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
-from grid_portal.units import format_size
+from grid_portal.node.policy import Decision, Policy, PolicyEngine, observe
+from grid_portal.node.sandbox import SandboxPlan, plan_sandbox, prepare_scratch
+from grid_portal.node.worker import QUIET_WORKER_CONFIG  # noqa: F401 - its old home
+from grid_portal.units import format_duration, format_size
 
 logger = logging.getLogger("grid_portal.volunteer")
 
-# Dask settings that make an idle worker cheap for its owner (FIELD-NOTES: 2.35 % of a core
-# with defaults, 0.30 % with these).
-QUIET_WORKER_CONFIG = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "2s",
-    # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
-    "distributed.worker.daemon": False,
-}
+# A pause longer than this hands running tasks back to the grid, unless the policy says otherwise.
+DEFAULT_SUSPEND_LIMIT = Policy().suspend_limit
 
 
 @dataclass
@@ -76,7 +88,10 @@ class VolunteerOptions:
     reconnect_max: float = 30.0  # longest wait between attempts to rejoin
     drain_timeout: float = 120.0  # on SIGTERM: how long running tasks may take to finish
     telemetry_interval: float = 2.0
-    local_directory: str | None = None
+    local_directory: str | None = None  # the worker's scratch directory (sandboxed: required)
+    policy: Policy | None = None  # the volunteer's rules; None: always run
+    control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
+    verbose: bool = False
 
 
 def default_state_dir() -> Path:
@@ -162,10 +177,21 @@ def _portal_base(url: str) -> str:
     return url
 
 
-def enrol(portal_url: str, token: str, name: str, state_dir: Path) -> Credentials:
+def enrol(
+    portal_url: str,
+    token: str,
+    name: str,
+    state_dir: Path,
+    check: Callable[[str, ssl.SSLContext], Any] | None = None,
+) -> Credentials:
     """Join a portal with a token: check its CA against the token's pin, send a CSR, store
-    the certificate. A node that enrolled before with this portal reuses its certificate."""
+    the certificate. A node that enrolled before with this portal reuses its certificate.
+
+    ``check(base_url, pinned_context)`` runs before anything is sent (the token is not spent on
+    a machine the portal could not use): the environment check of ``envcheck.check_portal``.
+    """
     from grid_portal.keys import parse_token
+    from grid_portal.node.envcheck import local_versions
 
     secret_pin = parse_token(token)
     pin = secret_pin[1]
@@ -175,6 +201,8 @@ def enrol(portal_url: str, token: str, name: str, state_dir: Path) -> Credential
     if saved.exists():
         creds = Credentials(**json.loads(saved.read_text()))
         logger.info("using this machine's earlier enrolment as %s", creds.name)
+        if check is not None:
+            check(base, _pinned_context(Path(creds.ca).read_text()))
         return creds
     try:
         ca_pem = _http(f"{base}/api/ca", _unverified_context()).decode()
@@ -188,6 +216,8 @@ def enrol(portal_url: str, token: str, name: str, state_dir: Path) -> Credential
             f"the server at {base} is not the portal this token belongs to (its CA does not "
             "match the token's pin); check the URL, or ask for a new token"
         )
+    if check is not None:
+        check(base, _pinned_context(ca_pem))
     from grid_portal.keys import make_key_and_csr, write_private
 
     key_pem, csr_pem = make_key_and_csr(name)
@@ -196,7 +226,9 @@ def enrol(portal_url: str, token: str, name: str, state_dir: Path) -> Credential
             _http(
                 f"{base}/api/enrol",
                 _pinned_context(ca_pem),
-                {"token": token, "csr": csr_pem, "name": name},
+                # Versions let the portal refuse a machine whose Python or Dask cannot run
+                # its work (a portal that does not check them ignores the field).
+                {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()},
             )
         )
     except urllib.error.HTTPError as exc:
@@ -248,23 +280,74 @@ def _reason(exc: BaseException) -> str:
 
 
 # -- the supervised worker ----------------------------------------------------------------
+def describe_policy(policy: Policy | None) -> list[str]:
+    """The volunteer's rules in words, for ``volunteer status`` and the start-up message."""
+    if policy is None:
+        return []
+    rules = []
+    if policy.hours is not None:
+        rules.append(f"only within hours {policy.hours}")
+    if policy.idle_only:
+        rules.append("only while the owner is idle")
+    if policy.max_owner_load is not None:
+        rules.append(
+            f"pause while the owner's own load is over {policy.max_owner_load:g}% "
+            f"(for {format_duration(policy.owner_load_grace)})"
+        )
+    if policy.pause_on_battery:
+        rules.append("pause on battery")
+    if policy.max_temperature is not None:
+        rules.append(f"pause above {policy.max_temperature:g}°C")
+    if rules:
+        rules.append(f"move tasks elsewhere after {format_duration(policy.suspend_limit)} paused")
+    return rules
+
+
+def policy_interval(policy: Policy | None) -> float:
+    """How often to look at the machine: at least twice per grace period, at most every 2 s."""
+    if policy is None:
+        return 2.0
+    return max(0.5, min(2.0, policy.owner_load_grace / 2))
+
+
 class Volunteer:
-    """Keeps one Nanny + Worker connected to the portal until stopped."""
+    """Keeps one sandboxed worker connected to the portal, under the volunteer's rules."""
 
     def __init__(
         self,
         creds: Credentials,
         options: VolunteerOptions,
         capacity: StaticCapacity,
-        sandbox: str | None = None,
+        sandbox: SandboxPlan | None = None,
     ) -> None:
         self.creds = creds
         self.options = options
         self.capacity = capacity
-        self.sandbox = sandbox
+        # No plan: plain Dask (tasks in the worker's threads), as the embedded portal wants.
+        self.plan = sandbox or SandboxPlan(
+            level="none",
+            scratch=Path(options.local_directory or "."),
+            env=plan_sandbox("none", Path("."), gpus=options.gpus).env,
+        )
         self.stop_requested = asyncio.Event()
-        self.nanny: Any = None
+        self.force_requested = asyncio.Event()  # a second stop: do not wait for tasks
         self.joined = asyncio.Event()
+        self.stop_reason = "stopped by the volunteer"
+        self.engine = PolicyEngine(options.policy) if options.policy is not None else None
+        self.decision: Decision | None = None
+        self.manual_pause: str | None = None
+        self.paused_since: float | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.address: str | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._pushed: tuple[str | None, str | None, bool] | None = None
+        self._push_lock: asyncio.Lock | None = None
+        self._stops = 0
+
+    @property
+    def sandbox(self) -> str:
+        return self.plan.level
 
     def offer(self) -> Offer:
         return Offer(cpus=self.options.cpus, memory=self.options.memory, gpus=self.options.gpus)
@@ -274,46 +357,93 @@ class Volunteer:
             "capacity": asdict(self.capacity),
             "offer": asdict(self.offer()),
             "labels": self.options.labels,
-            "sandbox": self.sandbox,
+            "sandbox": self.plan.level,
         }
 
+    # -- the main loop ----------------------------------------------------------------------
     async def run(self) -> None:
-        import dask
-        from distributed import Nanny
+        from grid_portal.node.control import ControlServer
 
-        from grid_portal.node.plugin import NodePlugin
+        self._push_lock = asyncio.Lock()
+        control = None
+        if self.options.control:
+            control = ControlServer(self.creds.name, self.control)
+            await control.start()
+        watcher = asyncio.ensure_future(self._policy_loop())
+        try:
+            delay = 1.0
+            while not self.stop_requested.is_set():
+                started = time.monotonic()
+                await self._run_worker_once()
+                if self.stop_requested.is_set():
+                    break
+                if time.monotonic() - started > 60:
+                    delay = 1.0
+                logger.info("rejoining in %.0f s", delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_requested.wait(), delay)
+                delay = min(delay * 2, self.options.reconnect_max)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if control is not None:
+                await control.close()
+            await self._kill_worker()
 
-        delay = 1.0
-        while not self.stop_requested.is_set():
-            started = time.monotonic()
-            try:
-                with dask.config.set(QUIET_WORKER_CONFIG):
-                    self.nanny = Nanny(
-                        self.creds.scheduler,
-                        security=self.creds.security(),
-                        nthreads=self.options.cpus,
-                        memory_limit=self.options.memory,
-                        resources=self.offer().resources(),
-                        name=self.creds.name,
-                        plugins={
-                            NodePlugin(
-                                self._info(),
-                                gpus=self.options.gpus,
-                                telemetry_interval=self.options.telemetry_interval,
-                            )
-                        },
-                        death_timeout=self.options.death_timeout,
-                        dashboard=False,
-                        local_directory=self.options.local_directory,
-                        silence_logs=logging.WARNING,
-                        # Tasks see only the GPUs the volunteer lends. NVML numbers devices
-                        # in PCI order; make CUDA use the same order so the indices agree.
-                        env={
-                            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                            "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.options.gpus)),
-                        },
-                    )
-                    await self.nanny
+    def _worker_command(self) -> list[str]:
+        flags = ["-P"] if sys.version_info >= (3, 11) else []  # the scratch dir is not code
+        return [*self.plan.prefix, sys.executable, *flags, "-m", "grid_portal.node.worker"]
+
+    def _worker_config(self, files: dict[str, str]) -> dict[str, Any]:
+        local = str(self.plan.scratch / "work") if self.plan.level != "none" else None
+        return {
+            "scheduler": self.creds.scheduler,
+            "tls": {k: files[getattr(self.creds, k)] for k in ("ca", "cert", "key")},
+            "name": self.creds.name,
+            "nthreads": self.options.cpus,
+            "memory_limit": self.options.memory,
+            "resources": self.offer().resources(),
+            "info": self._info(),
+            "gpus": self.options.gpus,
+            "telemetry_interval": self.options.telemetry_interval,
+            "death_timeout": self.options.death_timeout,
+            "local_directory": local or self.options.local_directory,
+            "isolate_tasks": self.plan.isolates_tasks,
+            "verbose": self.options.verbose,
+        }
+
+    async def _run_worker_once(self) -> None:
+        """Start the worker process and stay with it until it ends or we are asked to stop."""
+        cert_files = [self.creds.ca, self.creds.cert, self.creds.key]
+        if self.plan.level != "none":
+            files = prepare_scratch(self.plan, cert_files)
+        else:
+            files = {f: f for f in cert_files}
+        extra: dict[str, Any] = {}
+        if self.plan.user is not None:
+            extra = {"user": self.plan.user[0], "group": self.plan.user[1], "extra_groups": []}
+        try:
+            self.proc = proc = await asyncio.create_subprocess_exec(
+                *self._worker_command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=dict(self.plan.env),
+                cwd=str(self.plan.scratch) if self.plan.level != "none" else None,
+                limit=2**20,
+                **extra,
+            )
+        except OSError as exc:
+            raise GridError(f"cannot start the worker process: {exc}") from None
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write((json.dumps(self._worker_config(files)) + "\n").encode())
+        ready = asyncio.get_running_loop().create_future()
+        reader = asyncio.ensure_future(self._read_events(proc, ready))
+        exited = asyncio.ensure_future(proc.wait())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({ready, exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
                 logger.info(
                     "joined %s as %s, offering %d CPUs, %s memory, %s",
                     self.creds.scheduler,
@@ -323,57 +453,242 @@ class Volunteer:
                     f"GPUs {self.options.gpus}" if self.options.gpus else "no GPU",
                 )
                 self.joined.set()
-                delay = 1.0
-                await self._wait_until_done()
-            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                logger.warning("cannot reach the portal at %s (%s)", self.creds.scheduler, exc)
-            except Exception as exc:  # noqa: BLE001 - a volunteer must keep trying
-                logger.warning("the worker stopped: %s", exc)
-            finally:
-                self.joined.clear()
-            if self.stop_requested.is_set():
-                break
-            if time.monotonic() - started > 60:
-                delay = 1.0
-            logger.info("rejoining in %.0f s", delay)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop_requested.wait(), delay)
-            delay = min(delay * 2, self.options.reconnect_max)
+                await self._push_quietly(force=True)
+                await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                await self._leave_gracefully(exited)
+            elif not self.stop_requested.is_set():
+                logger.warning("lost the portal; the worker closed (exit code %s)", proc.returncode)
+        finally:
+            self.joined.clear()
+            self.address = None
+            self._pushed = None
+            for task in (stop, reader):
+                task.cancel()
+            await self._kill_worker()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("the worker process has ended"))
+            self._pending.clear()
 
-    async def _wait_until_done(self) -> None:
-        nanny = self.nanny
-        finished = asyncio.ensure_future(nanny.finished())
-        stop = asyncio.ensure_future(self.stop_requested.wait())
-        await asyncio.wait({finished, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not finished.done():
-            await self._leave_gracefully(nanny)
-            finished.cancel()
-        else:
-            logger.warning("lost the portal; the worker closed")
-
-    async def _leave_gracefully(self, nanny: Any) -> None:
-        """Drain: let running tasks finish, then retire (results move to other nodes)."""
-        from distributed.core import rpc
-
-        logger.info("leaving the grid: finishing running tasks first (Ctrl-C again to force)")
-        address = nanny.worker_address
-        if address:
+    async def _read_events(
+        self, proc: asyncio.subprocess.Process, ready: asyncio.Future[Any]
+    ) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
             try:
-                async with rpc(
-                    address, connection_args=self.creds.security().get_connection_args("client")
-                ) as worker:
-                    await asyncio.wait_for(
-                        worker.grid_drain(timeout=self.options.drain_timeout),
-                        self.options.drain_timeout + 10,
-                    )
-                await asyncio.wait_for(nanny.finished(), self.options.drain_timeout + 30)
-            except Exception as exc:  # noqa: BLE001 - fall through to a plain close
-                logger.warning("graceful leave failed (%s); closing", exc)
-        await nanny.close(reason="volunteer-stopped")
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("event") == "ready":
+                self.address = message.get("address")
+                if not ready.done():
+                    ready.set_result(message)
+            elif "id" in message:
+                future = self._pending.pop(message["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(message.get("reply") or {})
 
-    def request_stop(self) -> None:
+    async def _ask(self, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """Send a command to the worker process and wait for its reply."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            raise ConnectionError("no worker process")
+        ident = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        proc.stdin.write((json.dumps({"id": ident, "op": op, **fields}) + "\n").encode())
+        await proc.stdin.drain()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(ident, None)
+
+    def _tell(self, op: str, **fields: Any) -> None:
+        """Send a command that has no reply (``close``); nothing if the worker has gone."""
+        proc = self.proc
+        if proc is not None and proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(ConnectionError, OSError):
+                proc.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
+
+    async def _leave_gracefully(self, exited: asyncio.Future[Any]) -> None:
+        """Drain: let running tasks finish, then retire (results move to other nodes)."""
+        timeout = self.options.drain_timeout
+        if self._stops < 2 and self.joined.is_set():
+            logger.info(
+                "leaving the grid (%s): finishing running tasks first (Ctrl-C again to force)",
+                self.stop_reason,
+            )
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await self._ask("drain", reason=self.stop_reason, drain_timeout=timeout)
+            force = asyncio.ensure_future(self.force_requested.wait())
+            try:
+                await asyncio.wait(
+                    {exited, force}, timeout=timeout + 30, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                force.cancel()
+        if not exited.done():
+            self._tell("close", reason="volunteer-stopped")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), 10)
+
+    async def _kill_worker(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def request_stop(
+        self, reason: str = "stopped by the volunteer", repeat_forces: bool = True
+    ) -> None:
+        """Drain and leave; asked a second time (a second Ctrl-C), stop at once."""
+        if not repeat_forces and self.stop_requested.is_set():
+            return
+        self._stops += 1
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
         self.stop_requested.set()
+        if self._stops > 1:
+            self.force_requested.set()
+
+    # -- rules ------------------------------------------------------------------------------
+    async def _policy_loop(self) -> None:
+        from grid_portal.node.probe import TelemetrySampler
+
+        sampler = None
+        if self.engine is not None:
+            # The grid's share of the CPU: this agent and everything under it (the sandbox, the
+            # worker, its task processes). The sampler counts in cores; policy wants % of all.
+            sampler = await asyncio.to_thread(TelemetrySampler, [], 0.0)
+        cores = psutil.cpu_count() or 1
+        interval = policy_interval(self.options.policy)
+        while True:
+            if self.engine is not None and sampler is not None:
+                try:
+                    sample = await asyncio.to_thread(sampler.sample)
+                    observation = await asyncio.to_thread(
+                        observe,
+                        grid_cpu_percent=min(100.0, sample.grid_cpu_percent / cores),
+                        cpu_percent=sample.cpu_percent,
+                    )
+                    self.decision = self.engine.decide(observation)
+                    logger.debug(
+                        "owner load %.0f%% (machine %.0f%%, grid %.0f%%): %s",
+                        observation.owner_load,
+                        sample.cpu_percent,
+                        sample.grid_cpu_percent / cores,
+                        self.decision.reason or "run",
+                    )
+                except Exception as exc:  # noqa: BLE001 - keep the rules going; say why
+                    logger.warning("could not look at the machine: %s", exc)
+            await self._push_quietly()
+            await asyncio.sleep(interval)
+
+    def _desired(self) -> tuple[str | None, str | None, bool]:
+        """What the worker should be doing now: (None or "paused", reason, move tasks)."""
+        state: str | None = None
+        reason: str | None = None
+        if self.manual_pause:
+            state, reason = "paused", self.manual_pause
+        elif self.decision is not None and self.decision.action == "pause":
+            state, reason = "paused", self.decision.reason
+        now = time.monotonic()
+        if state is None:
+            self.paused_since = None
+            return None, None, False
+        if self.paused_since is None:
+            self.paused_since = now
+        policy = self.options.policy
+        limit = policy.suspend_limit if policy is not None else DEFAULT_SUSPEND_LIMIT
+        return state, reason, now - self.paused_since >= limit
+
+    async def _push(self, force: bool = False) -> None:
+        """Tell the worker the state it should be in, when that changed."""
+        if self._push_lock is None or self.stop_requested.is_set():
+            return
+        async with self._push_lock:
+            if not self.joined.is_set():
+                return
+            desired = self._desired()
+            if desired == self._pushed and not force:
+                return
+            state, reason, move = desired
+            await self._ask("policy", state=state, reason=reason, move=move)
+            before = self._pushed[:2] if self._pushed is not None else None
+            if state is not None and desired[:2] != before:
+                logger.info("paused: %s", reason)
+            elif state is None and before is not None and before[0] is not None:
+                logger.info("running grid tasks again")
+            if move and (self._pushed is None or not self._pushed[2]):
+                logger.info("paused for long: running tasks move to other machines")
+            self._pushed = desired
+
+    # -- the control socket -----------------------------------------------------------------
+    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Handle ``grid-portal volunteer pause|resume|drain|status``."""
+        op = request.get("op")
+        if op == "pause":
+            self.manual_pause = str(request.get("reason") or "paused by the volunteer")[:200]
+            await self._push_quietly()
+        elif op == "resume":
+            self.manual_pause = None
+            await self._push_quietly()
+        elif op == "drain":
+            self.request_stop("drain asked by the volunteer", repeat_forces=False)
+        return await self.status()
+
+    async def _push_quietly(self, force: bool = False) -> None:
+        """Push, leaving a failure to the next round of the rules loop (every few seconds)."""
+        with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+            await self._push(force=force)
+
+    async def status(self) -> dict[str, Any]:
+        state, reason, moving = self._desired()
+        if self.stop_requested.is_set():
+            word, reason = "draining", self.stop_reason
+        elif not self.joined.is_set():
+            word = "connecting"
+        else:
+            word = state or "running"
+        result: dict[str, Any] = {
+            "name": self.creds.name,
+            "portal": self.creds.scheduler,
+            "pid": os.getpid(),
+            "state": word,
+            "reason": reason,
+            "reasons": list(self.decision.reasons) if self.decision is not None else [],
+            "manual_pause": self.manual_pause is not None,
+            "moving_tasks": moving,
+            "sandbox": self.plan.level,
+            "sandbox_description": self.plan.describe(),
+            "rules": describe_policy(self.options.policy),
+            "offer": asdict(self.offer()),
+        }
+        if self.joined.is_set():
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                worker = await self._ask("status", timeout=5)
+                for key in (
+                    "running_tasks",
+                    "suspended_tasks",
+                    "in_process_tasks",
+                    "moved_tasks",
+                    "address",
+                ):
+                    result[key] = worker.get(key)
+                if word == "running" and worker.get("memory_pressure"):
+                    result["state"], result["reason"] = "paused", "memory pressure"
+        return result
 
 
 def hostname() -> str:

@@ -1,8 +1,17 @@
 """NodePlugin: runs inside the volunteer's Dask worker process.
 
 - tells the portal what this machine is, once, in Dask's worker registration
-  (``Worker.startup_information``), and how it is doing, in every heartbeat (``Worker.metrics``);
-- gives the agent a few worker handlers to pause, resume and drain the node.
+  (``Worker.startup_information``), and how it is doing, in every heartbeat (``Worker.metrics``),
+  including the volunteer's rules in force: ``"policy": {"state", "reason"}``, which the portal
+  turns into the node's state (``paused``, ``draining``) and its reason (``owner busy``);
+- applies what the agent decides (``apply_policy``, ``drain``): no new tasks while paused, running
+  tasks suspended in their task processes, moved elsewhere past the suspend limit;
+- ends the process of a task the scheduler cancelled.
+
+The agent reaches these methods over the worker process's private stdin/stdout
+(``grid_portal.node.worker``), never over Dask comms: every certificate holder on the grid can
+call a worker's comm handlers, and a researcher must not be able to resume a node its owner
+paused. Only ``grid_node_status``, which changes nothing, is a comm handler.
 
 It never imports portal code: the portal reads what this sends through Dask alone.
 """
@@ -16,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
 from grid_portal.node.probe import TelemetrySampler
 
 if TYPE_CHECKING:
     from distributed import Worker
+
+    from grid_portal.node.taskproc import TaskProcessExecutor
 
 logger = logging.getLogger("grid_portal.node")
 
@@ -29,18 +41,36 @@ logger = logging.getLogger("grid_portal.node")
 STARTUP_KEY = "grid"
 METRIC_KEY = "grid"
 
+# Dask pauses a worker whose memory passes this share of its limit, and un-pauses it when the
+# memory falls again, which would also undo the volunteer's pause. So the worker process turns
+# Dask's own pausing off (distributed.worker.memory.pause: False) and this plugin does both.
+MEMORY_PAUSE_FRACTION = 0.8
+RECONCILE_INTERVAL = 0.5  # seconds
+
 
 class NodePlugin(WorkerPlugin):
     name = "grid-node"
 
-    def __init__(self, info: dict[str, Any], gpus: list[int], telemetry_interval: float = 2.0):
+    def __init__(
+        self,
+        info: dict[str, Any],
+        gpus: list[int],
+        telemetry_interval: float = 2.0,
+        executor: TaskProcessExecutor | None = None,
+        memory_pause_fraction: float | None = MEMORY_PAUSE_FRACTION,
+    ):
         self.info = info  # {"capacity": ..., "offer": ..., "labels": ..., "sandbox": ...}
         self.gpus = list(gpus)
         self.telemetry_interval = telemetry_interval
+        self.executor = executor
+        self.memory_pause_fraction = memory_pause_fraction
         self.state: str | None = None  # None (running), "paused" or "draining"
         self.reason: str | None = None
+        self.memory_pressure = False
         self.worker: Worker | None = None
         self.sampler: TelemetrySampler | None = None
+        self._reconcile_pc: PeriodicCallback | None = None
+        self._moved = 0
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
@@ -49,14 +79,17 @@ class NodePlugin(WorkerPlugin):
         # registration itself: the node is never listed without its capacity.
         worker.startup_information[STARTUP_KEY] = _static_info(self.info)
         worker.metrics[METRIC_KEY] = self.telemetry
-        worker.handlers.update(
-            {
-                "grid_pause": self.pause,
-                "grid_resume": self.resume,
-                "grid_drain": self.drain,
-                "grid_node_status": self.status,
-            }
-        )
+        worker.handlers["grid_node_status"] = self.handle_status
+        if self.executor is not None:
+            self.executor.attach(worker)
+        self._reconcile_pc = PeriodicCallback(self.reconcile, RECONCILE_INTERVAL * 1000)
+        self._reconcile_pc.start()
+
+    def teardown(self, worker: Worker) -> None:
+        if self._reconcile_pc is not None:
+            self._reconcile_pc.stop()
+        if self.sampler is not None:
+            self.sampler.close()
 
     # -- telemetry --------------------------------------------------------------------------
     def telemetry(self, worker: Worker) -> dict[str, Any]:
@@ -66,49 +99,136 @@ class NodePlugin(WorkerPlugin):
         data["policy"] = {"state": self.state, "reason": self.reason}
         return data
 
-    # -- control ----------------------------------------------------------------------------
-    def pause(self, reason: str = "paused by the volunteer") -> dict[str, Any]:
-        """Take no new tasks. Running tasks go on (issue 7 adds suspending them)."""
-        assert self.worker is not None
-        self.state, self.reason = "paused", reason
-        if self.worker.status == Status.running:
-            self.worker.status = Status.paused
+    # -- control, from the agent ----------------------------------------------------------------
+    def apply_policy(
+        self, state: str | None, reason: str | None = None, move: bool = False
+    ) -> dict[str, Any]:
+        """Put the node in the state the agent decided: None (run) or "paused".
+
+        Paused: no new tasks, running ones suspended; ``move`` hands them back to the scheduler
+        to run elsewhere. A draining node stays draining.
+        """
+        if self.state == "draining":
+            # Leaving anyway: rather than keep the owner waiting, hand running tasks back.
+            if state == "paused" and self.executor is not None:
+                self.executor.evict()
+            return self.status()
+        if state == "paused":
+            self.state, self.reason = "paused", reason or "paused"
+            if self.executor is not None:
+                suspended = self.executor.suspend()
+                if suspended:
+                    logger.info("suspended %d running task(s): %s", suspended, self.reason)
+                if move:
+                    moved = self.executor.evict()
+                    if moved:
+                        self._moved += moved
+                        logger.info("moved %d task(s) elsewhere: paused too long", moved)
+        else:
+            self.state, self.reason = None, None
+            if self.executor is not None and self.executor.resume():
+                logger.info("resumed the suspended task(s)")
+        self.reconcile()
+        self._report()
         return self.status()
+
+    def _report(self) -> None:
+        """Send a heartbeat now, so the portal shows the new state and its reason at once."""
+        worker = self.worker
+        if worker is not None and worker.status in (Status.running, Status.paused):
+            asyncio.ensure_future(worker.heartbeat())
+
+    def pause(self, reason: str = "paused by the volunteer") -> dict[str, Any]:
+        return self.apply_policy("paused", reason)
 
     def resume(self) -> dict[str, Any]:
-        assert self.worker is not None
-        if self.state == "draining":
-            return self.status()
-        self.state, self.reason = None, None
-        if self.worker.status == Status.paused:
-            self.worker.status = Status.running
-        return self.status()
+        return self.apply_policy(None)
 
     async def drain(self, timeout: float = 300.0, reason: str = "draining") -> dict[str, Any]:
-        """Finish what is running, take nothing new, then leave the grid gracefully."""
+        """Finish what is running, take nothing new, then leave the grid gracefully.
+
+        Tasks suspended by a pause cannot finish while the owner needs the machine: they are
+        handed back to the scheduler at once rather than after the timeout.
+        """
         worker = self.worker
         assert worker is not None
+        was_paused = self.state == "paused"
         self.state, self.reason = "draining", reason
-        if worker.status == Status.running:
-            worker.status = Status.paused
+        self.reconcile()
+        self._report()
+        if self.executor is not None and was_paused:
+            self.executor.evict(only_suspended=True)
+            self.executor.resume()  # tasks that arrive from now on are handed back, not held
         deadline = time.monotonic() + timeout
         while worker.state.executing and time.monotonic() < deadline:
             await asyncio.sleep(0.1)  # polling the worker's own state; no event exists for it
         finished = not worker.state.executing
         logger.info("drained (running tasks finished: %s); leaving the grid", finished)
         # close_gracefully asks the scheduler to move our results elsewhere (retire_workers),
-        # then closes the worker and its nanny. Anything still running is rescheduled.
+        # then closes the worker. Anything still running is rescheduled.
         asyncio.get_running_loop().create_task(worker.close_gracefully(reason=reason))
         return {**self.status(), "finished_running_tasks": finished}
 
+    def reconcile(self) -> None:
+        """Keep Dask's worker status in line with the rules and the memory use."""
+        worker = self.worker
+        if worker is None:
+            return
+        if self.memory_pause_fraction:
+            limit = worker.memory_manager.memory_limit
+            if limit:
+                used = worker.monitor.get_process_memory()
+                pressure = used > self.memory_pause_fraction * limit
+                if pressure != self.memory_pressure:
+                    logger.warning(
+                        "worker memory %s %.0f%% of its limit",
+                        "above" if pressure else "back below",
+                        100 * self.memory_pause_fraction,
+                    )
+                self.memory_pressure = pressure
+        want_paused = self.state in ("paused", "draining") or self.memory_pressure
+        if want_paused and worker.status == Status.running:
+            worker.status = Status.paused
+        elif not want_paused and worker.status == Status.paused:
+            worker.status = Status.running
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        # A task the scheduler no longer wants: end its process instead of letting it run on.
+        # Dask reports the transition asked for (executing -> released); the task is then
+        # left "cancelled", running on in its thread, unless we end it.
+        if self.executor is None or start not in ("executing", "long-running"):
+            return
+        if finish in ("released", "cancelled"):
+            ts = self.worker.state.tasks.get(key) if self.worker is not None else None
+            if ts is None or ts.state == "cancelled":
+                self.executor.cancel(key)
+
     def status(self) -> dict[str, Any]:
         worker = self.worker
+        counts = self.executor.counts() if self.executor is not None else {}
+        executing = 0 if worker is None else len(worker.state.executing)
         return {
-            "state": self.state or ("running" if worker is None else worker.status.name),
+            "state": self.state or ("running" if worker is None else _status_word(worker)),
             "reason": self.reason,
-            "running_tasks": 0 if worker is None else len(worker.state.executing),
+            "running_tasks": executing,
+            "suspended_tasks": counts.get("suspended", 0),
+            # Tasks inside a task process now (a task can be executing for Dask a moment
+            # before it gets there, or while it waits out a pause).
+            "in_process_tasks": counts.get("running", 0) + counts.get("suspended", 0),
+            "moved_tasks": self._moved,
+            "memory_pressure": self.memory_pressure,
             "address": None if worker is None else worker.address,
+            "sandbox": self.info.get("sandbox"),
         }
+
+    def handle_status(self, comm: Any = None) -> dict[str, Any]:
+        return self.status()
+
+
+def _status_word(worker: Worker) -> str:
+    if worker.status == Status.paused:
+        return "paused"
+    return "running" if worker.status == Status.running else worker.status.name
 
 
 def _static_info(info: dict[str, Any]) -> Any:

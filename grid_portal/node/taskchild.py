@@ -1,0 +1,227 @@
+"""A task process: runs grid tasks one at a time for the worker that started it.
+
+Started by :class:`grid_portal.node.taskproc.TaskProcessExecutor` as
+``python -m grid_portal.node.taskchild READ_FD WRITE_FD``. The worker sends pickled calls over
+one pipe and reads pickled results from the other; the task's own stdout and stderr are the
+worker's. Each task process is its own process group, so the worker can suspend (SIGSTOP),
+resume (SIGCONT) or end (SIGKILL) a task together with any processes it started.
+
+Inside, ``distributed.get_worker()`` returns a :class:`WorkerView`: the worker's name, address,
+id, nthreads, memory limit, resources and local directory; anything else (``get_client()``,
+``secede()``, P2P shuffles) needs the real worker and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import sys
+import threading
+import time
+from typing import Any, BinaryIO
+
+_HEADER = struct.Struct("!Q")
+
+
+# -- framing, shared with the worker side --------------------------------------------------------
+def send(stream: BinaryIO, obj: Any) -> None:
+    """Write one pickled message, length first. Pickles with cloudpickle (functions by value)."""
+    import cloudpickle
+
+    data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def recv(stream: BinaryIO) -> Any:
+    """Read one message; EOFError when the other side has gone."""
+    header = _read_exactly(stream, _HEADER.size)
+    (size,) = _HEADER.unpack(header)
+    return pickle.loads(_read_exactly(stream, size))
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            raise EOFError("the other side closed the pipe")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+# -- what get_worker() returns in here ---------------------------------------------------------
+class WorkerView:
+    """The parts of the Dask worker a task may use from its own process."""
+
+    AVAILABLE = ("name", "address", "id", "nthreads", "memory_limit", "resources")
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    @property
+    def total_resources(self) -> dict[str, float]:
+        return dict(self.__dict__.get("resources") or {})
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(
+            f"get_worker().{attr} is not available to grid tasks: on a volunteer's node a task "
+            "runs in its own sandboxed process, not inside the Dask worker. Available: "
+            f"{', '.join(self.AVAILABLE)}, local_directory. (get_client(), secede() and P2P "
+            "shuffles need the worker itself; use shuffle/rechunk method 'tasks'.)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<grid task view of worker {self.__dict__.get('name')!r}>"
+
+
+# -- memory accounting -------------------------------------------------------------------------
+def data_size() -> int | None:
+    """The process's data segment (VmData), which RLIMIT_DATA limits; None where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _set_data_limit(soft: int | None, hard: int | None = None) -> None:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    _, current_hard = resource.getrlimit(resource.RLIMIT_DATA)
+    hard = current_hard if hard is None else hard
+    soft = hard if soft is None else soft
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard) if soft != resource.RLIM_INFINITY else hard
+    # A limit we may not set here is left alone; the worker's watchdog still applies.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def memory_error_text(key: Any, limit: int, node: str, detail: str = "") -> str:
+    """What the researcher reads when a task passed its memory limit."""
+    from grid_portal.units import format_size
+
+    text = (
+        f"grid task {key!r} needed more than its memory limit of {format_size(limit)} on node "
+        f"{node!r}, so it was stopped"
+    )
+    if detail and detail not in ("MemoryError()", "MemoryError"):
+        text += f" ({detail})"
+    return (
+        text + "; ask for more with memory=... (for example grid.submit(f, memory='4GB')) "
+        "or make the task use less"
+    )
+
+
+def _memory_error_message(msg: dict[str, Any], key: Any, limit: int, node: str) -> dict[str, Any]:
+    """Replace a task's MemoryError by one that names the limit and what to do."""
+    from distributed.core import error_message
+
+    detail = str(msg.get("exception_text") or "")
+    try:
+        raise MemoryError(memory_error_text(key, limit, node, detail))
+    except MemoryError as exc:
+        new: dict[str, Any] = dict(error_message(exc))
+    new["traceback"] = msg.get("traceback")
+    new["traceback_text"] = msg.get("traceback_text", "")
+    for field in ("op", "start", "stop"):
+        new[field] = msg.get(field)
+    return new
+
+
+def _unsendable_result(msg: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    from distributed.core import error_message
+
+    try:
+        raise TypeError(
+            f"the task's result ({msg.get('type')}) cannot be sent back from its sandboxed "
+            f"process: {exc}; return plain data (numbers, arrays, frames, dicts, lists)"
+        )
+    except TypeError as err:
+        new: dict[str, Any] = dict(error_message(err))
+    new.update(op="task-erred", start=msg.get("start"), stop=msg.get("stop"))
+    return new
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def _watch_parent(parent: int) -> None:
+    """Exit when the worker that started us is gone (a task may be running: do not wait)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    inp = os.fdopen(int(argv[0]), "rb")
+    out = os.fdopen(int(argv[1]), "wb")
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+    config = recv(inp)
+    if config.get("nice"):
+        with contextlib.suppress(OSError):
+            os.nice(int(config["nice"]))
+    # Import what every task needs now, while no task waits for it.
+    from distributed.worker import _worker_cvar
+
+    view = WorkerView(**config["view"])
+    _worker_cvar.set(view)  # type: ignore[arg-type]
+    node = str(config["view"].get("name"))
+    max_memory = config.get("max_memory")
+    baseline = data_size()
+    if max_memory and baseline is not None:
+        # The hard limit: no task here may ever hold more than the whole node lends.
+        _set_data_limit(None, baseline + int(max_memory))
+    send(out, ("ready", os.getpid()))
+
+    while True:
+        try:
+            message = recv(inp)
+        except EOFError:
+            return
+        if message[0] != "run":
+            return
+        _, key, limit, payload = message
+        started = data_size()
+        if limit and started is not None:
+            _set_data_limit(started + int(limit))
+        try:
+            fn, args, kwargs = pickle.loads(payload)
+            msg = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - unpickling the call failed: report it
+            from distributed.core import error_message
+
+            msg = dict(error_message(exc))
+            msg.update(op="task-erred", start=time.time(), stop=time.time())
+        finally:
+            _set_data_limit(None)  # back to the hard limit, to send the result
+        if not isinstance(msg, dict):  # not a task (a benchmark, ...): the plain return value
+            msg = {"op": "value", "value": msg}
+        error = msg.pop("actual_exception", None)
+        if limit and isinstance(error, MemoryError):
+            msg = _memory_error_message(msg, key, int(limit), node)
+        # How much this process has grown since it started: the worker retires bloated ones.
+        now = data_size()
+        growth = now - baseline if now is not None and baseline is not None else 0
+        try:
+            send(out, ("done", msg, growth))
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result
+            send(out, ("done", _unsendable_result(msg, exc), growth))
+        del msg, payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""TaskProcessExecutor: the worker's default executor, running each task in a task process.
+
+Dask hands an executor that is not a ``ThreadPoolExecutor`` the call
+``_run_task_simple(run_spec, data, scheduler_delay)`` (distributed.worker.Worker.execute). We
+pickle that call, run it in one of our long-lived task processes (``taskchild``), and hand
+Dask back the same result dictionary it would have computed in a thread: results, exceptions
+and their tracebacks arrive unchanged. What a process buys over a thread:
+
+- **suspension**: SIGSTOP / SIGCONT to the task's process group, while the worker itself keeps
+  talking to the portal (a paused node stays listed as paused, not lost);
+- **moving**: past the suspend limit, the task is ended and handed back to the scheduler
+  (``Reschedule``) to run elsewhere;
+- **memory limits**: each task is held to what it asked for (its ``MEMORY`` resource), else to
+  what the node lends: RLIMIT_DATA inside, so allocations fail with a MemoryError, plus a
+  watchdog here that ends a task whose resident memory passes the limit anyway (memory maps,
+  processes the task started). The researcher gets a MemoryError that names the limit; the node
+  stays up;
+- **cancellation**: a cancelled task's process is ended at once instead of running on;
+- **low priority**: task processes run at nice 10, so the volunteer's own programs come first.
+
+Tasks that must run inside the worker itself run in a thread as Dask would: P2P shuffle and
+rechunk steps (they use the worker's shuffle extension; they are distributed's own code) and
+anything that is not a task (benchmarks). Coroutine tasks never reach an executor: Dask runs
+them on the worker's event loop. All of these are still inside the sandbox (see sandbox.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import psutil
+
+from grid_portal.node.taskchild import memory_error_text, recv, send
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+logger = logging.getLogger("grid_portal.node")
+
+TASK_NICE = 10
+WATCHDOG_INTERVAL = 0.2  # seconds between memory checks while tasks run
+MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's memory= becomes
+
+
+@dataclass
+class _Child:
+    """One task process and the task it runs, if any."""
+
+    proc: subprocess.Popen[bytes]
+    to_child: Any
+    from_child: Any
+    key: Any = None
+    limit: int = 0
+    base: int = 0  # resident memory when the task started: the limit counts what it adds
+    fate: str | None = None  # why we ended it: "memory", "moved", "cancelled", "shutdown"
+    stopped: bool = False
+    ps: psutil.Process | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)  # the task and whatever it started
+
+    def rss(self) -> int:
+        """Resident memory of the task process and its descendants."""
+        try:
+            if self.ps is None:
+                self.ps = psutil.Process(self.proc.pid)
+            procs = [self.ps, *self.ps.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def close(self) -> None:
+        for stream in (self.to_child, self.from_child):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _p2p_functions() -> frozenset[Any]:
+    """Distributed's own P2P task functions, by identity (a pickle cannot forge identity)."""
+    import importlib
+    import inspect
+
+    found = set()
+    for name in ("_core", "_shuffle", "_rechunk", "_merge"):
+        try:
+            module = importlib.import_module(f"distributed.shuffle.{name}")
+        except ImportError:
+            continue
+        for obj in vars(module).values():
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                found.add(obj)
+    return frozenset(found)
+
+
+class TaskProcessExecutor(concurrent.futures.Executor):
+    """Runs each Dask task in a task process; see the module docstring."""
+
+    def __init__(
+        self,
+        slots: int,
+        *,
+        memory_limit: int | None,
+        env: dict[str, str] | None = None,
+        nice: int = TASK_NICE,
+        cwd: str | None = None,
+    ) -> None:
+        self.slots = max(1, int(slots))
+        self.memory_limit = int(memory_limit) if memory_limit else None
+        self.env = env
+        self.nice = nice
+        self.cwd = cwd
+        self.worker: Worker | None = None
+        self._view: dict[str, Any] = {}
+        # One thread per running task; a few more for work that runs in-process.
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            self.slots + 2, thread_name_prefix="grid-task"
+        )
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # an idle task process became available
+        self._idle: list[_Child] = []
+        self._busy: dict[int, _Child] = {}
+        self._spawning = 0
+        self._allowed = threading.Event()  # cleared while suspended
+        self._allowed.set()
+        self._moves = 0  # bumped by evict(): tasks waiting to start are handed back too
+        self._shutdown = False
+        self._p2p: frozenset[Any] | None = None
+        self._watchdog = threading.Thread(
+            target=self._watch, name="grid-task-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def attach(self, worker: Worker) -> None:
+        """Called by the node plugin once the worker exists: start the task processes."""
+        self.worker = worker
+        self._view = {
+            "name": worker.name,
+            "address": worker.address,
+            "id": worker.id,
+            "nthreads": worker.state.nthreads,
+            "memory_limit": worker.memory_manager.memory_limit,
+            "resources": dict(worker.state.total_resources),
+            "local_directory": worker.local_directory,
+        }
+        for _ in range(self.slots):
+            self._threads.submit(self._prespawn)
+
+    def _prespawn(self) -> None:
+        with self._lock:
+            if self._shutdown or len(self._idle) + len(self._busy) + self._spawning >= self.slots:
+                return
+            self._spawning += 1
+        child = None
+        try:
+            child = self._spawn()
+        except Exception as exc:  # noqa: BLE001 - a task will try again, and report it
+            logger.warning("could not start a task process: %s", exc)
+        with self._cond:
+            self._spawning -= 1
+            if child is not None and not self._shutdown:
+                self._idle.append(child)
+                child = None
+            self._cond.notify_all()
+        if child is not None:
+            self._end(child)
+
+    def _spawn(self) -> _Child:
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        flags = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path
+        # Its own process group, to suspend or end a task with whatever it started; but the
+        # worker's session, so that it shares the worker's CPU share (Linux autogroups give
+        # each session an equal share, whatever the nice values).
+        group: dict[str, Any] = (
+            {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+        )
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    *flags,
+                    "-m",
+                    "grid_portal.node.taskchild",
+                    str(to_r),
+                    str(from_w),
+                ],
+                pass_fds=(to_r, from_w),
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                **group,
+            )
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        child = _Child(proc, os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"))
+        try:
+            send(
+                child.to_child,
+                {"view": self._view, "nice": self.nice, "max_memory": self.memory_limit},
+            )
+            ready = recv(child.from_child)
+        except (EOFError, OSError) as exc:
+            self._end(child)
+            raise RuntimeError(f"a task process failed to start (exit code {proc.poll()})") from exc
+        if ready[0] != "ready":
+            self._end(child)
+            raise RuntimeError(f"a task process answered {ready!r}")
+        return child
+
+    # -- the Executor interface ----------------------------------------------------------------
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot run tasks after the executor was shut down")
+        return self._threads.submit(self._call, fn, args, kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            children = [*self._idle, *self._busy.values()]
+            self._idle.clear()
+            for child in self._busy.values():
+                child.fate = child.fate or "shutdown"
+        for child in children:
+            child.signal(signal.SIGKILL)
+            child.signal(signal.SIGCONT)
+        self._allowed.set()
+        self._threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+        for child in children:
+            self._end(child)
+
+    # -- control: suspend, resume, move, cancel ------------------------------------------------
+    def suspend(self) -> int:
+        """Stop running tasks where they are (SIGSTOP); start no new ones. Returns how many."""
+        self._allowed.clear()
+        with self._lock:
+            busy = [c for c in self._busy.values() if not c.stopped]
+            for child in busy:
+                child.stopped = True
+        for child in busy:
+            child.signal(signal.SIGSTOP)
+        return len(busy)
+
+    def resume(self) -> int:
+        """Let suspended tasks go on (SIGCONT). Returns how many."""
+        with self._lock:
+            stopped = [c for c in self._busy.values() if c.stopped]
+            for child in stopped:
+                child.stopped = False
+        for child in stopped:
+            child.signal(signal.SIGCONT)
+        self._allowed.set()
+        return len(stopped)
+
+    def evict(self, only_suspended: bool = False) -> int:
+        """End running tasks and hand them back to the scheduler, which runs them elsewhere."""
+        with self._lock:
+            self._moves += 1
+            victims = [c for c in self._busy.values() if c.stopped or not only_suspended]
+            for child in victims:
+                child.fate = "moved"
+        for child in victims:
+            child.signal(signal.SIGKILL)
+        return len(victims)
+
+    def cancel(self, key: Any) -> bool:
+        """End the process running ``key`` (the scheduler no longer wants its result)."""
+        with self._lock:
+            child = next((c for c in self._busy.values() if c.key == key), None)
+            if child is None:
+                return False
+            child.fate = "cancelled"
+        child.signal(signal.SIGKILL)
+        return True
+
+    @property
+    def suspended(self) -> bool:
+        return not self._allowed.is_set()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            stopped = sum(c.stopped for c in self._busy.values())
+            return {"running": len(self._busy) - stopped, "suspended": stopped}
+
+    # -- running one call ---------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from distributed.worker import _run_task_simple
+
+        if fn is not _run_task_simple or not args or self._in_worker(args[0]):
+            return self._call_in_worker(fn, args, kwargs)
+        task = args[0]
+        key = getattr(task, "key", None)
+        moves = self._moves
+        while not self._allowed.wait(0.5):  # a task that arrived as the node paused
+            if self._shutdown or self._moves != moves:
+                return self._reschedule(task)
+        if self._moves != moves:
+            return self._reschedule(task)
+        limit = self._limit_for(key)
+        payload = cloudpickle.dumps((fn, args, kwargs))
+        child = self._take_child()
+        child.key, child.limit, child.fate = key, limit, None
+        child.base = child.rss() if limit else 0
+        self._register(child)
+        started = time.time()
+        try:
+            send(child.to_child, ("run", key, limit, payload))
+            del payload
+            reply = recv(child.from_child)
+        except (EOFError, OSError):
+            return self._ended(child, task, started)
+        finally:
+            with self._lock:
+                self._busy.pop(child.pid, None)
+        child.key = None
+        msg, growth = reply[1], reply[2]
+        if self.memory_limit and growth > self.memory_limit // 2:
+            # Memory a task freed is not always given back to the system; a process that has
+            # kept much of it is replaced, so that the next task gets its whole limit.
+            self._end(child)
+            self._refill()
+        else:
+            self._give_back(child)
+        if msg.get("op") == "value":
+            return msg["value"]
+        return self._finish(msg)
+
+    def _in_worker(self, task: Any) -> bool:
+        """Whether this task must run inside the worker (Dask's own P2P steps)."""
+        from dask._task_spec import Alias, DataNode
+
+        if isinstance(task, (Alias, DataNode)):
+            return True  # no code of anyone's: just a value or a reference to one
+        if self._p2p is None:
+            self._p2p = _p2p_functions()
+        return self._uses(task, self._p2p, depth=0)
+
+    def _uses(self, task: Any, functions: frozenset[Any], depth: int) -> bool:
+        func = getattr(task, "func", None)
+        try:
+            if func in functions:
+                return True
+        except TypeError:  # unhashable callable
+            return False
+        from dask._task_spec import _execute_subgraph
+
+        if func is _execute_subgraph and depth < 5:  # a fused chain: look inside
+            inner = getattr(task, "args", ())
+            graph = inner[0] if inner else None
+            graph = getattr(graph, "value", graph)
+            if isinstance(graph, dict):
+                return any(self._uses(t, functions, depth + 1) for t in graph.values())
+        return False
+
+    def _call_in_worker(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        from distributed.worker import _run_task, _run_task_simple
+
+        worker = self.worker
+        if fn is _run_task_simple and worker is not None and len(args) == 3:
+            task, data, delay = args
+            return _run_task(
+                task,
+                data,
+                worker.execution_state,
+                getattr(task, "key", None),
+                worker.active_threads,
+                worker.active_threads_lock,
+                delay,
+            )
+        return fn(*args, **kwargs)
+
+    def _limit_for(self, key: Any) -> int:
+        limit = self.memory_limit or 0
+        worker = self.worker
+        ts = worker.state.tasks.get(key) if worker is not None else None
+        asked = (ts.resource_restrictions or {}).get(MEMORY_RESOURCE) if ts is not None else None
+        if asked:
+            limit = min(limit, int(asked)) if limit else int(asked)
+        return limit
+
+    def _refill(self) -> None:
+        """Start a task process in the background, for the next task."""
+        with contextlib.suppress(RuntimeError):  # shutting down: no more processes
+            if not self._shutdown:
+                self._threads.submit(self._prespawn)
+
+    def _take_child(self) -> _Child:
+        """An idle task process; else one being started (by the pre-start); else a new one."""
+        dead: list[_Child] = []
+        child = None
+        with self._cond:
+            while child is None:
+                if self._idle:
+                    candidate = self._idle.pop()
+                    if candidate.proc.poll() is None:
+                        child = candidate
+                    else:
+                        dead.append(candidate)
+                elif self._spawning:
+                    self._cond.wait(30)
+                else:
+                    break
+        for gone in dead:
+            self._end(gone)
+        return child if child is not None else self._spawn()
+
+    def _register(self, child: _Child) -> None:
+        with self._lock:
+            self._busy[child.pid] = child
+            if self.suspended:  # paused between our check and now: start it stopped
+                child.stopped = True
+                child.signal(signal.SIGSTOP)
+
+    def _give_back(self, child: _Child) -> None:
+        with self._cond:
+            if not self._shutdown and len(self._idle) < self.slots:
+                self._idle.append(child)
+                self._cond.notify()
+                return
+        self._end(child)
+
+    def _end(self, child: _Child) -> None:
+        child.signal(signal.SIGKILL)
+        child.signal(signal.SIGCONT)
+        child.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(5)
+
+    def _ended(self, child: _Child, task: Any, started: float) -> dict[str, Any]:
+        """The task process ended mid-task: say why, in Dask's terms."""
+        self._end(child)
+        self._refill()  # a fresh process for the next task
+        if child.fate in ("moved", "cancelled", "shutdown"):
+            return self._reschedule(task)
+        if child.fate == "memory":
+            text = memory_error_text(child.key, child.limit, str(self._view.get("name")))
+            return self._error(MemoryError(text), started)
+        code = child.proc.returncode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return self._error(
+            RuntimeError(f"the process running grid task {child.key!r} died ({how})"), started
+        )
+
+    def _error(self, exc: BaseException, started: float) -> dict[str, Any]:
+        from distributed.core import error_message
+
+        try:
+            raise exc
+        except BaseException as raised:  # noqa: BLE001 - to give error_message a traceback
+            msg: dict[str, Any] = dict(error_message(raised))
+        msg.update(
+            op="task-erred",
+            actual_exception=exc,
+            start=started,
+            stop=time.time(),
+            thread=threading.get_ident(),
+        )
+        return msg
+
+    def _reschedule(self, task: Any) -> dict[str, Any]:
+        from distributed import Reschedule
+
+        return self._error(Reschedule(), time.time())
+
+    def _finish(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Dask's result dictionary from what the task process sent."""
+        msg["thread"] = threading.get_ident()
+        if msg.get("op") != "task-finished":
+            from distributed.protocol import pickle as dask_pickle
+
+            exception = msg.get("exception")
+            data = getattr(exception, "data", exception)
+            try:
+                msg["actual_exception"] = dask_pickle.loads(data)
+            except Exception:  # noqa: BLE001 - keep the text Dask already has
+                msg["actual_exception"] = Exception(msg.get("exception_text", "task failed"))
+        return msg
+
+    # -- the memory watchdog -------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._shutdown:
+            time.sleep(WATCHDOG_INTERVAL)
+            with self._lock:
+                busy = [c for c in self._busy.values() if c.limit and not c.stopped and not c.fate]
+            for child in busy:
+                if child.rss() - child.base > child.limit:
+                    with self._lock:
+                        if child.fate:
+                            continue
+                        child.fate = "memory"
+                    logger.warning("grid task %r passed its memory limit; ending it", child.key)
+                    child.signal(signal.SIGKILL)
+
+
+__all__ = ["TaskProcessExecutor"]

@@ -1,0 +1,211 @@
+"""The volunteer's worker process: one Dask Worker with the NodePlugin, started by the agent.
+
+``python -m grid_portal.node.worker``, inside the sandbox (see sandbox.py). The agent sends one
+JSON line of configuration on stdin, then commands, one JSON line each; the worker answers on
+stdout. These two pipes are the agent's private control channel: right at start they are moved
+to other descriptors, stdin becomes /dev/null and stdout goes to stderr, so nothing a task
+prints or reads can get mixed into them.
+
+Commands: ``{"id": N, "op": "policy", "state": null|"paused", "reason": str, "move": bool}``,
+``{"id": N, "op": "status"}``, ``{"id": N, "op": "drain", "timeout": s, "reason": str}``,
+``{"op": "close"}``. Replies: ``{"id": N, "reply": {...}}``. Events: ``{"event": "ready",
+"address": ...}`` once registered with the scheduler, ``{"event": "closed"}`` at the end.
+End of input (the agent is gone) closes the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import IO, Any
+
+logger = logging.getLogger("grid_portal.node")
+
+# Dask settings that make an idle worker cheap for its owner (FIELD-NOTES: 2.35 % of a core
+# with defaults, 0.30 % with these), and let the node plugin own pausing (see plugin.py).
+QUIET_WORKER_CONFIG: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
+    "distributed.worker.daemon": False,
+}
+PLUGIN_OWNS_PAUSING = {"distributed.worker.memory.pause": False}
+
+
+def _private_channels() -> tuple[IO[str], IO[str]]:
+    """Take stdin/stdout for the agent; leave /dev/null and stderr in their place."""
+    commands = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return commands, events
+
+
+class WorkerProcess:
+    def __init__(self, config: dict[str, Any], commands: IO[str], events: IO[str]) -> None:
+        self.config = config
+        self.commands = commands
+        self.events = events
+        self._write_lock = threading.Lock()
+        self.worker: Any = None
+        self.plugin: Any = None
+        self._drain: asyncio.Future[Any] | None = None
+
+    def emit(self, message: dict[str, Any]) -> None:
+        with self._write_lock:
+            try:
+                self.events.write(json.dumps(message) + "\n")
+                self.events.flush()
+            except (OSError, ValueError):
+                pass  # the agent has gone; end of input closes us
+
+    async def run(self) -> int:
+        import dask
+        from distributed import Security, Worker
+
+        from grid_portal.node.plugin import NodePlugin
+
+        c = self.config
+        executor = None
+        if c.get("isolate_tasks"):
+            from grid_portal.node.taskproc import TaskProcessExecutor
+
+            executor = TaskProcessExecutor(
+                c["nthreads"],
+                memory_limit=c.get("memory_limit"),
+                env=dict(os.environ),
+                cwd=c.get("local_directory"),
+            )
+        self.plugin = NodePlugin(
+            c["info"],
+            gpus=c.get("gpus", []),
+            telemetry_interval=c.get("telemetry_interval", 2.0),
+            executor=executor,
+        )
+        security = Security(
+            tls_ca_file=c["tls"]["ca"],
+            tls_client_cert=c["tls"]["cert"],
+            tls_client_key=c["tls"]["key"],
+            tls_worker_cert=c["tls"]["cert"],
+            tls_worker_key=c["tls"]["key"],
+            require_encryption=True,
+        )
+        settings = {**QUIET_WORKER_CONFIG, **PLUGIN_OWNS_PAUSING}
+        if c.get("local_directory"):
+            settings["temporary-directory"] = c["local_directory"]
+        with dask.config.set(settings):
+            executors = {"default": executor, "offload": executor} if executor else None
+            self.worker = Worker(
+                c["scheduler"],
+                security=security,
+                nthreads=c["nthreads"],
+                memory_limit=c.get("memory_limit") or "auto",
+                resources=c.get("resources") or None,
+                name=c["name"],
+                plugins={self.plugin},
+                executor=executors,
+                death_timeout=c.get("death_timeout", 30.0),
+                local_directory=c.get("local_directory"),
+                dashboard=False,
+            )
+            worker = self.worker
+            await worker
+            loop = asyncio.get_running_loop()
+            self.emit({"event": "ready", "address": worker.address, "name": str(worker.name)})
+            threading.Thread(target=self._read_commands, args=(loop,), daemon=True).start()
+            await worker.finished()
+        self.emit({"event": "closed", "reason": str(getattr(worker, "close_reason", "") or "")})
+        return 0
+
+    # -- commands from the agent -------------------------------------------------------------
+    def _read_commands(self, loop: asyncio.AbstractEventLoop) -> None:
+        for line in self.commands:
+            try:
+                command = json.loads(line)
+            except ValueError:
+                logger.warning("ignoring a malformed command from the agent")
+                continue
+            asyncio.run_coroutine_threadsafe(self._handle(command), loop)
+        # End of input: the agent has gone, so must we.
+        asyncio.run_coroutine_threadsafe(self._close("the volunteer agent has gone"), loop)
+
+    async def _handle(self, command: dict[str, Any]) -> None:
+        op = command.get("op")
+        plugin = self.plugin
+        try:
+            if op == "policy":
+                reply = plugin.apply_policy(
+                    command.get("state"), command.get("reason"), bool(command.get("move"))
+                )
+            elif op == "status":
+                reply = plugin.status()
+            elif op == "drain":
+                # Reply at once; the drain goes on (its first step, before any wait, marks the
+                # node draining, so the status in the reply says so).
+                self._drain = asyncio.ensure_future(
+                    plugin.drain(
+                        float(command.get("drain_timeout", 300.0)),
+                        command.get("reason") or "draining",
+                    )
+                )
+                await asyncio.sleep(0)
+                reply = plugin.status()
+            elif op == "close":
+                await self._close(command.get("reason") or "volunteer-stopped")
+                return
+            else:
+                reply = {"error": f"unknown command {op!r}"}
+        except Exception as exc:  # noqa: BLE001 - report, keep serving
+            logger.exception("command %r failed", op)
+            reply = {"error": str(exc)}
+        if "id" in command:
+            self.emit({"id": command["id"], "reply": reply})
+
+    async def _close(self, reason: str) -> None:
+        from distributed.core import Status
+
+        worker = self.worker
+        ending = (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
+        if worker is not None and worker.status not in ending:
+            await worker.close(reason=reason)
+
+
+def main() -> int:
+    # Ctrl-C in the volunteer's terminal is for the agent, which drains us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    commands, events = _private_channels()
+    line = commands.readline()
+    if not line:
+        return 2
+    config = json.loads(line)
+    logging.basicConfig(
+        level=logging.DEBUG if config.get("verbose") else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    import distributed  # noqa: F401 - it sets its loggers up on import; quiet them after
+
+    if not config.get("verbose"):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        logging.getLogger("tornado").setLevel(logging.WARNING)
+    process = WorkerProcess(config, commands, events)
+    try:
+        return asyncio.run(process.run())
+    except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+        logger.warning("cannot reach the portal at %s (%s)", config.get("scheduler"), exc)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
