@@ -507,3 +507,14 @@ def test_last_use_goes_to_exactly_one_of_many_racers(store: TokenStore) -> None:
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["ok"] * 3 + ["refused"] * 5
+
+
+def test_people_share_one_namespace_so_no_one_enrols_as_the_admin(tmp_path) -> None:
+    from grid_portal.portal.ledger import EnrolmentBook
+
+    book = EnrolmentBook(tmp_path / "ledger.sqlite")
+    book.record("teacher", "admin", "01")
+    assert book.unique_name("teacher", "client") == "teacher-2"  # a researcher can't take it
+    assert book.unique_name("teacher", "node") == "teacher"  # machines have their own names
+    book.record("teacher-2", "client", "02")
+    assert book.unique_name("teacher", "client") == "teacher-3"

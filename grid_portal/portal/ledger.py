@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LEDGER_FILE = "ledger.sqlite"
+PERSON_ROLES = ("client", "admin")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -63,11 +64,15 @@ class EnrolmentBook:
     def unique_name(self, wanted: str, role: str) -> str:
         """``wanted`` if free, else ``wanted-2``, ``wanted-3``...: two laptops called "laptop"
         must not collide in the registry."""
+        # People (researchers, admins, teachers) share one namespace: job ownership compares
+        # names, so a researcher must never be able to enrol under a teacher's name.
+        roles = PERSON_ROLES if role in PERSON_ROLES else (role,)
+        marks = ", ".join("?" * len(roles))
         taken = {
             row[0]
             for row in self.conn.execute(
-                "SELECT name FROM enrolments WHERE role = ? AND (name = ? OR name LIKE ?)",
-                (role, wanted, f"{wanted}-%"),
+                f"SELECT name FROM enrolments WHERE role IN ({marks}) AND (name = ? OR name LIKE ?)",
+                (*roles, wanted, f"{wanted}-%"),
             )
         }
         if wanted not in taken:

@@ -164,7 +164,7 @@ async def run_portal(
     context = PortalContext(
         ca=ca,
         tokens=TokenStore(ledger_path),
-        enrolments=EnrolmentBook(ledger_path),
+        enrolments=_with_admin_recorded(EnrolmentBook(ledger_path), connection),
         scheduler_port=scheduler.port,
         contact_host=config.contact_host,
     )
@@ -230,6 +230,16 @@ async def run_portal(
         http_server.stop()
         await scheduler.close()
         (config.data_dir / PORTAL_FILE).unlink(missing_ok=True)
+
+
+def _with_admin_recorded(book: EnrolmentBook, connection: Connection) -> EnrolmentBook:
+    """The owner's admin name is taken: nobody may enrol as a researcher under it."""
+    from cryptography import x509
+
+    if book.get(connection.name, "admin") is None:
+        cert = x509.load_pem_x509_certificate(Path(connection.cert).read_bytes())
+        book.record(connection.name, "admin", format(cert.serial_number, "x"))
+    return book
 
 
 def describe(info: PortalInfo) -> str:
