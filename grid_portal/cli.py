@@ -454,6 +454,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
     if args.portal in VOLUNTEER_CONTROL:
         return _volunteer_control(args)
     _setup_logging(args.verbose)
+    from grid_portal.envcheck import check_portal
     from grid_portal.node.agent import (
         Volunteer,
         VolunteerOptions,
@@ -464,7 +465,6 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         hostname,
         measure_network,
     )
-    from grid_portal.node.envcheck import check_portal
     from grid_portal.node.probe import parse_gpu_selection, probe_gpus, probe_static
     from grid_portal.node.sandbox import plan_sandbox
 

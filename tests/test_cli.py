@@ -261,3 +261,38 @@ def test_a_client_certificate_cannot_join_as_a_worker(portal: Portal) -> None:
     )
     assert "REFUSED" in result.stdout, result.stdout + result.stderr
     assert "only enrolled volunteer nodes" in portal.log.read_text()
+
+
+def test_an_incompatible_machine_is_refused_before_its_token_is_spent(portal: Portal) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from grid_portal.keys import make_key_and_csr
+
+    ping = json.loads(
+        urllib.request.urlopen(
+            f"{portal.http}/api/ping", context=ssl._create_unverified_context()
+        ).read()
+    )
+    assert {"python", "dask", "distributed", "cloudpickle"} <= set(ping["versions"])
+    token = portal.token("--uses", "1")
+    _, csr = make_key_and_csr("old-laptop")
+    old = {**ping["versions"], "distributed": "2020.1.0"}
+    request = urllib.request.Request(
+        f"{portal.http}/api/enrol",
+        data=json.dumps(
+            {"token": token, "csr": csr, "name": "old-laptop", "versions": old}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=ssl._create_unverified_context())
+    assert refused.value.code == 403
+    message = json.loads(refused.value.read())["error"]
+    assert "distributed 2020.1.0 here" in message and "pip install" in message
+    # The token was not spent: a matching machine can still use it.
+    (record,) = [
+        t for t in TokenStore(portal.data_dir / "ledger.sqlite").list() if t.uses_total == 1
+    ]
+    assert record.uses_left == 1

@@ -457,12 +457,6 @@ def test_a_sandboxed_node_runs_cells_with_values_errors_and_timeouts(shell, boxe
     assert cell(shell, "'free'", f"{boxed} --timeout 20s") == "free"
 
 
-@pytest.mark.xfail(
-    reason="the sandbox's TaskProcessExecutor (issue 7, in progress) does not yet end the task "
-    "process of a cancelled task here: its NodePlugin.transition hook does not see "
-    "executing -> cancelled",
-    strict=False,
-)
 def test_a_sandboxed_node_stops_an_interrupted_cell(shell, portal: Portal, boxed: str) -> None:
     running: list[int] = []
 

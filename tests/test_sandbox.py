@@ -18,7 +18,7 @@ import cloudpickle
 import pytest
 from conftest import Portal, start_portal, start_volunteer
 
-from grid_portal.node.envcheck import (
+from grid_portal.envcheck import (
     IncompatibleEnvironment,
     check_versions,
     incompatibilities,

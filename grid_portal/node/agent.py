@@ -190,8 +190,8 @@ def enrol(
     ``check(base_url, pinned_context)`` runs before anything is sent (the token is not spent on
     a machine the portal could not use): the environment check of ``envcheck.check_portal``.
     """
+    from grid_portal.envcheck import local_versions
     from grid_portal.keys import parse_token
-    from grid_portal.node.envcheck import local_versions
 
     secret_pin = parse_token(token)
     pin = secret_pin[1]

@@ -18,6 +18,7 @@ from typing import Any
 import tornado.web
 
 from grid_portal import __version__
+from grid_portal.envcheck import IncompatibleEnvironment, check_versions, local_versions
 from grid_portal.errors import EnrolmentRefused, GridError
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
@@ -64,7 +65,10 @@ class CAHandler(BaseHandler):
 
 class PingHandler(BaseHandler):
     def get(self) -> None:
-        self.write_json({"ok": True, "version": __version__, "time": time.time()})
+        # Volunteers compare these with their own before enrolling (grid_portal/envcheck.py).
+        self.write_json(
+            {"ok": True, "version": __version__, "time": time.time(), "versions": local_versions()}
+        )
 
 
 class BandwidthHandler(BaseHandler):
@@ -109,6 +113,15 @@ class EnrolHandler(BaseHandler):
         except (ValueError, KeyError, TypeError):
             self.write_json({"error": "send JSON with 'token', 'csr' and 'name'"}, 400)
             return
+        theirs = body.get("versions")
+        if isinstance(theirs, dict):
+            try:  # before the token is spent: a machine that cannot work must not use it up
+                check_versions(
+                    theirs=local_versions(), mine={str(k): str(v) for k, v in theirs.items()}
+                )
+            except IncompatibleEnvironment as exc:
+                self.write_json({"error": str(exc)}, 403)
+                return
         try:
             check_csr(csr)  # before the token is spent: a garbled CSR must not use it up
             record = self.portal.tokens.redeem(token)
