@@ -324,12 +324,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from grid_portal.portal.server import PortalConfig, describe, run_portal
 
     if args.embedded:
-        from grid_portal.embedded import embedded_config, publish_connection
+        from grid_portal.embedded import embedded_config
 
         config = embedded_config(args.data_dir, cpus=args.cpus, memory=args.memory)
 
         def ready(info: Any) -> None:
-            publish_connection(info)
+            # The connection file is published by the local volunteer once it has joined.
             print(f"Embedded portal ready at {info.scheduler}", flush=True)
 
     else:

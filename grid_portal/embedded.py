@@ -8,6 +8,7 @@ after one. Kernels find it through a connection file in the Jupyter runtime dir.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -27,6 +28,8 @@ from grid_portal.errors import ConnectionFailed
 from grid_portal.portal.server import PortalConfig, PortalInfo
 
 logger = logging.getLogger("grid_portal.embedded")
+
+JOIN_TIMEOUT = 60.0  # publish the portal even if its local volunteer is slow to join
 
 
 def embedded_config(
@@ -75,10 +78,17 @@ async def run_local_volunteer(
     )
     options = VolunteerOptions(cpus=offer.cpus, memory=offer.memory, labels={"embedded": "true"})
     volunteer = Volunteer(creds, options, static)
+    running = asyncio.create_task(volunteer.run())
     try:
-        await volunteer.run()
+        # Publish the connection only once this machine has joined, so that a kernel that
+        # finds the portal also finds a node to run on (and is not told "no node offers...").
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(volunteer.joined.wait(), JOIN_TIMEOUT)
+        publish_connection(info)
+        await running
     finally:
         volunteer.request_stop()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 def publish_connection(info: PortalInfo) -> None:
