@@ -261,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--json", action="store_true", help="status: machine-readable")
     p.set_defaults(func=cmd_volunteer)
 
+    # login
+    p = sub.add_parser(
+        "login",
+        help="connect this machine to a portal as a researcher",
+        description="Enrol as a researcher with a token from the portal's admin (`grid-portal "
+        "token create --for client`). Writes a connection file that Grid() and every "
+        "grid-portal command then use.",
+    )
+    p.add_argument("portal", metavar="PORTAL_URL", help="the portal's https:// address")
+    p.add_argument("--token", required=True, help="a researcher token")
+    p.add_argument("--name", help="your name on the grid (default: your user name)")
+    p.add_argument(
+        "--output", type=Path, help="where to write the connection file (default: your config dir)"
+    )
+    p.set_defaults(func=cmd_login)
+
     # nodes / status
     p = sub.add_parser(
         "nodes",
@@ -614,6 +630,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(capacity.to_dict(), indent=2))
     else:
         print(capacity_text(capacity))
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from grid_portal.login import login
+
+    path = login(args.portal, args.token, name=args.name, output=args.output)
+    print(f"Logged in. Connection file: {path}")
+    print("Grid() and grid-portal commands now use this portal.")
     return 0
 
 

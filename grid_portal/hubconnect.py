@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -34,6 +32,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grid_portal.enrolment import (
+    fingerprint,
+    post_json,
+    reason,
+    request,
+    unverified_context,
+)
 from grid_portal.errors import ConnectionFailed, EnrolmentRefused, UsageError
 
 if TYPE_CHECKING:
@@ -44,7 +49,6 @@ ENV_HUB_USER = "JUPYTERHUB_USER"
 ENV_PORTAL_URL = "GRID_PORTAL_URL"
 ENV_CA_PIN = "GRID_PORTAL_CA_PIN"
 RENEW_BEFORE = timedelta(days=1)  # enrol again when the certificate has less than this left
-TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def usable_connection(path: Path, env: HubEnvironment) -> Connection | None:
         return None
     if env.user and conn.name != env.user:
         return None
-    if env.pin and not _fingerprint(ca_pem).startswith(env.pin):
+    if env.pin and not fingerprint(ca_pem).startswith(env.pin):
         return None  # the portal has a new CA: enrol again
     from cryptography import x509
 
@@ -140,13 +144,13 @@ def enrol_with_hub(env: HubEnvironment, directory: Path) -> Connection:
             "Hub with grid_portal.portal.hub.configure_jupyterhub (docs/classroom.md)"
         )
     try:
-        ca_pem = _request(f"{base}/api/ca", _unverified_context()).decode()
+        ca_pem = request(f"{base}/api/ca", unverified_context()).decode()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ConnectionFailed(
-            f"cannot reach the class portal at {base} ({_reason(exc)}); is it running? "
+            f"cannot reach the class portal at {base} ({reason(exc)}); is it running? "
             f"(the Hub's admin: check the grid-portal service and {ENV_PORTAL_URL})"
         ) from None
-    if not _fingerprint(ca_pem).startswith(env.pin):
+    if not fingerprint(ca_pem).startswith(env.pin):
         raise EnrolmentRefused(
             f"the server at {base} is not the class portal (its CA does not match "
             f"{ENV_CA_PIN}); nothing was sent to it. Tell the Hub's admin."
@@ -212,73 +216,10 @@ def portal_base(url: str) -> str:
     return url if url.startswith("https://") else "https://" + url
 
 
-def _fingerprint(pem: str) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    try:
-        return x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256()).hex()
-    except ValueError:
-        return ""
-
-
-def _unverified_context() -> ssl.SSLContext:
-    # Only to fetch the CA certificate, which is then checked against the pin.
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _pinned_context(ca_pem: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cadata=ca_pem)
-    ctx.check_hostname = False  # the CA is pinned; any certificate it signed is the portal
-    return ctx
-
-
-def _request(
-    url: str,
-    ctx: ssl.SSLContext,
-    data: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    body = None if data is None else json.dumps(data).encode()
-    request = urllib.request.Request(url, data=body, headers=dict(headers or {}))
-    if body is not None:
-        request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, context=ctx, timeout=TIMEOUT) as response:
-        return response.read()
-
-
 def _post_json(
     url: str, ca_pem: str, token: str, body: dict[str, Any], what: str
 ) -> dict[str, Any]:
-    try:
-        raw = _request(
-            url, _pinned_context(ca_pem), body, headers={"Authorization": f"token {token}"}
-        )
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error") or str(exc)
-        except (ValueError, AttributeError):
-            message = str(exc)
-        if exc.code in (401, 403):
-            raise EnrolmentRefused(f"the class portal refused to {what}: {message}") from None
-        raise ConnectionFailed(f"the class portal could not {what}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionFailed(f"cannot reach the class portal at {url}: {_reason(exc)}") from None
-    try:
-        reply = json.loads(raw)
-    except ValueError:
-        raise ConnectionFailed(f"the class portal's answer at {url} was not JSON") from None
-    if not isinstance(reply, dict):
-        raise ConnectionFailed(f"the class portal's answer at {url} was not a JSON object")
-    return reply
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc)
+    return post_json(url, ca_pem, body, what, headers={"Authorization": f"token {token}"})
 
 
 @contextlib.contextmanager

@@ -296,3 +296,22 @@ def test_an_incompatible_machine_is_refused_before_its_token_is_spent(portal: Po
         t for t in TokenStore(portal.data_dir / "ledger.sqlite").list() if t.uses_total == 1
     ]
     assert record.uses_left == 1
+
+
+def test_a_researcher_logs_in_with_a_client_token(portal: Portal, tmp_path: Path) -> None:
+    token = portal.token("--for", "client")
+    output = tmp_path / "alice.json"
+    result = run("login", portal.http, "--token", token, "--name", "alice", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert output.stat().st_mode & 0o777 == 0o600
+    from grid_portal import Grid
+
+    with Grid(str(output), start_embedded=False) as grid:
+        assert grid.whoami() == {"role": "client", "name": "alice"}
+    status = run("status", "--portal", str(output))
+    assert status.returncode == 0 and "nodes online" in status.stdout
+    # A volunteer's token does not make a researcher.
+    assert_clear_error(
+        run("login", portal.http, "--token", portal.token(), "--output", str(tmp_path / "x.json")),
+        "for volunteer machines",
+    )

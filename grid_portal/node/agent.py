@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
@@ -42,7 +41,15 @@ from typing import Any
 import platformdirs
 import psutil
 
-from grid_portal.errors import ConnectionFailed, EnrolmentRefused, GridError, UsageError
+from grid_portal.enrolment import (
+    fetch_pinned_ca,
+    pinned_context,
+    portal_base,
+    post_json,
+    reason,
+    request,
+)
+from grid_portal.errors import GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
 from grid_portal.node.policy import Decision, Policy, PolicyEngine, observe
 from grid_portal.node.sandbox import SandboxPlan, plan_sandbox, prepare_scratch
@@ -131,52 +138,6 @@ def decide_offer(
 
 
 # -- enrolment -----------------------------------------------------------------------------
-def _fingerprint(pem: str) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-def _unverified_context() -> ssl.SSLContext:
-    # Only used to fetch the CA certificate, which we then check against the token's pin.
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _pinned_context(ca_pem: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cadata=ca_pem)
-    # The CA itself is pinned, so any certificate it signed is the portal; the host name the
-    # volunteer typed (an IP, a .local name) need not be in the certificate.
-    ctx.check_hostname = False
-    return ctx
-
-
-def _http(
-    url: str, ctx: ssl.SSLContext, data: dict[str, Any] | None = None, timeout: float = 10
-) -> bytes:
-    body = None if data is None else json.dumps(data).encode()
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": "application/json"} if body else {}
-    )
-    with urllib.request.urlopen(request, context=ctx, timeout=timeout) as response:
-        return response.read()
-
-
-def _portal_base(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if url.startswith("http://"):
-        raise UsageError(
-            f"{url}: the portal speaks HTTPS only; use https://{url[len('http://') :]}"
-        )
-    if not url.startswith("https://"):
-        url = "https://" + url
-    return url
-
-
 def enrol(
     portal_url: str,
     token: str,
@@ -195,50 +156,28 @@ def enrol(
 
     secret_pin = parse_token(token)
     pin = secret_pin[1]
-    base = _portal_base(portal_url)
+    base = portal_base(portal_url)
     node_dir = state_dir / pin
     saved = node_dir / "node.json"
     if saved.exists():
         creds = Credentials(**json.loads(saved.read_text()))
         logger.info("using this machine's earlier enrolment as %s", creds.name)
         if check is not None:
-            check(base, _pinned_context(Path(creds.ca).read_text()))
+            check(base, pinned_context(Path(creds.ca).read_text()))
         return creds
-    try:
-        ca_pem = _http(f"{base}/api/ca", _unverified_context()).decode()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ConnectionFailed(
-            f"cannot reach the portal at {base} ({_reason(exc)}); check the URL that "
-            "`grid-portal serve` printed, and that the portal is running"
-        ) from None
-    if not _fingerprint(ca_pem).startswith(pin):
-        raise EnrolmentRefused(
-            f"the server at {base} is not the portal this token belongs to (its CA does not "
-            "match the token's pin); check the URL, or ask for a new token"
-        )
+    ca_pem = fetch_pinned_ca(base, pin)
     if check is not None:
-        check(base, _pinned_context(ca_pem))
+        check(base, pinned_context(ca_pem))
     from grid_portal.keys import make_key_and_csr, write_private
 
     key_pem, csr_pem = make_key_and_csr(name)
-    try:
-        reply = json.loads(
-            _http(
-                f"{base}/api/enrol",
-                _pinned_context(ca_pem),
-                # Versions let the portal refuse a machine whose Python or Dask cannot run
-                # its work (a portal that does not check them ignores the field).
-                {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()},
-            )
-        )
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error") or str(exc)
-        except ValueError:
-            message = str(exc)
-        raise EnrolmentRefused(f"the portal refused to enrol this machine: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionFailed(f"enrolment at {base} failed: {_reason(exc)}") from None
+    reply = post_json(
+        f"{base}/api/enrol",
+        ca_pem,
+        # Versions let the portal refuse a machine whose Python or Dask cannot run its work.
+        {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()},
+        what="enrol this machine",
+    )
     node_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(node_dir, 0o700)
     (node_dir / "ca.pem").write_text(reply["ca"])
@@ -257,26 +196,21 @@ def enrol(
 
 def measure_network(portal_url: str, ca_pem: str, probe_bytes: int = 2**20) -> NetworkInfo:
     """Round-trip time (best of 3 pings) and download bandwidth (one short transfer)."""
-    base = _portal_base(portal_url)
-    ctx = _pinned_context(ca_pem)
+    base = portal_base(portal_url)
+    ctx = pinned_context(ca_pem)
     try:
         rtts = []
         for _ in range(3):
             t0 = time.perf_counter()
-            _http(f"{base}/api/ping", ctx, timeout=5)
+            request(f"{base}/api/ping", ctx, timeout=5)
             rtts.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        data = _http(f"{base}/api/bandwidth?bytes={probe_bytes}", ctx, timeout=30)
+        data = request(f"{base}/api/bandwidth?bytes={probe_bytes}", ctx, timeout=30)
         elapsed = max(time.perf_counter() - t0 - min(rtts), 1e-6)
         return NetworkInfo(bandwidth=len(data) / elapsed, rtt=min(rtts), measured_at=time.time())
     except (urllib.error.URLError, OSError) as exc:
-        logger.warning("could not measure the network to the portal: %s", _reason(exc))
+        logger.warning("could not measure the network to the portal: %s", reason(exc))
         return NetworkInfo()
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc)
 
 
 # -- the supervised worker ----------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""``grid-portal login``: a researcher's connection to a portal on another machine.
+
+The portal's admin makes a token for people (``grid-portal token create --for client``); the
+researcher runs ``grid-portal login https://portal:8788 --token ...`` once. This machine makes
+its own key (it never leaves), the portal signs a certificate naming the researcher, and a
+connection file is written (mode 0600) where ``Grid()`` looks first.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+
+from grid_portal.connection import Connection, user_connection_path
+from grid_portal.enrolment import fetch_pinned_ca, portal_base, post_json
+from grid_portal.envcheck import local_versions
+from grid_portal.errors import EnrolmentRefused
+from grid_portal.keys import make_key_and_csr, parse_token, write_private
+
+
+def login(portal_url: str, token: str, name: str | None = None, output: Path | None = None) -> Path:
+    """Enrol as a researcher; returns the connection file's path."""
+    _, pin = parse_token(token)
+    base = portal_base(portal_url)
+    ca_pem = fetch_pinned_ca(base, pin)
+    wanted = name or getpass.getuser()
+    key_pem, csr_pem = make_key_and_csr(wanted)
+    reply = post_json(
+        f"{base}/api/enrol",
+        ca_pem,
+        {"token": token, "csr": csr_pem, "name": wanted, "versions": local_versions()},
+        what="log you in",
+    )
+    if reply.get("role") == "node":
+        raise EnrolmentRefused(
+            "that token is for volunteer machines; ask the portal's admin for a researcher "
+            "token (`grid-portal token create --for client`)"
+        )
+    output = output or user_connection_path()
+    folder = output.parent / "certs" / pin
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    (folder / "ca.pem").write_text(ca_pem)
+    (folder / "client.pem").write_text(reply["cert"])
+    write_private(folder / "client-key.pem", key_pem)
+    Connection(
+        scheduler=reply["scheduler"],
+        http=base,
+        ca=str(folder / "ca.pem"),
+        cert=str(folder / "client.pem"),
+        key=str(folder / "client-key.pem"),
+        name=reply["name"],
+        role=reply.get("role", "client"),
+    ).save(output)
+    return output
