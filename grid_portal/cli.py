@@ -679,7 +679,12 @@ def cmd_embedded_stop(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `grid-portal lab` passes everything it does not know on to `jupyter lab`.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "command", None) == "lab":
+        args.jupyter_args = [*unknown, *args.jupyter_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
