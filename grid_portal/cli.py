@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     # lab
     p = sub.add_parser(
         "lab",
-        help="JupyterLab with the grid: the sidebar, %%grid, and (with nothing configured) an "
+        help="JupyterLab with the grid: the sidebar, %%%%grid cells, and (with nothing configured) an "
         "embedded portal with this machine as its volunteer",
         description="Start JupyterLab with the grid. Extra arguments go to `jupyter lab`.",
     )
