@@ -9,6 +9,7 @@ only to refuse at once a request that no node could ever satisfy.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ import dask
 from distributed import Client, Future
 
 from grid_portal.connection import Connection, find_connection
-from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable
+from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable, UsageError
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.units import format_size, parse_size
 
@@ -41,6 +42,7 @@ class Grid:
         timeout: float = 20.0,
         start_embedded: bool = True,
         asynchronous: bool = False,
+        reconnect: float = 60.0,
     ) -> None:
         connection = find_connection(address)
         if connection is None:
@@ -56,23 +58,72 @@ class Grid:
         self._largest: tuple[float, dict[str, float]] | None = None
         # Plain submit() calls of this client form one interactive-session job.
         self._session_job = f"session-{uuid.uuid4().hex[:10]}"
+        # Issue 8: after a portal restart, calls wait up to ``reconnect`` seconds for it to come
+        # back (at the address the connection file then names) instead of failing at once.
+        self._address = address
+        self._timeout = timeout
+        self._asynchronous = asynchronous
+        self.reconnect = reconnect
+        self._closed = False
+        self._reconnect_lock = threading.Lock()
         try:
-            self.client = Client(
-                connection.scheduler,
-                security=connection.security(),
-                timeout=timeout,
-                asynchronous=asynchronous,
-                set_as_default=False,
-            )
+            self._client = self._new_client(connection, timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectionFailed(
                 f"cannot connect to the portal at {connection.scheduler}: {exc}. Is it "
                 "running? (`grid-portal serve`, or check GRID_PORTAL_ADDRESS)"
             ) from None
 
+    def _new_client(self, connection: Connection, timeout: float) -> Client:
+        return Client(
+            connection.scheduler,
+            security=connection.security(),
+            timeout=timeout,
+            asynchronous=self._asynchronous,
+            set_as_default=False,
+        )
+
+    # -- surviving a portal restart ------------------------------------------------------------
+    @property
+    def client(self) -> Client:
+        """The ``distributed.Client``. Dask's own client reconnects by itself for ``timeout``
+        seconds and then closes for good; a closed one is replaced here by a fresh connection
+        (futures of the old one were cancelled by Dask when the connection was lost)."""
+        client = self._client
+        if self._closed or self._asynchronous or client.status not in ("closed", "closing"):
+            return client
+        return self._reconnect(time.monotonic() + self.reconnect)
+
+    def _reconnect(self, deadline: float) -> Client:
+        with self._reconnect_lock:
+            if self._client.status not in ("closed", "closing"):
+                return self._client  # another thread reconnected meanwhile
+            pause = 0.2
+            while True:
+                try:
+                    connection = find_connection(self._address) or self.connection
+                    left = max(1.0, min(self._timeout, deadline - time.monotonic()))
+                    client = self._new_client(connection, left)
+                except (OSError, TimeoutError, GridError) as exc:
+                    if time.monotonic() + pause >= deadline:
+                        raise self._lost(exc) from None
+                    time.sleep(pause)  # waiting for the portal to come back, not for a result
+                    pause = min(pause * 2, 2.0)
+                    continue
+                self.connection, self._client, self._largest = connection, client, None
+                return client
+
+    def _lost(self, exc: BaseException) -> ConnectionFailed:
+        return ConnectionFailed(
+            f"lost the connection to the portal at {self.connection.scheduler} and it did not "
+            f"come back within {self.reconnect:g} s ({exc}). Is it running? "
+            "(`grid-portal serve`, or check GRID_PORTAL_ADDRESS)"
+        )
+
     # -- context management ---------------------------------------------------------------
     def close(self) -> None:
-        self.client.close()
+        self._closed = True
+        self._client.close()
 
     def __enter__(self) -> Grid:
         return self
@@ -85,8 +136,28 @@ class Grid:
 
     # -- talking to the portal plugin -----------------------------------------------------
     def _call(self, op: str, **kwargs: Any) -> Any:
-        handler = getattr(self.client.scheduler, op)
-        return self.client.sync(handler, **kwargs)
+        """Ask the portal plugin. A call cut by a lost connection (a portal restart) is made
+        again once the portal is back, for up to ``reconnect`` seconds: every ``grid_*``
+        handler is safe to repeat (creating, cancelling and storing are idempotent)."""
+        if self._asynchronous:
+            return self._client.sync(getattr(self._client.scheduler, op), **kwargs)
+        deadline: float | None = None
+        pause = 0.2
+        while True:
+            client = self.client
+            try:
+                return client.sync(getattr(client.scheduler, op), **kwargs)
+            except (OSError, AttributeError) as exc:
+                # AttributeError: Dask's client closed under us (client.scheduler is None).
+                if isinstance(exc, AttributeError) and client.scheduler is not None:
+                    raise
+                if self._closed or self.reconnect <= 0:
+                    raise
+                deadline = deadline or time.monotonic() + self.reconnect
+                if time.monotonic() + pause >= deadline:
+                    raise self._lost(exc) from None
+                time.sleep(pause)  # waiting for the portal to come back, not for a result
+                pause = min(pause * 2, 2.0)
 
     def nodes(self) -> list[Node]:
         """Every node the portal knows, online ones and recently offline ones."""
@@ -153,9 +224,10 @@ class Grid:
         self, job_id: str, name: str, kind: str, spec: dict[str, Any] | None = None
     ) -> Job:
         """Create a job record up front (workflows keep their spec for resubmission)."""
-        return Job.from_dict(
-            self._call("grid_job_create", job_id=job_id, name=name, kind=kind, spec=spec)
-        )
+        reply = self._call("grid_job_create", job_id=job_id, name=name, kind=kind, spec=spec)
+        if "id" not in reply:  # {"error": why}; a job's own dict has an "error" field too
+            raise UsageError(f"the portal did not register job {job_id}: {reply.get('error')}")
+        return Job.from_dict(reply)
 
     def store_result(self, job_id: str, data: bytes, ttl: float | None = None) -> None:
         """Keep ``data`` at the portal, retrievable after a kernel restart."""

@@ -154,3 +154,19 @@ def test_only_the_admin_may_run_code_on_the_portal(grid_with_node: Portal, tmp_p
         student.close()
     with grid_with_node.grid() as admin:
         assert admin.client.run_on_scheduler(lambda: "ok") == "ok"
+
+
+def test_tasks_naming_another_users_job_are_refused(grid_with_node: Portal, tmp_path: Path) -> None:
+    alice = Grid(_client_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
+    mallory = Grid(_client_connection(grid_with_node, tmp_path, "mallory"), start_embedded=False)
+    try:
+        with alice.job("alice's") as job_id:
+            assert alice.submit(where_and_what, 1).result(timeout=30) == ("worker", 1)
+        with mallory.job("sneaky", job_id=job_id):
+            sneaky = mallory.submit(where_and_what, 2)
+        with pytest.raises(CancelledError):
+            sneaky.result(timeout=30)
+        assert alice.get_job(job_id).tasks_total == 1
+    finally:
+        alice.close()
+        mallory.close()

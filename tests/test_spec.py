@@ -386,7 +386,7 @@ def test_every_problem_is_reported_most_basic_first():
     assert problems_of(doc) == [
         "name: is required",
         "priority: must be an integer (got text)",
-        "stages[1].colour: unknown field; known fields: name, run, params, args, map, needs, resources, where, retries, timeout, priority, outputs",
+        "stages[1].colour: unknown field; known fields: name, run, params, args, map, needs, resources, where, retries, timeout, priority, outputs, replicas",
         "stages[1].retries: must be >= 0",
         "stages[0].resources.gpus: must be >= 0",
     ]

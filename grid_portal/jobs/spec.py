@@ -74,6 +74,7 @@ MAX_VALUES = 1_000_000  # values visited; YAML aliases count each time they are 
 MAX_STAGES = 1_000
 MAX_TASKS = 100_000  # tasks in one job, after expanding every map
 MAX_PROBLEMS = 100  # stop collecting after this many; nobody reads more
+MAX_REPLICAS = 5  # copies of each task, each on its own node (replicas: 2 is the usual)
 _MAX_INT = 2**63  # larger integers are refused: they are never meant and break reprs
 
 _MAP_KINDS = ("over", "range", "grid", "files")
@@ -134,6 +135,13 @@ _SCHEMA: dict[str, Any] = {
             "minimum": -1_000_000,
             "maximum": 1_000_000,
             "default": 0,
+        },
+        "replicas": {
+            "description": f"Default replicas of every stage (a stage may set its own): run each task this many times, each copy on a different node, and compare the results. 1 to {MAX_REPLICAS}.",
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_REPLICAS,
+            "default": 1,
         },
         "stages": {
             "description": f"The stages, as a list; each has a unique name. Order does not matter: 'needs' decides it. At most {MAX_STAGES:,}.",
@@ -212,6 +220,12 @@ _SCHEMA: dict[str, Any] = {
                         "minLength": 1,
                         "maxLength": 1000,
                     },
+                },
+                "replicas": {
+                    "description": f"Run each task of this stage this many times, each copy on a different node, and compare the results: when copies differ (a faulty or dishonest node) the job fails, naming the nodes. Defaults to the job's (1: once). 1 to {MAX_REPLICAS}.",
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_REPLICAS,
                 },
             },
         },
@@ -1128,6 +1142,7 @@ class StageSpec:
     timeout: float | None = None  # seconds
     priority: int = 0
     outputs: list[str] = field(default_factory=list)
+    replicas: int = 1  # copies of each task, on different nodes, compared by the portal
 
     @property
     def argument(self) -> str:
@@ -1162,6 +1177,8 @@ class StageSpec:
         out["priority"] = self.priority
         if self.outputs:
             out["outputs"] = list(self.outputs)
+        if self.replicas > 1:
+            out["replicas"] = self.replicas
         return out
 
 
@@ -1261,7 +1278,7 @@ def _parse_size_field(raw: dict[str, Any], key: str, where: str, problems: _Prob
 
 
 def _build_stage(
-    raw: dict[str, Any], where: str, job_priority: int, problems: _Problems
+    raw: dict[str, Any], where: str, job_priority: int, problems: _Problems, job_replicas: int = 1
 ) -> StageSpec | None:
     name = raw["name"]
     if not re.fullmatch(STAGE_NAME_PATTERN[:-1] + r"\Z", name):  # `$` would let a final newline in
@@ -1361,6 +1378,7 @@ def _build_stage(
         timeout=timeout,
         priority=raw.get("priority", job_priority),
         outputs=outputs,
+        replicas=raw.get("replicas", job_replicas),
     )
 
 
@@ -1426,7 +1444,7 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
             )
         first_seen.setdefault(stage_name, i)
         argument_of.setdefault(_argument_name(stage_name), i)
-        stage = _build_stage(raw, f"stages[{i}]", job_priority, problems)
+        stage = _build_stage(raw, f"stages[{i}]", job_priority, problems, doc.get("replicas", 1))
         if stage is not None:
             stages.append(stage)
 
@@ -1453,7 +1471,7 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
     total = 0
     for stage in stages:
         if stage.map is None:
-            total += 1
+            total += stage.replicas
         elif stage.map.kind != "files":  # a files map is counted when its folder is globbed
             n = stage.map.count()
             if n > MAX_TASKS:
@@ -1461,7 +1479,7 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
                     stage.map.origin,
                     f"expands to {n:,} tasks; at most {MAX_TASKS:,} per job: split the job or use coarser items",
                 )
-            total += n
+            total += n * stage.replicas  # each copy of a replicated task is a task
     if total > MAX_TASKS and not any(p.path.endswith(".map") for p in problems):
         problems.add(
             "stages", f"the stages expand to {total:,} tasks; at most {MAX_TASKS:,} per job"

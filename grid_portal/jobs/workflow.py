@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 STAGE_ANNOTATION = "grid_stage"
 WHERE_ANNOTATION = "grid_where"
 HOLD_ANNOTATION = "grid_hold"
+REPLICAS_ANNOTATION = "grid_replicas"  # portal/replicas.py: copy 0 says how many copies
+REPLICA_ANNOTATION = "grid_replica"  # ... and copy j >= 1 which one it is
 
 MAX_LOG_CHARS = 64 * 1024  # tail of each stream sent to the portal per task
 CODE_CACHE = "grid-portal-code"  # shipped .py files, by content, under the temp folder
@@ -628,15 +630,76 @@ def submit_workflow(
     bindings = {s.name: _bindings(s, spec) for s in spec.stages}
     if not wait_for_nodes:
         check_nodes(grid, spec)
-
-    grid.register_job(job_id, spec.name, "workflow", spec=spec.to_dict())
-    kept = _submit_stages(grid, spec, job_id, plans, bindings)
+    kept = _register_and_submit(grid, spec, job_id, plans, bindings)
     if wait:
         _wait(grid, job_id, kept, progress)
     del kept  # the portal holds them for the owner; let go of our references
     job = grid.get_job(job_id)
     assert job is not None
     return job
+
+
+def _register_and_submit(
+    grid: Grid,
+    spec: JobSpec,
+    job_id: str,
+    plans: Mapping[str, StagePlan],
+    bindings: Mapping[str, list[dict[str, Any]]],
+) -> list[Future]:
+    # The spec is kept with the job: a restarted portal submits it again (resubmit_workflow).
+    grid.register_job(job_id, spec.name, "workflow", spec=spec.to_dict())
+    return _submit_stages(grid, spec, job_id, plans, bindings)
+
+
+# --- after a portal restart (grid_portal/portal/recovery.py) ---------------------------------------
+
+_NOT_KEPT = (
+    "{origin} reads files from the submitter's machine ({what}), which the portal does not keep; "
+    "submit the job again"
+)
+
+
+def why_not_resubmittable(spec: Mapping[str, Any]) -> str | None:
+    """Why the portal cannot submit this stored spec again by itself; None if it can.
+
+    Pure: nothing is imported or read. Stages that read files on the submitter's machine
+    (``file.py`` stages, ``files`` maps) are not resubmitted: the portal keeps no copy, and it
+    must never read files of its own machine on a researcher's behalf.
+    """
+    try:
+        checked = load_spec(spec, base_dir=_NO_FILES)
+    except SpecError as exc:
+        return f"its stored spec is no longer valid: {exc}"
+    problems = check_requirements(checked)
+    if problems:
+        return f"its stored spec is no longer valid: {SpecError(problems)}"
+    for stage in checked.stages:
+        if stage.run.kind == "file":
+            return _NOT_KEPT.format(origin=_origin(stage), what=str(stage.run.path))
+        if stage.map is not None and stage.map.kind == "files":
+            return _NOT_KEPT.format(origin=_origin(stage), what=f"files {stage.map.glob!r}")
+    return None
+
+
+# A folder that never exists: a resubmitted spec has no base folder of its own.
+_NO_FILES = Path("/nonexistent/grid-portal-resubmission")
+
+
+def resubmit_workflow(grid: Grid, job_id: str, spec: Mapping[str, Any]) -> list[Future]:
+    """Submit a workflow again under its own job id, from the spec kept with its job.
+
+    Used by the portal after a restart, with the owner set by the caller's annotation. The
+    same steps as ``submit_workflow`` after its checks, minus importing what stages run (the
+    portal never imports researchers' modules) and without waiting for nodes: volunteers
+    rejoin a restarted portal by themselves, and the tasks wait for them.
+    """
+    reason = why_not_resubmittable(spec)
+    if reason is not None:
+        raise GridError(reason)
+    checked = load_spec(spec, base_dir=_NO_FILES)
+    plans = {s.name: _stage_plan(job_id, s, checked) for s in checked.stages}
+    bindings = {s.name: _bindings(s, checked) for s in checked.stages}
+    return _register_and_submit(grid, checked, job_id, plans, bindings)
 
 
 def _submit_stages(
@@ -680,6 +743,8 @@ def _submit_stages(
                 annotations[WHERE_ANNOTATION] = where
             if _kept(stage, needed):
                 annotations[HOLD_ANNOTATION] = True
+            if stage.replicas > 1:
+                annotations[REPLICAS_ANNOTATION] = stage.replicas
             ids = [TaskId(str(k), i if stage.map else None) for i, k in enumerate(keys)]
             with dask.annotate(**annotations):
                 futures[stage.name] = client.map(
@@ -694,7 +759,34 @@ def _submit_stages(
                     priority=stage.priority,
                     pure=False,
                 )
+            # Replicas: copy j of task i is ("<stage>-<job>-replica<j>", i); the portal runs
+            # the copies on different nodes and compares them before anything uses copy 0.
+            for j in range(1, stage.replicas):
+                copies = [_copy_key(k, j) for k in keys]
+                marks = {STAGE_ANNOTATION: f"{stage.name}-replica{j}", REPLICA_ANNOTATION: j}
+                if where:
+                    marks[WHERE_ANNOTATION] = where
+                with dask.annotate(**marks):
+                    client.map(
+                        run_task,
+                        [plans[stage.name]] * count,
+                        [TaskId(str(k), i if stage.map else None) for i, k in enumerate(copies)],
+                        bindings[stage.name],
+                        [inputs] * count,
+                        key=copies,
+                        resources=stage.requirement().resources(),
+                        retries=stage.retries or None,
+                        priority=stage.priority,
+                        pure=False,
+                    )
     return [f for s in spec.stages if _kept(s, needed) for f in futures[s.name]]
+
+
+def _copy_key(key: Any, j: int) -> Any:
+    """The key of copy ``j`` of a replicated task (grid_portal.portal.replicas.copy_key)."""
+    if isinstance(key, tuple):
+        return (f"{key[0]}-replica{j}", *key[1:])
+    return f"{key}-replica{j}"
 
 
 def _kept(stage: StageSpec, needed: set[str]) -> bool:
@@ -746,14 +838,22 @@ def _wait(
         except CancelledError:  # the job was cancelled (grid-portal cancel)
             break
     # The portal counts a task as done in the same step that tells us: the job is finished
-    # now, or a moment later. Wait for its record with the portal's long poll.
+    # now, or a moment later. Wait for its record with the portal's long poll. Futures that
+    # Dask cancelled because the connection was lost mean the portal restarted: it submitted
+    # the job again by itself (portal/recovery.py), so wait for the job however long it runs.
+    lost = any(f.status == "cancelled" for f in futures)
     version = 0
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while lost or time.monotonic() < deadline:
         job = grid.get_job(job_id)
         if job is None or job.state.finished:
             return
+        if progress is not None:
+            progress(job)
         reply = grid._call("grid_changes", since=_NO_NODES, jobs_since=version, timeout=5)
+        if reply["jobs_version"] < version:  # the portal restarted (again): versions restart
+            version = 0
+            continue
         version = reply["jobs_version"]
 
 

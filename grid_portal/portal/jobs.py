@@ -24,6 +24,9 @@ from grid_portal.portal.ledger import connect, transaction
 
 DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured otherwise
 MAX_RESULT_BYTES = 64 * 2**20
+# A job's kept spec (a workflow's, or a --bg cell's payload in base64): what the portal needs
+# to resubmit it after a restart, and no more.
+MAX_SPEC_BYTES = 16 * 2**20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -35,6 +38,21 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted);
 """
+
+
+def spec_problem(spec: Any) -> str | None:
+    """Why a job's spec cannot be kept in the ledger (not JSON, or too large); None if it can."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return "a job's spec must be a mapping"
+    try:
+        size = len(json.dumps(spec))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"a job's spec must be plain JSON data ({exc})"
+    if size > MAX_SPEC_BYTES:
+        return f"the job's spec is {size:,} bytes; the portal keeps at most {MAX_SPEC_BYTES:,}"
+    return None
 
 
 @dataclass
@@ -60,6 +78,7 @@ class JobRecord:
     keys: set[Any] = field(default_factory=set)
     counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
     abandoned: int = 0  # tasks whose client let go of them before they finished
+    checks_pending: int = 0  # replica comparisons not yet made (portal/replicas.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +107,9 @@ class JobBook:
         self.result_ttl = result_ttl
         self.conn = None
         self.on_change: Any = None  # called after every change, to wake long polls
+        # Jobs this start found unfinished (cut short by the restart), oldest first: the
+        # portal resubmits those whose spec allows (portal/recovery.py).
+        self.interrupted: list[str] = []
         if ledger_path is not None:
             self.conn = connect(ledger_path)
             self.conn.executescript(_SCHEMA)
@@ -127,6 +149,7 @@ class JobBook:
                 record.error = "the portal restarted while this job ran; submit it again"
                 record.finished = now
                 record.dirty = True
+                self.interrupted.append(record.id)
             else:
                 record.dirty = False
             self.jobs[record.id] = record
@@ -255,7 +278,7 @@ class JobBook:
         self._touch(record)
 
     def _maybe_finish(self, record: JobRecord) -> None:
-        if record.open or record.state.finished:
+        if record.open or record.state.finished or record.checks_pending:
             return
         if record.tasks_done + record.tasks_failed >= record.tasks_total:
             if record.tasks_failed:
@@ -286,6 +309,55 @@ class JobBook:
         if not record.state.finished:
             record.state, record.finished = JobState.DONE, time.time()
         self._touch(record)
+
+    def reopen(self, job_id: str) -> JobRecord:
+        """A job cut short by a portal restart starts again from nothing, under its own id
+        and owner (its tasks are about to be submitted again)."""
+        record = self.jobs[job_id]
+        record.state, record.error = JobState.QUEUED, None
+        record.started = record.finished = None
+        record.tasks_total = record.tasks_done = record.tasks_failed = 0
+        record.nodes, record.keys, record.counted = [], set(), set()
+        record.abandoned = record.checks_pending = 0
+        self._touch(record)
+        self.flush()
+        return record
+
+    def interrupt(self, job_id: str, reason: str) -> None:
+        """Say why an interrupted job was not resubmitted."""
+        record = self.jobs[job_id]
+        record.state, record.error = JobState.INTERRUPTED, reason
+        record.finished = record.finished or time.time()
+        self._touch(record)
+        self.flush()
+
+    def check_started(self, job_id: str) -> None:
+        """A comparison the job waits for before it may finish (replicas)."""
+        record = self.jobs.get(job_id)
+        if record is not None:
+            record.checks_pending += 1
+
+    def check_done(self, job_id: str) -> None:
+        record = self.jobs.get(job_id)
+        if record is None:
+            return
+        record.checks_pending = max(0, record.checks_pending - 1)
+        self._maybe_finish(record)
+        self._touch(record)
+
+    def fail(self, job_id: str, reason: str) -> list[str]:
+        """Mark the job failed now (replicas disagree); returns its unfinished tasks' keys."""
+        record = self.jobs[job_id]
+        keys = [k for k in record.keys if self.task_jobs.get(k) == job_id]
+        if record.state.finished and record.state is not JobState.DONE:
+            return keys
+        record.state, record.error = JobState.FAILED, reason
+        record.finished = time.time()
+        record.started = record.started or record.finished
+        record.open = False
+        self._touch(record)
+        self.flush()
+        return keys
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> list[str]:
         """Mark the job cancelled; returns the keys of its unfinished tasks to release."""

@@ -20,8 +20,9 @@ from distributed.scheduler import heartbeat_interval
 from tornado.ioloop import PeriodicCallback
 
 from grid_portal.model import JobState, NodeState
-from grid_portal.portal.jobs import JobBook
+from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.ledger import EnrolmentBook
+from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.scheduling import Scheduling
 from grid_portal.portal.security import Identity, peer_identity
@@ -83,6 +84,7 @@ class PortalPlugin(SchedulerPlugin):
         self.telemetry_interval = telemetry_interval
         self.node_timeout = node_timeout
         self._timing_out: set[str] = set()
+        self._last_refresh = self._calm_since = dask_time()
         self.registry = NodeRegistry(
             sample_interval=telemetry_interval, offline_retention=offline_retention
         )
@@ -90,6 +92,9 @@ class PortalPlugin(SchedulerPlugin):
             ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
         )
         self.jobs.on_change = self.registry.notify
+        # Issue 8: jobs cut short by a restart are reopened now and resubmitted once the
+        # scheduler listens (server.py), or marked interrupted with the reason.
+        self.recovery = Recovery(self.jobs)
         self.enrolments = EnrolmentBook(ledger_path) if ledger_path is not None else None
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
@@ -179,6 +184,15 @@ class PortalPlugin(SchedulerPlugin):
             if existing is not None and existing.owner != owner:
                 logger.warning(
                     "%s tried to add tasks to %s's job %s", owner, existing.owner, job_id
+                )
+                # Refused, not just left out of the job: run, such a task could store a
+                # result under the other user's job from the node it ran on.
+                scheduler.stimulus_cancel(
+                    job_keys,
+                    client=client,
+                    force=True,
+                    reason="grid-job-not-yours",
+                    msg=f"job {job_id} belongs to another user",
                 )
                 continue
             record = self.jobs.ensure(
@@ -297,6 +311,7 @@ class PortalPlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.registry.leave(worker, reason="left the grid")
+        self.scheduling.remove_worker(scheduler, worker)  # issue 8: replicas, placement
         logger.info("node at %s left", worker)
 
     # -- live telemetry -------------------------------------------------------------------
@@ -308,8 +323,16 @@ class PortalPlugin(SchedulerPlugin):
         # Heartbeats slow down as a grid grows (Dask spaces them out); never call a node
         # silent before it has missed three of them.
         timeout = max(self.node_timeout, 3 * heartbeat_interval(len(scheduler.workers)))
+        # Issue 8: when this very loop was held up (a huge graph arriving), heartbeats that
+        # came meanwhile are still unread and every node would look silent: judge nodes only
+        # once the loop has run freely for a heartbeat interval.
+        if now - self._last_refresh > max(2.0, 2 * self.telemetry_interval):
+            self._calm_since = now
+        self._last_refresh = now
+        calm = now - self._calm_since > heartbeat_interval(len(scheduler.workers)) + 1.0
         for address, ws in scheduler.workers.items():
-            if now - ws.last_seen > timeout and address not in self._timing_out:
+            silent = now - ws.last_seen > timeout and address not in self._timing_out
+            if silent and calm:
                 self._drop_silent_worker(address, now - ws.last_seen)
             state, reason = node_state(ws)
             self.registry.update(
@@ -427,6 +450,9 @@ class PortalPlugin(SchedulerPlugin):
         me = identity.name if identity is not None else "unknown"
         if owner and identity is not None and identity.role in TRUSTED_ROLES:
             me = owner
+        problem = spec_problem(spec)  # issue 8: the ledger is no dumping ground
+        if problem is not None:
+            return {"error": problem}
         return self.jobs.ensure(job_id, owner=me, name=name, kind=kind, spec=spec).to_dict()
 
     async def handle_job_cancel(

@@ -13,7 +13,9 @@ fair-share priorities set here are the ones Dask uses for its very first decisio
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from grid_portal.model import Node
 from grid_portal.portal.fairshare import FairShare
 from grid_portal.portal.matching import ExpressionError
 from grid_portal.portal.placement import WHERE_ANNOTATION, Placement, match_report
+from grid_portal.portal.replicas import Replicas
 from grid_portal.portal.tasklog import (
     HOLD_ANNOTATION,
     STAGE_ANNOTATION,
@@ -45,6 +48,7 @@ logger = logging.getLogger("grid_portal.portal")
 # lower bound (bench/bench_makespan.py). Set only where nobody configured another value.
 STEAL_INTERVAL_KEY = "distributed.scheduler.work-stealing-interval"
 STEAL_INTERVAL = "50ms"
+SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
 JOB_ANNOTATION = "grid_job"
 OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.workflow.TaskOutputForwarder.name
@@ -58,6 +62,8 @@ class Scheduling:
         self.fairshare = FairShare(ledger_path)
         self.tasklog = TaskLog(ledger_path)
         self.holds = OutputHolds()
+        # Issue 8: copies of a task on different nodes, compared before use (replicas: N).
+        self.replicas = Replicas(plugin, self.placement)
         # The plugin is made before the Scheduler, which reads this when it starts stealing.
         current = dask.config.get(STEAL_INTERVAL_KEY, None)
         if current is None or current == _packaged_default(STEAL_INTERVAL_KEY):
@@ -96,6 +102,8 @@ class Scheduling:
         if where:
             self.placement.update_graph(scheduler, tasks, where)
         self.fairshare.update_graph(scheduler, self.placement, tasks, user_of)
+        self.replicas.update_graph(scheduler, tasks, annotations)
+        sample_workers(scheduler, tasks)  # issue 8: placement cost at hundreds of nodes
         held = annotations.get(HOLD_ANNOTATION, {})
         if held:
             jobs = annotations.get(JOB_ANNOTATION, {})
@@ -122,6 +130,7 @@ class Scheduling:
         job_id = self.plugin.jobs.task_jobs.get(key)
         if job_id is not None:
             self._record(scheduler, job_id, key, start, finish, kwargs)
+        self.replicas.transition(scheduler, key, start, finish, kwargs)
         if finish == "forgotten":
             self.placement.forget(key)
 
@@ -166,6 +175,11 @@ class Scheduling:
         record = self.plugin.registry.by_address(address)
         node = Node.from_dict(record.to_dict()) if record is not None else None
         self.placement.add_worker(scheduler, address, node)
+        self.replicas.add_worker(scheduler, address)
+
+    def remove_worker(self, scheduler: Scheduler, address: str) -> None:
+        self.placement.remove_worker(address)
+        self.replicas.remove_worker(scheduler, address)
 
     # -- handlers -------------------------------------------------------------------------------
     def handle_match(
@@ -210,8 +224,14 @@ class Scheduling:
         return {"ok": self.tasklog.output(key, stdout, stderr, node=node)}
 
     def handle_workflow_outputs(self, comm: Any = None, job_id: str = "") -> dict[str, Any]:
-        if self._visible(comm, job_id) is None:
+        record = self._visible(comm, job_id)
+        if record is None:
             return {"error": f"no job {job_id!r} of yours; see `grid-portal jobs`"}
+        if record.checks_pending:
+            return {
+                "error": f"job {job_id} is still comparing the replicas of its tasks; fetch its "
+                "outputs once it is done"
+            }
         assert self.plugin.scheduler is not None
         outputs = self.holds.outputs(self.plugin.scheduler, job_id)
         if outputs is None:
@@ -254,6 +274,44 @@ class Scheduling:
         except (TypeError, ValueError) as exc:
             return {"error": str(exc)}
         return self.handle_fairshare(comm)
+
+
+def sample_workers(scheduler: Scheduler, keys: Iterable[Any], k: int = SAMPLE_WORKERS) -> None:
+    """Let Dask choose each new independent task's node among ``k`` sampled eligible nodes.
+
+    A task with resources (every grid task has them) is not a "root" task for Dask: it is
+    placed by scoring every eligible worker, which with 200 volunteers and 20,000 tasks
+    submitted at once held the scheduler's event loop for 16-25 s (bench/bench_load.py), long
+    enough for heartbeats to look missed and the API to stall. The best of a few random
+    choices balances load nearly as well as the best of all ("the power of d choices", as
+    the Sparrow scheduler uses), and the restriction is *loose*: when none of the sampled
+    nodes can take the task Dask falls back to any node, and work stealing still moves queued
+    tasks to idle nodes outside the sample. Tasks that need data keep Dask's own choice (the
+    nodes that hold their inputs); tasks already restricted (``where``, replicas, quotas,
+    ``workers=``) are left alone.
+    """
+    if len(scheduler.running) <= 2 * k:
+        return
+    eligible: dict[tuple[Any, ...], list[str]] = {}
+    for key in keys:
+        ts = scheduler.tasks.get(key)
+        if (
+            ts is None
+            or ts.dependencies
+            or ts.worker_restrictions
+            or ts.host_restrictions
+            or ts.state != "released"
+        ):
+            continue
+        signature = tuple(sorted((ts.resource_restrictions or {}).items()))
+        pool = eligible.get(signature)
+        if pool is None:
+            valid = scheduler.valid_workers(ts)
+            workers = scheduler.running if valid is None else valid
+            pool = eligible[signature] = [ws.address for ws in workers]
+        if len(pool) > 2 * k:
+            ts.worker_restrictions = set(random.sample(pool, k))
+            ts.loose_restrictions = True
 
 
 def _packaged_default(key: str) -> Any:

@@ -217,6 +217,8 @@ async def run_portal(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     companions = [asyncio.create_task(c(info)) for c in config.companions]
+    # Issue 8: resubmit the jobs the previous run left unfinished (portal/recovery.py).
+    companions.append(asyncio.create_task(plugin.recovery.run(config.data_dir / CONNECTION_FILE)))
     if on_ready is not None:
         on_ready(info)
     try:

@@ -183,6 +183,14 @@ class TaskLog:
         record.finished = time.time()
         self._touch(record)
 
+    def flag(self, key: Any, error: str) -> None:
+        """Mark a task failed after the fact: its replicas disagreed (portal/replicas.py)."""
+        record = self.live.get(key) or self.recent.get(str(key))
+        if record is None:
+            return
+        record.state, record.error = FAILED, error[:2000]
+        self._touch(record)
+
     def output(self, key_text: str, stdout: Any, stderr: Any, node: str | None = None) -> bool:
         """A shell task's output, sent by the node that ran it (``node``; None: anyone).
 
