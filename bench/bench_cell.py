@@ -6,15 +6,16 @@ Run by hand from the repository root: ``python bench/bench_cell.py`` (needs ipyp
 run, interleaved round by round so that load drifts hit every contender alike:
 
 - ``%%grid`` on a trivial cell (``x = 1``): parse, ship, run in a child process on the node,
-  bring ``x`` back;
+  bring ``x`` back; and the same with the Grid client's 5 s cache of the largest offer
+  forgotten first, as for cells run further apart than that;
 - ``%%px`` on the same cell, on both engines (its default) and on one;
 - ``Client.submit`` of the equivalent function with the Grid's own Dask client: no resources,
   no job annotations, no child process: Dask's floor on this portal;
 - ``Grid.submit`` of it: resources and the job annotation;
-- ``%%grid`` again with the client's batched-send interval (``client.scheduler_comm.interval``,
-  10 ms by default in distributed) lowered to 2 ms and to 0; then with the portal's and the
-  node's batched sends at 0 as well (set through ``run_on_scheduler``/``run``, for the
-  measurement only), and raw ``Client.submit`` under the same settings.
+- then, interleaved round by round with the defaults, ``%%grid`` and ``Client.submit`` with the
+  client's batched-send interval (``client.scheduler_comm.interval``, 10 ms by default in
+  distributed) at 0, and with the portal's and the node's batched sends at 0 as well (set
+  through ``run_on_scheduler``/``run``, for the measurement only).
 
 Results go to docs/benchmarks.md. Medians and 90th percentiles of ``-n`` rounds.
 """
@@ -102,6 +103,7 @@ def start_grid(home: Path, sandbox: str | None) -> tuple[list[subprocess.Popen[b
             "2",
             "--memory",
             "1GB",
+            *(("--sandbox", sandbox) if sandbox else ()),
         ),
         stdout=open(home / "volunteer.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
@@ -110,13 +112,22 @@ def start_grid(home: Path, sandbox: str | None) -> tuple[list[subprocess.Popen[b
     return [volunteer, portal], str(data / "connection.json")
 
 
-def _scheduler_intervals(dask_scheduler: Any, value: float) -> None:
-    for stream in (*dask_scheduler.stream_comms.values(), *dask_scheduler.client_comms.values()):
-        stream.interval = value
+def _scheduler_intervals(dask_scheduler: Any, workers: float, clients: float) -> dict[str, float]:
+    """Set the portal's batched-send intervals (to workers, to clients); returns the old ones."""
+    old = {"workers": 0.005, "clients": 0.002}
+    for stream in dask_scheduler.stream_comms.values():
+        old["workers"] = stream.interval
+        stream.interval = workers
+    for stream in dask_scheduler.client_comms.values():
+        old["clients"] = stream.interval
+        stream.interval = clients
+    return old
 
 
-def _worker_interval(dask_worker: Any, value: float) -> None:
+def _worker_interval(dask_worker: Any, value: float) -> float:
+    old = dask_worker.batched_stream.interval
     dask_worker.batched_stream.interval = value
+    return old
 
 
 def stats(times: list[float]) -> str:
@@ -125,14 +136,23 @@ def stats(times: list[float]) -> str:
     return f"median {statistics.median(ms):6.2f} ms   p90 {p90:6.2f} ms"
 
 
+def timed(fn: Callable[[], Any], before: Callable[[], Any] | None = None) -> float:
+    """One call after IDLE seconds of quiet (and ``before``, untimed)."""
+    if before is not None:
+        before()
+    time.sleep(IDLE)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=40, help="rounds to time")
     parser.add_argument(
         "--sandbox",
         default=None,
-        help="the volunteer's --sandbox (default: its own default); 'none' runs tasks in the "
-        "worker, where a cell's output streams",
+        help="the volunteer's --sandbox (default: its own default, bubblewrap where it works)",
     )
     args = parser.parse_args()
 
@@ -167,54 +187,67 @@ def main() -> None:
             x = 1
             return {"x": x}
 
+        def forget_offer() -> None:
+            # The Grid client checks a cell's request against the largest offer, which it
+            # caches for 5 s: cells further apart than that (as a person runs them) pay a
+            # round trip for it. Measured by forgetting the cache before the call.
+            grid._largest = None
+
         client = grid.client
-        contenders: dict[str, Callable[[], Any]] = {
-            "%%grid x = 1": lambda: shell.run_cell_magic("grid", "", "x = 1\n"),
-            "%%px x = 1 (2 engines)": lambda: shell.run_cell_magic("px", "", "x = 1\n"),
-            "%%px x = 1 (1 engine)": lambda: shell.run_cell_magic("pxone", "", "x = 1\n"),
-            "Client.submit(f).result()": lambda: client.submit(trivial_cell, pure=False).result(),
-            "Grid.submit(f).result()": lambda: grid.submit(trivial_cell).result(),
+        grid_cell = lambda: shell.run_cell_magic("grid", "", "x = 1\n")  # noqa: E731
+        raw = lambda: client.submit(trivial_cell, pure=False).result()  # noqa: E731
+        contenders: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {
+            "%%grid x = 1": (grid_cell, None),
+            "%%grid x = 1, cells > 5 s apart": (grid_cell, forget_offer),
+            "%%px x = 1 (2 engines)": (lambda: shell.run_cell_magic("px", "", "x = 1\n"), None),
+            "%%px x = 1 (1 engine)": (lambda: shell.run_cell_magic("pxone", "", "x = 1\n"), None),
+            "Client.submit(f).result()": (raw, None),
+            "Grid.submit(f).result()": (lambda: grid.submit(trivial_cell).result(), None),
         }
-        for fn in contenders.values():  # warm up: imports, connections, the node's spare child
+        for fn, _ in contenders.values():  # warm up: imports, connections, the node's child
             for _ in range(3):
                 fn()
         times: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(args.n):
-            for name, fn in contenders.items():
-                time.sleep(IDLE)
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        for _ in range(args.n):  # round by round, so that load drifts hit every one alike
+            for name, (fn, before) in contenders.items():
+                times[name].append(timed(fn, before))
 
-        def again(name: str, fn: Callable[[], Any]) -> None:
-            times[name] = []
-            for _ in range(3):
-                fn()
-            for _ in range(args.n):
-                time.sleep(IDLE)
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-
-        # What lowering Dask's batching intervals would buy (FIELD-NOTES): first only the
-        # client's own comm (the Grid client could do that), then also the portal's and the
-        # node's (their plugins could), set here from outside for the measurement only.
-        for interval in (0.002, 0.0):
-            client.scheduler_comm.interval = interval
-            again(
-                f"%%grid x = 1, client interval {interval * 1000:g} ms", contenders["%%grid x = 1"]
-            )
+        # What lowering Dask's batching intervals buys a single call after a pause
+        # (FIELD-NOTES): first only the client's own comm (the Grid client could set that),
+        # then also the portal's and the node's (their plugins could), set from outside for
+        # the measurement only. Interleaved with the defaults, round by round.
+        default_client = client.scheduler_comm.interval
         try:
-            client.run_on_scheduler(_scheduler_intervals, value=0.0)
-            client.run(_worker_interval, value=0.0)
+            portal_default = client.run_on_scheduler(_scheduler_intervals, workers=0, clients=0)
+            client.run_on_scheduler(_scheduler_intervals, **portal_default)
+            node_default = next(iter(client.run(_worker_interval, value=0).values()))
+            client.run(_worker_interval, value=node_default)
         except Exception as exc:  # noqa: BLE001 - a portal that forbids run_on_scheduler
-            print(f"(could not lower the portal's and node's intervals: {exc})")
-        else:
-            again("%%grid x = 1, all intervals 0", contenders["%%grid x = 1"])
-            again(
-                "Client.submit(f).result(), all intervals 0",
-                contenders["Client.submit(f).result()"],
-            )
+            print(f"(could not change the portal's and node's intervals: {exc})")
+            portal_default, node_default = None, None
+
+        def setting(client_s: float, portal: dict[str, float] | None, node: float | None):
+            def apply() -> None:
+                client.scheduler_comm.interval = client_s
+                if portal is not None and node is not None:
+                    client.run_on_scheduler(_scheduler_intervals, **portal)
+                    client.run(_worker_interval, value=node)
+
+            return apply
+
+        settings = {
+            "default intervals": setting(default_client, portal_default, node_default),
+            "client interval 0": setting(0.0, portal_default, node_default),
+        }
+        if portal_default is not None:
+            settings["all intervals 0"] = setting(0.0, {"workers": 0, "clients": 0}, 0.0)
+        study: dict[str, list[float]] = {}
+        for _ in range(args.n):
+            for label, apply in settings.items():
+                apply()
+                for what, fn in (("%%grid x = 1", grid_cell), ("Client.submit", raw)):
+                    study.setdefault(f"{what}, {label}", []).append(timed(fn))
+        settings["default intervals"]()
 
         mode = args.sandbox or "default"
         print(f"{args.n} rounds, volunteer --sandbox {mode}, this machine: {os.cpu_count()} CPUs")
@@ -222,7 +255,12 @@ def main() -> None:
             print(f"  {name:48s} {stats(values)}")
         grid_ms = statistics.median(times["%%grid x = 1"])
         raw_ms = statistics.median(times["Client.submit(f).result()"])
+        px_ms = statistics.median(times["%%px x = 1 (2 engines)"])
         print(f"  %%grid overhead over a raw Client.submit: {(grid_ms - raw_ms) * 1000:.2f} ms")
+        print(f"  %%grid / %%px (2 engines): {grid_ms / px_ms:.2f}x")
+        print("Batched-send intervals, a single call after 50 ms of quiet (interleaved):")
+        for name, values in study.items():
+            print(f"  {name:48s} {stats(values)}")
     finally:
         if cluster is not None:
             cluster.stop_cluster_sync()

@@ -64,3 +64,28 @@ def wf_where_ran(anywhere: list) -> dict:
 
 def wf_offset(j: int, simulate: list) -> list:
     return [j * 100 + r["value"] for r in simulate]
+
+
+# -- restarts, load and replicas (issue 8) ------------------------------------------------------
+
+
+def slow_square(i: int, seconds: float = 0.0) -> int:
+    import time as _time
+
+    _time.sleep(seconds)
+    return i * i
+
+
+def total(slow: list) -> int:
+    return sum(slow)
+
+
+def honest_unless_liar(i: int) -> int:
+    """``i * 10``, except on a node whose name starts with "liar" (a faulty or malicious node)."""
+    from distributed import get_worker
+
+    return i * 10 + (1 if str(get_worker().name).startswith("liar") else 0)
+
+
+def plus_one(i: int) -> int:
+    return i + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,21 +31,33 @@ from grid_portal.notebook.magics import magics_for
 def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     tmp = tmp_path_factory.mktemp("magics")
     p = start_portal(tmp)
-    # Tasks in the worker itself (--sandbox none): there the cell's task relays its output
-    # while it runs. The sandboxed default is tested below with a node of its own.
-    start_volunteer(
-        p, tmp, "vol", "--cpus", "2", "--memory", "1GB", "--label", "pool=a", "--sandbox", "none"
-    )
+    # The volunteer's default sandbox (bubblewrap here): each task runs in a sandboxed task
+    # process, which streams and keeps results through its channel to the worker.
+    start_volunteer(p, tmp, "vol", "--cpus", "2", "--memory", "1GB", "--label", "pool=a")
     yield p
     p.stop()
 
 
 @pytest.fixture(scope="module")
-def boxed(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A second node with the default sandbox: tasks run in sandboxed task processes."""
-    tmp = tmp_path_factory.mktemp("boxed")
-    start_volunteer(portal, tmp, "boxed", "--cpus", "1", "--memory", "1GB", "--label", "box=yes")
-    return '--where labels.box == "yes"'
+def unboxed(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second node with --sandbox none (the embedded portal's kind): there a cell's task runs
+    in the worker itself and reaches the scheduler through the worker's own connection, a
+    path of its own that still needs covering. Returns the --where that picks it."""
+    tmp = tmp_path_factory.mktemp("unboxed")
+    start_volunteer(
+        portal,
+        tmp,
+        "unboxed",
+        "--cpus",
+        "1",
+        "--memory",
+        "1GB",
+        "--label",
+        "box=no",
+        "--sandbox",
+        "none",
+    )
+    return '--where labels.box == "no"'
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +109,36 @@ def recording(on_text: Any = None) -> Iterator[list[tuple[str, str, float]]]:
     out, err = Recorder(log, "stdout", on_text), Recorder(log, "stderr", on_text)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # type: ignore[type-var]
         yield log
+
+
+class Gate:
+    """What a cell waits on until the test lets it go on: a socket on loopback. (Not a file:
+    bubblewrap hides /tmp from grid tasks; the network is shared.) ``code`` is the cell's
+    side: it sets ``passed`` to whether the gate opened within 30 s."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(60)
+        self.opened = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+        port = self.server.getsockname()[1]
+        self.code = (
+            "import socket\n"
+            "try:\n"
+            f"    passed = socket.create_connection(('127.0.0.1', {port}), 30).recv(4) == b'open'\n"
+            "except OSError:\n"
+            "    passed = False\n"
+        )
+
+    def _serve(self) -> None:
+        with self.server, contextlib.suppress(OSError):
+            conn, _ = self.server.accept()
+            with conn:
+                if self.opened.wait(60):
+                    conn.sendall(b"open")
+
+    def open(self) -> None:
+        self.opened.set()
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -157,28 +200,26 @@ def test_inputs_are_what_the_cell_reads_and_outputs_what_it_assigns() -> None:
 
 
 # -- output ---------------------------------------------------------------------------------------
-def test_output_streams_while_the_cell_runs_in_order_and_only_to_its_kernel(
-    shell, tmp_path: Path
-) -> None:
-    flag = tmp_path / "go"
-    shell.user_ns["flag"] = str(flag)
+def check_output_streams(shell: InteractiveShell, line: str = "") -> None:
+    """A cell's output reaches this kernel while the cell runs (the cell can only finish once
+    the kernel has seen its output), in order, and only this kernel."""
+    gate = Gate()
 
     def on_text(text: str) -> None:
         if "waiting" in text:
-            flag.touch()  # the cell can only finish once this kernel has seen its output
+            gate.open()
 
     with recording(on_text) as log:
         cell(
             shell,
-            "import os, sys, time\n"
+            "import sys\n"
             "for k in range(3):\n"
             "    print('out', k)\n"
             "    print('err', k, file=sys.stderr)\n"
             "print('waiting', flush=True)\n"
-            "deadline = time.time() + 30\n"
-            "while not os.path.exists(flag) and time.time() < deadline:\n"
-            "    time.sleep(0.01)\n"
-            "print('seen' if os.path.exists(flag) else 'never seen')\n",
+            f"{gate.code}"
+            "print('seen' if passed else 'never seen')\n",
+            line,
         )
     text = "".join(t for _, t, _ in log)
     assert text == "out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\nwaiting\nseen\n"
@@ -187,6 +228,10 @@ def test_output_streams_while_the_cell_runs_in_order_and_only_to_its_kernel(
     # Not broadcast: Dask's event log, which every client may read, holds none of it.
     events = grid_of(shell).client.get_events()
     assert "waiting" not in repr(events)
+
+
+def test_output_streams_from_a_sandboxed_node_in_order_and_only_to_its_kernel(shell) -> None:
+    check_output_streams(shell)
 
 
 def test_display_calls_and_figures_come_back_as_rich_outputs(shell) -> None:
@@ -343,16 +388,26 @@ def test_a_failing_map_value_stops_the_sweep_with_its_error(shell) -> None:
     assert "[v=0] Traceback from node vol" in captured.stdout
 
 
-def test_background_cell_result_is_kept_by_the_portal(shell, portal: Portal) -> None:
+def check_background_result_outlives_its_kernel(
+    shell: InteractiveShell, portal: Portal, line: str = ""
+) -> None:
+    """A --bg cell whose kernel went away while it ran: its node keeps the result at the
+    portal, and a fresh extension (as after a kernel restart) loads it."""
+    gate = Gate()
     with capture_output():
         handle = cell(
-            shell, "import time\ntime.sleep(0.3)\nkept = [1, 2, 3]\nprint('bg')\n'value'", "--bg"
+            shell, f"{gate.code}kept = [1, 2, 3]\nprint('bg', passed)\n'value'", f"--bg {line}"
         )
     assert handle.job_id in repr(handle)
     grid = grid_of(shell)
-    wait_for(lambda: grid.get_job(handle.job_id).has_result, timeout=30, what="a kept result")
-    # A fresh extension, as after a kernel restart: no handle here, a new connection.
-    shell.run_line_magic("unload_ext", "grid_portal")
+    wait_for(lambda: grid.get_job(handle.job_id).state is JobState.RUNNING, what="the cell")
+    # The kernel's connection closes while the cell runs: no one here can keep its result.
+    with capture_output():
+        shell.run_line_magic("unload_ext", "grid_portal")
+        wait_for(handle.done, what="the handle to see its connection close")
+    gate.open()
+    with portal.grid() as admin:  # the portal's admin may look at anyone's job
+        wait_for(lambda: admin.get_job(handle.job_id).has_result, what="the node to keep it")
     shell.run_line_magic("load_ext", "grid_portal")
     shell.user_ns.pop("kept", None)
     with capture_output():
@@ -360,9 +415,13 @@ def test_background_cell_result_is_kept_by_the_portal(shell, portal: Portal) -> 
     with capture_output() as captured:
         value = shell.run_line_magic("grid", f"result {handle.job_id}")
     assert value == "value" and shell.user_ns["kept"] == [1, 2, 3]
-    assert captured.stdout == "bg\n"
+    assert captured.stdout == "bg True\n"
     job = grid_of(shell).get_job(handle.job_id)
     assert job.has_result and job.state is JobState.DONE
+
+
+def test_background_result_outlives_its_kernel_on_a_sandboxed_node(shell, portal) -> None:
+    check_background_result_outlives_its_kernel(shell, portal)
 
 
 def test_line_magics_list_show_and_cancel(shell) -> None:
@@ -443,28 +502,62 @@ def test_the_embedded_portal_with_no_configuration(shell, portal: Portal) -> Non
             shell.run_line_magic("grid", f"connect {portal.connection_file}")
 
 
-# -- a sandboxed node (last: once it joins, any cell may land on it) ----------------------
-def test_a_sandboxed_node_runs_cells_with_values_errors_and_timeouts(shell, boxed: str) -> None:
-    shell.user_ns["base"] = 10
-    with capture_output() as captured:
-        value = cell(shell, "print('boxed', base)\nmore = base + 1\nmore * 2", boxed)
-    assert value == 22 and shell.user_ns["more"] == 11 and captured.stdout == "boxed 10\n"
-    result, captured = run(shell, f"%%grid {boxed}\nx = 1\n\nraise KeyError('k')\n")
-    assert isinstance(result.error_in_exec, KeyError)
-    assert "line 4" in captured.stdout and "Traceback from node boxed" in captured.stdout
-    with pytest.raises(CellTimedOut, match="boxed"):
-        cell(shell, "import time\ntime.sleep(60)", f"{boxed} --timeout 0.5s")
-    assert cell(shell, "'free'", f"{boxed} --timeout 20s") == "free"
+# -- the sandboxed task's channel --------------------------------------------------------------
+def test_a_sandboxed_task_reaches_only_its_own_queue_and_job(shell) -> None:
+    """A task process's one way out (get_worker().grid_emit) carries a queue item to the
+    queue its task came with, and nothing else: not to another queue, not a result for another
+    job, not data that is not plain, not another kind of message even when written raw."""
+    import uuid
+
+    import dask
+    from distributed import Queue
+
+    grid = grid_of(shell)
+    mine = f"grid-test-{uuid.uuid4().hex}"
+    other = Queue(f"grid-test-{uuid.uuid4().hex}", client=grid.client)
+    inbox = Queue(mine, client=grid.client)
+
+    def probe(mine: str, other: str) -> dict[str, str]:
+        from distributed import get_worker
+
+        from grid_portal.node.taskchild import recv, send
+
+        worker = get_worker()
+        worker.grid_emit("queue_put", {"name": mine, "data": {"hello": "world", "n": 2}})
+        tries = {
+            "other queue": ("queue_put", {"name": other, "data": 1}),
+            "not plain": ("queue_put", {"name": mine, "data": {"x": object()}}),
+            "other job": ("store_result", {"job_id": "000000000000", "data": b"x"}),
+        }
+        seen = {}
+        for label, (kind, payload) in tries.items():
+            try:
+                worker.grid_emit(kind, payload)
+                seen[label] = "sent"
+            except Exception as exc:  # noqa: BLE001 - the kind of refusal is the result
+                seen[label] = type(exc).__name__
+        channel = worker.__dict__["_channel"]  # past the task side's own checks
+        with channel.lock:
+            send(channel.out, ("emit", "run_function", {"function": b"anything"}))
+            answer = recv(channel.inp)
+        seen["raw other kind"] = "refused" if answer[1].get("refused") else "sent"
+        return seen
+
+    with dask.annotate(grid_stream=mine):
+        seen = grid.submit(probe, mine, other.name).result(timeout=60)
+    assert inbox.get(timeout=30) == {"hello": "world", "n": 2}
+    assert seen == {
+        "other queue": "PermissionError",
+        "not plain": "PermissionError",
+        "other job": "PermissionError",
+        "raw other kind": "refused",
+    }
+    assert other.qsize() == 0 and inbox.qsize() == 0
 
 
-def test_a_sandboxed_node_stops_an_interrupted_cell(shell, portal: Portal, boxed: str) -> None:
-    running: list[int] = []
-
-    def press_when_running() -> None:
-        running.extend(wait_for(lambda: cell_processes(portal, 1), what="the cell to start"))
-        _thread.interrupt_main()
-
-    threading.Thread(target=press_when_running, daemon=True).start()
-    with capture_output(), pytest.raises(CellInterrupted):
-        cell(shell, MARKED_SLEEP.format(seconds=10), boxed)
-    wait_for(lambda: not any(map(_alive, running)), timeout=5, what="the cell to be killed")
+# -- a node without a sandbox (last: once it joins, any cell may land on it) ------------------
+def test_a_node_without_sandbox_streams_and_keeps_results_from_its_worker(
+    shell, portal: Portal, unboxed: str
+) -> None:
+    check_output_streams(shell, unboxed)
+    check_background_result_outlives_its_kernel(shell, portal, unboxed)

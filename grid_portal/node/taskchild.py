@@ -9,6 +9,16 @@ resume (SIGCONT) or end (SIGKILL) a task together with any processes it started.
 Inside, ``distributed.get_worker()`` returns a :class:`WorkerView`: the worker's name, address,
 id, nthreads, memory limit, resources and local directory; anything else (``get_client()``,
 ``secede()``, P2P shuffles) needs the real worker and says so.
+
+The one way out to the grid is :meth:`WorkerView.grid_emit` (see :class:`TaskChannel`): while a
+task runs it may send the worker two kinds of message, each answered before it returns,
+
+- ``("queue_put", {"name": ..., "data": ...})``: put plain data into a Dask ``Queue``;
+- ``("store_result", {"job_id": ..., "data": bytes})``: keep a job's result at the portal;
+
+and the worker forwards them to the scheduler only for the names the task came with (its
+``grid_stream`` and ``grid_job`` annotations; see ``TaskProcessExecutor``). Nothing else of the
+worker or the scheduler is reachable from here.
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 class WorkerView:
     """The parts of the Dask worker a task may use from its own process."""
 
-    AVAILABLE = ("name", "address", "id", "nthreads", "memory_limit", "resources")
+    AVAILABLE = ("name", "address", "id", "nthreads", "memory_limit", "resources", "grid_emit")
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
@@ -66,6 +76,14 @@ class WorkerView:
     @property
     def total_resources(self) -> dict[str, float]:
         return dict(self.__dict__.get("resources") or {})
+
+    def grid_emit(self, kind: str, payload: dict[str, Any]) -> Any:
+        """Send the worker one message for the grid (see :class:`TaskChannel`); returns what
+        the scheduler answered. Raises PermissionError for a name this task was not given."""
+        channel = self.__dict__.get("_channel")
+        if channel is None:
+            raise RuntimeError("this task process has no channel to its worker")
+        return channel.emit(kind, payload)
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
@@ -79,6 +97,47 @@ class WorkerView:
 
     def __repr__(self) -> str:
         return f"<grid task view of worker {self.__dict__.get('name')!r}>"
+
+
+# -- the task's channel to its worker ------------------------------------------------------------
+EMIT_KINDS = ("queue_put", "store_result")
+
+
+class TaskChannel:
+    """A task's narrow channel to its worker, over the task process's own pipes.
+
+    A message goes out as ``("emit", kind, payload)`` and the worker's executor thread, which is
+    waiting for the task's result, answers ``("emitted", {"ok": ..., ...})`` before it reads
+    anything else: the pipes stay strictly request/answer, and messages reach the scheduler in
+    the order the task sent them. Open only while a task runs: a thread a task left behind
+    cannot write into the pipe once its task's result has been sent.
+    """
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self.inp, self.out = inp, out
+        self.lock = threading.Lock()  # one message (and its answer) at a time
+        self.open = False
+
+    def set_open(self, value: bool) -> None:
+        with self.lock:  # waits for a message in flight, so no answer is left unread
+            self.open = value
+
+    def emit(self, kind: str, payload: dict[str, Any]) -> Any:
+        if kind not in EMIT_KINDS:
+            raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(EMIT_KINDS)}")
+        with self.lock:
+            if not self.open:
+                raise RuntimeError("grid_emit is for a running task; this task has ended")
+            send(self.out, ("emit", kind, payload))
+            answer = recv(self.inp)
+        if not (isinstance(answer, tuple) and answer[:1] == ("emitted",)):
+            raise ConnectionError(f"the worker answered {answer!r}")
+        reply = answer[1]
+        if reply.get("ok"):
+            return reply.get("reply")
+        if reply.get("refused"):
+            raise PermissionError(reply.get("error") or "refused")
+        raise ConnectionError(reply.get("error") or "the worker could not forward it")
 
 
 # -- memory accounting -------------------------------------------------------------------------
@@ -178,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     from distributed.worker import _worker_cvar
 
     view = WorkerView(**config["view"])
+    channel = TaskChannel(inp, out)
+    view.__dict__["_channel"] = channel
     _worker_cvar.set(view)  # type: ignore[arg-type]
     node = str(config["view"].get("name"))
     max_memory = config.get("max_memory")
@@ -198,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         started = data_size()
         if limit and started is not None:
             _set_data_limit(started + int(limit))
+        channel.set_open(True)
         try:
             fn, args, kwargs = pickle.loads(payload)
             msg = fn(*args, **kwargs)
@@ -207,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             msg = dict(error_message(exc))
             msg.update(op="task-erred", start=time.time(), stop=time.time())
         finally:
+            channel.set_open(False)
             _set_data_limit(None)  # back to the hard limit, to send the result
         if not isinstance(msg, dict):  # not a task (a benchmark, ...): the plain return value
             msg = {"op": "value", "value": msg}

@@ -18,6 +18,13 @@ and their tracebacks arrive unchanged. What a process buys over a thread:
 - **cancellation**: a cancelled task's process is ended at once instead of running on;
 - **low priority**: task processes run at nice 10, so the volunteer's own programs come first.
 
+A task process has no connection to the scheduler. While its task runs it may ask this executor
+for exactly two things (``taskchild.TaskChannel``): put plain data into the Dask ``Queue`` named
+by the task's ``grid_stream`` annotation (a ``%%grid`` cell's output stream), and keep a result
+at the portal for the job named by its ``grid_job`` annotation (a ``--bg`` cell; the portal also
+checks that the job ran on this node). The executor forwards those through the worker's own
+scheduler connection (``worker.scheduler``) and refuses any other name or kind.
+
 Tasks that must run inside the worker itself run in a thread as Dask would: P2P shuffle and
 rechunk steps (they use the worker's shuffle extension; they are distributed's own code) and
 anything that is not a task (benchmarks). Coroutine tasks never reach an executor: Dask runs
@@ -52,6 +59,12 @@ logger = logging.getLogger("grid_portal.node")
 TASK_NICE = 10
 WATCHDOG_INTERVAL = 0.2  # seconds between memory checks while tasks run
 MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's memory= becomes
+# Task annotations that name what a task may reach through its channel. The wire contract with
+# the Grid client (grid_job) and jobs/cell.py (grid_stream); node code imports neither.
+JOB_ANNOTATION = "grid_job"
+STREAM_ANNOTATION = "grid_stream"
+EMIT_TIMEOUT = 10.0  # s the executor waits for the scheduler to take a task's message
+MAX_QUEUE_ITEM = 16 * 2**20  # characters/bytes in one queue item: it lives at the portal
 
 
 @dataclass
@@ -96,6 +109,68 @@ class _Child:
         for stream in (self.to_child, self.from_child):
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """What one running task may reach through its channel: names it came with."""
+
+    job: str | None = None  # may keep this job's result at the portal
+    stream: str | None = None  # may put into this Dask Queue
+
+    def refusal(self, kind: Any, payload: Any) -> str | None:
+        """Why this message may not go out; None if it may."""
+        if not isinstance(payload, dict):
+            return "a message's payload is a dict"
+        if kind == "queue_put":
+            if self.stream is None or payload.get("name") != self.stream:
+                return "this task may only put into the queue it was given (grid_stream)"
+            if _plain_size(payload.get("data")) > MAX_QUEUE_ITEM:
+                return (
+                    "a queue item is plain data (str, numbers, lists, dicts) of at most "
+                    f"{MAX_QUEUE_ITEM} characters"
+                )
+            return None
+        if kind == "store_result":
+            if self.job is None or payload.get("job_id") != self.job:
+                return "this task may only keep the result of its own job (grid_job)"
+            if not isinstance(payload.get("data"), bytes):
+                return "a result to keep is bytes"
+            return None
+        return f"unknown message kind {kind!r}"
+
+
+def _plain_size(value: Any) -> int:
+    """Size of plain (msgpack-able) data; more than MAX_QUEUE_ITEM for anything else. Walks at
+    most a bounded number of items, so that no structure (one that holds itself, say) keeps
+    this thread, and the task's slot, busy."""
+    too_big = MAX_QUEUE_ITEM + 1
+    total, budget = 0, 100_000
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        budget -= 1
+        if budget < 0 or depth > 32:
+            return too_big
+        if item is None or isinstance(item, (bool, int, float)):
+            total += 8
+        elif isinstance(item, (str, bytes)):
+            total += len(item)
+        elif isinstance(item, (list, tuple)):
+            total += 8
+            todo.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            total += 8
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    return too_big
+                total += len(k)
+                todo.append((v, depth + 1))
+        else:
+            return too_big
+        if total > MAX_QUEUE_ITEM:
+            return too_big
+    return total
 
 
 def _p2p_functions() -> frozenset[Any]:
@@ -323,6 +398,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         if self._moves != moves:
             return self._reschedule(task)
         limit = self._limit_for(key)
+        grant = self._grant_for(key)
         payload = cloudpickle.dumps((fn, args, kwargs))
         child = self._take_child()
         child.key, child.limit, child.fate = key, limit, None
@@ -333,6 +409,9 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             send(child.to_child, ("run", key, limit, payload))
             del payload
             reply = recv(child.from_child)
+            while isinstance(reply, tuple) and reply[:1] == ("emit",):  # its channel
+                send(child.to_child, ("emitted", self._forward(key, grant, reply)))
+                reply = recv(child.from_child)
         except (EOFError, OSError):
             return self._ended(child, task, started)
         finally:
@@ -396,6 +475,48 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                 delay,
             )
         return fn(*args, **kwargs)
+
+    def _grant_for(self, key: Any) -> _Grant:
+        worker = self.worker
+        ts = worker.state.tasks.get(key) if worker is not None else None
+        annotations = (ts.annotations if ts is not None else None) or {}
+        job, stream = annotations.get(JOB_ANNOTATION), annotations.get(STREAM_ANNOTATION)
+        return _Grant(
+            job=job if isinstance(job, str) else None,
+            stream=stream if isinstance(stream, str) else None,
+        )
+
+    def _forward(self, key: Any, grant: _Grant, message: Any) -> dict[str, Any]:
+        """One message from a running task, to the scheduler if its grant allows it."""
+        import asyncio
+
+        kind, payload = (message[1], message[2]) if len(message) == 3 else (None, None)
+        problem = grant.refusal(kind, payload)
+        worker = self.worker
+        if problem is None and worker is None:
+            problem = "the worker is not ready"
+        if problem is not None:
+            # Not the grant itself: a queue's name is what keeps its output private.
+            logger.warning("refused a message from grid task %r: %s", key, problem)
+            return {"ok": False, "refused": True, "error": problem}
+        assert worker is not None and isinstance(payload, dict)
+
+        async def call() -> Any:
+            scheduler = worker.scheduler  # the worker's pooled rpc, on its node certificate
+            if kind == "queue_put":
+                handler = scheduler.queue_put(name=payload["name"], data=payload.get("data"))
+            else:
+                handler = scheduler.grid_job_store_result(
+                    job_id=payload["job_id"], data=payload["data"]
+                )
+            return await asyncio.wait_for(handler, EMIT_TIMEOUT)
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(call(), worker.loop.asyncio_loop)
+            reply = future.result(EMIT_TIMEOUT + 1)
+        except Exception as exc:  # noqa: BLE001 - the task hears why; it goes on regardless
+            return {"ok": False, "refused": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": True, "reply": reply}
 
     def _limit_for(self, key: Any) -> int:
         limit = self.memory_limit or 0

@@ -182,7 +182,11 @@ class BackgroundCell:
     def _wait(self) -> None:
         sink = _OutputSink(self.output, self.labels)
         try:
-            outcomes = self.run.wait(sink)
+            try:
+                outcomes = self.run.wait(sink)
+            except cells.CellResubmitted as exc:  # the portal restarted and ran it again
+                sink.stream(0, "stderr", f"{exc}\n")
+                outcomes = self._kept_outcomes(sink)
             if any(o.get("cancelled") for o in outcomes):
                 raise GridError(f"job {self.job_id} was cancelled; it has no result")
             self.outcomes = outcomes
@@ -219,6 +223,23 @@ class BackgroundCell:
             else:
                 print(a.get("text/plain", "<rich output>"))
         print(note, file=sys.stderr)
+
+    def _kept_outcomes(self, sink: _OutputSink) -> list[dict[str, Any]]:
+        """Wait for the job at the portal and load the result its node kept there."""
+        grid = self.magics.grid
+        version = 0
+        while True:
+            job = grid.get_job(self.job_id)
+            if job is None or job.state.finished:
+                break
+            reply = grid._call("grid_changes", since=1 << 62, jobs_since=version, timeout=10)
+            version = reply["jobs_version"] if reply["jobs_version"] >= version else 0
+        data = cells.fetch_kept(grid, self.job_id)
+        if data is None:
+            raise GridError(_no_result(job) if job is not None else f"no job {self.job_id}")
+        outcomes, _ = cells.load_stored(data)
+        cells.replay(outcomes, sink)
+        return outcomes
 
     def _summary(self, result: cells.CellResult) -> str:
         where = ", ".join(result.nodes) or "the grid"
@@ -614,7 +635,7 @@ class GridMagics(Magics):
         else:
             if not job.state.finished:
                 job = self._wait_for_job(job_id)
-            data = grid.fetch_result(job_id)
+            data = cells.fetch_kept(grid, job_id)
             if data is None:
                 raise GridError(_no_result(job))
             outcomes, labels = cells.load_stored(data)
