@@ -130,7 +130,10 @@ class GridPortal(LoggingConfigurable):
                 self.embedded_pid = conn.pid
                 self.log.info("Grid Portal: started the embedded portal (pid %s)", conn.pid)
             address = str(embedded_connection_path())
-        grid = Grid(address, timeout=self.connect_timeout, start_embedded=False)
+        # reconnect=0: a call cut by a lost portal fails at once instead of waiting for the
+        # portal to come back. The event feed reconnects by itself (a fresh Grid, then a
+        # snapshot), and meanwhile the sidebar shows the error rather than stale data as live.
+        grid = Grid(address, timeout=self.connect_timeout, start_embedded=False, reconnect=0)
         try:
             who = grid.whoami() or {}
         except BaseException:
@@ -164,7 +167,7 @@ class GridPortal(LoggingConfigurable):
     async def _connect_in_thread(self) -> Grid:
         loop = asyncio.get_running_loop()
         try:
-            grid, user = await loop.run_in_executor(self._executor, self._connect)
+            grid, user = await _in_daemon_thread(self._connect)
         except (OSError, TimeoutError) as exc:
             if isinstance(exc, GridError):
                 raise
@@ -186,7 +189,8 @@ class GridPortal(LoggingConfigurable):
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self._executor, fn, grid), timeout or self.call_timeout
+                loop.run_in_executor(self._executor, _while_connected, fn, grid),
+                timeout or self.call_timeout,
             )
         except GridError:
             raise
@@ -198,9 +202,12 @@ class GridPortal(LoggingConfigurable):
             ) from None
         except OSError as exc:  # Dask's CommClosedError is an OSError
             self._drop(grid)
+            # The sidebar shows this as it is: Dask's own text ("in <TLS (closed)
+            # ConnectionPool.grid_changes local=...>: Stream is closed") goes to the log only.
+            self.log.info("Grid Portal: lost the portal: %s", exc)
             raise ConnectionFailed(
-                f"lost the connection to the portal at {grid.connection.scheduler} ({exc}); "
-                "is it running?"
+                f"lost the connection to the portal at {grid.connection.scheduler}; is it "
+                "running? The grid reconnects by itself when it is back."
             ) from None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
@@ -235,6 +242,49 @@ class GridPortal(LoggingConfigurable):
             self.log.info("Grid Portal: stopping the embedded portal (pid %s)", self.embedded_pid)
             await loop.run_in_executor(None, stop_embedded_portal)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _while_connected(fn: Callable[[Grid], T], grid: Grid) -> T:
+    """``fn(grid)``, unless Dask already knows the portal is gone.
+
+    Dask's client notices a lost scheduler at once (its status leaves "running" while it
+    tries to reconnect), but a new request to a dead address retries its connect for the
+    whole connect timeout. Failing here instead lets the sidebar say so within a poll.
+    """
+    status = grid.client.status
+    if status != "running":
+        raise OSError(f"the Dask client is {status}")
+    return fn(grid)
+
+
+def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """``fn()`` on a thread of its own that does not hold up the server's exit.
+
+    Connecting to a portal that is down blocks for the whole connect timeout, and Python
+    joins the threads of every ThreadPoolExecutor at exit: stopping Jupyter while the portal
+    was unreachable hung for that long. A connect nobody waits for any more can be dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name="grid-portal-connect", daemon=True).start()
+    return future
 
 
 def _close_quietly(grid: Grid) -> None:

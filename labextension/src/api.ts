@@ -25,7 +25,7 @@ export function apiUrl(settings: ServerConnection.ISettings, ...path: string[]):
   return URLExt.join(settings.baseUrl, 'grid', 'api', ...path.map(encodeURIComponent));
 }
 
-/** What to tell the user for an HTTP failure, given the server's `{"error": ...}` if any. */
+/** What to tell the user for an HTTP failure, given the server's own message if any. */
 function describeFailure(status: number, serverMessage: string | null, what: string): string {
   if (serverMessage) {
     return serverMessage;
@@ -68,7 +68,14 @@ export async function requestAPI<T>(
     }
   }
   if (!response.ok) {
-    const message = data && typeof data.error === 'string' ? data.error : null;
+    // The server extension answers errors as `{"message": ..., "reason": ...}`
+    // (docs/rest-api.md); `error` is what older servers sent.
+    const message =
+      data && typeof data.message === 'string' && data.message
+        ? data.message
+        : data && typeof data.error === 'string'
+          ? data.error
+          : null;
     throw new GridApiError(describeFailure(response.status, message, what), response.status);
   }
   return data as T;

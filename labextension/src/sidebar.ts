@@ -164,7 +164,7 @@ export class GridSidebar extends Widget {
       this._nodeCount
     );
 
-    const retry = h('button', { class: 'gp-retry jp-Button', type: 'button' }, 'Retry now');
+    const retry = this._retry;
     retry.addEventListener('click', () => this._connection.reconnectNow());
 
     this.node.append(
@@ -245,7 +245,9 @@ export class GridSidebar extends Widget {
     let text: string;
     switch (conn.status) {
       case 'open':
-        text = state.loaded ? 'live' : 'connecting…';
+        // The link to the Jupyter server is up, but the server may have lost the portal:
+        // then what is shown is the last known state, not live.
+        text = !state.loaded ? 'connecting…' : state.error ? 'stale' : 'live';
         break;
       case 'connecting':
         text = 'connecting…';
@@ -263,9 +265,13 @@ export class GridSidebar extends Widget {
     }
     this._connStatus.textContent = text;
     this._connStatus.dataset.status = conn.status;
+    this._connStatus.dataset.stale = state.error ? 'true' : 'false';
     const banner = this._errorText.parentElement as HTMLElement;
     banner.hidden = !state.error;
     this._errorText.textContent = state.error ?? '';
+    // "Retry now" skips the sidebar's own wait to reconnect; while the socket is up the
+    // server retries the portal by itself, and the button would do nothing.
+    this._retry.hidden = conn.status === 'open' || conn.status === 'connecting';
   }
 
   private _renderTotals(): void {
@@ -429,6 +435,7 @@ export class GridSidebar extends Widget {
 
   private _connStatus = h('span', { class: 'gp-conn' });
   private _errorText = h('span', { class: 'gp-error-text' });
+  private _retry = h('button', { class: 'gp-retry jp-Button', type: 'button' }, 'Retry now');
   private _totals = h('div', { class: 'gp-totals' });
   private _nodeCount = h('div', { class: 'gp-node-count' });
   private _toolbar = h('div', { class: 'gp-toolbar' });
