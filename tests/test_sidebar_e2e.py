@@ -38,6 +38,20 @@ SIDEBAR = "#grid-portal\\:sidebar"
 # -- fixtures ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> Iterator[None]:
+    """Override pytest-jupyter's autouse event-loop fixture (the REST API tests load that
+    plugin, and pytest then applies it to every later test): Playwright's sync API runs its
+    own loop for this whole module, which that fixture would try to close after each test."""
+    yield None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> Iterator[None]:
+    """Likewise: this module runs its own `jupyter lab` process, not pytest-jupyter's server."""
+    yield None
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sidebar-e2e")
