@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="longest wait between attempts to rejoin (default 30s)",
     )
+    p.add_argument(
+        "--network-refresh",
+        type=_duration,
+        default=1800.0,
+        help="how often to re-measure bandwidth and round trip to the portal (default 30m)",
+    )
     ctl = p.add_argument_group("pause, resume, drain, status")
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
     ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
@@ -515,6 +521,8 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         policy=settings["policy"],
         control=True,
         verbose=args.verbose,
+        portal_url=settings["portal"],
+        network_refresh=args.network_refresh,
     )
     volunteer = Volunteer(creds, options, static, sandbox=plan)
 

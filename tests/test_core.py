@@ -146,3 +146,20 @@ def test_secrets_never_appear_in_logs_or_node_records(portal: Portal, tmp_path: 
     ]:
         assert path.stat().st_mode & 0o777 == 0o600, path
     assert (portal.data_dir / "connection.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_network_to_the_portal_is_measured_again_now_and_then(
+    portal: Portal, tmp_path: Path
+) -> None:
+    start_volunteer(
+        portal, tmp_path, "roamer", "--cpus", "1", "--memory", "1GB", "--network-refresh", "2s"
+    )
+    with portal.grid() as grid:
+        first = grid.node("roamer").capacity.network.measured_at
+        assert first is not None
+        wait_for(
+            lambda: grid.node("roamer").capacity.network.measured_at > first,
+            timeout=60,
+            what="a fresh measurement of bandwidth and round trip",
+        )
+        assert grid.node("roamer").capacity.network.bandwidth > 0

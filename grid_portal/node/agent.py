@@ -99,6 +99,8 @@ class VolunteerOptions:
     policy: Policy | None = None  # the volunteer's rules; None: always run
     control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
     verbose: bool = False
+    portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
+    network_refresh: float = 1800.0  # seconds between measurements of bandwidth and RTT
 
 
 def default_state_dir() -> Path:
@@ -304,6 +306,7 @@ class Volunteer:
             control = ControlServer(self.creds.name, self.control)
             await control.start()
         watcher = asyncio.ensure_future(self._policy_loop())
+        network = asyncio.ensure_future(self._network_loop())
         try:
             delay = 1.0
             while not self.stop_requested.is_set():
@@ -319,11 +322,28 @@ class Volunteer:
                 delay = min(delay * 2, self.options.reconnect_max)
         finally:
             watcher.cancel()
+            network.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            with contextlib.suppress(asyncio.CancelledError):
+                await network
             if control is not None:
                 await control.close()
             await self._kill_worker()
+
+    async def _network_loop(self) -> None:
+        """Re-measure bandwidth and round trip to the portal now and then; the worker sends
+        the figures in its telemetry, and the portal updates the node's capacity."""
+        url = self.options.portal_url
+        if not url:
+            return
+        while True:
+            await asyncio.sleep(self.options.network_refresh)
+            ca_pem = Path(self.creds.ca).read_text()
+            measured = await asyncio.to_thread(measure_network, url, ca_pem)
+            if measured.measured_at is not None:
+                self.capacity.network = measured
+                self._tell("network", network=asdict(measured))
 
     def _worker_command(self) -> list[str]:
         flags = ["-P"] if sys.version_info >= (3, 11) else []  # the scratch dir is not code

@@ -64,6 +64,7 @@ class NodePlugin(WorkerPlugin):
         self.telemetry_interval = telemetry_interval
         self.executor = executor
         self.memory_pause_fraction = memory_pause_fraction
+        self.network: dict[str, Any] | None = None
         self.state: str | None = None  # None (running), "paused" or "draining"
         self.reason: str | None = None
         self.memory_pressure = False
@@ -97,6 +98,8 @@ class NodePlugin(WorkerPlugin):
         sample = self.sampler.sample(running_tasks=len(worker.state.executing))
         data = _asdict(sample)
         data["policy"] = {"state": self.state, "reason": self.reason}
+        if self.network is not None:  # re-measured by the agent now and then
+            data["network"] = self.network
         return data
 
     # -- control, from the agent ----------------------------------------------------------------

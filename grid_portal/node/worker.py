@@ -148,6 +148,9 @@ class WorkerProcess:
                 )
             elif op == "status":
                 reply = plugin.status()
+            elif op == "network":
+                plugin.network = command.get("network")
+                reply = {"ok": True}
             elif op == "drain":
                 # Reply at once; the drain goes on (its first step, before any wait, marks the
                 # node draining, so the status in the reply says so).

@@ -207,6 +207,14 @@ class NodeRegistry:
         if cpus != record.cpus_in_use or gpus != record.gpus_in_use:
             record.cpus_in_use, record.gpus_in_use = cpus, gpus
             changed = True
+        if (
+            telemetry
+            and telemetry.get("network")
+            and telemetry["network"] != (record.capacity.get("network"))
+        ):
+            # The volunteer re-measured its link to the portal (see node/agent.py).
+            record.capacity = {**record.capacity, "network": telemetry["network"]}
+            changed = True
         if telemetry and telemetry != record.telemetry:
             previous = record.telemetry
             record.telemetry = telemetry
