@@ -261,3 +261,18 @@ def test_environment_check_names_what_to_install() -> None:
     patch = mine["python"].rsplit(".", 1)[0] + ".99"
     assert incompatibilities(mine, {**mine, "python": patch}) == []
     assert incompatibilities(mine, {**mine, "cloudpickle": "99.0.0"})
+
+
+def test_the_package_is_readable_in_the_sandbox_even_from_its_own_checkout(monkeypatch) -> None:
+    """CI runs from a clone that may sit in a hidden place (/tmp, a home directory), with the
+    clone as the current directory: the package folder must still be put back."""
+    from pathlib import Path
+
+    import grid_portal
+    from grid_portal.node import sandbox
+
+    package = Path(grid_portal.__file__).resolve().parent
+    monkeypatch.chdir(package.parent)
+    paths = sandbox._python_paths({})
+    assert package in paths
+    assert package.parent not in paths  # never the rest of the checkout

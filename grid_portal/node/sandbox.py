@@ -326,9 +326,12 @@ def _python_paths(environ: Mapping[str, str]) -> list[Path]:
         os.path.dirname(os.path.realpath(sys.executable)),
         *[p for p in sys.path if p],
         *[p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p],
-        str(Path(__file__).resolve().parents[2]),  # grid_portal itself (editable installs)
     ]
-    paths: list[Path] = []
+    # grid_portal itself: with an editable install its source may sit in a hidden place (a
+    # clone under /tmp or the home directory, often the current directory too). Only the
+    # package folder is put back, never the rest of that checkout.
+    package = Path(__file__).resolve().parents[1]
+    paths: list[Path] = [package]
     for text in candidates:
         path = Path(text).absolute()
         if path == cwd or not path.exists():
