@@ -32,14 +32,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from bench_api import fill_registry, get, percentile, start_jupyter, wait_listed  # noqa: E402
-from conftest import start_portal, wait_for  # noqa: E402  (private XDG/Jupyter dirs)
+from conftest import researcher_connection, start_portal, wait_for  # noqa: E402  (private XDG/Jupyter dirs)
 from simnodes import start_simulated_nodes, stop_simulated_nodes  # noqa: E402
 
 
@@ -62,26 +61,6 @@ def client_main(connection: str, index: int, tasks: int) -> None:
     ok = values == [v + 1 for v in range(index * tasks, (index + 1) * tasks)]
     grid.close()
     print(json.dumps({"job": job_id, "ok": ok, "submit_s": submitted, "elapsed_s": elapsed}))
-
-
-def researcher_connection(portal: Any, tmp: Path, user: str) -> str:
-    from grid_portal.connection import Connection
-    from grid_portal.portal.security import CertificateAuthority, write_private
-
-    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
-    cert, key = ca.issue(user, role="client")
-    (tmp / f"{user}.pem").write_text(cert)
-    write_private(tmp / f"{user}-key.pem", key)
-    path = tmp / f"{user}.json"
-    Connection(
-        scheduler=portal.scheduler,
-        http=portal.http,
-        ca=str(portal.data_dir / "ca" / "ca.pem"),
-        cert=str(tmp / f"{user}.pem"),
-        key=str(tmp / f"{user}-key.pem"),
-        name=user,
-    ).save(path)
-    return str(path)
 
 
 def cpu_percent(pid: int, seconds: float) -> float:

@@ -228,3 +228,24 @@ def portal(tmp_path: Path) -> Iterator[Portal]:
     p = start_portal(tmp_path)
     yield p
     p.stop()
+
+
+def researcher_connection(portal: Portal, tmp: Path, user: str) -> str:
+    """A researcher's connection file (a role-client certificate), as enrolment gives one."""
+    from grid_portal.connection import Connection
+    from grid_portal.portal.security import CertificateAuthority, write_private
+
+    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
+    cert, key = ca.issue(user, role="client")
+    (tmp / f"{user}.pem").write_text(cert)
+    write_private(tmp / f"{user}-key.pem", key)
+    path = tmp / f"{user}.json"
+    Connection(
+        scheduler=portal.scheduler,
+        http=portal.http,
+        ca=str(portal.data_dir / "ca" / "ca.pem"),
+        cert=str(tmp / f"{user}.pem"),
+        key=str(tmp / f"{user}-key.pem"),
+        name=user,
+    ).save(path)
+    return str(path)

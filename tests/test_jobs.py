@@ -5,33 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 from distributed import CancelledError
 from gridtasks import fail, where_and_what
 
 from grid_portal import Grid
-from grid_portal.connection import Connection
 from grid_portal.errors import GridError
 from grid_portal.model import JobState
-from grid_portal.portal.security import CertificateAuthority, write_private
-
-
-def _client_connection(portal: Portal, tmp: Path, user: str) -> str:
-    """A researcher's connection file, as enrolment would give them."""
-    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
-    cert, key = ca.issue(user, role="client")
-    (tmp / f"{user}.pem").write_text(cert)
-    write_private(tmp / f"{user}-key.pem", key)
-    path = tmp / f"{user}.json"
-    Connection(
-        scheduler=portal.scheduler,
-        http=portal.http,
-        ca=str(portal.data_dir / "ca" / "ca.pem"),
-        cert=str(tmp / f"{user}.pem"),
-        key=str(tmp / f"{user}-key.pem"),
-        name=user,
-    ).save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -87,8 +67,8 @@ def test_cancel_stops_a_job_and_its_futures(grid_with_node: Portal) -> None:
 
 
 def test_users_see_and_cancel_only_their_own_jobs(grid_with_node: Portal, tmp_path: Path) -> None:
-    alice = Grid(_client_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
-    bob = Grid(_client_connection(grid_with_node, tmp_path, "bob"), start_embedded=False)
+    alice = Grid(researcher_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
+    bob = Grid(researcher_connection(grid_with_node, tmp_path, "bob"), start_embedded=False)
     try:
         with alice.job("alice's work") as job_id:
             future = alice.submit(where_and_what, 1, 20.0)
@@ -143,7 +123,7 @@ def test_jobs_and_kept_results_survive_a_portal_restart(tmp_path: Path) -> None:
 
 
 def test_only_the_admin_may_run_code_on_the_portal(grid_with_node: Portal, tmp_path: Path) -> None:
-    student = Grid(_client_connection(grid_with_node, tmp_path, "student"), start_embedded=False)
+    student = Grid(researcher_connection(grid_with_node, tmp_path, "student"), start_embedded=False)
     try:
         with pytest.raises(PermissionError, match="reserved for the portal's admin"):
             student.client.run_on_scheduler(lambda: "pwned")
@@ -157,8 +137,8 @@ def test_only_the_admin_may_run_code_on_the_portal(grid_with_node: Portal, tmp_p
 
 
 def test_tasks_naming_another_users_job_are_refused(grid_with_node: Portal, tmp_path: Path) -> None:
-    alice = Grid(_client_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
-    mallory = Grid(_client_connection(grid_with_node, tmp_path, "mallory"), start_embedded=False)
+    alice = Grid(researcher_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
+    mallory = Grid(researcher_connection(grid_with_node, tmp_path, "mallory"), start_embedded=False)
     try:
         with alice.job("alice's") as job_id:
             assert alice.submit(where_and_what, 1).result(timeout=30) == ("worker", 1)

@@ -9,36 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Portal, start_portal, wait_for
+from conftest import Portal, researcher_connection, start_portal, wait_for
 from gridtasks import plus_one
 from simnodes import start_simulated_nodes, stop_simulated_nodes
 
 from grid_portal import Grid
-from grid_portal.connection import Connection
 from grid_portal.model import JobState
-from grid_portal.portal.security import CertificateAuthority, write_private
 
 NODES = 50
 CLIENTS = 5
 TASKS = 200
-
-
-def researcher(portal: Portal, tmp: Path, user: str) -> Grid:
-    """A Grid with a researcher's own certificate (role client), as enrolment gives one."""
-    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
-    cert, key = ca.issue(user, role="client")
-    (tmp / f"{user}.pem").write_text(cert)
-    write_private(tmp / f"{user}-key.pem", key)
-    path = tmp / f"{user}.json"
-    Connection(
-        scheduler=portal.scheduler,
-        http=portal.http,
-        ca=str(portal.data_dir / "ca" / "ca.pem"),
-        cert=str(tmp / f"{user}.pem"),
-        key=str(tmp / f"{user}-key.pem"),
-        name=user,
-    ).save(path)
-    return Grid(str(path), start_embedded=False)
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +92,8 @@ def test_concurrent_clients_every_task_exactly_once(crowd: Portal, tmp_path: Pat
     finally:
         for grid in grids:
             grid.close()
+
+
+def researcher(portal: Portal, tmp: Path, user: str) -> Grid:
+    """A Grid with a researcher's own certificate (role client)."""
+    return Grid(researcher_connection(portal, tmp, user), start_embedded=False)

@@ -16,21 +16,18 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 from gridtasks import where_and_what
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from grid_portal.client import Grid
-from grid_portal.connection import Connection
 from grid_portal.jobs.workflow import workflow_outputs
 from grid_portal.model import JobState
 from grid_portal.notebook.magics import magics_for
-from grid_portal.portal.security import CertificateAuthority, write_private
 
 WORKFLOW = {
     "name": "survives a restart",
@@ -44,24 +41,6 @@ WORKFLOW = {
         {"name": "sum", "run": "gridtasks:total", "needs": ["slow"]},
     ],
 }
-
-
-def _client_connection(portal: Portal, tmp: Path, user: str) -> str:
-    """A researcher's connection file, as enrolment would give them."""
-    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
-    cert, key = ca.issue(user, role="client")
-    (tmp / f"{user}.pem").write_text(cert)
-    write_private(tmp / f"{user}-key.pem", key)
-    path = tmp / f"{user}.json"
-    Connection(
-        scheduler=portal.scheduler,
-        http=portal.http,
-        ca=str(portal.data_dir / "ca" / "ca.pem"),
-        cert=str(tmp / f"{user}.pem"),
-        key=str(tmp / f"{user}-key.pem"),
-        name=user,
-    ).save(path)
-    return str(path)
 
 
 def _free_port() -> int:
@@ -166,7 +145,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     try:
         start_volunteer(portal, tmp, "steady", "--cpus", "4", "--oversubscribe", "--memory", "1GB")
         # A researcher's own identity: the resubmitted workflow must stay hers.
-        grid = Grid(_client_connection(portal, tmp, "alice"), start_embedded=False)
+        grid = Grid(researcher_connection(portal, tmp, "alice"), start_embedded=False)
         admin = portal.grid()  # sees everyone's jobs (the magics below run as the admin)
         shell.run_line_magic("load_ext", "grid_portal")
         with capture_output():
