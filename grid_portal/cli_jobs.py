@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
         "sets how much of the grid their queued work gets. The portal's admin may change the "
         "half-life and give users quotas (most cores at once).",
     )
-    p.add_argument("--half-life", type=_duration, help="e.g. 1d, 12h (admin)")
+    p.add_argument("--half-life", type=_duration_arg(), help="e.g. 1d, 12h (admin)")
     p.add_argument(
         "--quota", action="append", default=[], metavar="USER=CORES", help="(admin, repeatable)"
     )
@@ -127,14 +127,10 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _duration(text: str) -> float:
-    from grid_portal.errors import UsageError
-    from grid_portal.units import parse_duration
+def _duration_arg() -> Any:
+    from grid_portal.cli import _duration  # the one argparse type for durations
 
-    try:
-        return parse_duration(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _duration
 
 
 def _grid(args: argparse.Namespace) -> Any:

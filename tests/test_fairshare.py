@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 from gridtasks import wf_timed
-from test_jobs import _client_connection
 
 from grid_portal import Grid
 from grid_portal.model import JobState
@@ -141,7 +140,7 @@ def grid4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
 
 
 def _user(portal: Portal, tmp: Path, name: str) -> Grid:
-    return Grid(_client_connection(portal, tmp, name), start_embedded=False)
+    return Grid(researcher_connection(portal, tmp, name), start_embedded=False)
 
 
 def _completions(*users: tuple[str, list[dict]]) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS  # one place for the browser flags
 from conftest import Portal, grid_portal_command, start_portal, start_volunteer, wait_for
 from gridtasks import burn, fail
 
@@ -29,18 +30,6 @@ from grid_portal.portal.contributions import (
     to_csv,
 )
 from grid_portal.portal.status_page import bar_chart, line_chart, render_html
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ def test_page_renders_in_chromium_without_console_errors(busy_portal: Portal) ->
     wait_for(lambda: _volunteer_row(busy_portal), timeout=30, what="the contribution")
     errors: list[str] = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(ignore_https_errors=True)  # the portal's own CA
             page = context.new_page()

@@ -111,23 +111,6 @@ class NodeRegistry:
         if self._changed is not None:
             self._changed.set()
 
-    async def wait_for_change(self, since: int, timeout: float) -> None:
-        """Return once the registry's version is above ``since``, or after ``timeout`` s."""
-        if self.version > since:
-            return
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        deadline = time.monotonic() + timeout
-        while self.version <= since:
-            self._changed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
-
     # -- events from the scheduler ---------------------------------------------------------
     def join(
         self,
