@@ -21,6 +21,7 @@ from distributed import Client, Future
 from grid_portal.connection import Connection, find_connection
 from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable, UsageError
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
+from grid_portal.pushed import PushedResults
 from grid_portal.units import format_size, parse_size
 
 _OFFER_CACHE_SECONDS = 5.0
@@ -66,6 +67,8 @@ class Grid:
         self.reconnect = reconnect
         self._closed = False
         self._reconnect_lock = threading.Lock()
+        # Small results of grid_push tasks (%%grid cells) that arrive with their completion.
+        self.pushed = PushedResults()
         try:
             self._client = self._new_client(connection, timeout)
         except (OSError, TimeoutError) as exc:
@@ -75,13 +78,15 @@ class Grid:
             ) from None
 
     def _new_client(self, connection: Connection, timeout: float) -> Client:
-        return Client(
+        client = Client(
             connection.scheduler,
             security=connection.security(),
             timeout=timeout,
             asynchronous=self._asynchronous,
             set_as_default=False,
         )
+        self.pushed.attach(client)
+        return client
 
     # -- surviving a portal restart ------------------------------------------------------------
     @property

@@ -177,6 +177,35 @@ def test_nodes_capacity_version_and_openapi(api: Api, grid: Portal) -> None:
     assert body["servers"] == [{"url": "/a%40b/grid/api"}]  # pytest-jupyter's base URL
 
 
+def test_nodes_answer_304_while_unchanged_and_the_new_list_once_changed(
+    jp_fetch: Any, run: Callable[[Any], Any], grid: Portal
+) -> None:
+    def get(etag: str | None = None) -> HTTPResponse:
+        headers = {"If-None-Match": etag} if etag else {}
+        return run(jp_fetch("grid", "api", "nodes", headers=headers, raise_error=False))
+
+    first = get()
+    assert first.code == 200 and first.headers["Etag"]
+
+    def unchanged() -> tuple[str, HTTPResponse] | None:
+        # Volunteers report every 0.5 s here: ask again at once with the ETag just seen.
+        latest = get()
+        again = get(latest.headers["Etag"])
+        return (latest.headers["Etag"], again) if again.code == 304 else None
+
+    etag, not_modified = wait_for(unchanged, timeout=20, what="a 304 for an unchanged list")
+    assert not_modified.body == b""
+
+    def changed() -> HTTPResponse | None:
+        response = get(etag)
+        return response if response.code == 200 else None
+
+    # The next telemetry changes the list: the full list again, under a new ETag.
+    response = wait_for(changed, timeout=20, what="the list to change")
+    assert response.headers["Etag"] != etag
+    assert any(n["name"] == "alpha" for n in json.loads(response.body)["nodes"])
+
+
 def test_unknown_things_are_404_with_a_json_message(api: Api) -> None:
     status, body = api("nodes", "no-such-node")
     conforms("/nodes/{name}", "GET", status, body)

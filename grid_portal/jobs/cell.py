@@ -28,6 +28,7 @@ import base64
 import builtins
 import codecs
 import contextlib
+import functools
 import linecache
 import os
 import pickle
@@ -48,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from grid_portal.errors import GridError, UsageError
+from grid_portal.proctree import descendants
+from grid_portal.pushed import PUSH_ANNOTATION
 
 # -- tunables -----------------------------------------------------------------------------------
 FIRST_FLUSH = 0.15  # s a cell runs before its output starts streaming (quick cells send none)
@@ -693,6 +696,7 @@ class CellRun:
         self._end_token = uuid.uuid4().hex
         self._closed = False
         self.cancelled = False
+        self._pushed: set[int] = set()  # runs whose result the portal pushed (grid_portal.pushed)
 
     # -- submit ---------------------------------------------------------------------------------
     def requests(self) -> list[dict[str, Any]]:
@@ -732,7 +736,15 @@ class CellRun:
             self.grid.register_job(
                 self.job_id, self.options.name, "cell", spec={"cell": self.kept_spec(requests[0])}
             )
-        with grid.job(self.options.name, kind="cell", job_id=self.job_id), _stream_to(self.channel):
+        import dask
+
+        for index, key in enumerate(keys):
+            grid.pushed.expect(key, functools.partial(self._on_pushed, index))
+        with (
+            grid.job(self.options.name, kind="cell", job_id=self.job_id),
+            _stream_to(self.channel),
+            dask.annotate(**{PUSH_ANNOTATION: True}),
+        ):
             if self.map_values is None:
                 future = grid.submit(
                     run_cell_task, payload, requests[0], key=keys[0], **resources, **extra
@@ -751,18 +763,29 @@ class CellRun:
             loop.add_callback(self._fetch, index, future)
         return self
 
+    def _on_pushed(self, index: int, data: bytes) -> None:
+        """In the client's event loop: the node pushed this run's result with its completion
+        (``grid_portal.pushed``), ahead of Dask's word that the task finished."""
+        self._pushed.add(index)
+        self.inbox.put(("pushed", index, data))
+
     async def _fetch(self, index: int, future: Any) -> None:
-        """In the client's event loop: wait for one run to end and fetch its outcome there,
-        then hand both to the waiting thread. (``add_done_callback`` runs its callback in a
-        thread of Dask's own, and ``future.result()`` then goes back through the loop: two
-        thread switches more per cell, about a millisecond on a busy machine.) A run that
-        failed or was cancelled comes without its outcome; the waiting thread asks."""
+        """In the client's event loop: wait for one run to end and, unless its result was
+        pushed already, fetch its outcome there, then hand both to the waiting thread.
+        (``add_done_callback`` runs its callback in a thread of Dask's own, and
+        ``future.result()`` then goes back through the loop: two thread switches more per
+        cell.) A run that failed or was cancelled comes without its outcome; the waiting
+        thread asks."""
         import asyncio
 
         value = None
         try:
-            got = await self.grid.client.gather([future], asynchronous=True)
-            value = got[0]
+            state = getattr(future, "_state", None)
+            if state is not None:
+                await state.wait()  # a pushed result arrives before Dask says "finished"
+            if index not in self._pushed:
+                got = await self.grid.client.gather([future], asynchronous=True)
+                value = got[0]
         except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the future tells why
             pass
         finally:
@@ -819,6 +842,8 @@ class CellRun:
         if self._closed:
             return
         self._closed = True
+        for index in range(self.count):
+            self.grid.pushed.forget(f"grid-cell-{self.job_id}-{index}")
         if self._pump is None:
             return
         threading.Thread(target=self._end_pump, name="grid-cell-close", daemon=True).start()
@@ -886,10 +911,16 @@ class CellRun:
         if kind == "events":
             self._deliver(index, item[2], sink)
             return
+        if kind == "pushed":
+            if self.outcomes[index] is None:
+                self._finish(index, pickle.loads(item[2]), sink)
+            return
         future = item[2]
         outcome = self._outcome_of(index, future, item[3] if len(item) > 3 else None)
-        if outcome is None:
-            return
+        if outcome is not None:
+            self._finish(index, outcome, sink)
+
+    def _finish(self, index: int, outcome: dict[str, Any], sink: Sink) -> None:
         self._deliver(index, outcome.get("events") or [], sink)
         self.outcomes[index] = outcome
         sink.finished(index, outcome)
@@ -1509,51 +1540,10 @@ def _kill_tree(pid: int, group: bool) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         return
-    victims = [pid, *_descendants(pid)]
+    victims = [pid, *descendants(pid)]
     for victim in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(victim, signal.SIGKILL)
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs. Linux lists each thread's children in
-    /proc/PID/task/TID/children, which costs a few reads; psutil finds them by reading every
-    process's status (several ms on a desktop with hundreds of processes), so it is only the
-    fallback where that file is missing."""
-    global _CHILDREN_FILES
-    if _CHILDREN_FILES is None:
-        me = os.getpid()
-        _CHILDREN_FILES = os.path.exists(f"/proc/{me}/task/{me}/children")
-    if not _CHILDREN_FILES:
-        return _descendants_psutil(pid)  # no /proc (macOS), or a kernel without the file
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            threads = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue  # it has ended
-        for tid in threads:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            found.extend(kids)
-            todo.extend(kids)
-    return found
-
-
-_CHILDREN_FILES: bool | None = None  # whether /proc/PID/task/TID/children exists here
-
-
-def _descendants_psutil(pid: int) -> list[int]:
-    with contextlib.suppress(Exception):
-        import psutil
-
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    return []
 
 
 def _child_env() -> dict[str, str]:

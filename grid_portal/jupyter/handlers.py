@@ -159,9 +159,16 @@ class NodesHandler(GridHandler):
         # next request. The portal's records are already the public Node shape
         # (Node.to_dict()): turning 10,000 of them into dataclasses and back would cost more
         # than the request itself.
-        text = await self.portal.events.nodes_json()
-        if text is not None:
-            self.finish(text)
+        reply = await self.portal.events.nodes_body()
+        if reply is not None:
+            body, etag = reply
+            self.set_header("Content-Type", "application/json")
+            self.set_header("Etag", etag)  # made with the body, once per change
+            if self.check_etag_header():
+                self.set_status(304)
+                self.finish()
+            else:
+                self.finish(body)
             return
         await self.call_json(lambda grid: {"nodes": grid._call("grid_nodes")})
 

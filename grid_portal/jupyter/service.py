@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -347,6 +348,9 @@ class EventHub:
         self._version = 0
         self._jobs_version = 0
         self._nodes: dict[str, str] = {}  # name -> the node as JSON text
+        # GET nodes answers many readers between two changes: the joined, encoded body and
+        # its ETag are made once per change, not per request (1 MB at 1,000 nodes).
+        self._nodes_body: tuple[bytes, str] | None = None
         self._jobs: dict[str, Any] = {}
         self._capacity: dict[str, Any] = {}
         self._error: str | None = None
@@ -369,17 +373,25 @@ class EventHub:
     def unsubscribe(self, listener: Listener) -> None:
         self.listeners.discard(listener)
 
-    async def nodes_json(self) -> str | None:
-        """``{"nodes": [...]}`` from the mirror, or None when it is not live (ask the portal).
-
-        Either way this keeps the mirror alive for the next ``REST_INTEREST`` seconds.
+    async def nodes_body(self) -> tuple[bytes, str] | None:
+        """``{"nodes": [...]}`` from the mirror as UTF-8, with its ETag; or None when the
+        mirror is not live (ask the portal). Either way this keeps the mirror alive for the
+        next ``REST_INTEREST`` seconds.
         """
         self._interest_until = time.monotonic() + self.REST_INTEREST
         self._ensure_running()
         if not self._live():
             return None
-        parts = list(self._nodes.values())
-        return await self.portal.offload(_join_nodes, parts)
+        if self._nodes_body is None:
+            nodes = self._nodes
+            body = await self.portal.offload(_nodes_body, list(nodes.values()))
+            if nodes is self._nodes and self._nodes_body is None:
+                self._nodes_body = body  # unless the mirror changed meanwhile
+            return body
+        return self._nodes_body
+
+    def _set_nodes(self, nodes: dict[str, str]) -> None:
+        self._nodes, self._nodes_body = nodes, None
 
     def _live(self) -> bool:
         # A poll that hangs far past its own timeout means the portal went quiet: distrust
@@ -430,7 +442,8 @@ class EventHub:
                 await asyncio.sleep(pause)
         # Nobody wants it: the mirror would go stale, so drop it and rebuild on next use.
         self._ready = False
-        self._nodes, self._jobs = {}, {}
+        self._set_nodes({})
+        self._jobs = {}
 
     async def _sync(self) -> None:
         """Rebuild the mirror from scratch and send every subscriber a snapshot."""
@@ -446,7 +459,7 @@ class EventHub:
         changes, nodes, jobs, capacity = await self.portal.run(fetch)
         self._version = int(changes["version"])
         self._jobs_version = int(changes["jobs_version"])
-        self._nodes = nodes
+        self._set_nodes(nodes)
         self._jobs = {j["id"]: j for j in jobs if j["owner"] == user}
         self._capacity = dict(capacity)
         self._ready, self._error = True, None
@@ -474,10 +487,12 @@ class EventHub:
         self._version, self._jobs_version = version, jobs_version
         removed = list(changes["removed"])
         if nodes or removed:
+            mirror = dict(self._nodes)  # a new dict: a body being joined keeps its own
             for name, text in nodes:
-                self._nodes[name] = text
+                mirror[name] = text
             for name in removed:
-                self._nodes.pop(name, None)
+                mirror.pop(name, None)
+            self._set_nodes(mirror)
             self._broadcast(
                 f'{{"type":"nodes","version":{version},'
                 f'"nodes":[{",".join(text for _, text in nodes)}],"removed":{_dumps(removed)}}}'
@@ -520,8 +535,9 @@ class EventHub:
         self.bytes_sent += len(text)
 
 
-def _join_nodes(parts: list[str]) -> str:
-    return '{"nodes":[' + ",".join(parts) + "]}"
+def _nodes_body(parts: list[str]) -> tuple[bytes, str]:
+    body = ('{"nodes":[' + ",".join(parts) + "]}").encode()
+    return body, f'"{hashlib.sha1(body, usedforsecurity=False).hexdigest()}"'
 
 
 def _dumps(message: Any) -> str:

@@ -6,7 +6,9 @@
   turns into the node's state (``paused``, ``draining``) and its reason (``owner busy``);
 - applies what the agent decides (``apply_policy``, ``drain``): no new tasks while paused, running
   tasks suspended in their task processes, moved elsewhere past the suspend limit;
-- ends the process of a task the scheduler cancelled.
+- ends the process of a task the scheduler cancelled;
+- pushes the small result of a task annotated ``grid_push`` (a ``%%grid`` cell) to the portal
+  with its completion, so that its client need not fetch it (``grid_portal.pushed``).
 
 The agent reaches these methods over the worker process's private stdin/stdout
 (``grid_portal.node.worker``), never over Dask comms: every certificate holder on the grid can
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from grid_portal.node.probe import TelemetrySampler
+from grid_portal.pushed import PUSH_ANNOTATION, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -196,6 +200,9 @@ class NodePlugin(WorkerPlugin):
             worker.status = Status.running
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish == "memory" and start in ("executing", "long-running"):
+            self._push_result(key)
+            return
         # A task the scheduler no longer wants: end its process instead of letting it run on.
         # Dask reports the transition asked for (executing -> released); the task is then
         # left "cancelled", running on in its thread, unless we end it.
@@ -205,6 +212,24 @@ class NodePlugin(WorkerPlugin):
             ts = self.worker.state.tasks.get(key) if self.worker is not None else None
             if ts is None or ts.state == "cancelled":
                 self.executor.cancel(key)
+
+    def _push_result(self, key: Any) -> None:
+        """Send a finished ``grid_push`` task's small result to the portal now. Worker plugins
+        hear of a transition before Dask sends its ``task-finished`` for it, so on the shared
+        stream this arrives first, and the client has the value when it learns the task ended.
+        """
+        worker = self.worker
+        ts = worker.state.tasks.get(key) if worker is not None else None
+        if ts is None or not (ts.annotations or {}).get(PUSH_ANNOTATION):
+            return
+        if ts.nbytes is not None and ts.nbytes > PUSH_LIMIT:
+            return  # Dask's own size estimate says it is large: it is gathered as usual
+        try:
+            data = pickle.dumps(worker.data[key], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - not picklable here or spilled away: gathered instead
+            return
+        if len(data) <= PUSH_LIMIT and worker.batched_stream is not None:
+            worker.batched_stream.send({"op": PUSH_OP, "key": key, "data": data})
 
     def status(self) -> dict[str, Any]:
         worker = self.worker

@@ -43,13 +43,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import psutil
 
 from grid_portal.node.taskchild import memory_error_text, recv, send
+from grid_portal.proctree import tree_rss
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -79,7 +79,6 @@ class _Child:
     base: int = 0  # resident memory when the task started: the limit counts what it adds
     fate: str | None = None  # why we ended it: "memory", "moved", "cancelled", "shutdown"
     stopped: bool = False
-    ps: psutil.Process | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -91,19 +90,7 @@ class _Child:
 
     def rss(self) -> int:
         """Resident memory of the task process and its descendants."""
-        try:
-            if self.ps is None:
-                self.ps = psutil.Process(self.proc.pid)
-            procs = [self.ps, *self.ps.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
+        return tree_rss(self.proc.pid)
 
     def close(self) -> None:
         for stream in (self.to_child, self.from_child):

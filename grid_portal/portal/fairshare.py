@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grid_portal.model import CPU
-from grid_portal.portal.ledger import connect, transaction
+from grid_portal.portal.ledger import connect, transaction, write_later
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -152,17 +152,8 @@ class FairShare:
 
     def _flush_soon(self) -> None:
         """Write usage within a second, without a write per finished task."""
-        if self._flush_scheduled or self.conn is None:
-            return
-        try:
-            import asyncio
-
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()  # no event loop (tests, tools): write now
-            return
-        self._flush_scheduled = True
-        loop.call_later(FLUSH_DELAY, self.flush)
+        if not self._flush_scheduled and self.conn is not None:
+            self._flush_scheduled = write_later(self.flush, FLUSH_DELAY)
 
     # -- settings -----------------------------------------------------------------------------
     def set_half_life(self, seconds: float) -> None:

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.model import JobState
-from grid_portal.portal.ledger import connect, transaction
+from grid_portal.portal.ledger import connect, transaction, write_later
 
 DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured otherwise
+# A job's birth, start and end are written this soon after they happen: not in the middle of
+# the scheduler's handling of a graph, where a write would delay the task's dispatch, and
+# once for all the changes of that moment (20 jobs arriving together: one transaction).
+FLUSH_DELAY = 0.02  # seconds
 MAX_RESULT_BYTES = 64 * 2**20
 # A job's kept spec (a workflow's, or a --bg cell's payload in base64): what the portal needs
 # to resubmit it after a restart, and no more.
@@ -74,7 +78,6 @@ class JobRecord:
     has_result: bool = False
     version: int = 0
     open: bool = True  # more tasks may still come (an interactive session)
-    dirty: bool = True
     keys: set[Any] = field(default_factory=set)
     counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
     abandoned: int = 0  # tasks whose client let go of them before they finished
@@ -107,6 +110,8 @@ class JobBook:
         self.result_ttl = result_ttl
         self.conn = None
         self.on_change: Any = None  # called after every change, to wake long polls
+        self._dirty: set[str] = set()  # ids of jobs changed since the last write
+        self._flush_scheduled = False
         # Jobs this start found unfinished (cut short by the restart), oldest first: the
         # portal resubmits those whose spec allows (portal/recovery.py).
         self.interrupted: list[str] = []
@@ -148,19 +153,17 @@ class JobBook:
                 record.state = JobState.INTERRUPTED
                 record.error = "the portal restarted while this job ran; submit it again"
                 record.finished = now
-                record.dirty = True
+                self._dirty.add(record.id)
                 self.interrupted.append(record.id)
-            else:
-                record.dirty = False
             self.jobs[record.id] = record
         self.flush(force=True)
 
     def flush(self, force: bool = False) -> None:
-        if self.conn is None:
+        self._flush_scheduled = False
+        if self.conn is None or not self._dirty:
             return
-        dirty = [r for r in self.jobs.values() if r.dirty]
-        if not dirty:
-            return
+        dirty = [self.jobs[i] for i in self._dirty if i in self.jobs]
+        self._dirty.clear()
         with transaction(self.conn):
             for r in dirty:
                 self.conn.execute(
@@ -189,13 +192,17 @@ class JobBook:
                         json.dumps(r.spec) if r.spec is not None else None,
                     ),
                 )
-                r.dirty = False
 
     # -- changes ----------------------------------------------------------------------------
+    def flush_soon(self) -> None:
+        """Write within FLUSH_DELAY, from the event loop; at once where there is none."""
+        if not self._flush_scheduled and self.conn is not None:
+            self._flush_scheduled = write_later(self.flush, FLUSH_DELAY)
+
     def _touch(self, record: JobRecord) -> None:
         self.version += 1
         record.version = self.version
-        record.dirty = True
+        self._dirty.add(record.id)
         if self.on_change is not None:
             self.on_change()
 
@@ -219,7 +226,13 @@ class JobBook:
             )
             self.jobs[job_id] = record
             self._touch(record)
-            self.flush()  # a job's existence is written at once; counters may lag a second
+            # A job's existence is written at once (FLUSH_DELAY); counters may lag a second.
+            # One the portal may have to run again after a restart (it has a spec) is written
+            # before anything else happens.
+            if spec is not None:
+                self.flush()
+            else:
+                self.flush_soon()
         return record
 
     def add_tasks(self, job_id: str, keys: list[str]) -> None:
@@ -244,7 +257,7 @@ class JobBook:
         if record.state is JobState.QUEUED:
             record.state = JobState.RUNNING
             self._touch(record)
-            self.flush()
+            self.flush_soon()
         if node and node not in record.nodes:
             record.nodes.append(node)
         self._touch(record)
@@ -295,7 +308,7 @@ class JobBook:
             if record.started is None:
                 record.started = record.finished
             self._touch(record)
-            self.flush()
+            self.flush_soon()
 
     def close_session(self, job_id: str) -> None:
         record = self.jobs.get(job_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,21 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def write_later(write: Callable[[], None], delay: float) -> bool:
+    """Call ``write`` ``delay`` seconds from now on the running event loop, so that writes
+    of a busy moment share one transaction and stay out of the scheduler's hot paths; where
+    no loop runs (tests, tools), call it now. True when it was scheduled."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        write()
+        return False
+    loop.call_later(delay, write)
+    return True
 
 
 @dataclass

@@ -26,6 +26,7 @@ from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.scheduling import Scheduling
 from grid_portal.portal.security import Identity, peer_identity
+from grid_portal.pushed import PUSH_ANNOTATION, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -132,6 +133,7 @@ class PortalPlugin(SchedulerPlugin):
             }
         )
         scheduler.handlers.update(self.scheduling.handlers())  # issue 6: workflows
+        scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
@@ -240,6 +242,26 @@ class PortalPlugin(SchedulerPlugin):
             self.jobs.task_finished(key, ok=False, error=text)
         elif finish == "forgotten":
             self.jobs.task_forgotten(key)
+
+    def forward_pushed_result(self, key: Any = None, data: Any = None, worker: str = "") -> None:
+        """A node pushed a finished task's small result (``grid_portal.pushed``): hand it,
+        unopened, to the clients that asked for that task, and to no one else. Only the node
+        the task runs on may push it, only for a task annotated ``grid_push``, only small."""
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(key) if isinstance(key, str) else None
+        if (
+            ts is None
+            or not isinstance(data, bytes)
+            or len(data) > PUSH_LIMIT
+            or ts.processing_on is None
+            or ts.processing_on.address != worker
+            or not (ts.annotations or {}).get(PUSH_ANNOTATION)
+        ):
+            return
+        for client in ts.who_wants or ():
+            stream = self.scheduler.client_comms.get(client.client_key)
+            if stream is not None:
+                stream.send({"op": PUSH_OP, "key": key, "data": data})
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         self._client_identity.pop(client, None)
