@@ -24,7 +24,11 @@ from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.pushed import PushedResults
 from grid_portal.units import format_size, parse_size
 
-_OFFER_CACHE_SECONDS = 5.0
+# The largest offer, used only to accept a request at once (a refusal always asks afresh):
+# fresh for _OFFER_FRESH s; up to _OFFER_STALE s old it still serves while a background call
+# renews it, so cells run seconds apart, as people run them, pay no round trip for it.
+_OFFER_FRESH = 5.0
+_OFFER_STALE = 60.0
 
 
 class Grid:
@@ -57,6 +61,7 @@ class Grid:
             connection = ensure_embedded_portal(timeout=max(timeout, 60.0))
         self.connection: Connection = connection
         self._largest: tuple[float, dict[str, float]] | None = None
+        self._renewing = False  # a background call renews _largest
         # Plain submit() calls of this client form one interactive-session job.
         self._session_job = f"session-{uuid.uuid4().hex[:10]}"
         # Issue 8: after a portal restart, calls wait up to ``reconnect`` seconds for it to come
@@ -267,9 +272,27 @@ class Grid:
 
     def _largest_offer(self, refresh: bool) -> dict[str, float]:
         now = time.monotonic()
-        if refresh or self._largest is None or now - self._largest[0] > _OFFER_CACHE_SECONDS:
-            self._largest = (now, self._call("grid_largest_offer"))
+        cached = self._largest
+        if cached is not None and not refresh:
+            age = now - cached[0]
+            if age <= _OFFER_FRESH:
+                return cached[1]
+            if age <= _OFFER_STALE and not self._asynchronous:
+                if not self._renewing:
+                    self._renewing = True
+                    self.client.loop.add_callback(self._renew_largest_offer)
+                return cached[1]
+        self._largest = (now, self._call("grid_largest_offer"))
         return self._largest[1]
+
+    async def _renew_largest_offer(self) -> None:
+        try:
+            offer = await self.client.scheduler.grid_largest_offer()
+            self._largest = (time.monotonic(), offer)
+        except Exception:  # noqa: BLE001 - the next check asks in the foreground
+            self._largest = None
+        finally:
+            self._renewing = False
 
     def submit(
         self,

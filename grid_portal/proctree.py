@@ -14,6 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+try:
+    # Imported here, not where it is used: a cell's child is forked from a process that has
+    # imported this module, and loading the extension in each child cost 2 ms per cell.
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _children_files: bool | None = None  # whether /proc/PID/task/TID/children exists here
 
@@ -61,6 +68,39 @@ def tree_rss(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile
     return total
+
+
+def data_size() -> int | None:
+    """The process's data segment (VmData), which RLIMIT_DATA limits; None where unknown."""
+    try:
+        with open("/proc/self/status", "rb") as f:  # bytes: no codec to load in a new child
+            for line in f:
+                if line.startswith(b"VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def set_data_limit(soft: int | None, hard: int | None = None) -> None:
+    if resource is None:  # not POSIX
+        return
+    _, current_hard = resource.getrlimit(resource.RLIMIT_DATA)
+    hard = current_hard if hard is None else hard
+    soft = hard if soft is None else soft
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard) if soft != resource.RLIM_INFINITY else hard
+    # A limit we may not set here is left alone; the worker's watchdog still applies.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def limit_data(extra: int) -> None:
+    """Let this process's data segment grow by at most ``extra`` bytes from now (soft limit:
+    allocations past it fail with MemoryError; the node's watchdog covers the rest)."""
+    now = data_size()
+    if now is not None:
+        set_data_limit(now + int(extra))
 
 
 def _descendants_psutil(pid: int) -> list[int]:

@@ -94,6 +94,15 @@ def test_a_task_needing_two_cpus_runs_only_where_two_are_offered(
             grid.submit(where_and_what, 1, gpus=1)
         assert time.monotonic() - started < 5
 
+        # The largest offer is kept: seconds old, it still accepts at once and is renewed in
+        # the background; a refusal always asks the portal again (a node may have just joined).
+        aged = time.monotonic() - 10
+        grid._largest = (aged, {"CPU": 2, "GPU": 0, "MEMORY": 1e9})
+        grid.check(grid.requirement(cpus=2))
+        wait_for(lambda: grid._largest[0] > aged + 5, timeout=10, what="the offer renewed")
+        grid._largest = (time.monotonic(), {"CPU": 1, "GPU": 0, "MEMORY": 1e9})
+        grid.check(grid.requirement(cpus=2))  # refused by the kept copy, accepted afresh
+
 
 def test_killed_volunteer_goes_offline_and_its_task_reruns_elsewhere(
     portal: Portal, tmp_path: Path

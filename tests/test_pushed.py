@@ -11,7 +11,7 @@ import pytest
 from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 
 from grid_portal import Grid
-from grid_portal.jobs.cell import CellRun, RunOptions, analyse_cell, make_payload, unpack
+from grid_portal.jobs.cell import CellRun, NullSink, RunOptions, analyse_cell, make_payload, unpack
 from grid_portal.pushed import PUSH_LIMIT
 
 
@@ -38,18 +38,10 @@ def eve(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gr
         yield grid
 
 
-class _Quiet:
-    def started(self, index: int, node: str) -> None: ...
-    def stream(self, index: int, name: str, text: str) -> None: ...
-    def display(self, index: int, data: dict[str, Any], metadata: dict[str, Any]) -> None: ...
-    def finished(self, index: int, outcome: dict[str, Any] | None) -> None: ...
-    def tick(self) -> None: ...
-
-
 def run_cell(grid: Grid, source: str) -> tuple[CellRun, dict[str, Any]]:
     code = analyse_cell(source, "<cell>")
     run = CellRun(grid, make_payload(code, {}, None), RunOptions(name="cell")).submit()
-    outcomes = run.wait(_Quiet())
+    outcomes = run.wait(NullSink())
     return run, unpack(outcomes).values
 
 
@@ -72,7 +64,7 @@ def test_a_pushed_result_reaches_only_the_client_that_asked(alice: Grid, eve: Gr
     eve.pushed.expect(f"grid-cell-{job_id}-0", overheard.append)
     code = analyse_cell("secret = 'alice only'\n", "<cell>")
     run = CellRun(alice, make_payload(code, {}, None), RunOptions(name="cell"), job_id=job_id)
-    assert unpack(run.submit().wait(_Quiet())).values == {"secret": "alice only"}
+    assert unpack(run.submit().wait(NullSink())).values == {"secret": "alice only"}
     assert run._pushed == {0}
     # Anything the portal sent Eve about Alice's cell would reach her before her own cell's
     # result: the portal's stream to each client is in order.

@@ -303,3 +303,82 @@ def test_drain_mid_task_finishes_the_task_then_leaves(portal: Portal, tmp_path: 
         assert "Left the grid" in volunteer.output()
         wait_for(lambda: grid.node("drained").state is NodeState.OFFLINE, what="the node to leave")
         assert not socket_path("drained").exists()
+
+
+# -- %%grid cells: their own child process, confined like a task process --------------------
+
+
+def cell_children(volunteer: Volunteer) -> list[psutil.Process]:
+    """Processes running cells on the volunteer: the children of its cells' fork server."""
+    found = []
+    for proc in psutil.Process(volunteer.process.pid).children(recursive=True):
+        try:
+            if "_zygote_main" in " ".join(proc.parent().cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def worker_process(volunteer: Volunteer) -> psutil.Process:
+    """The Dask worker's own process (inside bubblewrap, when it is there)."""
+    for proc in psutil.Process(volunteer.process.pid).children(recursive=True):
+        command = proc.cmdline()
+        if (
+            command
+            and "python" in os.path.basename(command[0])
+            and "grid_portal.node.worker" in command
+        ):
+            return proc
+    raise AssertionError("no worker process")
+
+
+def test_a_cell_is_confined_suspended_moved_and_held_to_its_memory_like_a_task(
+    portal: Portal, tmp_path: Path
+) -> None:
+    from grid_portal.jobs.cell import CellRun, NullSink, RunOptions, analyse_cell, make_payload
+
+    leaver = start_volunteer(
+        portal, tmp_path, "cell-a", "--cpus", "1", "--memory", "1GB", "--suspend-limit", "3s"
+    )
+    spin_cell = (
+        "import time, platform\nend = time.process_time() + 3\n"
+        "while time.process_time() < end:\n    pass\n"
+    )
+    with portal.grid() as grid:
+
+        def submit(source: str, **options: object) -> CellRun:
+            code = analyse_cell(source, "<cell>")
+            return CellRun(
+                grid, make_payload(code, {}, None), RunOptions(name="cell", **options)
+            ).submit()
+
+        run = submit(spin_cell)
+        wait_for(
+            lambda: volunteer_status("cell-a").get("in_process_tasks") == 1,
+            what="the cell to start, watched by the node",
+        )
+        # Its child runs at the task processes' nice value, leads its own process group (the
+        # node's signals reach whatever it starts) and stays in the worker's session (which
+        # keeps the CPU share of the worker, whatever the nice values).
+        children = cell_children(leaver)
+        session = os.getsid(worker_process(leaver).pid)
+        assert children and all(p.nice() == 10 for p in children)
+        assert all(os.getpgid(p.pid) == p.pid and os.getsid(p.pid) == session for p in children)
+
+        # Paused: the running cell is stopped where it is; past the suspend limit it is
+        # handed back and runs on another node.
+        assert volunteer_cli("pause", "--name", "cell-a").returncode == 0
+        wait_for(
+            lambda: any(p.status() == psutil.STATUS_STOPPED for p in cell_children(leaver)),
+            what="the cell to be suspended",
+        )
+        start_volunteer(portal, tmp_path, "cell-b", "--cpus", "1", "--memory", "1GB")
+        (outcome,) = run.wait(NullSink())
+        assert outcome["node"] == "cell-b" and not outcome.get("error")
+        assert volunteer_status("cell-a")["moved_tasks"] == 1
+
+        # Held to the memory it asked for: the allocation fails inside the cell.
+        hungry = submit("block = bytearray(600 * 2**20)\n", memory=200 * 2**20)
+        (outcome,) = hungry.wait(NullSink())
+        assert outcome["error"]["ename"] == "MemoryError"

@@ -48,8 +48,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from grid_portal import isolation
 from grid_portal.errors import GridError, UsageError
-from grid_portal.proctree import descendants
+from grid_portal.proctree import data_size, descendants, limit_data, set_data_limit
 from grid_portal.pushed import PUSH_ANNOTATION
 
 # -- tunables -----------------------------------------------------------------------------------
@@ -61,6 +62,14 @@ RELAY_ATTEMPTS = 20  # failed puts in a row (no queue yet, kernel gone) before s
 EMIT_TIMEOUT = 10.0  # s a node waits for the portal to take a stream batch or a kept result
 MAX_OUTPUT_CHARS = 8_000_000  # text kept per cell; more would swamp the notebook anyway
 STOP_CONFIRM_TIMEOUT = 5.0  # s the kernel waits for the node to confirm a cancelled cell stopped
+# Task annotations a node checks a cell's stream and kept result against (the wire contract
+# with grid_portal.client and node/taskproc.py, which import neither this nor each other).
+STREAM_ANNOTATION = "grid_stream"
+JOB_ANNOTATION = "grid_job"
+# Where a cell's child stands among processes (its group and session), chosen by its task:
+IN_PARENT_GROUP = 0  # in its sandboxed task process's group: the node's signals reach both
+OWN_SESSION = 1  # a session and group of its own (a task in an unconfined worker)
+OWN_GROUP = 2  # a group of its own in the worker's session (confined: the node's CPU share)
 FORK_AHEAD_DELAY = 0.03  # s after a cell starts before the node forks the next cell's child
 BIG_PAYLOAD = 1_000_000  # bytes; larger inputs are scattered once instead of sent per task
 # Most a cell may send (code, pickled inputs and --map values together): past this, data
@@ -997,7 +1006,7 @@ class CellRun:
                 except queue.Empty:
                     continue
                 if item[0] == "events":
-                    self._deliver(item[1], item[2], _NullSink())
+                    self._deliver(item[1], item[2], NullSink())
                 elif item[0] == "done":
                     running.discard(item[1])
         self.close()
@@ -1090,10 +1099,12 @@ def _stream_to(channel: str | None) -> Any:
         return contextlib.nullcontext()
     import dask
 
-    return dask.annotate(grid_stream=channel)
+    return dask.annotate(**{STREAM_ANNOTATION: channel})
 
 
-class _NullSink:
+class NullSink:
+    """A sink that shows nothing (output is still in the outcomes)."""
+
     def started(self, index: int, node: str) -> None:
         pass
 
@@ -1124,6 +1135,7 @@ def replay(outcomes: Sequence[dict[str, Any]], sink: Sink) -> None:
 # ================================================================================================
 # Node side: the Dask task
 # ================================================================================================
+@isolation.self_isolating
 def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
     """Run one cell (one --map value) on this node, in a child process; the Dask task.
 
@@ -1157,12 +1169,26 @@ def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
         return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
     channel = request.get("channel") if emit is not None else None
+    keep = bool(request.get("keep"))
+    if in_worker and key is not None:
+        # Through the worker's own connection, only to the names the task came with in its
+        # annotations, as a sandboxed task process's channel allows (node/taskproc.py).
+        ts = worker.state.tasks.get(key)
+        annotations = (ts.annotations or {}) if ts is not None else {}
+        if channel is not None and channel != annotations.get(STREAM_ANNOTATION):
+            channel = None
+        keep = keep and request.get("job_id") == annotations.get(JOB_ANNOTATION)
     relay = _Relay(emit, channel, int(request.get("index", 0)))
     node = str(getattr(worker, "name", None) or platform.node())
-    execution = _Execution(payload, request, node, relay, cancelled, own_session=in_worker)
+    confinement = isolation.current() if in_worker else None
+    if not in_worker:
+        detach = IN_PARENT_GROUP
+    else:
+        detach = OWN_GROUP if confinement is not None else OWN_SESSION
+    execution = _Execution(payload, request, node, relay, cancelled, detach, confinement)
     outcome = execution.run()
     outcome["streamed"] = channel is not None
-    if request.get("keep") and not outcome.get("cancelled"):
+    if keep and not outcome.get("cancelled"):
         outcome["kept"] = emit is not None and _keep_result(emit, request["job_id"], outcome)
     if outcome.get("error"):
         error = outcome["error"]
@@ -1253,9 +1279,11 @@ class _Execution:
         node: str,
         relay: _Relay,
         cancelled: Callable[[], bool],
-        own_session: bool = True,
+        detach: int = OWN_SESSION,
+        confinement: isolation.Confinement | None = None,
     ) -> None:
-        self.own_session = own_session
+        self.detach = detach
+        self.confinement = confinement
         self.payload = payload
         self.request = request
         self.node = node
@@ -1289,7 +1317,8 @@ class _Execution:
         started = time.time()
         timeout = self.request.get("timeout")
         deadline = time.monotonic() + float(timeout) if timeout else None
-        child = POOL.take(self.own_session)
+        confinement = self.confinement
+        child = POOL.take(self.detach, confinement.nice if confinement is not None else 0)
         result: dict[str, Any] | None = None
         stop_reason: str | None = None
         try:
@@ -1298,8 +1327,13 @@ class _Execution:
                     "payload": self.payload,
                     "map_value": self.request.get("map_value"),
                     "path": list(sys.path),
+                    "memory_limit": confinement.memory_limit if confinement is not None else 0,
                 }
             )
+            if confinement is not None:
+                # The node's pause, move and memory watch reach the child from now on. (Told
+                # once the cell is on its way: taking its memory baseline costs a moment.)
+                confinement.started(child.pid)
             begun = last_flush = time.monotonic()
             while result is None and alive:
                 messages, alive = child.read(POLL_INTERVAL)
@@ -1366,7 +1400,7 @@ class _Execution:
 _FRAME = struct.Struct("!Q")
 _CHILD_BOOT = (
     "import sys; from grid_portal.jobs.cell import _child_main; "
-    "_child_main(int(sys.argv[1]), bool(int(sys.argv[2])))"
+    "_child_main(int(sys.argv[1]), int(sys.argv[2]))"
 )
 
 
@@ -1418,10 +1452,10 @@ class _Child:
         err: int,
         proto: int,
         wait: Callable[[], Any],
-        own_session: bool = True,
+        detach: int = OWN_SESSION,
     ) -> None:
         self.pid, self.ctl, self.proto = pid, ctl, proto
-        self.own_session = own_session
+        self.detach = detach
         self._wait = wait  # reaps the child; returns its exit code, or a callable giving it
         self._exit_code: Any = None
         self.reaped = False
@@ -1497,7 +1531,7 @@ class _Child:
 
     def kill(self) -> None:
         if not self.reaped:
-            _kill_tree(self.pid, self.own_session)
+            _kill_tree(self.pid, self.detach != IN_PARENT_GROUP)
 
     def close(self) -> None:
         # Whatever the cell left running (a background process) goes too: a volunteer's
@@ -1552,7 +1586,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _spawn_child(own_session: bool = True) -> tuple[_Child, subprocess.Popen[bytes]]:
+def _spawn_child(detach: int = OWN_SESSION) -> tuple[_Child, subprocess.Popen[bytes]]:
     """A child started from scratch (~150 ms of CPU: the interpreter's own start-up)."""
     ctl_r, ctl_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -1560,13 +1594,14 @@ def _spawn_child(own_session: bool = True) -> tuple[_Child, subprocess.Popen[byt
     proto_r, proto_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_BOOT, str(proto_w), str(int(own_session))],
+            [sys.executable, "-c", _CHILD_BOOT, str(proto_w), str(detach)],
             stdin=ctl_r,
             stdout=out_w,
             stderr=err_w,
             pass_fds=(proto_w,),
-            start_new_session=own_session,
+            start_new_session=detach == OWN_SESSION,
             env=_child_env(),
+            **({"process_group": 0} if detach == OWN_GROUP else {}),
         )
     finally:
         for fd in (ctl_r, out_w, err_w, proto_w):
@@ -1578,11 +1613,12 @@ def _spawn_child(own_session: bool = True) -> tuple[_Child, subprocess.Popen[byt
         except subprocess.TimeoutExpired:
             return None
 
-    return _Child(proc.pid, ctl_w, out_r, err_r, proto_r, wait, own_session), proc
+    return _Child(proc.pid, ctl_w, out_r, err_r, proto_r, wait, detach), proc
 
 
 _ZYGOTE_BOOT = (
-    "import sys; from grid_portal.jobs.cell import _zygote_main; _zygote_main(int(sys.argv[1]))"
+    "import sys; from grid_portal.jobs.cell import _zygote_main; "
+    "_zygote_main(int(sys.argv[1]), int(sys.argv[2]))"
 )
 _ZMSG = struct.Struct("!cqq")  # kind, then two numbers: fork(seq) forked(seq, pid) wait(pid)...
 
@@ -1596,17 +1632,18 @@ class _Zygote:
     The pipes of each child are made here and handed over with SCM_RIGHTS.
     """
 
-    def __init__(self, own_session: bool = True) -> None:
+    def __init__(self, detach: int = OWN_SESSION, nice: int = 0) -> None:
         import socket
 
-        self.own_session = own_session
+        self.detach = detach
+        self.nice = nice
         mine, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _ZYGOTE_BOOT, str(theirs.fileno())],
+                [sys.executable, "-c", _ZYGOTE_BOOT, str(theirs.fileno()), str(nice)],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
-                start_new_session=own_session,
+                start_new_session=detach == OWN_SESSION,
                 env=_child_env(),
             )
         finally:
@@ -1665,7 +1702,7 @@ class _Zygote:
                 seq = self.seq
                 socket.send_fds(
                     self.sock,
-                    [_ZMSG.pack(b"F", seq, int(self.own_session))],
+                    [_ZMSG.pack(b"F", seq, self.detach)],
                     [ctl_r, out_w, err_w, proto_w],
                 )
         finally:
@@ -1677,7 +1714,7 @@ class _Zygote:
                 os.close(fd)
             self.dead = True
             raise OSError("the cell runner's fork server did not answer")
-        return _Child(pid, ctl_w, out_r, err_r, proto_r, lambda: self._reap(pid), self.own_session)
+        return _Child(pid, ctl_w, out_r, err_r, proto_r, lambda: self._reap(pid), self.detach)
 
     def _reap(self, pid: int) -> Callable[[], int | None]:
         """Ask the server to reap ``pid``; the exit code is waited for only if asked for."""
@@ -1695,18 +1732,25 @@ class _ChildPool:
         self.zygote: _Zygote | None = None
         self.forked: _Child | None = None  # forked ahead by the fork server, waiting for a cell
         self.spare: tuple[_Child, subprocess.Popen[bytes]] | None = None
+        self._ahead: tuple[_Zygote, float] | None = None  # fork for this server after then
+        self._ahead_due = threading.Condition(self.lock)
+        self._forker_pid = 0  # the process whose forker thread runs
         import socket
 
         self.forking = hasattr(os, "fork") and hasattr(socket, "send_fds")
 
-    def take(self, own_session: bool = True) -> _Child:
+    def take(self, detach: int = OWN_SESSION, nice: int = 0) -> _Child:
         if self.forking:
             with self.lock:
                 zygote = self.zygote
-                if zygote is None or not zygote.alive() or zygote.own_session != own_session:
+                if (
+                    zygote is None
+                    or not zygote.alive()
+                    or (zygote.detach, zygote.nice) != (detach, nice)
+                ):
                     if self.forked is not None:
                         self.forked.close()
-                    zygote = _Zygote(own_session)
+                    zygote = _Zygote(detach, nice)
                     self.zygote, self.forked = zygote, None
                 child, self.forked = self.forked, None
             try:
@@ -1715,21 +1759,45 @@ class _ChildPool:
                 # Fork the next cell's child ahead of need, but not at once: the fork and the
                 # new child's start-up would compete with this cell, and with the trip of its
                 # result, for the CPU (a trivial cell took 1 ms longer on two busy cores).
-                ahead = threading.Timer(FORK_AHEAD_DELAY, self._fork_ahead, args=(zygote,))
-                ahead.daemon = True
-                ahead.start()
+                self._fork_ahead_soon(zygote)
                 return child
             except OSError:
                 pass  # a broken fork server: start this one from scratch, a new server next
         with self.lock:
             spare, self.spare = self.spare, None
-        if spare is None or spare[1].poll() is not None or spare[0].own_session != own_session:
+        if spare is None or spare[1].poll() is not None or spare[0].detach != detach:
             if spare is not None:
                 spare[0].close()
-            spare = _spawn_child(own_session)
+            spare = _spawn_child(detach)
         if not self.forking:
             threading.Thread(target=self._refill, name="grid-cell-spare", daemon=True).start()
         return spare[0]
+
+    def _fork_ahead_soon(self, zygote: _Zygote) -> None:
+        """Have the forker thread fork a child FORK_AHEAD_DELAY from now. One long-lived
+        thread, not a timer per cell: starting a thread costs the cell's own path a little."""
+        with self.lock:
+            self._ahead = (zygote, time.monotonic() + FORK_AHEAD_DELAY)
+            if self._forker_pid != os.getpid():  # none yet, or inherited by a fork
+                self._forker_pid = os.getpid()
+                thread = threading.Thread(target=self._forker, name="grid-cell-forker")
+                thread.daemon = True
+                thread.start()
+            else:
+                self._ahead_due.notify()
+
+    def _forker(self) -> None:
+        while True:
+            with self.lock:
+                while self._ahead is None:
+                    self._ahead_due.wait()
+                zygote, due = self._ahead
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._ahead_due.wait(wait)  # then look again: a newer cell may have come
+                    continue
+                self._ahead = None
+            self._fork_ahead(zygote)
 
     def _fork_ahead(self, zygote: _Zygote) -> None:
         try:
@@ -1961,6 +2029,8 @@ def _run_in_child(request: dict[str, Any], outbox: _Outbox) -> dict[str, Any]:
 
     if request.get("path"):
         sys.path[:] = list(request["path"])
+    if request.get("memory_limit"):
+        limit_data(int(request["memory_limit"]))
     cell = pickle.loads(request["payload"])
     filename = cell["filename"]
     source = cell["source"]
@@ -2006,6 +2076,8 @@ def _run_in_child(request: dict[str, Any], outbox: _Outbox) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001 - every failure of the cell is reported
         outcome["error"] = _describe_error(exc, filename)
         outcome["has_value"] = False
+    if request.get("memory_limit"):
+        set_data_limit(None)  # the cell is over: room to pack and send its results
     sys.stdout.flush()
     _flush_figures(outbox)
     if outcome["has_value"] and value is not None:
@@ -2034,23 +2106,23 @@ def _run_in_child(request: dict[str, Any], outbox: _Outbox) -> dict[str, Any]:
     return outcome
 
 
-def _watch_parent(ctl: Any, own_session: bool, requests: list[Any], ready: threading.Event) -> None:
+def _watch_parent(ctl: Any, detach: int, requests: list[Any], ready: threading.Event) -> None:
     """Read the cell's request (this thread starts while the child waits as a spare, so the
     cell does not wait for it), then watch the control pipe (see _end_with_parent)."""
     try:
         requests.append(_read_request(ctl))
     finally:
         ready.set()
-    _end_with_parent(ctl, own_session)
+    _end_with_parent(ctl, detach)
 
 
-def _end_with_parent(ctl: Any, own_session: bool) -> None:
+def _end_with_parent(ctl: Any, detach: int) -> None:
     """EOF on the control pipe means the worker is gone: take the cell and all it started down
     with it, so a dead worker never leaves work running on a volunteer's machine."""
     with contextlib.suppress(Exception):
         while ctl.read(1 << 12):
             pass
-    _kill_tree(os.getpid(), own_session)
+    _kill_tree(os.getpid(), detach != IN_PARENT_GROUP)
     os._exit(1)
 
 
@@ -2073,13 +2145,16 @@ def _read_request(ctl: Any) -> dict[str, Any] | None:
     return None if body is None else pickle.loads(body)
 
 
-def _zygote_main(sock_fd: int) -> None:
+def _zygote_main(sock_fd: int, nice: int = 0) -> None:
     """The fork server (see _Zygote). Single-threaded on purpose: forking it is safe."""
     import select
     import socket
 
     import cloudpickle  # noqa: F401 - loaded once here, inherited by every child
 
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)  # every cell's child inherits it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=sock_fd)
     # A child's exit wakes the loop at once (SIGCHLD through the wakeup fd), so reaping it
@@ -2120,7 +2195,7 @@ def _zygote_main(sock_fd: int) -> None:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     for fd in (wake_r, wake_w):
                         os.close(fd)
-                    _forked_child(fds, bool(b))
+                    _forked_child(fds, int(b))
                 for fd in fds:
                     os.close(fd)
                 fds = []
@@ -2138,16 +2213,18 @@ def _zygote_main(sock_fd: int) -> None:
     os._exit(0)
 
 
-def _forked_child(fds: list[int], own_session: bool) -> None:
+def _forked_child(fds: list[int], detach: int) -> None:
     ctl, out, err, proto = fds
-    if own_session:
+    if detach == OWN_SESSION:
         os.setsid()
+    elif detach == OWN_GROUP:
+        os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     for fd, target in ((ctl, 0), (out, 1), (err, 2)):
         os.dup2(fd, target)
         os.close(fd)
     try:
-        _child_main(proto, own_session)
+        _child_main(proto, detach)
     finally:
         os._exit(1)
 
@@ -2173,6 +2250,7 @@ def _warm_up() -> None:
     try:
         payload = pickle.dumps(_WARM_UP, protocol=pickle.HIGHEST_PROTOCOL)
         _run_in_child({"payload": payload, "map_value": None}, _Outbox(devnull))
+        data_size()  # the memory limit's first reading, too
     except Exception:  # noqa: BLE001 - only a head start; the cell runs regardless
         pass
     finally:
@@ -2183,7 +2261,7 @@ def _warm_up() -> None:
         os.close(devnull)
 
 
-def _child_main(proto_fd: int, own_session: bool = True) -> None:
+def _child_main(proto_fd: int, detach: int = OWN_SESSION) -> None:
     """Entry point of a child process (see _Child)."""
     ctl = os.fdopen(os.dup(0), "rb", buffering=0)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -2193,7 +2271,7 @@ def _child_main(proto_fd: int, own_session: bool = True) -> None:
     requests: list[Any] = []
     ready = threading.Event()
     watch = threading.Thread(
-        target=_watch_parent, args=(ctl, own_session, requests, ready), name="grid-watch"
+        target=_watch_parent, args=(ctl, detach, requests, ready), name="grid-watch"
     )
     watch.daemon = True
     watch.start()

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+from grid_portal.proctree import data_size, set_data_limit
+
 _HEADER = struct.Struct("!Q")
 
 
@@ -140,34 +142,7 @@ class TaskChannel:
         raise ConnectionError(reply.get("error") or "the worker could not forward it")
 
 
-# -- memory accounting -------------------------------------------------------------------------
-def data_size() -> int | None:
-    """The process's data segment (VmData), which RLIMIT_DATA limits; None where unknown."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _set_data_limit(soft: int | None, hard: int | None = None) -> None:
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    _, current_hard = resource.getrlimit(resource.RLIMIT_DATA)
-    hard = current_hard if hard is None else hard
-    soft = hard if soft is None else soft
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard) if soft != resource.RLIM_INFINITY else hard
-    # A limit we may not set here is left alone; the worker's watchdog still applies.
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
-
+# -- memory accounting (data_size, set_data_limit: grid_portal.proctree) ------------------------
 def memory_error_text(key: Any, limit: int, node: str, detail: str = "") -> str:
     """What the researcher reads when a task passed its memory limit."""
     from grid_portal.units import format_size
@@ -245,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = data_size()
     if max_memory and baseline is not None:
         # The hard limit: no task here may ever hold more than the whole node lends.
-        _set_data_limit(None, baseline + int(max_memory))
+        set_data_limit(None, baseline + int(max_memory))
     send(out, ("ready", os.getpid()))
 
     while True:
@@ -258,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         _, key, limit, payload = message
         started = data_size()
         if limit and started is not None:
-            _set_data_limit(started + int(limit))
+            set_data_limit(started + int(limit))
         channel.set_open(True)
         try:
             fn, args, kwargs = pickle.loads(payload)
@@ -270,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             msg.update(op="task-erred", start=time.time(), stop=time.time())
         finally:
             channel.set_open(False)
-            _set_data_limit(None)  # back to the hard limit, to send the result
+            set_data_limit(None)  # back to the hard limit, to send the result
         if not isinstance(msg, dict):  # not a task (a benchmark, ...): the plain return value
             msg = {"op": "value", "value": msg}
         error = msg.pop("actual_exception", None)

@@ -25,6 +25,12 @@ at the portal for the job named by its ``grid_job`` annotation (a ``--bg`` cell;
 checks that the job ran on this node). The executor forwards those through the worker's own
 scheduler connection (``worker.scheduler``) and refuses any other name or kind.
 
+Self-isolating tasks (``grid_portal.isolation``: a ``%%grid`` cell, which runs the cell in a
+fresh child process of its own) run in a thread here instead, with a ``Confinement`` that
+gives their child the task process's nice value and memory limit and registers it, so that
+suspending, moving, cancelling and the memory watchdog reach it as they reach a task process:
+one process and one hop fewer per cell.
+
 Tasks that must run inside the worker itself run in a thread as Dask would: P2P shuffle and
 rechunk steps (they use the worker's shuffle extension; they are distributed's own code) and
 anything that is not a task (benchmarks). Coroutine tasks never reach an executor: Dask runs
@@ -48,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from grid_portal.isolation import Confinement, confined, is_self_isolating
 from grid_portal.node.taskchild import memory_error_text, recv, send
 from grid_portal.proctree import tree_rss
 
@@ -96,6 +103,27 @@ class _Child:
         for stream in (self.to_child, self.from_child):
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+@dataclass
+class _Confined:
+    """A self-isolating task's own child (grid_portal.isolation), watched like a task process:
+    it leads its own process group, so signals reach it and whatever it started."""
+
+    key: Any
+    limit: int
+    pid: int = 0  # 0 until the task has started its child
+    base: int = 0
+    fate: str | None = None
+    stopped: bool = False
+
+    def signal(self, sig: int) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
+    def rss(self) -> int:
+        return tree_rss(self.pid) if self.pid else 0
 
 
 @dataclass(frozen=True)
@@ -374,15 +402,16 @@ class TaskProcessExecutor(concurrent.futures.Executor):
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from distributed.worker import _run_task_simple
 
-        if fn is not _run_task_simple or not args or self._in_worker(args[0]):
+        if fn is not _run_task_simple or not args:
+            return self._call_in_worker(fn, args, kwargs)
+        if is_self_isolating(getattr(args[0], "func", None)):
+            return self._call_confined(fn, args, kwargs)
+        if self._in_worker(args[0]):
             return self._call_in_worker(fn, args, kwargs)
         task = args[0]
         key = getattr(task, "key", None)
         moves = self._moves
-        while not self._allowed.wait(0.5):  # a task that arrived as the node paused
-            if self._shutdown or self._moves != moves:
-                return self._reschedule(task)
-        if self._moves != moves:
+        if self._held_back(moves):
             return self._reschedule(task)
         limit = self._limit_for(key)
         grant = self._grant_for(key)
@@ -416,6 +445,53 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         if msg.get("op") == "value":
             return msg["value"]
         return self._finish(msg)
+
+    def _held_back(self, moves: int) -> bool:
+        """Wait while the node is paused (a task that arrived as it paused); True when the
+        task must go back to the scheduler instead: moved away, or the worker is closing."""
+        while not self._allowed.wait(0.5):
+            if self._shutdown or self._moves != moves:
+                return True
+        return self._moves != moves
+
+    def _call_confined(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A self-isolating task (a %%grid cell): in this thread, its child confined as a task
+        process would be (grid_portal.isolation)."""
+        task = args[0]
+        key = getattr(task, "key", None)
+        moves = self._moves
+        if self._held_back(moves):
+            return self._reschedule(task)
+        record = _Confined(key=key, limit=self._limit_for(key))
+
+        def started(pid: int) -> None:
+            base = tree_rss(pid) if record.limit else 0
+            with self._lock:
+                record.pid, record.base = pid, base
+                self._busy[pid] = record
+                if self._moves != moves:  # moved away before its child started
+                    record.fate = "moved"
+                    record.signal(signal.SIGKILL)
+                elif self.suspended:  # paused meanwhile: hold it at once, as _register does
+                    record.stopped = True
+                    record.signal(signal.SIGSTOP)
+
+        confinement = Confinement(nice=self.nice, memory_limit=record.limit, started=started)
+        begun = time.time()
+        try:
+            with confined(confinement):
+                msg = self._call_in_worker(fn, args, kwargs)
+        finally:
+            with self._lock:
+                self._busy.pop(record.pid, None)
+        if record.fate in ("moved", "cancelled", "shutdown"):
+            return self._reschedule(task)
+        if record.fate == "memory":
+            text = memory_error_text(key, record.limit, str(self._view.get("name")))
+            return self._error(MemoryError(text), begun)
+        return msg
 
     def _in_worker(self, task: Any) -> bool:
         """Whether this task must run inside the worker (Dask's own P2P steps)."""
