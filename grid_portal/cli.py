@@ -17,6 +17,7 @@ from typing import Any
 
 from grid_portal import __version__
 from grid_portal.errors import GridError, UsageError
+from grid_portal.units import duration_arg, size_arg
 
 EPILOG = """\
 Start here:
@@ -28,24 +29,6 @@ Start here:
 
 Docs: README.md, docs/volunteer.md, docs/researcher.md.
 """
-
-
-def _size(text: str) -> int:
-    from grid_portal.units import parse_size
-
-    try:
-        return parse_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _duration(text: str) -> float:
-    from grid_portal.units import parse_duration
-
-    try:
-        return parse_duration(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -92,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="where the CA, ledger and keys live")
     p.add_argument("--contact-host", help="the host name volunteers use to reach this portal")
     p.add_argument(
-        "--telemetry-interval", type=_duration, default=2.0, help="seconds between node samples"
+        "--telemetry-interval", type=duration_arg, default=2.0, help="seconds between node samples"
     )
     p.add_argument(
         "--node-timeout",
-        type=_duration,
+        type=duration_arg,
         default=15.0,
         help="how soon a node that vanished is declared offline and its tasks rerun (default 15s)",
     )
@@ -108,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpus", type=int, help="with --embedded: CPUs the local volunteer lends")
     p.add_argument(
-        "--memory", type=_size, help="with --embedded: memory the local volunteer lends, e.g. 8GB"
+        "--memory",
+        type=size_arg,
+        help="with --embedded: memory the local volunteer lends, e.g. 8GB",
     )
     __import__("grid_portal.cli_classroom").cli_classroom.add_serve_options(p)  # --jupyterhub
     p.set_defaults(func=cmd_serve)
@@ -123,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and can be limited in uses. They carry a pin of the portal's CA, so a volunteer "
         "cannot be fooled by an impostor portal.",
     )
-    t.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime (default 1h)")
+    t.add_argument("--ttl", type=duration_arg, default=3600.0, help="lifetime (default 1h)")
     t.add_argument(
         "--uses",
         type=_positive_int,
@@ -173,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="read options from a TOML file (volunteer.toml)")
     p.add_argument("--name", help="this machine's name on the grid (default: host name)")
     p.add_argument("--cpus", type=int, help="CPUs to lend (default: all but one)")
-    p.add_argument("--memory", type=_size, help="memory to lend, e.g. 8GB (default: half)")
+    p.add_argument("--memory", type=size_arg, help="memory to lend, e.g. 8GB (default: half)")
     p.add_argument("--gpus", help="GPUs to lend: none (default), all, or indices like 0,2")
     p.add_argument(
         "--label",
@@ -245,19 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="where this volunteer keeps its certificate")
     p.add_argument(
         "--drain-timeout",
-        type=_duration,
+        type=duration_arg,
         default=120.0,
         help="on stop, how long running tasks may take to finish (default 2m)",
     )
     p.add_argument(
         "--reconnect-max",
-        type=_duration,
+        type=duration_arg,
         default=30.0,
         help="longest wait between attempts to rejoin (default 30s)",
     )
     p.add_argument(
         "--network-refresh",
-        type=_duration,
+        type=duration_arg,
         default=1800.0,
         help="how often to re-measure bandwidth and round trip to the portal (default 30m)",
     )

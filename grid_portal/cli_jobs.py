@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.errors import GridError
+from grid_portal.units import duration_arg
 
 LEDGER_FILE = "ledger.sqlite"  # grid_portal.portal.ledger.LEDGER_FILE, without importing it
 TASK_ROWS = 100  # tasks shown by `grid-portal job ID` unless --all-tasks
@@ -102,7 +103,7 @@ def register(subparsers: Any) -> None:
         "sets how much of the grid their queued work gets. The portal's admin may change the "
         "half-life and give users quotas (most cores at once).",
     )
-    p.add_argument("--half-life", type=_duration_arg(), help="e.g. 1d, 12h (admin)")
+    p.add_argument("--half-life", type=duration_arg, help="e.g. 1d, 12h (admin)")
     p.add_argument(
         "--quota", action="append", default=[], metavar="USER=CORES", help="(admin, repeatable)"
     )
@@ -125,12 +126,6 @@ def _source_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="read the records from this portal's ledger file instead (the portal may be down)",
     )
-
-
-def _duration_arg() -> Any:
-    from grid_portal.cli import _duration  # the one argparse type for durations
-
-    return _duration
 
 
 def _grid(args: argparse.Namespace) -> Any:

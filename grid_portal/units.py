@@ -113,3 +113,24 @@ def format_duration(seconds: float | None) -> str:
         return f"{hours}h {minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d {hours}h"
+
+
+# -- as argparse types (the CLI and the magics share them) ------------------------------------
+def size_arg(text: str) -> int:
+    """``type=`` for an argparse option that takes a size: its error is argparse's own."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def duration_arg(text: str) -> float:
+    """``type=`` for an argparse option that takes a duration."""
+    import argparse
+
+    try:
+        return parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -22,7 +22,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from grid_portal.errors import GridError, Unsatisfiable, UsageError
 from grid_portal.jobs import cell as cells
 from grid_portal.notebook import widgets
-from grid_portal.units import format_duration, parse_duration, parse_size
+from grid_portal.units import duration_arg, format_duration, size_arg
 
 _MAP_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s+in\s+(.+?)\s*$", re.DOTALL)
 _LINE_COMMANDS = "jobs, result ID, cancel ID, nodes, status, connect [FILE]"
@@ -44,18 +44,8 @@ def _count(kind: str, allow_zero: bool) -> Any:
     return parse
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _timeout(text: str) -> float:
+    seconds = duration_arg(text)
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a timeout must be more than 0 s")
     return seconds
@@ -337,7 +327,7 @@ class GridMagics(Magics):
     )
     @argument(
         "--memory",
-        type=_size,
+        type=size_arg,
         default=None,
         metavar="SIZE",
         help="memory it needs, like 4GB or 512MiB",
@@ -352,7 +342,7 @@ class GridMagics(Magics):
     @argument("--name", default=None, help="the job's name in %%grid jobs and the sidebar")
     @argument(
         "--timeout",
-        type=_duration,
+        type=_timeout,
         default=None,
         metavar="DURATION",
         help="stop the cell if it runs longer than this on its node, like 30s or 5m",
