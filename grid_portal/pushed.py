@@ -3,7 +3,8 @@
 A Dask client learns that a task finished (``key-in-memory``) and then asks for its value
 (``gather``): the scheduler fetches it from the worker and hands it on, a second round trip
 of four messages (about 3.5 ms of a ``%%grid`` cell's 15 here). For tasks annotated
-``grid_push``, the node instead sends the pickled result to the portal on its existing stream,
+``grid_push``, which the portal marks as it accepts them (``PUSH_FORWARDED``), the node instead
+sends the pickled result to the portal on its existing stream,
 just ahead of Dask's own ``task-finished``; the portal forwards it, unopened, to the clients
 that asked for that task and only to them; the client hands it to whoever waits for it. A
 result larger than ``PUSH_LIMIT`` (or one that fails to pickle) is simply not pushed: the
@@ -21,6 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 PUSH_ANNOTATION = "grid_push"  # a task annotation: push this task's result if it is small
+# What the portal sets that annotation to when it accepts the task (its update_graph): a node
+# pushes only for tasks so marked. A portal too old to know the message never marks them, and
+# an unknown message would make Dask close the node's stream.
+PUSH_FORWARDED = "portal-forwards"
 PUSH_OP = "grid-pushed-result"  # the stream message, node -> portal -> client
 PUSH_LIMIT = 256 * 1024  # bytes of pickled result; larger ones are gathered as usual
 

@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from grid_portal.node.probe import TelemetrySampler
-from grid_portal.pushed import PUSH_ANNOTATION, PUSH_LIMIT, PUSH_OP
+from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -220,8 +220,8 @@ class NodePlugin(WorkerPlugin):
         """
         worker = self.worker
         ts = worker.state.tasks.get(key) if worker is not None else None
-        if ts is None or not (ts.annotations or {}).get(PUSH_ANNOTATION):
-            return
+        if ts is None or (ts.annotations or {}).get(PUSH_ANNOTATION) != PUSH_FORWARDED:
+            return  # not a push task, or a portal that would not know the message
         if ts.nbytes is not None and ts.nbytes > PUSH_LIMIT:
             return  # Dask's own size estimate says it is large: it is gathered as usual
         try:

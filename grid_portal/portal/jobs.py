@@ -25,7 +25,9 @@ from grid_portal.portal.ledger import connect, transaction, write_later
 DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured otherwise
 # A job's birth, start and end are written this soon after they happen: not in the middle of
 # the scheduler's handling of a graph, where a write would delay the task's dispatch, and
-# once for all the changes of that moment (20 jobs arriving together: one transaction).
+# once for all the changes of that moment (20 jobs arriving together: one transaction). Any
+# answer about jobs writes what is pending first (PortalPlugin), so whatever a client has been
+# told about a job survives a kill -9 of the portal.
 FLUSH_DELAY = 0.02  # seconds
 MAX_RESULT_BYTES = 64 * 2**20
 # A job's kept spec (a workflow's, or a --bg cell's payload in base64): what the portal needs

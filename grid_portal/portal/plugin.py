@@ -26,7 +26,7 @@ from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.scheduling import Scheduling
 from grid_portal.portal.security import Identity, peer_identity
-from grid_portal.pushed import PUSH_ANNOTATION, PUSH_LIMIT, PUSH_OP
+from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -166,6 +166,10 @@ class PortalPlugin(SchedulerPlugin):
         **kwargs: Any,
     ) -> None:
         self.scheduling.update_graph(scheduler, client, tasks, annotations)  # issue 6
+        for key in annotations.get(PUSH_ANNOTATION, {}):
+            ts = scheduler.tasks.get(key)
+            if ts is not None:  # the node pushes only what this portal will forward
+                ts.annotations[PUSH_ANNOTATION] = PUSH_FORWARDED
         job_of = annotations.get(JOB_ANNOTATION)
         if not job_of:
             return
@@ -255,7 +259,7 @@ class PortalPlugin(SchedulerPlugin):
             or len(data) > PUSH_LIMIT
             or ts.processing_on is None
             or ts.processing_on.address != worker
-            or not (ts.annotations or {}).get(PUSH_ANNOTATION)
+            or (ts.annotations or {}).get(PUSH_ANNOTATION) != PUSH_FORWARDED
         ):
             return
         for client in ts.who_wants or ():
@@ -414,6 +418,7 @@ class PortalPlugin(SchedulerPlugin):
 
         await self.registry.wait_until(changed, min(float(timeout), 60.0))
         self.refresh()
+        self.jobs.flush()  # what anyone is told about a job is in the ledger (FLUSH_DELAY)
         result = self.registry.changes(since)
         result["jobs_version"] = self.jobs.version
         result["jobs"] = [
@@ -448,12 +453,14 @@ class PortalPlugin(SchedulerPlugin):
         return identity is not None and (identity.name == owner or identity.role in TRUSTED_ROLES)
 
     def handle_jobs(self, comm: Any = None, everyone: bool = False) -> dict[str, Any]:
+        self.jobs.flush()  # what anyone is told about a job is in the ledger (FLUSH_DELAY)
         owner = self._owner_filter(comm, everyone)
         identity = self._caller(comm)
         me = identity.name if identity is not None else ""
         return {"jobs": self.jobs.list(owner), "others": self.jobs.others(me)}
 
     def handle_job(self, comm: Any = None, job_id: str = "") -> dict[str, Any] | None:
+        self.jobs.flush()  # what anyone is told about a job is in the ledger (FLUSH_DELAY)
         record = self.jobs.jobs.get(job_id)
         if record is None or not self._may_see(comm, record.owner):
             return None
