@@ -2,7 +2,7 @@
 
 A volunteer's executor (``grid_portal.node.taskproc``) runs each grid task in a task process,
 so that pausing, moving, cancelling and memory limits reach it. A ``%%grid`` cell's task
-(``grid_portal.jobs.cell.run_cell_task``) already runs the cell in a fresh child process of
+(``grid_portal.jobs.cell_task.run_cell_task``) already runs the cell in a fresh child process of
 its own, so a task process around it would be a second hop on every cell (about 1.3 ms of a
 trivial cell's round trip here) and a second process per cell. Such a task is *self-isolating*:
 the executor runs it in a worker thread instead and hands it a :class:`Confinement`, the

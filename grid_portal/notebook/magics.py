@@ -196,7 +196,7 @@ class BackgroundCell:
             note = f"✗ {exc}"
         except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under us
             self.error = GridError(
-                f"lost track of job {self.job_id} ({cells._one_line(exc)}); it goes on at the "
+                f"lost track of job {self.job_id} ({cells.one_line(exc)}); it goes on at the "
                 f"portal: %grid result {self.job_id} fetches its result"
             )
             self.state = "unknown"
@@ -507,7 +507,7 @@ class GridMagics(Magics):
             # `for name in EXPRESSION:` they would have written.
             iterable = self.shell.ev(source)
         except Exception as exc:  # noqa: BLE001 - any failure is the user's expression
-            raise UsageError(f"--map {name} in {source}: {cells._one_line(exc)}") from None
+            raise UsageError(f"--map {name} in {source}: {cells.one_line(exc)}") from None
         try:
             values = list(iterable)
         except TypeError:
