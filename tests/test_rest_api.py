@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Portal, grid_portal_command, start_portal, start_volunteer, wait_for
+from conftest import (
+    Portal,
+    grid_portal_command,
+    researcher_connection,
+    start_portal,
+    start_volunteer,
+    wait_for,
+)
 from gridtasks import where_and_what
 from jsonschema import Draft202012Validator
 from referencing import Registry
@@ -63,6 +70,8 @@ def grid_settings(request: pytest.FixtureRequest, grid: Portal) -> dict[str, Any
     param = getattr(request, "param", None)
     if param == "dead":
         return request.getfixturevalue("dead_settings")
+    if param == "researcher":  # a server whose portal certificate is a researcher's
+        return {"address": researcher_connection(grid, request.getfixturevalue("tmp_path"), "rita")}
     return param if param is not None else {"address": grid.connection_file}
 
 
@@ -238,6 +247,13 @@ def test_jobs_are_the_users_own_and_cancel_works(api: Api, grid: Portal) -> None
         assert {j["owner"] for j in body["jobs"]} == {me}
         assert "mallory-1" not in {j["id"] for j in body["jobs"]}
         assert body["others"]["queued"] >= 1
+        # The portal's admin (a class's teachers) may ask for everyone's.
+        status, body = api("jobs", params={"everyone": "true"})
+        conforms("/jobs", "GET", status, body)
+        assert {job_id, "mallory-1"} <= {j["id"] for j in body["jobs"]}
+        status, body = api("jobs", params={"everyone": "maybe"})
+        conforms("/jobs", "GET", status, body)
+        assert status == 400 and "true or false" in body["message"]
 
         status, job = api("jobs", job_id)
         conforms("/jobs/{job_id}", "GET", status, job)
@@ -254,6 +270,15 @@ def test_jobs_are_the_users_own_and_cancel_works(api: Api, grid: Portal) -> None
         assert job["state"] == "cancelled"
         wait_for(lambda: future.status == "cancelled", timeout=10, what="the task to be dropped")
         client.cancel("mallory-1")
+
+
+@pytest.mark.parametrize("grid_settings", ["researcher"], indirect=True)
+def test_only_the_admin_lists_everyones_jobs(api: Api) -> None:
+    status, body = api("jobs", params={"everyone": "true"})
+    conforms("/jobs", "GET", status, body)
+    assert status == 403 and "leave out everyone=true" in body["message"]
+    status, body = api("jobs")
+    assert status == 200 and all(j["owner"] == "rita" for j in body["jobs"])
 
 
 def test_submitting_a_spec_checks_it_then_runs_it(api: Api) -> None:

@@ -370,8 +370,19 @@ def openapi_json(base_url: str = "/") -> str:
             "/jobs": {
                 "get": _operation(
                     "Your jobs, and how many other users' jobs run or wait",
-                    {"200": _json("JobList", "Your jobs, oldest first.")},
+                    {
+                        "200": _json("JobList", "Your jobs (or everyone's), oldest first."),
+                        "400": _json("Error", "A query parameter is not true or false."),
+                        "403": _json("Error", "everyone=true from someone not the admin."),
+                    },
                     operationId="listJobs",
+                    parameters=[
+                        _flag(
+                            "everyone",
+                            "Everyone's jobs, not only yours: for the portal's admin and, on a "
+                            "class portal, its teachers.",
+                        )
+                    ],
                 ),
                 "post": _operation(
                     "Submit a job spec (a multi-stage workflow, docs/job-format.md)",

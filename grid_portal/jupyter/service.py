@@ -105,6 +105,7 @@ class GridPortal(LoggingConfigurable):
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="grid-portal")
         self._grid: Grid | None = None
         self._user: str | None = None
+        self._role = ""  # this server's role at the portal: client, admin (a teacher)...
         self._connecting: asyncio.Future[Grid] | None = None
         self._closed = False
         self.embedded_pid: int | None = None  # set when this server started the embedded portal
@@ -114,7 +115,7 @@ class GridPortal(LoggingConfigurable):
         self.events = EventHub(self)
 
     # -- the connection -------------------------------------------------------------------
-    def _connect(self) -> tuple[Grid, str]:
+    def _connect(self) -> tuple[Grid, str, str]:
         """Blocking: resolve the portal (starting the embedded one if need be) and connect."""
         from grid_portal.client import Grid
         from grid_portal.connection import embedded_connection_path, find_connection
@@ -151,7 +152,7 @@ class GridPortal(LoggingConfigurable):
                 user,
             )
         self.log.info("Grid Portal: connected to %s as %r", grid.connection.scheduler, user)
-        return grid, user
+        return grid, user, str(who.get("role") or "")
 
     async def grid(self) -> Grid:
         """The server's Grid, connected on first use; concurrent first uses share one connect."""
@@ -168,7 +169,7 @@ class GridPortal(LoggingConfigurable):
     async def _connect_in_thread(self) -> Grid:
         loop = asyncio.get_running_loop()
         try:
-            grid, user = await _in_daemon_thread(self._connect)
+            grid, user, role = await _in_daemon_thread(self._connect)
         except (OSError, TimeoutError) as exc:
             if isinstance(exc, GridError):
                 raise
@@ -176,13 +177,19 @@ class GridPortal(LoggingConfigurable):
         if self._closed:
             await loop.run_in_executor(None, _close_quietly, grid)
             raise ConnectionFailed("the Jupyter server is shutting down")
-        self._grid, self._user = grid, user
+        self._grid, self._user, self._role = grid, user, role
         return grid
 
     async def user(self) -> str:
         """The name jobs are owned by: the name in this server's portal certificate."""
         await self.grid()
         return self._user or ""
+
+    async def role(self) -> str:
+        """This server's role at the portal (``admin`` for the portal's admin and for a class's
+        teachers, ``client`` for researchers and students)."""
+        await self.grid()
+        return self._role
 
     async def run(self, fn: Callable[[Grid], T], timeout: float | None = None) -> T:
         """``fn(grid)`` on the thread pool; portal failures become ``ConnectionFailed``."""
