@@ -157,6 +157,14 @@ def test_the_interrupt_button_cancels_a_running_cell(kernel: Kernel, portal: Por
     assert reply["status"] == "ok" and "next" in shown
 
 
+def test_the_cells_verdict_comes_after_its_output(kernel: Kernel) -> None:
+    reply, shown = kernel.run("%%grid\nprint('the output')\n")
+    assert reply["status"] == "ok"
+    # The live line (queued, running) is shown first and updated in place; the verdict is
+    # shown last, after what the cell printed.
+    assert shown.index("queued") < shown.index("the output") < shown.index("✓ done in")
+
+
 def test_a_background_result_survives_a_kernel_restart(kernel: Kernel, portal: Portal) -> None:
     """The kernel restarts while its --bg cell runs on a sandboxed node: the node keeps the
     result at the portal, and the new kernel loads it."""

@@ -68,6 +68,14 @@ def _display(data: dict[str, Any], display_id: str | None = None, update: bool =
 
 
 # -- the live status line of a running cell --------------------------------------------------
+def _line_data(text: str) -> dict[str, str]:
+    return {
+        "text/plain": text,
+        "text/html": "<div style='font-family:monospace;font-size:90%;opacity:.8'>"
+        f"{html.escape(text)}</div>",
+    }
+
+
 class RunStatus:
     """One line that follows a cell: queued, then running on NODE, then done in T s.
 
@@ -115,6 +123,12 @@ class RunStatus:
 
     def close(self, text: str, ok: bool = True) -> None:
         self.final = ("✓ " if ok else "✗ ") + text
+        if self.mode == "kernel" and self._bar is None:
+            # The live line stood above the cell's output while it ran; the verdict goes after
+            # the output, where a reader looks last (as %%time's does), and the live line goes.
+            _display({"text/plain": ""}, self._display_id, update=True)
+            _display(_line_data(self.final))
+            return
         self._draw(force=True)
         if self.mode == "terminal":
             sys.stderr.write("\n")
@@ -154,12 +168,7 @@ class RunStatus:
                     f"<span style='font-family:monospace'>{html.escape(text)}</span>"
                 )
                 return
-            data = {
-                "text/plain": text,
-                "text/html": "<div style='font-family:monospace;font-size:90%;opacity:.8'>"
-                f"{html.escape(text)}</div>",
-            }
-            _display(data, self._display_id, update=not first)
+            _display(_line_data(text), self._display_id, update=not first)
         elif self.mode == "terminal":
             bar = ""
             if self.total > 1:
