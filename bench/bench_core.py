@@ -31,14 +31,22 @@ def inc(x: int) -> int:
 
 
 def round_trips(submit, rounds: int) -> float:
-    for i in range(20):  # warm up connections and caches
-        submit(inc, i).result()
-    times = []
+    return interleaved_round_trips([submit], rounds)[0]
+
+
+def interleaved_round_trips(submits, rounds: int) -> list[float]:
+    """Median round trip of each submit function, timed round by round in turn, so that a
+    drift in the machine's load hits every contender alike."""
+    for submit in submits:
+        for i in range(20):  # warm up connections and caches
+            submit(inc, i).result()
+    times: list[list[float]] = [[] for _ in submits]
     for i in range(rounds):
-        t0 = time.perf_counter()
-        submit(inc, i).result()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for submit, own in zip(submits, times, strict=True):
+            t0 = time.perf_counter()
+            submit(inc, i).result()
+            own.append(time.perf_counter() - t0)
+    return [statistics.median(own) for own in times]
 
 
 def throughput(map_, gather, n: int) -> float:
@@ -74,8 +82,9 @@ def main() -> None:
         grid = Grid(portal.connection_file, start_embedded=False)
         raw = Client(portal.scheduler, security=grid.connection.security())
         rows = []
-        grid_rt = round_trips(grid.submit, args.rounds)
-        raw_rt = round_trips(lambda f, *a: raw.submit(f, *a, pure=False), args.rounds)
+        grid_rt, raw_rt = interleaved_round_trips(
+            [grid.submit, lambda f, *a: raw.submit(f, *a, pure=False)], args.rounds
+        )
         rows.append(("round trip, Grid.submit (TLS)", f"{grid_rt * 1000:.2f} ms"))
         rows.append(("round trip, Client.submit (same TLS cluster)", f"{raw_rt * 1000:.2f} ms"))
         rows.append(("ratio Grid / Client (target <= 1.1)", f"{grid_rt / raw_rt:.2f}x"))
