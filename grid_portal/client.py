@@ -309,15 +309,15 @@ class Grid:
 
         ``where`` is a requirement expression (docs/requirements.md) the node must meet.
         """
-        requirement = self.requirement(cpus, gpus, memory)
-        if not wait:
-            self.check(requirement)
         kwargs.setdefault("pure", False)
-        with self._placed(where, requirement, wait):  # issue 6: `where`
-            if dask.get_annotations().get("grid_job"):
-                return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
-            with self.job("interactive session", session=True, job_id=self._session_job):
-                return self.client.submit(fn, *args, resources=requirement.resources(), **kwargs)
+        return self._run(
+            lambda resources: self.client.submit(fn, *args, resources=resources, **kwargs),
+            self.requirement(cpus, gpus, memory),
+            wait,
+            where,
+            # Plain submit() calls of this client form one interactive-session job.
+            {"name": "interactive session", "session": True, "job_id": self._session_job},
+        )
 
     def map(
         self,
@@ -330,15 +330,14 @@ class Grid:
         where: str | None = None,
         **kwargs: Any,
     ) -> list[Future]:
-        requirement = self.requirement(cpus, gpus, memory)
-        if not wait:
-            self.check(requirement)
         kwargs.setdefault("pure", False)
-        with self._placed(where, requirement, wait):  # issue 6: `where`
-            if dask.get_annotations().get("grid_job"):
-                return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
-            with self.job(f"map {_name_of(fn)}"):
-                return self.client.map(fn, *iterables, resources=requirement.resources(), **kwargs)
+        return self._run(
+            lambda resources: self.client.map(fn, *iterables, resources=resources, **kwargs),
+            self.requirement(cpus, gpus, memory),
+            wait,
+            where,
+            {"name": f"map {_name_of(fn)}"},
+        )
 
     def compute(
         self,
@@ -352,14 +351,33 @@ class Grid:
         **kwargs: Any,
     ) -> Any:
         """Run a Dask collection (array, dataframe, delayed) with every task's resources."""
-        requirement = self.requirement(cpus, gpus, memory)
+        return self._run(
+            lambda resources: self.client.compute(collection, resources=resources, **kwargs),
+            self.requirement(cpus, gpus, memory),
+            wait,
+            where,
+            {"name": f"compute {_name_of(collection)}", "kind": "graph"},
+        )
+
+    def _run(
+        self,
+        call: Callable[[dict[str, float]], Any],
+        requirement: Requirement,
+        wait: bool,
+        where: str | None,
+        job: dict[str, Any],
+    ) -> Any:
+        """What submit, map and compute share: refuse at once what no node could run (unless
+        ``wait``), keep to the nodes that meet ``where``, and make the work a job of its own
+        unless the caller is inside ``with grid.job(...)`` already."""
         if not wait:
             self.check(requirement)
+        resources = requirement.resources()
         with self._placed(where, requirement, wait):  # issue 6: `where`
             if dask.get_annotations().get("grid_job"):
-                return self.client.compute(collection, resources=requirement.resources(), **kwargs)
-            with self.job(f"compute {_name_of(collection)}", kind="graph"):
-                return self.client.compute(collection, resources=requirement.resources(), **kwargs)
+                return call(resources)
+            with self.job(**job):
+                return call(resources)
 
     def gather(self, futures: Any) -> Any:
         return self.client.gather(futures)
