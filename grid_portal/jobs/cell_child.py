@@ -323,6 +323,7 @@ def _run_in_child(request: dict[str, Any], outbox: _Outbox) -> dict[str, Any]:
         exec(compile(tree, filename, "exec"), namespace)  # noqa: S102 - the user's own cell
         if last is not None:
             expression = ast.Expression(last.value)  # type: ignore[attr-defined]
+            # The cell's own last line, as a notebook shows it: code the user sent to run.
             value = eval(compile(expression, filename, "eval"), namespace)  # noqa: S307
     except BaseException as exc:  # noqa: BLE001 - every failure of the cell is reported
         outcome["error"] = _describe_error(exc, filename)

@@ -358,6 +358,7 @@ class EventHub:
         # GET nodes answers many readers between two changes: the joined, encoded body and
         # its ETag are made once per change, not per request (1 MB at 1,000 nodes).
         self._nodes_body: tuple[bytes, str] | None = None
+        self._nodes_changes = 0  # bumped on every change: a body joined meanwhile is stale
         self._jobs: dict[str, Any] = {}
         self._capacity: dict[str, Any] = {}
         self._error: str | None = None
@@ -390,15 +391,20 @@ class EventHub:
         if not self._live():
             return None
         if self._nodes_body is None:
-            nodes = self._nodes
-            body = await self.portal.offload(_nodes_body, list(nodes.values()))
-            if nodes is self._nodes and self._nodes_body is None:
+            changes = self._nodes_changes
+            body = await self.portal.offload(_nodes_body, list(self._nodes.values()))
+            if changes == self._nodes_changes:
                 self._nodes_body = body  # unless the mirror changed meanwhile
             return body
         return self._nodes_body
 
+    def _nodes_changed(self) -> None:
+        self._nodes_body = None
+        self._nodes_changes += 1
+
     def _set_nodes(self, nodes: dict[str, str]) -> None:
-        self._nodes, self._nodes_body = nodes, None
+        self._nodes = nodes
+        self._nodes_changed()
 
     def _live(self) -> bool:
         # A poll that hangs far past its own timeout means the portal went quiet: distrust
@@ -494,12 +500,11 @@ class EventHub:
         self._version, self._jobs_version = version, jobs_version
         removed = list(changes["removed"])
         if nodes or removed:
-            mirror = dict(self._nodes)  # a new dict: a body being joined keeps its own
             for name, text in nodes:
-                mirror[name] = text
+                self._nodes[name] = text
             for name in removed:
-                mirror.pop(name, None)
-            self._set_nodes(mirror)
+                self._nodes.pop(name, None)
+            self._nodes_changed()
             self._broadcast(
                 f'{{"type":"nodes","version":{version},'
                 f'"nodes":[{",".join(text for _, text in nodes)}],"removed":{_dumps(removed)}}}'

@@ -158,9 +158,9 @@ class JobBook:
                 self._dirty.add(record.id)
                 self.interrupted.append(record.id)
             self.jobs[record.id] = record
-        self.flush(force=True)
+        self.flush()
 
-    def flush(self, force: bool = False) -> None:
+    def flush(self) -> None:
         self._flush_scheduled = False
         if self.conn is None or not self._dirty:
             return
