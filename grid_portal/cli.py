@@ -17,6 +17,7 @@ from typing import Any
 
 from grid_portal import __version__
 from grid_portal.errors import GridError, UsageError
+from grid_portal.portal.jobs import RESULT_EXPIRY_INTERVAL
 from grid_portal.units import duration_arg, size_arg
 
 EPILOG = """\
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration_arg,
         default=15.0,
         help="how soon a node that vanished is declared offline and its tasks rerun (default 15s)",
+    )
+    p.add_argument(
+        "--result-expiry-interval",
+        type=duration_arg,
+        default=RESULT_EXPIRY_INTERVAL,
+        help="how often expired kept results are deleted from the ledger (default 1h)",
     )
     p.add_argument(
         "--embedded",
@@ -348,6 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             contact_host=args.contact_host,
             telemetry_interval=args.telemetry_interval,
             node_timeout=args.node_timeout,
+            result_expiry_interval=args.result_expiry_interval,
             jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
         )
 

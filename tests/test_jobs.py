@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,33 @@ def test_jobs_and_kept_results_survive_a_portal_restart(tmp_path: Path) -> None:
                 assert "restarted" in cut.error
         finally:
             restarted.stop()
+    finally:
+        portal.stop()
+
+
+def test_expired_kept_results_leave_the_ledger_without_a_fetch(tmp_path: Path) -> None:
+    portal = start_portal(tmp_path, "--result-expiry-interval", "0.2")
+    ledger = portal.data_dir / "ledger.sqlite"
+
+    def kept(job_id: str) -> bool:
+        with closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as conn:
+            row = conn.execute(
+                "SELECT result IS NOT NULL FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return bool(row and row[0])
+
+    try:
+        with portal.grid() as grid:
+            short = grid.register_job("short-lived", "short", kind="cell").id
+            long = grid.register_job("long-lived", "long", kind="cell").id
+            grid.store_result(short, b"x" * 100_000, ttl=1.0)
+            grid.store_result(long, b"kept bytes", ttl=3600.0)
+            assert kept(short) and kept(long)
+            # Nobody fetches the short one: the portal's own schedule deletes it.
+            wait_for(lambda: not kept(short), timeout=30, what="the expired result to go")
+            wait_for(lambda: not grid.get_job(short).has_result, what="has_result to clear")
+            assert kept(long) and grid.get_job(long).has_result
+            assert grid.fetch_result(long) == b"kept bytes"
     finally:
         portal.stop()
 

@@ -30,6 +30,11 @@ DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured o
 # told about a job survives a kill -9 of the portal.
 FLUSH_DELAY = 0.02  # seconds
 MAX_RESULT_BYTES = 64 * 2**20
+# How often the portal deletes kept results whose ttl has passed from the ledger (PortalConfig.
+# result_expiry_interval, ``grid-portal serve --result-expiry-interval``). An expired result is
+# never served (fetch_result checks its expiry); this only bounds how long its bytes (up to
+# MAX_RESULT_BYTES each) stay in the ledger file afterwards. Also run once at each start.
+RESULT_EXPIRY_INTERVAL = 3600.0  # seconds
 # A job's kept spec (a workflow's, or a --bg cell's payload in base64): what the portal needs
 # to resubmit it after a restart, and no more.
 MAX_SPEC_BYTES = 16 * 2**20
@@ -105,11 +110,18 @@ class JobRecord:
 
 
 class JobBook:
-    def __init__(self, ledger_path: Path | None, result_ttl: float = DEFAULT_RESULT_TTL) -> None:
+    def __init__(
+        self,
+        ledger_path: Path | None,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        result_expiry_interval: float = RESULT_EXPIRY_INTERVAL,
+    ) -> None:
         self.jobs: dict[str, JobRecord] = {}
         self.task_jobs: dict[Any, str] = {}  # task key -> job id, for tasks still wanted
         self.version = 0
         self.result_ttl = result_ttl
+        self.result_expiry_interval = result_expiry_interval
+        self._expiry: Any = None  # the PeriodicCallback of start_expiry
         self.conn = None
         self.on_change: Any = None  # called after every change, to wake long polls
         self._dirty: set[str] = set()  # ids of jobs changed since the last write
@@ -420,20 +432,47 @@ class JobBook:
             return None
         return bytes(row[0])
 
-    def expire_results(self, now: float | None = None) -> None:
+    def expire_results(self, now: float | None = None) -> list[str]:
+        """Delete kept results whose ttl has passed from the ledger; the ids of their jobs."""
         if self.conn is None:
-            return
+            return []
         now = time.time() if now is None else now
         with transaction(self.conn):
+            expired = [
+                row[0]
+                for row in self.conn.execute(
+                    "SELECT id FROM jobs WHERE result_expires IS NOT NULL AND result_expires < ?",
+                    (now,),
+                )
+            ]
             self.conn.execute(
                 "UPDATE jobs SET result = NULL, result_expires = NULL "
                 "WHERE result_expires IS NOT NULL AND result_expires < ?",
                 (now,),
             )
-        for record in self.jobs.values():
-            if record.has_result and self.fetch_result(record.id) is None:
+        for job_id in expired:
+            record = self.jobs.get(job_id)
+            if record is not None and record.has_result:
                 record.has_result = False
                 self._touch(record)
+        self.flush_soon()
+        return expired
+
+    def start_expiry(self) -> None:
+        """Expire kept results now and then every ``result_expiry_interval`` seconds, on the
+        running event loop (the portal plugin's start)."""
+        from tornado.ioloop import PeriodicCallback
+
+        if self.conn is None or self._expiry is not None:
+            return
+        self.expire_results()
+        self._expiry = PeriodicCallback(self.expire_results, self.result_expiry_interval * 1000)
+        self._expiry.start()
+
+    def stop_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.stop()
+            self._expiry = None
 
     # -- queries ----------------------------------------------------------------------------
     def list(self, owner: str | None = None) -> list[dict[str, Any]]:

@@ -138,12 +138,14 @@ class PortalPlugin(SchedulerPlugin):
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
         self._poll.start()
+        self.jobs.start_expiry()  # kept results past their ttl leave the ledger
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
 
     async def close(self) -> None:
         if self._poll is not None:
             self._poll.stop()
+        self.jobs.stop_expiry()
         self.jobs.flush()
 
     # -- jobs from task annotations ---------------------------------------------------------

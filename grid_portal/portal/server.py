@@ -24,6 +24,7 @@ from typing import Any
 
 from grid_portal.connection import CONNECTION_FILE, PORTAL_FILE, Connection
 from grid_portal.portal.http import PortalContext, make_app
+from grid_portal.portal.jobs import RESULT_EXPIRY_INTERVAL
 from grid_portal.portal.ledger import LEDGER_FILE, EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, ca_pin, write_private
 from grid_portal.portal.tokens import TokenStore
@@ -44,6 +45,8 @@ class PortalConfig:
     # offline and its tasks rerun elsewhere.
     node_timeout: float = 15.0
     result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
+    # How often kept results past their ttl are deleted from the ledger (portal/jobs.py).
+    result_expiry_interval: float = RESULT_EXPIRY_INTERVAL
     # Issue 9: a grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
     jupyterhub: Any = None
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
@@ -140,6 +143,7 @@ async def run_portal(
         result_ttl=config.result_ttl,
         node_timeout=config.node_timeout,
     )
+    plugin.jobs.result_expiry_interval = config.result_expiry_interval
     # Issue 9: per-volunteer contributions and capacity samples (a plugin of its own).
     from grid_portal.portal.contributions import ContributionsPlugin
 
