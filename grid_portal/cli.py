@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lab",
         help="JupyterLab with the grid: the sidebar, %%%%grid cells, and (with nothing configured) an "
         "embedded portal with this machine as its volunteer",
-        description="Start JupyterLab with the grid. Extra arguments go to `jupyter lab`.",
+        description="Start JupyterLab with the grid: the JupyterLab of the Python that runs "
+        "grid-portal (never another `jupyter` found first on the PATH). Extra arguments go to "
+        "`jupyter lab`.",
     )
     p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed to jupyter lab")
     p.set_defaults(func=cmd_lab)
@@ -500,7 +502,14 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         sandbox_user=args.sandbox_user,
         user_scratch=args.scratch or Path("/var/lib/grid-portal/scratch") / safe,
     )
-    creds = enrol(settings["portal"], settings["token"], name, state_dir, check=check_portal)
+    creds = enrol(
+        settings["portal"],
+        settings["token"],
+        name,
+        state_dir,
+        check=check_portal,
+        name_given=settings["name"] is not None,
+    )
     plan = plan.allow_reading(creds.ca, creds.cert, creds.key)
     static.network = measure_network(settings["portal"], Path(creds.ca).read_text())
     options = VolunteerOptions(
@@ -644,18 +653,21 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    import importlib.util
     import os
-    import shutil
 
-    jupyter = shutil.which("jupyter")
-    if jupyter is None:
+    # The JupyterLab of this interpreter (the one grid-portal is installed in, with the server
+    # extension and the sidebar), never the first `jupyter` on the PATH, which may belong to
+    # another Python that lacks both.
+    if importlib.util.find_spec("jupyterlab") is None:
         raise GridError(
-            "JupyterLab is not installed: pip install 'grid-portal[jupyter]' (or run ./dev lab)"
+            f"JupyterLab is not installed for {sys.executable}: "
+            "pip install 'grid-portal[jupyter]' (or run ./dev lab)"
         )
-    command = [jupyter, "lab", *args.jupyter_args]
+    command = [sys.executable, "-m", "jupyterlab", *args.jupyter_args]
     if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in command:
         command.append("--allow-root")  # JupyterLab refuses to run as root without it
-    os.execv(jupyter, command)
+    os.execv(sys.executable, command)
     return 0  # not reached
 
 

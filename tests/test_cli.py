@@ -315,3 +315,66 @@ def test_a_researcher_logs_in_with_a_client_token(portal: Portal, tmp_path: Path
         run("login", portal.http, "--token", portal.token(), "--output", str(tmp_path / "x.json")),
         "for volunteer machines",
     )
+
+
+def test_lab_runs_the_jupyterlab_of_its_own_interpreter(tmp_path: Path) -> None:
+    import jupyterlab
+
+    # Another Python's `jupyter`, first on the PATH: grid-portal lab must not run it.
+    marker = tmp_path / "wrong-jupyter-ran"
+    fake = tmp_path / "bin" / "jupyter"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {marker}\necho 0.0.0-wrong\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        grid_portal_command("lab", "--version"), capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == jupyterlab.__version__
+    assert not marker.exists()
+
+
+def test_a_new_name_in_a_state_dir_that_holds_another_node_is_refused_with_advice(
+    portal: Portal, tmp_path: Path
+) -> None:
+    start_volunteer(portal, tmp_path, "alpha", "--cpus", "1", "--memory", "1GB")
+    token = portal.token()  # one use
+    state = tmp_path / "state-alpha"  # where start_volunteer keeps alpha's certificate
+    result = run(
+        "volunteer", portal.http, "--token", token, "--name", "beta", "--state-dir", str(state),
+        "--cpus", "1", "--memory", "1GB",
+    )  # fmt: skip
+    assert_clear_error(result, "'alpha'", "leave out --name", f"--state-dir {state}-beta")
+    # The advice works, and the token was not spent on the refusal.
+    start_volunteer(portal, tmp_path, "beta", "--cpus", "1", "--memory", "1GB", token=token)
+    with portal.grid() as grid:
+        assert {n.name for n in grid.nodes() if n.online} == {"alpha", "beta"}
+
+
+def test_the_name_a_node_asked_for_still_means_it_after_the_portal_changed_it(
+    tmp_path: Path,
+) -> None:
+    from grid_portal.errors import UsageError
+    from grid_portal.node.agent import enrol
+
+    pin = "cd" * 16
+    token = "gpt_" + "ab" * 24 + "_" + pin
+    saved = tmp_path / pin / "node.json"
+    saved.parent.mkdir()
+    paths = {"scheduler": "tls://127.0.0.1:9", "ca": "ca.pem", "cert": "c.pem", "key": "k.pem"}
+    # Enrolled as "laptop", named "laptop-2" by the portal (another laptop came first).
+    saved.write_text(json.dumps({"name": "laptop-2", "requested_name": "laptop", **paths}))
+    for name in ("laptop", "laptop-2"):
+        assert enrol("https://127.0.0.1:9", token, name, tmp_path).name == "laptop-2"
+    with pytest.raises(UsageError, match="--state-dir"):
+        enrol("https://127.0.0.1:9", token, "laptop-3", tmp_path)
+    # No --name: whatever this state dir enrolled as.
+    assert enrol("https://127.0.0.1:9", token, "host", tmp_path, name_given=False).name == (
+        "laptop-2"
+    )
+    # A file from before the asked-for name was kept.
+    saved.write_text(json.dumps({"name": "my-laptop-2", **paths}))
+    assert enrol("https://127.0.0.1:9", token, "my laptop", tmp_path).name == "my-laptop-2"
+    with pytest.raises(UsageError, match="--state-dir"):
+        enrol("https://127.0.0.1:9", token, "desk", tmp_path)

@@ -71,6 +71,9 @@ class Credentials:
     ca: str  # paths
     cert: str
     key: str
+    # The name this machine asked for (--name, or the host name); the portal may have changed
+    # it ("laptop" -> "laptop-2"). None in files written before it was kept.
+    requested_name: str | None = None
 
     def security(self) -> Any:
         from distributed import Security
@@ -146,9 +149,16 @@ def enrol(
     name: str,
     state_dir: Path,
     check: Callable[[str, ssl.SSLContext], Any] | None = None,
+    name_given: bool = True,
 ) -> Credentials:
     """Join a portal with a token: check its CA against the token's pin, send a CSR, store
     the certificate. A node that enrolled before with this portal reuses its certificate.
+
+    A state dir holds one node per portal. When ``name`` was given (``name_given``: --name or
+    the config file) and is not the name this state dir enrolled as, the volunteer is refused
+    before anything is sent, with the two ways out: run as the enrolled node, or give the
+    new one a state dir of its own. (Enrolling it here would replace the other node's
+    certificate; running as the other node would be a silent lie.)
 
     ``check(base_url, pinned_context)`` runs before anything is sent (the token is not spent on
     a machine the portal could not use): the environment check of ``envcheck.check_portal``.
@@ -163,6 +173,15 @@ def enrol(
     saved = node_dir / "node.json"
     if saved.exists():
         creds = Credentials(**json.loads(saved.read_text()))
+        if name_given and not _enrolled_as(creds, name):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            raise UsageError(
+                f"this state dir ({state_dir}) already holds node {creds.name!r} of this "
+                f"portal, so --name {name} would run as {creds.name}. To run as "
+                f"{creds.name}, leave out --name; to add {name} as another volunteer on this "
+                f"machine, give it a state dir of its own: --state-dir "
+                f"{state_dir.with_name(f'{state_dir.name}-{safe}')}"
+            )
         logger.info("using this machine's earlier enrolment as %s", creds.name)
         if check is not None:
             check(base, pinned_context(Path(creds.ca).read_text()))
@@ -191,9 +210,23 @@ def enrol(
         ca=str(node_dir / "ca.pem"),
         cert=str(node_dir / "node.pem"),
         key=str(node_dir / "node-key.pem"),
+        requested_name=name,
     )
     write_private(saved, json.dumps(asdict(creds), indent=2))
     return creds
+
+
+def _enrolled_as(creds: Credentials, name: str) -> bool:
+    """Whether asking for ``name`` means the node these credentials belong to."""
+    if name in (creds.name, creds.requested_name):
+        return True
+    if creds.requested_name is not None:
+        return False
+    # A file from before requested_name was kept: the portal cleans a name the way below and
+    # adds "-2", "-3"... when it is taken (portal/http.py, portal/ledger.py).
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.")
+    taken = creds.name.rsplit("-", 1)
+    return cleaned == creds.name or (taken[0] == cleaned and taken[-1].isdigit())
 
 
 def measure_network(portal_url: str, ca_pem: str, probe_bytes: int = 2**20) -> NetworkInfo:
