@@ -510,7 +510,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         check=check_portal,
         name_given=settings["name"] is not None,
     )
-    plan = plan.allow_reading(creds.ca, creds.cert, creds.key)
+    # No certificate file is bound into the sandbox: the agent hands them over in memory.
     static.network = measure_network(settings["portal"], Path(creds.ca).read_text())
     options = VolunteerOptions(
         cpus=offer.cpus,

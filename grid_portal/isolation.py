@@ -46,6 +46,9 @@ class Confinement:
     nice: int  # run at this niceness (the owner's programs come first)
     memory_limit: int  # bytes the task may add (RLIMIT_DATA in the child); 0: no limit
     started: Callable[[int], None]  # tell the node the child's pid (it leads its own group)
+    # The job's own HOME, TMPDIR and working directory on this node (node/taskproc.py), for
+    # the child to enter before it runs the user's code: {"env": {...}, "cwd": path}.
+    workdir: dict[str, Any] | None = None
 
 
 def current() -> Confinement | None:

@@ -188,9 +188,7 @@ def test_without_bubblewrap_tasks_still_get_processes_and_memory_limits(
 
 
 # -- the parts, without processes ----------------------------------------------------------------
-def test_bubblewrap_hides_private_places_and_puts_back_only_what_python_needs(
-    tmp_path: Path,
-) -> None:
+def test_bubblewrap_binds_an_allow_list_and_only_what_python_needs(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / "venv" / "lib").mkdir(parents=True)
     scratch = tmp_path / "scratch"
@@ -204,12 +202,19 @@ def test_bubblewrap_hides_private_places_and_puts_back_only_what_python_needs(
         bwrap="bwrap",
     )
     pairs = list(zip(args, args[1:], strict=False))
-    assert ("--tmpfs", str(home)) in pairs or ("--tmpfs", "/tmp") in pairs
-    assert ("--tmpfs", "/home") in pairs or not Path("/home").is_dir()
+    binds = {b for a, b in pairs if a in ("--bind", "--ro-bind", "--ro-bind-try", "--dev-bind")}
+    assert "/" not in binds  # no longer the whole host with a deny-list over it
+    for place in ("/home", "/root", "/srv", "/opt", "/run", "/var", "/var/run", "/mnt", "/etc"):
+        assert place not in binds, place
+    assert not any(b.startswith(("/run", "/var/run")) for b in binds)  # no host socket
+    assert ("--ro-bind", "/usr") in pairs
+    assert ("--tmpfs", "/tmp") in pairs  # a /tmp of the sandbox's own
+    assert ("--ro-bind-try", "/etc/resolv.conf") in pairs or not os.path.lexists("/etc/resolv.conf")
     assert ("--ro-bind", str(cert)) in pairs
     assert ("--ro-bind", str(home / "venv" / "lib")) in pairs
     assert ("--bind", str(scratch)) in pairs
     assert ("--ro-bind", str(home)) not in pairs  # never the home itself
+    assert ("--remount-ro", "/") in pairs
     assert "--new-session" in args and "--die-with-parent" in args and args[-1] == "--"
     assert "--share-net" not in args and "--unshare-net" not in args  # the worker needs it
 

@@ -280,6 +280,11 @@ def _run_in_child(request: dict[str, Any], outbox: _Outbox) -> dict[str, Any]:
 
     if request.get("path"):
         sys.path[:] = list(request["path"])
+    if request.get("workdir"):  # the job's own sandbox on this node (node/taskproc.py)
+        os.environ.update(request["workdir"].get("env") or {})
+        os.chdir(request["workdir"]["cwd"])
+        if "tempfile" in sys.modules:
+            sys.modules["tempfile"].tempdir = None  # found again from TMPDIR
     if request.get("memory_limit"):
         limit_data(int(request["memory_limit"]))
     cell = pickle.loads(request["payload"])

@@ -52,7 +52,13 @@ from grid_portal.enrolment import (
 from grid_portal.errors import GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
 from grid_portal.node.policy import Decision, Policy, PolicyEngine, observe
-from grid_portal.node.sandbox import SandboxPlan, plan_sandbox, prepare_scratch
+from grid_portal.node.sandbox import (
+    SHARED_PLACES,
+    SandboxPlan,
+    import_path,
+    plan_sandbox,
+    prepare_scratch,
+)
 from grid_portal.node.worker import QUIET_WORKER_CONFIG  # noqa: F401 - its old home
 from grid_portal.units import format_duration, format_size
 
@@ -60,6 +66,13 @@ logger = logging.getLogger("grid_portal.volunteer")
 
 # A pause longer than this hands running tasks back to the grid, unless the policy says otherwise.
 DEFAULT_SUSPEND_LIMIT = Policy().suspend_limit
+# How a sandboxed worker starts: ``python -I -c WORKER_BOOT grid_portal.node.worker PATH_JSON``
+# (isolated mode ignores PYTHONPATH, so the agent passes the import path the worker needs; the
+# module's name is there for `ps` and whoever looks for the worker by its command line).
+WORKER_BOOT = (
+    "import json, sys; sys.path[:0] = [p for p in json.loads(sys.argv[2]) if p not in sys.path]; "
+    "from grid_portal.node.worker import main; sys.exit(main())"
+)
 
 
 @dataclass
@@ -379,14 +392,30 @@ class Volunteer:
                 self._tell("network", network=asdict(measured))
 
     def _worker_command(self) -> list[str]:
-        flags = ["-P"] if sys.version_info >= (3, 11) else []  # the scratch dir is not code
-        return [*self.plan.prefix, sys.executable, *flags, "-m", "grid_portal.node.worker"]
+        if self.plan.level == "none":
+            flags = ["-P"] if sys.version_info >= (3, 11) else []  # the scratch dir is not code
+            return [*self.plan.prefix, sys.executable, *flags, "-m", "grid_portal.node.worker"]
+        # Isolated (-I): no user site, no PYTHON* variables, no current directory on sys.path;
+        # the import path the worker needs comes on its command line, from us.
+        path = json.dumps(import_path())
+        return [
+            *(*self.plan.prefix, sys.executable, "-I", "-c", WORKER_BOOT),
+            *("grid_portal.node.worker", path),
+        ]
 
     def _worker_config(self, files: dict[str, str]) -> dict[str, Any]:
         local = str(self.plan.scratch / "work") if self.plan.level != "none" else None
+        sandboxed, c = self.plan.level != "none", self.creds
         return {
             "scheduler": self.creds.scheduler,
-            "tls": {k: files[getattr(self.creds, k)] for k in ("ca", "cert", "key")},
+            # Sandboxed, the certificates and the key go to the worker as PEM text, in memory:
+            # no file of them is reachable from the sandbox, so tasks cannot read the key.
+            "tls": {
+                k: Path(path).read_text() if sandboxed else files[path]
+                for k, path in (("ca", c.ca), ("cert", c.cert), ("key", c.key))
+            },
+            "jobs_directory": str(self.plan.scratch / "jobs") if sandboxed else None,
+            "shared_places": list(SHARED_PLACES) if self.plan.level == "bubblewrap" else [],
             "name": self.creds.name,
             "nthreads": self.options.cpus,
             "memory_limit": self.options.memory,
@@ -403,10 +432,9 @@ class Volunteer:
     async def _run_worker_once(self) -> None:
         """Start the worker process and stay with it until it ends or we are asked to stop."""
         cert_files = [self.creds.ca, self.creds.cert, self.creds.key]
+        files = {f: f for f in cert_files}
         if self.plan.level != "none":
-            files = prepare_scratch(self.plan, cert_files)
-        else:
-            files = {f: f for f in cert_files}
+            prepare_scratch(self.plan)
         extra: dict[str, Any] = {}
         if self.plan.user is not None:
             extra = {"user": self.plan.user[0], "group": self.plan.user[1], "extra_groups": []}

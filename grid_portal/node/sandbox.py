@@ -8,11 +8,14 @@ processes the worker starts (see ``taskproc``) are inside it too.
 Levels, strongest first (``auto`` picks the strongest that works here):
 
 ``bubblewrap``
-    The worker runs under ``bwrap``: the file system is read-only, the volunteer's home and other
-    private places (``/home``, ``/root``, ``/media``, ``/mnt``, ``/run/user``, ``/tmp``) are
-    replaced by empty directories, and only the scratch directory is writable. Own process, IPC
-    and host-name namespaces; the network is shared (the worker must reach the portal and its
-    peers). Only the GPUs lent to the grid appear under ``/dev``.
+    The worker runs under ``bwrap`` with an allow-list of bound paths, nothing else of the host:
+    the system (``/usr``, ``/lib*``, ``/bin``, ``/sbin``), Python (its prefixes, site-packages,
+    the grid_portal package) and the few files of ``/etc`` that Python, name lookup and TLS need,
+    all read-only; a fresh ``/dev`` (only the lent GPUs), ``/proc``, an empty ``/tmp``, and the
+    scratch directory, the only writable host path. No host socket (``/run``, ``/var/run``,
+    ``/tmp``), no ``/home``, ``/srv``, ``/opt`` or mounts; not the node's key either (the agent
+    hands the worker its certificates in memory). Own process, IPC and host-name namespaces; the
+    network is shared (the worker must reach the portal and its peers).
 ``user``
     No bubblewrap, but the volunteer runs the agent as root: the worker runs as a dedicated
     unprivileged user (``grid-portal`` by default), so file permissions keep it out of private
@@ -45,8 +48,44 @@ LEVELS = ("bubblewrap", "user", "process", "none")
 CHOICES = ("auto", *LEVELS)
 DEFAULT_SANDBOX_USER = "grid-portal"
 
-# Places that hold the volunteer's own data, hidden from grid work under bubblewrap.
+# Places that hold the volunteer's own data. Under bubblewrap nothing of the host is bound but
+# the allow-list below; these are never bound even when an import path lies in them (then only
+# that path is).
 PRIVATE_PLACES = ("/home", "/root", "/media", "/mnt", "/run/media", "/run/user", "/tmp", "/var/tmp")
+
+# The system, bound read-only (or recreated as the symlinks they are, on merged-/usr systems).
+SYSTEM_PLACES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# What Python, name lookup (getaddrinfo, getpwuid) and TLS read from /etc; read-only, if present.
+ETC_NEEDED = (
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/pki",
+    "/etc/crypto-policies",
+    "/etc/alternatives",
+    "/etc/mime.types",
+)
+# The worker's HOME inside the sandbox: an empty, read-only directory, so that nothing a task
+# writes (~/.config/dask with a preload, ~/.local/lib/python3.X/site-packages/*.pth) is there
+# for the worker, or for a worker started later, to read. Task processes get a HOME of their
+# job's own (taskproc.py).
+SANDBOX_HOME = "/home/grid-worker"
+# Writable places inside the sandbox that all its processes share besides the scratch
+# directory: emptied whenever no job runs on the node (taskproc.py), so no job finds what an
+# earlier one left there.
+SHARED_PLACES = ("/tmp", "/dev/shm")
 
 # Environment variables the worker may see. Everything else (tokens, keys, agent sockets in the
 # volunteer's shell environment) stays out of reach of grid tasks.
@@ -259,7 +298,7 @@ def plan_sandbox(
         return SandboxPlan(
             level="bubblewrap",
             scratch=scratch,
-            env=worker_env(environ, scratch, gpus),
+            env={**worker_env(environ, scratch, gpus), "HOME": SANDBOX_HOME},
             note="; ".join(notes),
             gpus=tuple(gpus),
             readable=tuple(readable),
@@ -315,7 +354,9 @@ def _python_paths(environ: Mapping[str, str]) -> list[Path]:
     """What the worker's Python needs to read: the interpreter's prefixes and import paths.
 
     The current directory is left out on purpose: a volunteer who starts the agent from their
-    home directory would otherwise expose all of it.
+    home directory would otherwise expose all of it. So is any folder that holds the grid_portal
+    package (an editable install puts its whole checkout on ``sys.path``): the package folder
+    alone is bound.
     """
     cwd = Path.cwd()
     candidates = [
@@ -334,11 +375,26 @@ def _python_paths(environ: Mapping[str, str]) -> list[Path]:
     paths: list[Path] = [package]
     for text in candidates:
         path = Path(text).absolute()
-        if path == cwd or not path.exists():
+        if path == cwd or not path.exists() or _is_within(package, path):
             continue
         if path not in paths:
             paths.append(path)
     return paths
+
+
+def import_path(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What an isolated interpreter (``python -I``, which ignores PYTHONPATH) started for grid
+    work adds to ``sys.path``: the agent's PYTHONPATH (packages the volunteer installed for the
+    grid there) and the folder grid_portal is imported from, when it is not installed."""
+    environ = os.environ if environ is None else environ
+    entries = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    entries.append(str(Path(__file__).resolve().parents[2]))
+    seen: list[str] = []
+    for entry in entries:
+        entry = str(Path(entry).absolute())
+        if entry not in seen:
+            seen.append(entry)
+    return seen
 
 
 def _hidden_places(environ: Mapping[str, str]) -> list[Path]:
@@ -371,6 +427,20 @@ def _gpu_devices(gpus: Iterable[int]) -> list[str]:
     return [d for d in wanted if os.path.exists(d)]
 
 
+def _system_args() -> list[str]:
+    """The system directories: read-only binds, or the symlinks they are (merged /usr)."""
+    args: list[str] = []
+    for place in SYSTEM_PLACES:
+        if os.path.islink(place):
+            args += ["--symlink", os.readlink(place), place]
+        elif os.path.isdir(place):
+            args += ["--ro-bind", place, place]
+    for entry in ETC_NEEDED:
+        if os.path.lexists(entry):
+            args += ["--ro-bind-try", entry, entry]
+    return args
+
+
 def bwrap_command(
     scratch: Path,
     *,
@@ -379,34 +449,44 @@ def bwrap_command(
     environ: Mapping[str, str] | None = None,
     bwrap: str | None = None,
 ) -> list[str]:
-    """The bwrap command line (ending in ``--``) that the worker's command follows."""
+    """The bwrap command line (ending in ``--``) that the worker's command follows.
+
+    An allow-list: the system, Python and its packages, what /etc must give, all read-only;
+    the scratch directory writable; nothing else of the host (see the module docstring).
+    ``readable``: more files or folders to bind read-only (never a private place itself).
+    """
     environ = os.environ if environ is None else environ
     scratch = Path(scratch).absolute()
-    args = [bwrap or shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/"]
+    args = [bwrap or shutil.which("bwrap") or "bwrap", *_system_args()]
     args += ["--dev", "/dev", "--proc", "/proc"]
     for device in _gpu_devices(gpus):
         args += ["--dev-bind", device, device]
+    args += ["--tmpfs", "/tmp", "--dir", SANDBOX_HOME]
+    # Python and its packages, read-only (site-packages too: a .pth file planted there would
+    # run in every interpreter started later, -I or not). Never a private place itself or a
+    # folder above one, nor above the scratch directory (its siblings hold the node's key).
     hidden = _hidden_places(environ)
-    for place in hidden:
-        args += ["--tmpfs", str(place)]
-    # Put back, read-only, what the worker needs from hidden places: Python and its packages,
-    # and its own certificate. Never a hidden place itself or anything above one.
+    covered = [Path(p) for p in SYSTEM_PLACES]
     needed = [*_python_paths(environ), *(Path(p).absolute() for p in readable)]
     bound: list[Path] = []
     for path in sorted(set(needed), key=lambda p: len(p.parts)):
-        inside_hidden = any(_is_within(path, h) and path != h for h in hidden)
-        covers_hidden = any(_is_within(h, path) for h in hidden)
-        already = any(_is_within(path, b) for b in bound) or _is_within(path, scratch)
-        if inside_hidden and not covers_hidden and not already:
-            args += ["--ro-bind", str(path), str(path)]
-            bound.append(path)
+        if path == Path("/") or any(_is_within(h, path) for h in hidden):
+            continue
+        if _is_within(scratch, path) or _is_within(path, scratch):
+            continue
+        if any(_is_within(path, b) for b in (*bound, *covered)):
+            continue
+        args += ["--ro-bind", str(path), str(path)]
+        bound.append(path)
     args += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch)]
+    # The sandbox's own root (a tmpfs) read-only, so that nothing can be left there either.
+    args += ["--remount-ro", "/"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     # No controlling terminal (TIOCSTI could type into the volunteer's shell), and no sandbox
     # left behind if the agent dies.
     args += ["--new-session", "--die-with-parent"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        # Root inside the sandbox could otherwise unmount what hides the private places.
+        # Root inside the sandbox could otherwise remount what is read-only.
         args += ["--cap-drop", "ALL"]
     args.append("--")
     return args
@@ -415,8 +495,13 @@ def bwrap_command(
 def prepare_scratch(plan: SandboxPlan, private_files: Iterable[str] = ()) -> dict[str, str]:
     """Create the scratch directory (emptied of what earlier runs left) for ``plan``.
 
-    Returns ``private_files`` mapped to the paths the worker should use: for level ``user``,
-    copies that the sandbox user may read (the originals are the volunteer's, mode 0600).
+    Its parts: ``work`` (the worker's Dask directory), ``jobs`` (one directory per job: the
+    HOME, TMPDIR and working directory of its tasks, see taskproc.py), ``tmp`` (the worker's
+    TMPDIR) and ``home`` (the worker's HOME outside bubblewrap; under level ``user`` it belongs
+    to the volunteer, so the sandbox user cannot leave a Dask config there). Nothing of a
+    previous run is kept. The node's certificates are not copied here: the agent hands them to
+    the worker in memory. ``private_files`` is kept for callers of the old interface: each is
+    mapped to itself.
     """
     scratch = plan.scratch
     scratch.mkdir(parents=True, exist_ok=True)
@@ -430,33 +515,36 @@ def prepare_scratch(plan: SandboxPlan, private_files: Iterable[str] = ()) -> dic
             "or choose another with --scratch"
         )
     os.chmod(scratch, 0o700)
-    for sub in ("work", "home", "tmp", "certs"):
+    for sub in ("work", "jobs", "home", "tmp", "certs"):
         path = scratch / sub
-        if sub in ("work", "tmp") and path.exists():
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
             shutil.rmtree(path, ignore_errors=True)  # nothing of a previous run is kept
-        path.mkdir(exist_ok=True)
+        if sub != "certs":  # copies of the key that older versions made: gone
+            path.mkdir(exist_ok=True)
     mapping = {f: f for f in private_files}
     if plan.level == "user" and plan.user is not None:
         uid, gid = plan.user
-        for original in private_files:
-            copy = scratch / "certs" / Path(original).name
-            shutil.copyfile(original, copy)
-            os.chmod(copy, 0o600)
-            mapping[original] = str(copy)
         for root, dirs, files in os.walk(scratch):
             for name in [*dirs, *files]:
                 os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
         os.chown(scratch, uid, gid, follow_symlinks=False)
+        os.chown(scratch / "home", os.geteuid(), os.getegid(), follow_symlinks=False)
+        os.chmod(scratch / "home", 0o755)
     return mapping
 
 
 __all__ = [
     "CHOICES",
     "DEFAULT_SANDBOX_USER",
+    "SANDBOX_HOME",
+    "SHARED_PLACES",
     "LEVELS",
     "SandboxPlan",
     "bwrap_command",
     "bwrap_problem",
+    "import_path",
     "plan_sandbox",
     "prepare_scratch",
     "worker_env",

@@ -1,7 +1,8 @@
 """A task process: runs grid tasks one at a time for the worker that started it.
 
 Started by :class:`grid_portal.node.taskproc.TaskProcessExecutor` as
-``python -m grid_portal.node.taskchild READ_FD WRITE_FD``. The worker sends pickled calls over
+``python -I -c BOOT PATH READ_FD WRITE_FD`` (see :data:`BOOT`), and bound to one job before its
+first task (``("bind", workdir)``: that job's HOME, TMPDIR and working directory). The worker sends pickled calls over
 one pipe and reads pickled results from the other; the task's own stdout and stderr are the
 worker's. Each task process is its own process group, so the worker can suspend (SIGSTOP),
 resume (SIGCONT) or end (SIGKILL) a task together with any processes it started.
@@ -35,6 +36,24 @@ from typing import Any, BinaryIO
 from grid_portal.proctree import data_size, set_data_limit
 
 _HEADER = struct.Struct("!Q")
+# How the worker starts a task process: ``python -I -c BOOT PATH_JSON READ_FD WRITE_FD``.
+# Isolated mode (-I) reads no user site, no PYTHON* variables and puts no current directory on
+# sys.path; the worker's own import path comes as the first argument.
+BOOT = (
+    "import json, sys; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p not in sys.path]; "
+    "from grid_portal.node.taskchild import main; main(sys.argv[2:])"
+)
+
+
+def enter(workdir: dict[str, Any]) -> None:
+    """Move into a job's own sandbox (node/taskproc.py): its HOME, TMPDIR and working
+    directory, before any of the job's code runs here."""
+    os.environ.update(workdir.get("env") or {})
+    if workdir.get("cwd"):
+        os.chdir(workdir["cwd"])
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile.tempdir = None  # found again from TMPDIR
 
 
 # -- framing, shared with the worker side --------------------------------------------------------
@@ -228,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             message = recv(inp)
         except EOFError:
             return
+        if message[0] == "bind":  # this process now serves one job only
+            enter(message[1])
+            view.__dict__["local_directory"] = message[1].get("cwd")
+            continue
         if message[0] != "run":
             return
         _, key, limit, payload = message

@@ -25,6 +25,17 @@ at the portal for the job named by its ``grid_job`` annotation (a ``--bg`` cell;
 checks that the job ran on this node). The executor forwards those through the worker's own
 scheduler connection (``worker.scheduler``) and refuses any other name or kind.
 
+A fresh sandbox per job: every job (a task's ``grid_job`` annotation; a task without one is a
+job of its own) gets a directory of its own under the worker's jobs directory, with ``home``,
+``tmp`` and ``work`` in it: its tasks' HOME, TMPDIR and working directory. A task process
+serves one job only: a spare process is bound to the job of its first task (``bind``) and never
+runs another job's task, for a job could leave state in a long-lived process (modules it
+patched, threads). A job's directory and its processes go when another job starts on a node
+where it has nothing running, or after JOB_LINGER seconds without a task here; when no job runs
+at all, the sandbox's shared writable places (``/tmp``, ``/dev/shm`` under bubblewrap) are
+emptied too. So nothing a task writes survives into another job. (Jobs that run on the node at
+the same time share the sandbox's user and those places while they both run.)
+
 Self-isolating tasks (``grid_portal.isolation``: a ``%%grid`` cell, which runs the cell in a
 fresh child process of its own) run in a thread here instead, with a ``Confinement`` that
 gives their child the task process's nice value and memory limit and registers it, so that
@@ -41,8 +52,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
+import itertools
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from grid_portal.isolation import Confinement, confined, is_self_isolating
-from grid_portal.node.taskchild import memory_error_text, recv, send
+from grid_portal.node.taskchild import BOOT, memory_error_text, recv, send
 from grid_portal.proctree import tree_rss
 
 if TYPE_CHECKING:
@@ -72,6 +87,28 @@ JOB_ANNOTATION = "grid_job"
 STREAM_ANNOTATION = "grid_stream"
 EMIT_TIMEOUT = 10.0  # s the executor waits for the scheduler to take a task's message
 MAX_QUEUE_ITEM = 16 * 2**20  # characters/bytes in one queue item: it lives at the portal
+JOB_LINGER = 10.0  # s without a running task before a job's directory and processes go
+
+
+@dataclass
+class _Workspace:
+    """One job's directory on this node: its tasks' HOME, TMPDIR and working directory."""
+
+    job: Any
+    path: str
+    running: int = 0  # its tasks running now (task processes and cells)
+    last: float = 0.0  # monotonic time its last task ended
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What a task process or a cell's child is told to use (see taskchild.enter)."""
+        return {
+            "env": {
+                "HOME": os.path.join(self.path, "home"),
+                "TMPDIR": os.path.join(self.path, "tmp"),
+            },
+            "cwd": os.path.join(self.path, "work"),
+        }
 
 
 @dataclass
@@ -86,6 +123,7 @@ class _Child:
     base: int = 0  # resident memory when the task started: the limit counts what it adds
     fate: str | None = None  # why we ended it: "memory", "moved", "cancelled", "shutdown"
     stopped: bool = False
+    workspace: _Workspace | None = None  # the one job it serves, once bound; None: a spare
 
     @property
     def pid(self) -> int:
@@ -188,6 +226,20 @@ def _plain_size(value: Any) -> int:
     return total
 
 
+def _empty(path: str, device: int) -> None:
+    """Delete what ``path`` holds on its own file system; never what is mounted below it (the
+    scratch directory, when it lies under /tmp, is bound into the sandbox's /tmp)."""
+    for entry in os.scandir(path):
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_dev != device:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                _empty(entry.path, device)
+                os.rmdir(entry.path)  # fails, as it should, above a mount
+            else:
+                os.unlink(entry.path)
+
+
 def _p2p_functions() -> frozenset[Any]:
     """Distributed's own P2P task functions, by identity (a pickle cannot forge identity)."""
     import importlib
@@ -216,12 +268,19 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         env: dict[str, str] | None = None,
         nice: int = TASK_NICE,
         cwd: str | None = None,
+        jobs_dir: str | None = None,
+        shared_places: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.slots = max(1, int(slots))
         self.memory_limit = int(memory_limit) if memory_limit else None
         self.env = env
         self.nice = nice
         self.cwd = cwd
+        # A directory per job under jobs_dir (None: no per-job sandbox, processes serve all).
+        self.jobs_dir = jobs_dir
+        self.shared_places = tuple(shared_places)  # emptied whenever no job runs here
+        self._jobs: dict[Any, _Workspace] = {}
+        self._numbers = itertools.count(1)
         self.worker: Worker | None = None
         self._view: dict[str, Any] = {}
         # One thread per running task; a few more for work that runs in-process.
@@ -261,8 +320,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
 
     def _prespawn(self) -> None:
         with self._lock:
-            if self._shutdown or len(self._idle) + len(self._busy) + self._spawning >= self.slots:
-                return
+            spares = sum(c.workspace is None for c in self._idle) + self._spawning
+            total = len(self._idle) + len(self._busy) + self._spawning
+            if self._shutdown or (total >= self.slots and spares >= 1):
+                return  # at least the slots' worth, and one spare for the next job
             self._spawning += 1
         child = None
         try:
@@ -281,7 +342,9 @@ class TaskProcessExecutor(concurrent.futures.Executor):
     def _spawn(self) -> _Child:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
-        flags = ["-P"] if sys.version_info >= (3, 11) else []  # no cwd on sys.path
+        # Isolated (-I): no user site, no PYTHON* variables, no current directory on sys.path;
+        # the worker's own import path comes on the command line.
+        path = [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()]
         # Its own process group, to suspend or end a task with whatever it started; but the
         # worker's session, so that it shares the worker's CPU share (Linux autogroups give
         # each session an equal share, whatever the nice values).
@@ -290,14 +353,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         )
         try:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    *flags,
-                    "-m",
-                    "grid_portal.node.taskchild",
-                    str(to_r),
-                    str(from_w),
-                ],
+                [sys.executable, "-I", "-c", BOOT, json.dumps(path), str(to_r), str(from_w)],
                 pass_fds=(to_r, from_w),
                 stdin=subprocess.DEVNULL,
                 env=self.env,
@@ -416,7 +472,12 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         limit = self._limit_for(key)
         grant = self._grant_for(key)
         payload = cloudpickle.dumps((fn, args, kwargs))
-        child = self._take_child()
+        workspace = self._enter(self._job_for(key))
+        try:
+            child = self._take_child(workspace)
+        except BaseException:
+            self._leave(workspace)
+            raise
         child.key, child.limit, child.fate = key, limit, None
         child.base = child.rss() if limit else 0
         self._register(child)
@@ -433,6 +494,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         finally:
             with self._lock:
                 self._busy.pop(child.pid, None)
+            self._leave(workspace)
         child.key = None
         msg, growth = reply[1], reply[2]
         if self.memory_limit and growth > self.memory_limit // 2:
@@ -465,6 +527,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         if self._held_back(moves):
             return self._reschedule(task)
         record = _Confined(key=key, limit=self._limit_for(key))
+        workspace = self._enter(self._job_for(key))
 
         def started(pid: int) -> None:
             base = tree_rss(pid) if record.limit else 0
@@ -478,7 +541,12 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                     record.stopped = True
                     record.signal(signal.SIGSTOP)
 
-        confinement = Confinement(nice=self.nice, memory_limit=record.limit, started=started)
+        confinement = Confinement(
+            nice=self.nice,
+            memory_limit=record.limit,
+            started=started,
+            workdir=workspace.info if workspace is not None else None,
+        )
         begun = time.time()
         try:
             with confined(confinement):
@@ -486,6 +554,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         finally:
             with self._lock:
                 self._busy.pop(record.pid, None)
+            self._leave(workspace)
         if record.fate in ("moved", "cancelled", "shutdown"):
             return self._reschedule(task)
         if record.fate == "memory":
@@ -596,14 +665,18 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             if not self._shutdown:
                 self._threads.submit(self._prespawn)
 
-    def _take_child(self) -> _Child:
-        """An idle task process; else one being started (by the pre-start); else a new one."""
+    def _take_child(self, workspace: _Workspace | None = None) -> _Child:
+        """An idle task process of this job; else a spare (idle, or being started by the
+        pre-start), bound to the job; else a new one. Never a process of another job."""
         dead: list[_Child] = []
         child = None
         with self._cond:
             while child is None:
-                if self._idle:
-                    candidate = self._idle.pop()
+                mine = [c for c in self._idle if c.workspace is workspace]
+                spares = [c for c in self._idle if c.workspace is None]
+                if mine or spares:
+                    candidate = (mine or spares)[-1]
+                    self._idle.remove(candidate)
                     if candidate.proc.poll() is None:
                         child = candidate
                     else:
@@ -614,7 +687,83 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                     break
         for gone in dead:
             self._end(gone)
-        return child if child is not None else self._spawn()
+        child = child if child is not None else self._spawn()
+        if workspace is not None and child.workspace is None:
+            try:
+                send(child.to_child, ("bind", workspace.info))
+            except OSError:
+                self._end(child)
+                raise
+            child.workspace = workspace
+            self._refill()  # a spare for the next job
+        return child
+
+    # -- one sandbox per job ------------------------------------------------------------------
+    def _job_for(self, key: Any) -> Any:
+        """The job a task belongs to (its grid_job annotation); a task without one is a job of
+        its own. None when this executor keeps no per-job sandboxes."""
+        if self.jobs_dir is None:
+            return None
+        worker = self.worker
+        ts = worker.state.tasks.get(key) if worker is not None else None
+        job = ((ts.annotations if ts is not None else None) or {}).get(JOB_ANNOTATION)
+        return ("job", job) if isinstance(job, str) else ("task", repr(key))
+
+    def _enter(self, job: Any) -> _Workspace | None:
+        """A task of ``job`` starts: its workspace, made now if it is the job's first task
+        here. A job new to the node first retires the jobs with nothing running; when no job
+        runs at all, the shared places are emptied as well."""
+        if job is None or self.jobs_dir is None:
+            return None
+        with self._lock:
+            workspace = self._jobs.get(job)
+            if workspace is None:
+                gone = self._retire_idle_jobs(linger=0.0)
+                digest = hashlib.sha256(repr(job).encode()).hexdigest()[:16]
+                path = os.path.join(self.jobs_dir, f"{digest}-{next(self._numbers)}")
+                for sub in ("", "home", "tmp", "work"):
+                    os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+                workspace = self._jobs[job] = _Workspace(job, path)
+            else:
+                gone = []
+            workspace.running += 1
+        self._remove(gone)
+        return workspace
+
+    def _leave(self, workspace: _Workspace | None) -> None:
+        if workspace is not None:
+            with self._lock:
+                workspace.running -= 1
+                workspace.last = time.monotonic()
+
+    def _retire_idle_jobs(self, linger: float) -> list[str]:
+        """With the lock held: end the processes of jobs with no task running (for ``linger``
+        seconds at least) and forget them; empty the shared places when no job runs now.
+        Returns the directories to remove (outside the lock)."""
+        now = time.monotonic()
+        idle = [w for w in self._jobs.values() if not w.running and now - w.last >= linger]
+        if not idle:
+            return []
+        for workspace in idle:
+            del self._jobs[workspace.job]
+        ending = [c for c in self._idle if c.workspace in idle]
+        self._idle = [c for c in self._idle if c not in ending]
+        for child in ending:  # before the shared places are emptied: it may have threads left
+            self._end(child)
+        if not any(w.running for w in self._jobs.values()):
+            self._empty_shared_places()
+        if ending:
+            self._refill()
+        return [w.path for w in idle]
+
+    def _empty_shared_places(self) -> None:
+        for place in self.shared_places:
+            with contextlib.suppress(OSError):
+                _empty(place, os.stat(place).st_dev)
+
+    def _remove(self, paths: list[str]) -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _register(self, child: _Child) -> None:
         with self._lock:
@@ -625,7 +774,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
 
     def _give_back(self, child: _Child) -> None:
         with self._cond:
-            if not self._shutdown and len(self._idle) < self.slots:
+            retired = child.workspace is not None and (
+                self._jobs.get(child.workspace.job) is not child.workspace
+            )
+            if not self._shutdown and not retired and len(self._idle) < 2 * self.slots:
                 self._idle.append(child)
                 self._cond.notify()
                 return
@@ -692,6 +844,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
     def _watch(self) -> None:
         while not self._shutdown:
             time.sleep(WATCHDOG_INTERVAL)
+            if self._jobs:
+                with self._lock:
+                    gone = self._retire_idle_jobs(linger=JOB_LINGER)
+                self._remove(gone)
             with self._lock:
                 busy = [c for c in self._busy.values() if c.limit and not c.stopped and not c.fate]
             for child in busy:

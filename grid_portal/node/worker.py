@@ -36,6 +36,52 @@ QUIET_WORKER_CONFIG: dict[str, Any] = {
     "distributed.worker.daemon": False,
 }
 PLUGIN_OWNS_PAUSING = {"distributed.worker.memory.pause": False}
+# A sandboxed worker runs no preload (a Dask config could name one), and spills nothing to disk:
+# its task processes can write where it would spill, and it would unpickle what it read back.
+# Under memory pressure the node plugin pauses the worker instead.
+SANDBOXED_WORKER_CONFIG: dict[str, Any] = {
+    "distributed.worker.preload": [],
+    "distributed.worker.preload-argv": [],
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+}
+
+
+def _keep_out_of_reach() -> None:
+    """Make this process non-dumpable (Linux): other processes of the same user, its own task
+    processes included, can then neither ptrace it nor open its /proc/PID/mem, environ or fd/,
+    where its key and its control channel are (without CAP_SYS_PTRACE, which the sandbox
+    drops). Task processes start dumpable again (exec)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        logger.warning("could not make the worker process non-dumpable")
+
+
+def _in_memory(tls: dict[str, str]) -> dict[str, str]:
+    """PEM text (from the agent) -> paths only this process can open: ``/proc/self/fd/N`` of a
+    memory file. (Dask would write a key given as text to a temporary file to load it.)"""
+    if not hasattr(os, "memfd_create") or not all("\n" in v for v in tls.values()):
+        return tls  # paths already (a worker outside the sandbox), or no memfd: as given
+    paths = {}
+    for name, text in tls.items():
+        fd = os.memfd_create(f"grid-{name}", os.MFD_CLOEXEC)
+        os.write(fd, text.encode())
+        paths[name] = f"/proc/self/fd/{fd}"
+    return paths
+
+
+def _trusted_dask_config() -> None:
+    """Read Dask's configuration again, without ``~/.config/dask``: the worker's home may be
+    a place its tasks can write to, and a config there could name a preload."""
+    import dask.config
+
+    home = os.path.realpath(os.path.join(os.path.expanduser("~"), ".config", "dask"))
+    dask.config.refresh(paths=[p for p in dask.config.paths if os.path.realpath(p) != home])
 
 
 def _private_channels() -> tuple[IO[str], IO[str]]:
@@ -84,6 +130,8 @@ class WorkerProcess:
                 memory_limit=c.get("memory_limit"),
                 env=dict(os.environ),
                 cwd=c.get("local_directory"),
+                jobs_dir=c.get("jobs_directory"),
+                shared_places=c.get("shared_places") or (),
             )
         self.plugin = NodePlugin(
             c["info"],
@@ -91,15 +139,18 @@ class WorkerProcess:
             telemetry_interval=c.get("telemetry_interval", 2.0),
             executor=executor,
         )
+        tls = _in_memory(c["tls"])
         security = Security(
-            tls_ca_file=c["tls"]["ca"],
-            tls_client_cert=c["tls"]["cert"],
-            tls_client_key=c["tls"]["key"],
-            tls_worker_cert=c["tls"]["cert"],
-            tls_worker_key=c["tls"]["key"],
+            tls_ca_file=tls["ca"],
+            tls_client_cert=tls["cert"],
+            tls_client_key=tls["key"],
+            tls_worker_cert=tls["cert"],
+            tls_worker_key=tls["key"],
             require_encryption=True,
         )
         settings = {**QUIET_WORKER_CONFIG, **PLUGIN_OWNS_PAUSING}
+        if c.get("isolate_tasks"):
+            settings.update(SANDBOXED_WORKER_CONFIG)
         if c.get("local_directory"):
             settings["temporary-directory"] = c["local_directory"]
         with dask.config.set(settings):
@@ -190,6 +241,9 @@ def main() -> int:
     if not line:
         return 2
     config = json.loads(line)
+    if config.get("isolate_tasks"):
+        _keep_out_of_reach()  # before any task process exists
+        _trusted_dask_config()
     logging.basicConfig(
         level=logging.DEBUG if config.get("verbose") else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
