@@ -22,6 +22,7 @@ from grid_portal.connection import Connection, find_connection
 from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable, UsageError
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.pushed import PushedResults
+from grid_portal.safe_pickle import Trust
 from grid_portal.units import format_size, parse_size
 
 # The largest offer, used only to accept a request at once (a refusal always asks afresh):
@@ -48,8 +49,10 @@ class Grid:
         start_embedded: bool = True,
         asynchronous: bool = False,
         reconnect: float = 60.0,
+        trust: Iterable[str] | str | None = None,
     ) -> None:
         connection = find_connection(address)
+        embedded = connection is None
         if connection is None:
             if not start_embedded:
                 raise ConnectionFailed(
@@ -60,6 +63,8 @@ class Grid:
 
             connection = ensure_embedded_portal(timeout=max(timeout, 60.0))
         self.connection: Connection = connection
+        # Issue 14: the nodes whose results this kernel opens as code, not only as data.
+        self.trust = _trust_for(trust, connection, embedded)
         self._largest: tuple[float, dict[str, float]] | None = None
         self._renewing = False  # a background call renews _largest
         # Plain submit() calls of this client form one interactive-session job.
@@ -83,14 +88,17 @@ class Grid:
             ) from None
 
     def _new_client(self, connection: Connection, timeout: float) -> Client:
-        client = Client(
-            connection.scheduler,
-            security=connection.security(),
-            timeout=timeout,
-            asynchronous=self._asynchronous,
-            set_as_default=False,
-        )
+        with _data_only() as data_only:  # issue 14: node data is opened as data only
+            client = Client(
+                connection.scheduler,
+                security=connection.security(),
+                timeout=timeout,
+                asynchronous=self._asynchronous,
+                set_as_default=False,
+                **data_only,
+            )
         self.pushed.attach(client)
+        _attach_data_only(client, self.trust)
         return client
 
     # -- surviving a portal restart ------------------------------------------------------------
@@ -247,6 +255,16 @@ class Grid:
 
     def fetch_result(self, job_id: str) -> bytes | None:
         return self._call("grid_job_result", job_id=job_id)
+
+    def trusts_job(self, job_id: str) -> bool:
+        """Whether every node that ran the job (as the portal recorded it, not as the nodes
+        say) is in ``self.trust``: then its results open as code and its output shows as is."""
+        if not self.trust:
+            return False
+        if self.trust.everyone:
+            return True
+        job = self.get_job(job_id)
+        return job is not None and self.trust.all(job.nodes)
 
     # -- running work -----------------------------------------------------------------------
     def requirement(
@@ -427,6 +445,44 @@ class Grid:
         return submit_workflow(
             self, spec, overrides, wait=wait, wait_for_nodes=wait_for_nodes, progress=progress
         )
+
+
+# -- issue 14: what the kernel opens (grid_portal.safe_pickle) -------------------------------
+@contextlib.contextmanager
+def _data_only() -> Iterator[dict[str, Any]]:
+    """Arguments for a ``distributed.Client`` made inside: its requests, and its own tasks
+    (the stream from the portal), open what nodes send as data only."""
+    from grid_portal import safe_pickle
+
+    with safe_pickle.data_only():
+        yield safe_pickle._data_client_kwargs()
+
+
+def _attach_data_only(client: Client, trust: Trust) -> None:
+    from grid_portal import safe_pickle
+
+    safe_pickle.attach(client, trust.all, lambda: trust.everyone)
+
+
+def _trust_for(trust: Iterable[str] | str | None, connection: Connection, embedded: bool) -> Trust:
+    """``trust`` plus GRID_PORTAL_TRUST; on the embedded portal, also its one volunteer: this
+    machine, lent by the researcher to themselves."""
+    result = Trust(trust)
+    if embedded or _is_embedded(connection):
+        from grid_portal.node.agent import hostname
+
+        result.add(f"{hostname()}-local")
+    return result
+
+
+def _is_embedded(connection: Connection) -> bool:
+    from grid_portal.connection import embedded_connection_path
+
+    path = embedded_connection_path()
+    try:
+        return path.exists() and Connection.load(path).scheduler == connection.scheduler
+    except GridError:
+        return False
 
 
 def new_job_id() -> str:

@@ -25,3 +25,25 @@ class EnrolmentRefused(GridError):
 
 class Unsatisfiable(GridError):
     """No node on the grid could ever run this request."""
+
+
+class UntrustedResult(GridError):
+    """A result from a node the researcher does not trust carried something other than data
+    (a function, a class, an object of another type); it was not opened. The message names
+    the type and how to trust the node."""
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class RemoteError(Exception):
+    """An exception raised on a node, shown with the node's traceback text, when the original
+    cannot (or may not) be rebuilt here."""
+
+    def __init__(self, ename: str, evalue: str, lines: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename, self.evalue, self.lines = ename, evalue, list(lines)
+
+    def _render_traceback_(self) -> list[str]:
+        return list(self.lines) or [str(self)]

@@ -158,6 +158,7 @@ def test_values_round_trip_including_notebook_functions_and_classes(shell) -> No
         "    def norm2(self):\n"
         "        return self.x ** 2 + self.y ** 2\n"
     )
+    grid_of(shell).trust.add("vol")  # issue 14: functions and classes only from trusted nodes
     with capture_output() as captured:
         value = cell(
             shell,
@@ -177,6 +178,7 @@ def test_values_round_trip_including_notebook_functions_and_classes(shell) -> No
     assert ns["twice"].tolist() == [[0, 20, 40], [60, 80, 100]]
     assert isinstance(ns["p"], ns["Point"]) and ns["p"].norm2() == 25  # the same class, here
     assert ns["triple"](5) == 15  # a function defined on the node works here
+    grid_of(shell).trust.discard("vol")
 
 
 def test_inputs_are_what_the_cell_reads_and_outputs_what_it_assigns() -> None:

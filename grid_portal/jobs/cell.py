@@ -29,11 +29,11 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from grid_portal.errors import GridError, UsageError
+from grid_portal.errors import GridError, RemoteError, UntrustedResult, UsageError
 from grid_portal.pushed import PUSH_ANNOTATION
 
 # -- tunables -----------------------------------------------------------------------------------
@@ -69,15 +69,12 @@ class CellSyntaxError(UsageError):
         return [line.rstrip("\n") for line in self.lines]
 
 
-class RemoteCellError(Exception):
-    """An exception raised by the cell on its node, when the original cannot be rebuilt here."""
+class RemoteCellError(RemoteError):
+    """An exception raised by the cell on its node, when the original cannot (or, from a node
+    the researcher does not trust, may not) be rebuilt here."""
 
     def __init__(self, ename: str, evalue: str, lines: Sequence[str]) -> None:
-        super().__init__(f"{ename}: {evalue}")
-        self.ename, self.evalue, self.lines = ename, evalue, list(lines)
-
-    def _render_traceback_(self) -> list[str]:
-        return list(self.lines)
+        super().__init__(ename, evalue, list(lines))
 
 
 class CellTimedOut(GridError):
@@ -489,10 +486,17 @@ class CellResult:
     elapsed: float = 0.0
 
 
-def unpack(outcomes: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> CellResult:
-    """Turn the outcomes of one cell (or of each --map value, in order) into a CellResult."""
-    import cloudpickle
+def unpack(
+    outcomes: Sequence[dict[str, Any]],
+    labels: Sequence[str] | None = None,
+    trusted: Callable[[], bool] | None = None,
+) -> CellResult:
+    """Turn the outcomes of one cell (or of each --map value, in order) into a CellResult.
 
+    What the node pickled (variables, the value, the exception) is opened as data only
+    (``grid_portal.safe_pickle``) unless ``trusted()`` says every node that ran the job is
+    trusted; a refused variable is a note naming its type, and the rest still loads."""
+    opener = _Opener(trusted)
     result = CellResult()
     if not outcomes:
         return result
@@ -513,7 +517,10 @@ def unpack(outcomes: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
             result.notes.append(f"{prefix}--out {name}: the cell did not set {name}")
         for name, data in (outcome.get("outputs") or {}).items():
             try:
-                value = cloudpickle.loads(data)
+                value = opener.open(data)
+            except UntrustedResult as exc:
+                result.notes.append(f"{prefix}{name} was not loaded: {exc}")
+                continue
             except Exception as exc:  # noqa: BLE001 - e.g. a module not installed here
                 result.notes.append(f"{prefix}{name} could not be loaded here: {one_line(exc)}")
                 continue
@@ -527,15 +534,17 @@ def unpack(outcomes: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
         value, bundle = None, outcome.get("value_bundle")
         if outcome.get("value") is not None:
             try:
-                value = cloudpickle.loads(outcome["value"])
+                value = opener.open(outcome["value"])
                 bundle = None
+            except UntrustedResult as exc:
+                result.notes.append(f"{prefix}the cell's value was not loaded: {exc}")
             except Exception as exc:  # noqa: BLE001
                 result.notes.append(f"{prefix}the cell's value could not be loaded here: {exc}")
         values.append(value)
         if bundle is not None and not mapped:
-            result.value_bundle = bundle
+            result.value_bundle = bundle if opener.trusted() else _inert(bundle)
         if outcome.get("error") and result.error is None:
-            result.error = rebuild_error(outcome, prefix)
+            result.error = rebuild_error(outcome, prefix, opener)
     if mapped:
         result.values.update(per_name)
         result.value = values
@@ -544,10 +553,55 @@ def unpack(outcomes: Sequence[dict[str, Any]], labels: Sequence[str] | None = No
     return result
 
 
-def rebuild_error(outcome: dict[str, Any], prefix: str = "") -> BaseException:
-    """The cell's own exception, with the node's traceback as what IPython shows."""
-    import cloudpickle
+class _Opener:
+    """Opens what a node pickled: as data only, or with cloudpickle when ``trusted()`` (asked
+    at most once, and only when something is not plain data)."""
 
+    def __init__(self, trusted: Callable[[], bool] | None) -> None:
+        self._trusted = trusted
+        self._answer: bool | None = None
+
+    def trusted(self) -> bool:
+        if self._answer is None:
+            self._answer = bool(self._trusted is not None and self._trusted())
+        return self._answer
+
+    def open(self, data: bytes) -> Any:
+        from grid_portal.safe_pickle import loads_data
+
+        try:
+            return loads_data(data)
+        except UntrustedResult:
+            if not self.trusted():
+                raise
+        import cloudpickle
+
+        return cloudpickle.loads(data)
+
+    def open_exception(self, data: bytes) -> Any:
+        from grid_portal.safe_pickle import loads_exception
+
+        try:
+            return loads_exception(data)
+        except UntrustedResult:
+            if not self.trusted():
+                return None  # shown as a RemoteCellError with the node's traceback
+        import cloudpickle
+
+        return cloudpickle.loads(data)
+
+
+def _inert(bundle: dict[str, Any]) -> dict[str, Any]:
+    from grid_portal.sanitize import inert_bundle
+
+    return inert_bundle(bundle)[0]
+
+
+def rebuild_error(
+    outcome: dict[str, Any], prefix: str = "", opener: _Opener | None = None
+) -> BaseException:
+    """The cell's own exception, with the node's traceback as what IPython shows."""
+    opener = opener or _Opener(None)
     error = outcome["error"]
     node = outcome.get("node") or "its node"
     if error.get("timed_out"):
@@ -562,7 +616,7 @@ def rebuild_error(outcome: dict[str, Any], prefix: str = "") -> BaseException:
     exc: BaseException | None = None
     if error.get("pickled") is not None:
         with contextlib.suppress(Exception):
-            exc = cloudpickle.loads(error["pickled"])
+            exc = opener.open_exception(error["pickled"])
     # SyntaxError and BaseExceptions (SystemExit...) get special handling in IPython that
     # would show our frames; a plain Exception carrying the remote traceback does not.
     if (
@@ -590,9 +644,15 @@ def stored_blob(outcomes: list[dict[str, Any]], labels: list[str] | None) -> byt
 
 
 def load_stored(data: bytes) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """A result kept at the portal (``%grid result`` after a kernel restart)."""
+    """A result kept at the portal (``%grid result`` after a kernel restart). Its node may
+    have stored it, so it is opened as data only (the variables in it are opened later, by
+    :func:`unpack`)."""
+    from grid_portal.safe_pickle import loads_data
+
     try:
-        blob = pickle.loads(data)
+        blob = loads_data(data)
+    except UntrustedResult:
+        raise
     except Exception:  # noqa: BLE001
         blob = None
     if not isinstance(blob, dict) or blob.get("format") != STORED_FORMAT:
@@ -895,12 +955,26 @@ class CellRun:
             return
         if kind == "pushed":
             if self.outcomes[index] is None:
-                self._finish(index, pickle.loads(item[2]), sink)
+                self._finish(index, self._open_pushed(item[2]), sink)
             return
         future = item[2]
         outcome = self._outcome_of(index, future, item[3] if len(item) > 3 else None)
         if outcome is not None:
             self._finish(index, outcome, sink)
+
+    def _open_pushed(self, data: bytes) -> dict[str, Any]:
+        """A pushed outcome, as data only: the node pickled it (``grid_portal.pushed``)."""
+        from grid_portal.safe_pickle import loads_data
+
+        try:
+            outcome = loads_data(data)
+        except UntrustedResult:
+            if not self.grid.trusts_job(self.job_id):
+                raise
+            outcome = pickle.loads(data)
+        if not isinstance(outcome, dict):
+            raise GridError(f"job {self.job_id}: its node sent back something that is not a result")
+        return outcome
 
     def _finish(self, index: int, outcome: dict[str, Any], sink: Sink) -> None:
         self._deliver(index, outcome.get("events") or [], sink)
@@ -914,7 +988,12 @@ class CellRun:
             return None
         status = future.status
         if status == "finished":
-            return fetched if fetched is not None else future.result()
+            outcome = fetched if fetched is not None else future.result()
+            if not isinstance(outcome, dict):  # a node answering with something else
+                raise GridError(
+                    f"job {self.job_id}: its node sent back something that is not a result"
+                )
+            return outcome
         if status == "cancelled":
             if self.cancelled:
                 return {"cancelled": True, "events": []}
@@ -1047,9 +1126,12 @@ def fetch_kept(grid: Any, job_id: str) -> bytes | None:
     data = grid.fetch_result(job_id)
     if data is not None:
         return data
-    reply = grid._call("grid_workflow_outputs", job_id=job_id)
+    try:
+        reply = grid._call("grid_workflow_outputs", job_id=job_id)
+    except GridError:  # NotFound: nothing held; UsageError: replicas still compared
+        return None
     keys = [k for ks in (reply.get("outputs") or {}).values() for k in ks]
-    if reply.get("error") or not keys:
+    if not keys:
         return None
     from distributed import Future
 

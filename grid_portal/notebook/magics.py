@@ -9,10 +9,12 @@ rendered without a traceback); a traceback only ever shows the cell's own code.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
@@ -71,6 +73,10 @@ def _for_ipython(exc: GridError) -> BaseException:
 
 
 # -- where a running cell's output goes -------------------------------------------------------
+def _untrusted() -> bool:
+    return False
+
+
 class _CellSink:
     """The running cell's own output area: prints go to this cell's stdout/stderr as they
     arrive, display() calls and figures become rich outputs. --map runs are prefixed by
@@ -80,6 +86,15 @@ class _CellSink:
         self.status = status
         self.labels = labels
         self.at_line_start: dict[tuple[int, str], bool] = {}
+        # Issue 14: rich output is shown as is only when every node of the job is trusted.
+        self.trusted: Callable[[], bool] = _untrusted
+
+    def inert(self, data: dict[str, Any], metadata: dict[str, Any]) -> tuple[dict, dict]:
+        if self.trusted():
+            return data, metadata
+        from grid_portal.sanitize import inert_bundle
+
+        return inert_bundle(data, metadata)
 
     def started(self, index: int, node: str) -> None:
         if self.status is not None:
@@ -107,6 +122,7 @@ class _CellSink:
     def display(self, index: int, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         from IPython.display import publish_display_data
 
+        data, metadata = self.inert(data, metadata)
         publish_display_data(data, metadata=metadata)
 
     def finished(self, index: int, outcome: dict[str, Any] | None) -> None:
@@ -135,6 +151,7 @@ class _OutputSink(_CellSink):
             self.kept.append(("stream", name, text))
 
     def display(self, index: int, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        data, metadata = self.inert(data, metadata)
         if self.output is not None:
             item = {"output_type": "display_data", "data": data, "metadata": metadata}
             self.output.outputs += (item,)
@@ -171,6 +188,7 @@ class BackgroundCell:
 
     def _wait(self) -> None:
         sink = _OutputSink(self.output, self.labels)
+        sink.trusted = functools.partial(self.magics.grid.trusts_job, self.job_id)
         try:
             try:
                 outcomes = self.run.wait(sink)
@@ -187,7 +205,7 @@ class BackgroundCell:
                     self.magics.grid.store_result(self.job_id, blob)
                 except GridError as exc:
                     sink.stream(0, "stderr", f"the portal did not keep this result: {exc}\n")
-            result = cells.unpack(outcomes, self.labels)
+            result = cells.unpack(outcomes, self.labels, sink.trusted)
             self.state = "failed" if result.error is not None else "done"
             note = self._summary(result)
         except GridError as exc:
@@ -522,6 +540,7 @@ class GridMagics(Magics):
         mode = widgets.frontend(self.shell)
         status = widgets.RunStatus(mode, run.job_id, total=run.count) if mode != "plain" else None
         sink = _CellSink(status, labels)
+        sink.trusted = functools.partial(run.grid.trusts_job, run.job_id)
         try:
             outcomes = run.wait(sink, status_every=None if status is None else 1.0)
         except KeyboardInterrupt:
@@ -533,7 +552,7 @@ class GridMagics(Magics):
             if status is not None:
                 status.close(str(exc), ok=False)
             raise
-        result = cells.unpack(outcomes, labels)
+        result = cells.unpack(outcomes, labels, sink.trusted)
         self._apply(result)
         if status is not None:
             where = ", ".join(result.nodes) or "the grid"
@@ -629,8 +648,10 @@ class GridMagics(Magics):
             if data is None:
                 raise GridError(_no_result(job))
             outcomes, labels = cells.load_stored(data)
-        cells.replay(outcomes, _CellSink(None, labels))
-        result = cells.unpack(outcomes, labels)
+        sink = _CellSink(None, labels)
+        sink.trusted = functools.partial(grid.trusts_job, job_id)
+        cells.replay(outcomes, sink)
+        result = cells.unpack(outcomes, labels, sink.trusted)
         self._apply(result)
         return self._finish(result)
 
