@@ -21,6 +21,7 @@ STATE_STYLE = {
 
 
 def nodes_table(nodes: list[Node]) -> Table:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{sum(n.online for n in nodes)} of {len(nodes)} nodes online")
@@ -36,14 +37,14 @@ def nodes_table(nodes: list[Node]) -> Table:
             state = f"offline, seen {format_duration(now - n.last_seen)} ago"
         gpus = ", ".join(g.name for g in n.capacity.gpus if g.index in n.offer.gpus) or "-"
         table.add_row(
-            n.name,
-            f"[{STATE_STYLE[n.state]}]{state}[/]",
+            escape(n.name),  # what a node reports is text, never rich markup ("[/]")
+            f"[{STATE_STYLE[n.state]}]{escape(state)}[/]",
             f"{n.cpus_in_use:g}/{n.offer.cpus}",
             "-" if t is None else f"{t.cpu_percent:.0f}%",
             format_size(n.offer.memory),
-            gpus,
+            escape(gpus),
             "-" if t is None else str(t.running_tasks),
-            " ".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
+            escape(" ".join(f"{k}={v}" for k, v in n.labels.items()) or "-"),
         )
     return table
 
