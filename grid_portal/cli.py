@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", type=Path, help="the portal's data dir")
     t.set_defaults(func=cmd_token_list)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+    # certs list / certs revoke / token revoke: cutting anyone off (issue: zero trust)
+    __import__("grid_portal.cli_certs").cli_certs.add_parsers(sub, tsub)
 
     # volunteer
     p = sub.add_parser(

@@ -447,9 +447,7 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
     with _grid(args) as grid:
         report = grid._call("grid_fairshare")
         for change in changes:
-            report = grid._call("grid_fairshare_set", **change)
-            if report.get("error"):
-                raise GridError(report["error"])
+            report = grid._call("grid_fairshare_set", **change)  # UsageError, NotAllowed
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

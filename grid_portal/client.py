@@ -18,8 +18,14 @@ from typing import Any
 import dask
 from distributed import Client, Future
 
+from grid_portal import renewal
 from grid_portal.connection import Connection, find_connection
-from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable, UsageError
+from grid_portal.errors import (
+    ConnectionFailed,
+    GridError,
+    NotAllowed,
+    Unsatisfiable,
+)
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
@@ -86,17 +92,30 @@ class Grid:
                 f"cannot connect to the portal at {connection.scheduler}: {exc}. Is it "
                 "running? (`grid-portal serve`, or check GRID_PORTAL_ADDRESS)"
             ) from None
+        if not asynchronous and renewal.due(connection):
+            # A person's certificate is short-lived: renew it in the background while this
+            # certificate still works (grid_portal/renewal.py).
+            threading.Thread(target=renewal.renew_quietly, args=(self,), daemon=True).start()
 
     def _new_client(self, connection: Connection, timeout: float) -> Client:
         with _data_only() as data_only:  # issue 14: node data is opened as data only
-            client = Client(
-                connection.scheduler,
-                security=connection.security(),
-                timeout=timeout,
-                asynchronous=self._asynchronous,
-                set_as_default=False,
-                **data_only,
-            )
+            try:
+                client = Client(
+                    connection.scheduler,
+                    security=connection.security(),
+                    timeout=timeout,
+                    asynchronous=self._asynchronous,
+                    set_as_default=False,
+                    **data_only,
+                )
+            except ImportError as exc:  # Dask raises a refused stream-start as ImportError
+                if not str(exc).startswith("refused:"):
+                    raise
+                raise NotAllowed(
+                    f"the portal at {connection.scheduler} refused this certificate "
+                    f"({str(exc).removeprefix('refused: ')}); ask the portal's admin for a "
+                    "new token and log in again (`grid-portal login`)"
+                ) from None
         self.pushed.attach(client)
         _attach_data_only(client, self.trust)
         return client
@@ -122,6 +141,8 @@ class Grid:
                     connection = find_connection(self._address) or self.connection
                     left = max(1.0, min(self._timeout, deadline - time.monotonic()))
                     client = self._new_client(connection, left)
+                except NotAllowed:
+                    raise  # revoked: asking again will not help
                 except (OSError, TimeoutError, GridError) as exc:
                     if time.monotonic() + pause >= deadline:
                         raise self._lost(exc) from None
@@ -195,10 +216,7 @@ class Grid:
 
     def revoke(self, name: str) -> dict[str, Any]:
         """Disconnect a node now and refuse it from then on (the portal's admin only)."""
-        reply = self._call("grid_revoke", name=name)
-        if "error" in reply:
-            raise GridError(reply["error"])
-        return reply
+        return self._call("grid_revoke", name=name)
 
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
@@ -234,8 +252,6 @@ class Grid:
     def cancel(self, job_id: str, reason: str = "cancelled by its owner") -> Job:
         """Cancel a job: queued tasks are dropped, running ones are released."""
         data = self._call("grid_job_cancel", job_id=job_id, reason=reason)
-        if "job" not in data:
-            raise GridError(f"no job {job_id!r} that you may cancel; see grid.jobs()")
         return Job.from_dict(data["job"])
 
     def register_job(
@@ -243,15 +259,11 @@ class Grid:
     ) -> Job:
         """Create a job record up front (workflows keep their spec for resubmission)."""
         reply = self._call("grid_job_create", job_id=job_id, name=name, kind=kind, spec=spec)
-        if "id" not in reply:  # {"error": why}; a job's own dict has an "error" field too
-            raise UsageError(f"the portal did not register job {job_id}: {reply.get('error')}")
         return Job.from_dict(reply)
 
     def store_result(self, job_id: str, data: bytes, ttl: float | None = None) -> None:
         """Keep ``data`` at the portal, retrievable after a kernel restart."""
-        reply = self._call("grid_job_store_result", job_id=job_id, data=data, ttl=ttl)
-        if "error" in reply:
-            raise GridError(f"the portal did not keep the result of {job_id}: {reply['error']}")
+        self._call("grid_job_store_result", job_id=job_id, data=data, ttl=ttl)
 
     def fetch_result(self, job_id: str) -> bytes | None:
         return self._call("grid_job_result", job_id=job_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ class Connection:
     name: str = ""
     role: str = "client"
     pid: int | None = None  # of the portal process, for embedded portals
+    # The file this connection was read from (not saved in it): where a renewed certificate
+    # is recorded (grid_portal/renewal.py).
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def security(self) -> Any:
         from grid_portal.portal.security import tls_security
@@ -79,13 +82,16 @@ class Connection:
     def save(self, path: Path) -> None:
         from grid_portal.portal.security import write_private
 
-        write_private(path, json.dumps(asdict(self), indent=2))
+        data = asdict(self)
+        data.pop("source", None)
+        write_private(path, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> Connection:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+            fields = {k: data[k] for k in data if k in cls.__dataclass_fields__ and k != "source"}
+            return cls(**fields, source=str(path))
         except FileNotFoundError:
             raise ConnectionFailed(
                 f"no connection file at {path}: start a portal with `grid-portal serve`, "

@@ -27,6 +27,16 @@ class Unsatisfiable(GridError):
     """No node on the grid could ever run this request."""
 
 
+class NotAllowed(GridError, PermissionError):
+    """The portal (or a volunteer's worker) refused a call: the caller's certificate does not
+    allow it, or what it names belongs to someone else."""
+
+
+class NotFound(GridError, LookupError):
+    """What was named (a job, a node, a result) does not exist, or is not the caller's to see:
+    the two are one answer, so that nobody learns of others' work by asking."""
+
+
 class UntrustedResult(GridError):
     """A result from a node the researcher does not trust carried something other than data
     (a function, a class, an object of another type); it was not opened. The message names

@@ -230,13 +230,19 @@ def portal(tmp_path: Path) -> Iterator[Portal]:
     p.stop()
 
 
-def researcher_connection(portal: Portal, tmp: Path, user: str) -> str:
-    """A researcher's connection file (a role-client certificate), as enrolment gives one."""
+def researcher_connection(portal: Portal, tmp: Path, user: str, role: str = "client") -> str:
+    """A researcher's connection file (a role-client certificate, or ``role``), as enrolment
+    gives one: recorded in the portal's ledger, so that it can be revoked."""
+    from cryptography import x509
+
     from grid_portal.connection import Connection
+    from grid_portal.portal.ledger import LEDGER_FILE, EnrolmentBook
     from grid_portal.portal.security import CertificateAuthority, write_private
 
     ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
-    cert, key = ca.issue(user, role="client")
+    cert, key = ca.issue(user, role=role)
+    serial = x509.load_pem_x509_certificate(cert.encode()).serial_number
+    EnrolmentBook(portal.data_dir / LEDGER_FILE).record(user, role, format(serial, "x"))
     (tmp / f"{user}.pem").write_text(cert)
     write_private(tmp / f"{user}-key.pem", key)
     path = tmp / f"{user}.json"

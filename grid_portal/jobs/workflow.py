@@ -866,9 +866,7 @@ def _key(value: Any) -> Any:
 
 
 def held_outputs(grid: Grid, job_id: str) -> dict[str, list[Any]]:
-    reply = grid._call("grid_workflow_outputs", job_id=job_id)
-    if reply.get("error"):
-        raise GridError(reply["error"])
+    reply = grid._call("grid_workflow_outputs", job_id=job_id)  # NotFound, UsageError
     held = {stage: [_key(k) for k in keys] for stage, keys in reply["outputs"].items()}
     for keys in held.values():  # a map stage's keys are (name, i): back in map order
         keys.sort(key=lambda k: k[1] if isinstance(k, tuple) else 0)

@@ -29,6 +29,7 @@ from grid_portal import __version__
 from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable
 from grid_portal.jupyter.openapi import API_VERSION, openapi_json
 from grid_portal.jupyter.service import GridPortal
+from grid_portal.protocol import STAFF
 
 if TYPE_CHECKING:
     from grid_portal.client import Grid
@@ -199,7 +200,7 @@ class JobsHandler(GridHandler):
     async def get(self) -> None:
         me = await self.user()
         everyone = self._flag("everyone")
-        if everyone and await self.portal.role() != "admin":
+        if everyone and await self.portal.role() not in STAFF:
             raise ApiError(
                 403,
                 "only the portal's admin (in a class: a teacher) may list everyone's jobs; "

@@ -186,8 +186,8 @@ class GridPortal(LoggingConfigurable):
         return self._user or ""
 
     async def role(self) -> str:
-        """This server's role at the portal (``admin`` for the portal's admin and for a class's
-        teachers, ``client`` for researchers and students)."""
+        """This server's role at the portal (``admin`` for the portal's admin, ``teacher`` for
+        a class's teachers, ``client`` for researchers and students)."""
         await self.grid()
         return self._role
 

@@ -34,6 +34,9 @@ QUIET_WORKER_CONFIG: dict[str, Any] = {
     "distributed.admin.system-monitor.interval": "2s",
     # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
     "distributed.worker.daemon": False,
+    # No plain-HTTP routes (metrics, health, statics) on the volunteer's LAN address: the
+    # worker's only door is its mutual-TLS comm, behind the protocol's gate.
+    "distributed.worker.http.routes": [],
 }
 PLUGIN_OWNS_PAUSING = {"distributed.worker.memory.pause": False}
 # A sandboxed worker runs no preload (a Dask config could name one), and spills nothing to disk:
@@ -118,7 +121,9 @@ class WorkerProcess:
         import dask
         from distributed import Security, Worker
 
+        from grid_portal import guard
         from grid_portal.node.plugin import NodePlugin
+        from grid_portal.protocol import WORKER_HANDLERS, WORKER_STREAM_OPS
 
         c = self.config
         executor = None
@@ -167,8 +172,12 @@ class WorkerProcess:
                 death_timeout=c.get("death_timeout", 30.0),
                 local_directory=c.get("local_directory"),
                 dashboard=False,
+                dashboard_address="127.0.0.1:0",
             )
             worker = self.worker
+            # Default deny (grid_portal/protocol.py): the worker answers the portal's
+            # scheduler, and other nodes only for data transfer; never a researcher.
+            guard.install(worker, guard.Gate("node", WORKER_HANDLERS, WORKER_STREAM_OPS))
             await worker
             loop = asyncio.get_running_loop()
             self.emit({"event": "ready", "address": worker.address, "name": str(worker.name)})

@@ -23,6 +23,7 @@ from grid_portal.errors import EnrolmentRefused, GridError
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
 from grid_portal.portal.tokens import TokenStore
+from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
 
 logger = logging.getLogger("grid_portal.portal.http")
 
@@ -127,7 +128,9 @@ class EnrolHandler(BaseHandler):
             record = self.portal.tokens.redeem(token)
             role = record.role
             name = self.portal.enrolments.unique_name(_safe_name(wanted), role)
-            cert = self.portal.ca.sign_csr(csr, name=name, role=role)
+            # People's certificates are short-lived; their Grid renews them (renewal.py).
+            days = PERSON_CERT_DAYS if role in PERSON_ROLES_RENEWED else 365
+            cert = self.portal.ca.sign_csr(csr, name=name, role=role, days=days)
         except EnrolmentRefused as exc:
             logger.info("enrolment refused from %s: %s", self.request.remote_ip, exc)
             self.write_json({"error": str(exc)}, 403)

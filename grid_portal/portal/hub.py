@@ -12,11 +12,11 @@ reads it from the TLS session, as for everyone else). A request that claims anot
 refused.
 
 Teachers: a Hub admin (unless ``admins_are_teachers`` is off) or a member of one of the
-configured teacher groups gets a certificate with the portal's existing ``admin`` role: they
-see everyone's jobs, cancel any job and set per-student quotas (``grid-portal fairshare``), and
-may mint join tokens for the lab's machines (``POST /api/hub/token``). No new role: the
-``admin`` checks already in the portal cover exactly what a teacher needs, and a second
-trusted role would be one more place to keep in step.
+configured teacher groups gets a certificate with the ``teacher`` role: they see everyone's
+jobs, cancel any job and set per-student quotas (``grid-portal fairshare``), and may mint join
+tokens for the lab's machines (``POST /api/hub/token``). They are not the portal's admin: a
+teacher's certificate runs no code on the portal and none on volunteers outside tasks
+(grid_portal/protocol.py).
 
 ``configure_jupyterhub(c, ...)`` is the ``jupyterhub_config.py`` snippet: it adds the portal as
 a Hub-managed service (the Hub starts and stops it, and gives it ``JUPYTERHUB_API_URL``) and
@@ -43,12 +43,13 @@ from grid_portal.errors import EnrolmentRefused, GridError, UsageError
 from grid_portal.hubconnect import ENV_CA_PIN, ENV_PORTAL_URL
 from grid_portal.portal.http import MAX_BODY, BaseHandler, PortalContext, _bracket, _serial_of
 from grid_portal.portal.security import check_csr
+from grid_portal.protocol import TEACHER
 
 logger = logging.getLogger("grid_portal.portal.hub")
 
-TEACHER_ROLE = "admin"  # see the module docstring: a teacher is the class portal's admin
+TEACHER_ROLE = TEACHER  # sees and cancels everyone's jobs; not the portal's admin
 STUDENT_ROLE = "client"
-HUB_CERT_DAYS = 30.0  # hubconnect enrols again, silently, when a certificate nears its end
+HUB_CERT_DAYS = 3.0  # short-lived: hubconnect enrols again, silently, a day before its end
 # Every student's server reaches the portal from the same address (the Hub's machine): the
 # Hub's own check of each token is the gate, this only stops a runaway loop.
 HUB_ENROL_RATE_PER_MINUTE = 300

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LEDGER_FILE = "ledger.sqlite"
-PERSON_ROLES = ("client", "admin")
+PERSON_ROLES = ("client", "teacher", "admin")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -105,6 +105,17 @@ class EnrolmentBook:
                 (name, role, serial, time.time()),
             )
 
+    def renew(self, name: str, role: str, serial: str) -> bool:
+        """Record a renewed certificate's serial, unless the enrolment was revoked (or never
+        made): False then, and nothing changes. One statement, so a revocation is never
+        undone by a renewal racing it."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE enrolments SET serial = ? WHERE name = ? AND role = ? AND revoked = 0",
+                (serial, name, role),
+            )
+        return cursor.rowcount > 0
+
     def get(self, name: str, role: str) -> Enrolment | None:
         row = self.conn.execute(
             "SELECT name, role, serial, enrolled_at, revoked FROM enrolments "
@@ -130,6 +141,11 @@ class EnrolmentBook:
             "SELECT 1 FROM enrolments WHERE name = ? AND role = ? AND revoked = 1", (name, role)
         ).fetchone()
         return bool(row and row[0]) or revoked_name is not None
+
+    def revoked(self) -> set[tuple[str, str]]:
+        """(role, name) of every revoked enrolment: cheap enough to read every second."""
+        rows = self.conn.execute("SELECT role, name FROM enrolments WHERE revoked = 1")
+        return {(row[0], row[1]) for row in rows}
 
     def list(self) -> list[Enrolment]:
         rows = self.conn.execute(

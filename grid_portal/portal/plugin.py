@@ -19,13 +19,30 @@ from distributed.metrics import time as dask_time
 from distributed.scheduler import heartbeat_interval
 from tornado.ioloop import PeriodicCallback
 
+from grid_portal.errors import NotAllowed, NotFound, UsageError
+from grid_portal.guard import Gate, caller_identity, install
+from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
+from grid_portal.portal.access import Access
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
+from grid_portal.portal.reports import NodeReports
 from grid_portal.portal.scheduling import Scheduling
-from grid_portal.portal.security import Identity, peer_identity
+from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported for portal code
+    ADMIN,
+    JOB_ANNOTATION,
+    JOB_KIND_ANNOTATION,
+    JOB_NAME_ANNOTATION,
+    JOB_OPEN_ANNOTATION,
+    JOB_OWNER_ANNOTATION,
+    NODE,
+    PERSON_CERT_DAYS,
+    SCHEDULER_HANDLERS,
+    SCHEDULER_STREAM_OPS,
+    STAFF,
+)
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
@@ -34,36 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grid_portal.portal")
 
-# Task annotations the Grid client sets (dask.annotate) to group tasks into jobs.
-JOB_ANNOTATION = "grid_job"
-JOB_NAME_ANNOTATION = "grid_job_name"
-JOB_KIND_ANNOTATION = "grid_job_kind"
-JOB_OPEN_ANNOTATION = "grid_job_open"  # an interactive session: more tasks may follow
-JOB_OWNER_ANNOTATION = "grid_job_owner"  # honoured only from a trusted service identity
-TRUSTED_ROLES = ("admin", "service")
-
-# Dask handlers that run arbitrary code on the portal or control the whole grid. Dask lets any
-# connected client call them; on a grid shared by many people only its admin may.
-ADMIN_ONLY_HANDLERS = (
-    "run_function",  # client.run_on_scheduler
-    "feed",
-    "broadcast",  # client.run on every volunteer, outside any task
-    "proxy",
-    "register_scheduler_plugin",
-    "unregister_scheduler_plugin",
-    "register_worker_plugin",
-    "unregister_worker_plugin",
-    "register_nanny_plugin",
-    "unregister_nanny_plugin",
-    "restart",
-    "restart_workers",
-    "terminate",
-    "rebalance",
-    "replicate",
-    "set_resources",
-    "set_restrictions",
-    "dump_cluster_state_to_url",
-)
+# Who may see and cancel everyone's jobs, and name another owner for a job.
+TRUSTED_ROLES = tuple(sorted(STAFF))
 
 # What a worker sends once at registration (Worker.startup_information) and in each heartbeat
 # (Worker.metrics). The node side fills these; see grid_portal/node/plugin.py.
@@ -89,6 +78,8 @@ class PortalPlugin(SchedulerPlugin):
         self.registry = NodeRegistry(
             sample_interval=telemetry_interval, offline_retention=offline_retention
         )
+        # Issue 13: what nodes report is cleaned (types, ranges, sizes) before it is believed.
+        self.reports = NodeReports(logger)
         self.jobs = JobBook(
             ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
         )
@@ -97,9 +88,13 @@ class PortalPlugin(SchedulerPlugin):
         # scheduler listens (server.py), or marked interrupted with the reason.
         self.recovery = Recovery(self.jobs)
         self.enrolments = EnrolmentBook(ledger_path) if ledger_path is not None else None
+        self.access = Access(self.jobs, self.enrolments)
+        self.ca: Any = None  # the portal's CA (set by server.py): signs people's renewals
+        self._revocations: PeriodicCallback | None = None
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
         self._client_identity: dict[str, Identity | None] = {}
+        self._seen_revoked: set[tuple[str, str]] = set()
         self._client_sessions: dict[str, set[str]] = {}
         # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
@@ -110,11 +105,10 @@ class PortalPlugin(SchedulerPlugin):
         # Gate worker registration on the TLS identity: only a node certificate may join, as
         # the name written in it, and not once revoked. (A plugin's add_worker hook runs too
         # late and without the comm, so wrap Dask's own handler instead.)
-        self._register_worker = scheduler.handlers["register-worker"]
+        handlers = scheduler.handlers
+        raw = getattr(handlers, "raw", handlers.__getitem__)  # the unguarded handler
+        self._register_worker = raw("register-worker")
         scheduler.handlers["register-worker"] = self.checked_register_worker
-        for name in ADMIN_ONLY_HANDLERS:
-            if name in scheduler.handlers:
-                scheduler.handlers[name] = _admin_only(name, scheduler.handlers[name])
         scheduler.handlers.update(
             {
                 "grid_nodes": self.handle_nodes,
@@ -123,6 +117,7 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_changes": self.handle_changes,
                 "grid_largest_offer": self.handle_largest_offer,
                 "grid_whoami": self.handle_whoami,
+                "grid_renew": self.handle_renew,
                 "grid_revoke": self.handle_revoke,
                 "grid_jobs": self.handle_jobs,
                 "grid_job": self.handle_job,
@@ -138,6 +133,22 @@ class PortalPlugin(SchedulerPlugin):
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
         self._poll.start()
+        # Default deny (grid_portal/protocol.py): every call and stream message is checked
+        # against the caller's role, then against what it owns (portal/access.py).
+        self.access.scheduler = scheduler
+        self.gate = Gate(
+            "portal",
+            SCHEDULER_HANDLERS,
+            SCHEDULER_STREAM_OPS,
+            check_call=self.access.check_call,
+            check_stream=self.access.check_stream,
+            is_revoked=self.access.is_revoked,
+            unlisted_to=ADMIN,
+        )
+        install(scheduler, self.gate)
+        # A revoked identity's live connections go within a second (Access.sweep).
+        self._revocations = PeriodicCallback(self._sweep_revoked, 1000)
+        self._revocations.start()
         self.jobs.start_expiry()  # kept results past their ttl leave the ledger
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
@@ -145,6 +156,8 @@ class PortalPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self._poll is not None:
             self._poll.stop()
+        if self._revocations is not None:
+            self._revocations.stop()
         self.jobs.stop_expiry()
         self.jobs.flush()
 
@@ -154,8 +167,16 @@ class PortalPlugin(SchedulerPlugin):
             assert self.scheduler is not None
             stream = self.scheduler.client_comms.get(client)
             comm = getattr(stream, "comm", None)
-            self._client_identity[client] = peer_identity(comm) if comm is not None else None
+            self._client_identity[client] = caller_identity(comm)
         return self._client_identity[client]
+
+    async def _sweep_revoked(self) -> None:
+        if self.enrolments is None or self.scheduler is None:
+            return
+        revoked = self.enrolments.revoked()
+        if revoked != self._seen_revoked:
+            self._seen_revoked = revoked
+            await self.access.sweep(caller_identity)
 
     def update_graph(
         self,
@@ -177,7 +198,8 @@ class PortalPlugin(SchedulerPlugin):
             return
         identity = self._identity_of_client(client)
         default_owner = identity.name if identity is not None else "unknown"
-        trusted = identity is not None and identity.role in TRUSTED_ROLES
+        # Only the admin (the portal resubmitting after a restart) may name another owner.
+        trusted = identity is not None and identity.role == ADMIN
         names = annotations.get(JOB_NAME_ANNOTATION, {})
         kinds = annotations.get(JOB_KIND_ANNOTATION, {})
         opens = annotations.get(JOB_OPEN_ANNOTATION, {})
@@ -271,13 +293,14 @@ class PortalPlugin(SchedulerPlugin):
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         self._client_identity.pop(client, None)
+        self.access.forget_client(client)
         for job_id in self._client_sessions.pop(client, set()):
             self.jobs.close_session(job_id)
 
     # -- who may join -----------------------------------------------------------------------
     def refusal(self, identity: Identity | None, name: Any) -> str | None:
         """Why a worker presenting ``identity`` may not join as ``name``; None if it may."""
-        if identity is None or identity.role != "node":
+        if identity is None or identity.role != NODE:
             return "only enrolled volunteer nodes may join as workers"
         if str(name) != identity.name:
             return f"this certificate belongs to node {identity.name!r}, not {name!r}"
@@ -288,7 +311,7 @@ class PortalPlugin(SchedulerPlugin):
         return None
 
     async def checked_register_worker(self, comm: Any, **msg: Any) -> None:
-        reason = self.refusal(peer_identity(comm), msg.get("name"))
+        reason = self.refusal(caller_identity(comm), msg.get("name"))
         if reason is not None:
             logger.warning("refused a worker from %s: %s", msg.get("address"), reason)
             await comm.write({"status": "error", "message": reason, "time": dask_time()})
@@ -296,10 +319,8 @@ class PortalPlugin(SchedulerPlugin):
         await self._register_worker(comm, **msg)
 
     async def handle_revoke(self, comm: Any = None, name: str = "") -> dict[str, Any]:
-        """Revoke a node: it is disconnected at once and cannot rejoin. Admins only."""
-        identity = self._caller(comm)
-        if comm is not None and (identity is None or identity.role not in TRUSTED_ROLES):
-            return {"error": "only the portal's admin may revoke nodes"}
+        """Revoke a node: it is disconnected at once and cannot rejoin. Admins only
+        (grid_portal/protocol.py)."""
         known = self.enrolments.revoke(name) if self.enrolments is not None else False
         assert self.scheduler is not None
         removed = []
@@ -310,7 +331,7 @@ class PortalPlugin(SchedulerPlugin):
                 )
                 removed.append(address)
         if not known and not removed:
-            return {"error": f"no node named {name!r}"}
+            raise NotFound(f"no node named {name!r}: `grid-portal nodes` lists them")
         self.registry.leave_by_name(name, reason="revoked")
         return {"revoked": name, "disconnected": len(removed)}
 
@@ -319,8 +340,9 @@ class PortalPlugin(SchedulerPlugin):
         ws = scheduler.workers.get(worker)
         if ws is None:
             return
-        info = ws.extra.get(STARTUP_KEY) or {}
         name = str(ws.name)
+        info = self.reports.startup(name, ws.extra.get(STARTUP_KEY))
+        ws.extra[STARTUP_KEY] = info  # plugins after this one (contributions) read it too
         offer = info.get("offer") or {
             "cpus": ws.nthreads,
             "memory": ws.memory_limit,
@@ -362,12 +384,13 @@ class PortalPlugin(SchedulerPlugin):
             silent = now - ws.last_seen > timeout and address not in self._timing_out
             if silent and calm:
                 self._drop_silent_worker(address, now - ws.last_seen)
-            state, reason = node_state(ws)
+            metrics = self.reports.metrics(str(ws.name), address, ws.metrics.get(METRIC_KEY))
+            state, reason = node_state(ws, metrics)
             self.registry.update(
                 address,
                 state=state,
                 reason=reason,
-                telemetry=ws.metrics.get(METRIC_KEY),
+                telemetry=metrics,
                 used_resources=dict(ws.used_resources),
             )
         self.registry.forget_stale()
@@ -432,12 +455,33 @@ class PortalPlugin(SchedulerPlugin):
         return self.registry.largest_offer()
 
     def handle_whoami(self, comm: Any = None) -> dict[str, Any] | None:
-        identity = peer_identity(comm) if comm is not None else None
+        identity = caller_identity(comm)
         return None if identity is None else {"role": identity.role, "name": identity.name}
+
+    def handle_renew(self, comm: Any = None, csr: str = "") -> dict[str, Any]:
+        """A fresh certificate for the caller's own name and role (grid_portal/renewal.py).
+        A revoked caller is refused by the gate, and here again against the ledger itself (the
+        gate's copy of the revocations may be a second old)."""
+        from cryptography import x509
+
+        identity = self._caller(comm)
+        if self.ca is None or identity is None:
+            raise NotAllowed("this portal does not renew certificates; log in again")
+        cert = self.ca.sign_csr(csr, name=identity.name, role=identity.role, days=PERSON_CERT_DAYS)
+        serial = format(x509.load_pem_x509_certificate(cert.encode()).serial_number, "x")
+        if self.enrolments is not None and not self.enrolments.renew(
+            identity.name, identity.role, serial
+        ):
+            raise NotAllowed(
+                f"the certificate of {identity.role} {identity.name!r} was revoked (or never "
+                "enrolled here): ask the portal's admin for a new token"
+            )
+        logger.info("renewed the certificate of %s %s", identity.role, identity.name)
+        return {"cert": cert}
 
     # -- job handlers -------------------------------------------------------------------------
     def _caller(self, comm: Any) -> Identity | None:
-        return peer_identity(comm) if comm is not None else None
+        return caller_identity(comm)
 
     def _owner_filter(self, comm: Any, everyone: bool = False) -> str | None:
         """None means 'all jobs' (trusted callers asking for everyone's); else a user name."""
@@ -479,11 +523,11 @@ class PortalPlugin(SchedulerPlugin):
     ) -> dict[str, Any]:
         identity = self._caller(comm)
         me = identity.name if identity is not None else "unknown"
-        if owner and identity is not None and identity.role in TRUSTED_ROLES:
+        if owner and identity is not None and identity.role == ADMIN:
             me = owner
-        problem = spec_problem(spec)  # issue 8: the ledger is no dumping ground
+        problem = spec_problem(spec)  # the ledger is no dumping ground
         if problem is not None:
-            return {"error": problem}
+            raise UsageError(f"the portal did not register job {job_id}: {problem}")
         return self.jobs.ensure(job_id, owner=me, name=name, kind=kind, spec=spec).to_dict()
 
     async def handle_job_cancel(
@@ -491,7 +535,7 @@ class PortalPlugin(SchedulerPlugin):
     ) -> dict[str, Any]:
         record = self.jobs.jobs.get(job_id)
         if record is None or not self._may_see(comm, record.owner):
-            return {"error": "not-found"}
+            raise NotFound(f"no job {job_id!r} that you may cancel; see grid.jobs()")
         keys = self.jobs.cancel(job_id, reason=reason)
         scheduler = self.scheduler
         assert scheduler is not None
@@ -510,11 +554,11 @@ class PortalPlugin(SchedulerPlugin):
         if record is None or not (
             self._may_see(comm, record.owner) or self._ran_on_caller(comm, record.nodes)
         ):
-            return {"error": "not-found"}
+            raise NotFound(f"no job {job_id!r} of yours to keep a result for")
         try:
             self.jobs.store_result(job_id, bytes(data), ttl)
         except ValueError as exc:
-            return {"error": str(exc)}
+            raise UsageError(f"the portal did not keep the result of {job_id}: {exc}") from None
         return {"ok": True}
 
     def _ran_on_caller(self, comm: Any, nodes: list[str]) -> bool:
@@ -530,32 +574,12 @@ class PortalPlugin(SchedulerPlugin):
         return self.jobs.fetch_result(job_id)
 
 
-def _admin_only(name: str, handler: Any) -> Any:
-    """Wrap a Dask scheduler handler so that only the portal's admin (or a service) may call it."""
-    import inspect
-
-    from distributed.core import _expects_comm
-
-    expects_comm = _expects_comm(handler)
-
-    # No functools.wraps: Dask inspects a handler's signature to decide whether to pass the
-    # comm, and this wrapper always needs it.
-    async def guarded(comm: Any, **msg: Any) -> Any:
-        identity = peer_identity(comm)
-        if identity is None or identity.role not in TRUSTED_ROLES:
-            who = identity.name if identity is not None else "an unknown peer"
-            logger.warning("refused %s to %s: admin only", name, who)
-            raise PermissionError(f"{name} is reserved for the portal's admin")
-        result = handler(comm, **msg) if expects_comm else handler(**msg)
-        return await result if inspect.isawaitable(result) else result
-
-    return guarded
-
-
-def node_state(ws: WorkerState) -> tuple[NodeState, str | None]:
-    """A live worker's state as volunteers and researchers understand it."""
-    metrics = ws.metrics.get(METRIC_KEY) or {}
-    policy = metrics.get("policy") or {}
+def node_state(
+    ws: WorkerState, metrics: dict[str, Any] | None = None
+) -> tuple[NodeState, str | None]:
+    """A live worker's state as volunteers and researchers understand it. ``metrics``: its
+    last heartbeat's grid metrics, cleaned (grid_portal.portal.reports.clean_metrics)."""
+    policy = (metrics or {}).get("policy") or {}
     if ws.status == Status.closing_gracefully or policy.get("state") == "draining":
         return NodeState.DRAINING, policy.get("reason") or "draining"
     if ws.status == Status.paused or policy.get("state") == "paused":

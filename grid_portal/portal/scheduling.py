@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import dask
 from dask.utils import key_split
 
+from grid_portal.errors import NotFound, UsageError
 from grid_portal.model import Node
 from grid_portal.portal.fairshare import FairShare
 from grid_portal.portal.matching import ExpressionError
@@ -34,6 +35,7 @@ from grid_portal.portal.tasklog import (
     TaskLog,
     summarize_stages,
 )
+from grid_portal.protocol import ADMIN
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -92,7 +94,7 @@ class Scheduling:
         identity = self.plugin._identity_of_client(client)
         default_user = identity.name if identity is not None else "unknown"
         owners = annotations.get(JOB_OWNER_ANNOTATION, {})
-        trusted = identity is not None and identity.role in ("admin", "service")
+        trusted = identity is not None and identity.role == ADMIN  # the portal resubmitting
 
         def user_of(key: Any) -> str:
             owner = owners.get(key) if trusted else None
@@ -226,19 +228,19 @@ class Scheduling:
     def handle_workflow_outputs(self, comm: Any = None, job_id: str = "") -> dict[str, Any]:
         record = self._visible(comm, job_id)
         if record is None:
-            return {"error": f"no job {job_id!r} of yours; see `grid-portal jobs`"}
+            raise NotFound(f"no job {job_id!r} of yours; see `grid-portal jobs`")
         if record.checks_pending:
-            return {
-                "error": f"job {job_id} is still comparing the replicas of its tasks; fetch its "
+            raise UsageError(
+                f"job {job_id} is still comparing the replicas of its tasks; fetch its "
                 "outputs once it is done"
-            }
+            )
         assert self.plugin.scheduler is not None
         outputs = self.holds.outputs(self.plugin.scheduler, job_id)
         if outputs is None:
-            return {
-                "error": f"job {job_id} keeps no outputs: it is not a workflow, it was "
+            raise NotFound(
+                f"job {job_id} keeps no outputs: it is not a workflow, it was "
                 "cancelled, or its outputs were already fetched or expired"
-            }
+            )
         return {"outputs": outputs}
 
     def handle_workflow_release(self, comm: Any = None, job_id: str = "") -> dict[str, Any]:
@@ -262,17 +264,15 @@ class Scheduling:
         quota: float | None = None,
         clear_quota: bool = False,
     ) -> dict[str, Any]:
-        """Set the half-life or a user's quota. The portal's admin only."""
-        identity = self.plugin._caller(comm)
-        if comm is not None and (identity is None or identity.role != "admin"):
-            return {"error": "only the portal's admin may change fair-share settings"}
+        """Set the half-life or a user's quota: the portal's admin and a class's teachers
+        (grid_portal/protocol.py refuses everyone else)."""
         try:
             if half_life is not None:
                 self.fairshare.set_half_life(float(half_life))
             if user:
                 self.fairshare.set_quota(user, None if clear_quota else quota)
         except (TypeError, ValueError) as exc:
-            return {"error": str(exc)}
+            raise UsageError(str(exc)) from None
         return self.handle_fairshare(comm)
 
 

@@ -37,7 +37,6 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +48,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from grid_portal.errors import EnrolmentRefused, UsageError
+from grid_portal.identity import (  # noqa: F401 - re-exported for portal code
+    Identity,
+    identity_from_peercert,
+    peer_identity,
+)
 from grid_portal.keys import (  # noqa: F401 - re-exported for portal code
     PIN_HEX_CHARS,
     _write_atomic,
@@ -56,13 +60,13 @@ from grid_portal.keys import (  # noqa: F401 - re-exported for portal code
     make_private_dirs,
     write_private,
 )
+from grid_portal.protocol import ROLES
 
 if TYPE_CHECKING:
     import distributed
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("scheduler", "node", "client", "admin")
 ORGANIZATION = "Grid Portal"
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
@@ -525,54 +529,6 @@ class CertificateAuthority:
 
 # --------------------------------------------------------------------------------------------
 # Identities
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who is on the other end of a TLS connection, as our CA certified it."""
-
-    role: str
-    name: str
-    serial: int
-
-    @property
-    def serial_hex(self) -> str:
-        """The serial as hex. Serials are 159-bit random numbers, too big for msgpack: send this
-        over Dask comms, not `serial`."""
-        return f"{self.serial:x}"
-
-
-def identity_from_peercert(peercert: dict[str, Any] | None) -> Identity | None:
-    """The identity in a ``ssl.SSLSocket.getpeercert()`` dict, or None if it carries none.
-
-    The dict's ``subject`` is a tuple of RDNs, each a tuple of ``(key, value)`` pairs, e.g.
-    ``((("organizationName", "Grid Portal"),), (("commonName", "lab-pc-3"),))``, and the serial
-    is ``serialNumber``, an upper-case hex string. Only a certificate with exactly one role
-    (OU) that we know and one name (CN) gives an identity.
-    """
-    if not peercert:
-        return None
-    roles: list[str] = []
-    names: list[str] = []
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "organizationalUnitName":
-                roles.append(value)
-            elif key == "commonName":
-                names.append(value)
-    if len(roles) != 1 or len(names) != 1 or roles[0] not in ROLES:
-        return None
-    try:
-        serial = int(peercert["serialNumber"], 16)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return Identity(role=roles[0], name=names[0], serial=serial)
-
-
-def peer_identity(comm: Any) -> Identity | None:
-    """The identity of the peer on a Dask comm; None for non-TLS comms (inproc, tcp)."""
-    extra = getattr(comm, "extra_info", None) or {}
-    return identity_from_peercert(extra.get("peercert"))
 
 
 # --------------------------------------------------------------------------------------------

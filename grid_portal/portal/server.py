@@ -144,6 +144,7 @@ async def run_portal(
         node_timeout=config.node_timeout,
     )
     plugin.jobs.result_expiry_interval = config.result_expiry_interval
+    plugin.ca = ca  # signs renewals of people's short-lived certificates (grid_renew)
     # Issue 9: per-volunteer contributions and capacity samples (a plugin of its own).
     from grid_portal.portal.contributions import ContributionsPlugin
 

@@ -1,0 +1,339 @@
+"""The wire contract: every handler, stream op and annotation the grid uses, and who may use it.
+
+Dask lets anyone who passes TLS call any handler of a scheduler or worker. A community grid
+joins strangers, so the portal's scheduler and every volunteer's worker check each call against
+the tables below before it runs (``grid_portal/guard.py``). What is not listed is refused and
+logged: default deny. A new handler is one line here, with the roles that need it and why.
+
+Roles are what the portal's CA writes in a certificate (its OU), read back from the TLS
+session, never from a message:
+
+- ``scheduler``: the portal's own scheduler (volunteers' workers answer it).
+- ``node``: a volunteer's machine. Only ever a Dask worker, never a client.
+- ``client``: a researcher or student. Only ever a Dask client.
+- ``teacher``: a class's teacher: a client who may also see and cancel everyone's jobs and set
+  quotas, but runs no code on the portal or outside tasks.
+- ``admin``: the portal's owner (who runs ``grid-portal serve``): everything.
+
+There is no certificate for "the Hub": a Hub user's server enrols as that user (``client`` or
+``teacher``) through the portal's HTTPS endpoint and is checked like anyone else.
+
+This module is plain data (no Dask import) so that the docs' trust table can be checked
+against it (tests/test_protocol.py) and every side can read it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+SCHEDULER = "scheduler"
+NODE = "node"
+CLIENT = "client"
+TEACHER = "teacher"
+ADMIN = "admin"
+ROLES = (SCHEDULER, NODE, CLIENT, TEACHER, ADMIN)
+
+PEOPLE = frozenset({CLIENT, TEACHER, ADMIN})  # who may be a Dask client
+STAFF = frozenset({TEACHER, ADMIN})  # who may see everyone's work
+NODES = frozenset({NODE})
+ADMINS = frozenset({ADMIN})
+NOBODY: frozenset[str] = frozenset()
+
+# -- annotations the grid sets on tasks (dask.annotate), read by the portal and the nodes -----
+JOB_ANNOTATION = "grid_job"
+JOB_NAME_ANNOTATION = "grid_job_name"
+JOB_KIND_ANNOTATION = "grid_job_kind"
+JOB_OPEN_ANNOTATION = "grid_job_open"  # an interactive session: more tasks may follow
+JOB_OWNER_ANNOTATION = "grid_job_owner"  # honoured only from the admin (the portal resubmitting)
+STREAM_ANNOTATION = "grid_stream"  # the Dask Queue a cell's output goes to
+PUSH_ANNOTATION = "grid_push"  # push this task's result with its completion if it is small
+STAGE_ANNOTATION = "grid_stage"
+WHERE_ANNOTATION = "grid_where"
+HOLD_ANNOTATION = "grid_hold"  # keep this task's result for the job's owner to fetch later
+REPLICAS_ANNOTATION = "grid_replicas"  # on copy 0: how many copies there are
+REPLICA_ANNOTATION = "grid_replica"  # on copy j >= 1: which copy it is
+
+# -- messages the grid adds to Dask's streams -------------------------------------------------
+PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result
+PUSH_LIMIT = 256 * 1024  # bytes of pickled result; larger ones are gathered as usual
+
+# -- shared limits ---------------------------------------------------------------------------
+MAX_REPORT_BYTES = 64 * 1024  # a node's startup report or one heartbeat's grid metrics
+MAX_LABELS = 64
+MAX_LABEL_LENGTH = 128
+MAX_GPUS = 64
+# People's certificates are short-lived and renewed by their client (grid_portal/renewal.py);
+# the admin's lives with the CA, a node's is revoked by name.
+PERSON_CERT_DAYS = 14
+PERSON_ROLES_RENEWED = frozenset({CLIENT, TEACHER})
+# What a node reports is cleaned against these by grid_portal/portal/reports.py.
+MAX_REPORT_DEPTH = 16  # an honest report nests 4 deep
+MAX_REPORT_TEXT = 256  # any other string a node reports (CPU model, GPU name, versions)
+MAX_REASON_LENGTH = 200  # why a node is paused or draining
+MAX_PACKAGES = 64
+SANDBOX_LEVELS = ("bubblewrap", "user", "process", "none")  # grid_portal/node/sandbox.py
+NODE_POLICY_STATES = (None, "paused", "draining")  # a heartbeat's "policy": {"state": ...}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who may use one handler or stream op, and why they need it (for the docs)."""
+
+    roles: frozenset[str]
+    why: str
+    checked: str = ""  # what the portal checks beyond the role (ownership, binding)
+    refusal: str = ""  # what a refused caller is told, when the op's name says too little
+
+
+def _rules(
+    roles: Iterable[str], why: str, names: Iterable[str], checked: str = "", refusal: str = ""
+) -> dict[str, Rule]:
+    return {name: Rule(frozenset(roles), why, checked, refusal) for name in names}
+
+
+OWNED_KEYS = "every key must be one the caller's identity submitted (staff: any)"
+BOUND_WORKER = "the worker named is the caller's own connection"
+BOUND_CLIENT = "the client named is one of the caller's own connections"
+OWNED_JOB = "the job is the caller's (staff: any); else 'not found'"
+OWNED_QUEUE = "the queue is one the caller made, or (a node) a running task of its streams to it"
+
+# -- the portal's scheduler: request/reply handlers --------------------------------------------
+SCHEDULER_HANDLERS: dict[str, Rule] = {
+    # Connecting.
+    **_rules(
+        PEOPLE,
+        "connect as a Dask client",
+        ["register-client"],
+        BOUND_CLIENT,
+        refusal="a node certificate is only ever a worker; people log in with `grid-portal login`",
+    ),
+    **_rules(
+        NODES,
+        "join as a Dask worker",
+        ["register-worker"],
+        "name = the certificate's",
+        refusal="only enrolled volunteer nodes may join as workers",
+    ),
+    **_rules(NODES, "worker upkeep", ["heartbeat_worker", "unregister"], BOUND_WORKER),
+    **_rules(NODES, "a worker fetched a dependency", ["add_keys"], BOUND_WORKER),
+    **_rules(PEOPLE | NODES, "what a Dask peer asks on connecting", ["identity", "versions"]),
+    **_rules(PEOPLE, "client.ncores()", ["ncores", "ncores_running"]),
+    # Results of one's own work.
+    **_rules(PEOPLE, "fetch results of one's own tasks", ["gather"], OWNED_KEYS),
+    **_rules(PEOPLE, "where one's own results are", ["who_has"], OWNED_KEYS),
+    **_rules(PEOPLE, "retry one's own erred tasks", ["retry"], OWNED_KEYS),
+    **_rules(PEOPLE, "client.scatter", ["scatter"], BOUND_CLIENT + "; keys not others'"),
+    # A %%grid cell's output stream: a Dask Queue made by the kernel, fed by the cell's node.
+    **_rules(
+        PEOPLE,
+        "a %%grid cell's output stream",
+        ["queue_create", "queue_get", "queue_qsize"],
+        OWNED_QUEUE,
+    ),
+    **_rules(PEOPLE | NODES, "a %%grid cell's output stream", ["queue_put"], OWNED_QUEUE),
+    # The grid's own handlers (portal/plugin.py, portal/scheduling.py).
+    **_rules(
+        PEOPLE,
+        "browse the grid",
+        ["grid_nodes", "grid_node", "grid_capacity", "grid_largest_offer", "grid_match"],
+    ),
+    **_rules(PEOPLE, "live changes of nodes and one's own jobs", ["grid_changes"]),
+    **_rules(PEOPLE, "who am I to the portal", ["grid_whoami"]),
+    **_rules(
+        PERSON_ROLES_RENEWED,
+        "renew one's own short-lived certificate",
+        ["grid_renew"],
+        "signed for the caller's own name and role; never once revoked",
+    ),
+    **_rules(PEOPLE, "fair share is public to its users", ["grid_fairshare"]),
+    **_rules(
+        PEOPLE,
+        "one's own jobs",
+        [
+            "grid_jobs",
+            "grid_job",
+            "grid_job_cancel",
+            "grid_job_result",
+            "grid_job_tasks",
+            "grid_job_logs",
+            "grid_workflow_outputs",
+            "grid_workflow_release",
+        ],
+        OWNED_JOB,
+    ),
+    **_rules(PEOPLE, "start a job record", ["grid_job_create"], "owner = the caller"),
+    **_rules(
+        PEOPLE | NODES,
+        "keep a %%grid --bg result",
+        ["grid_job_store_result"],
+        OWNED_JOB + "; a node: only a job it ran",
+    ),
+    **_rules(NODES, "what a shell task printed", ["grid_task_output"], "only the task's node"),
+    **_rules(STAFF, "quotas and the fair-share half-life", ["grid_fairshare_set"]),
+    **_rules(ADMINS, "cut off a node", ["grid_revoke"]),
+    # Read-only views of everyone's tasks: for those who may see everyone's work.
+    **_rules(
+        STAFF,
+        "Dask's views of everyone's tasks",
+        [
+            "processing",
+            "has_what",
+            "nbytes",
+            "get_task_status",
+            "get_task_stream",
+            "get_task_stream_index",
+            "get_task_prefix_states",
+            "events",
+            "get_story",
+            "call_stack",
+            "profile",
+        ],
+    ),
+    # Everything else Dask offers (running code on the portal or outside tasks, reshaping the
+    # cluster, shared variables and locks, logs, dashboards) is the admin's alone.
+}
+
+# -- the portal's scheduler: stream ops --------------------------------------------------------
+# One table serves the workers' and the clients' streams (Dask's design); the roles keep them
+# apart, and ``worker`` / ``client`` fields always come from the connection, never the message.
+SCHEDULER_STREAM_OPS: dict[str, Rule] = {
+    **_rules(
+        PEOPLE,
+        "a Dask client's own stream",
+        [
+            "update-graph",
+            "client-desires-keys",
+            "client-releases-keys",
+            "heartbeat-client",
+            "close-client",
+            "subscribe-topic",
+            "unsubscribe-topic",
+        ],
+    ),
+    **_rules(
+        PEOPLE, "cancel or ask about one's own tasks", ["cancel-keys", "report-key"], OWNED_KEYS
+    ),
+    **_rules(
+        NODES,
+        "a Dask worker's own stream",
+        [
+            "release-worker-data",
+            "add-keys",
+            "keep-alive",
+            "worker-status-change",
+            "request-refresh-who-has",
+            "steal-response",
+        ],
+    ),
+    **_rules(
+        NODES,
+        "a task's outcome",
+        ["task-finished", "task-erred", "long-running", "reschedule"],
+        "only from the worker that runs the task",
+    ),
+    **_rules(NODES, "worker events", ["log-event"], "not the topics Dask prints in kernels"),
+    **_rules(NODES, "a small result with its completion", [PUSH_OP], "only from the task's node"),
+}
+
+# -- every volunteer's worker -----------------------------------------------------------------
+# A worker answers the portal's scheduler, and other nodes only for data transfer; never a
+# researcher (who reaches nodes only through tasks) and never the portal's other clients.
+WORKER_HANDLERS: dict[str, Rule] = {
+    **_rules(
+        {SCHEDULER, NODE},
+        "data transfer between nodes, and the portal gathering results",
+        ["get_data"],
+    ),
+    **_rules({SCHEDULER, NODE}, "liveness", ["ping"]),
+    **_rules(
+        {SCHEDULER},
+        "what the portal's scheduler asks of its workers",
+        [
+            "gather",
+            "free_keys",
+            "update_data",
+            "terminate",
+            "identity",
+            "versions",
+            "keys",
+            "get_logs",
+            "call_stack",
+            "profile",
+            "profile_metadata",
+            "get_monitor_info",
+            "get_story",
+            "benchmark_disk",
+            "benchmark_memory",
+            "benchmark_network",
+            "grid_node_status",
+        ],
+    ),
+    **_rules(
+        {SCHEDULER},
+        "the admin's client.run and plugins, relayed by the portal (admin only there)",
+        ["run", "run_coroutine", "plugin-add", "plugin-remove", "upload_file"],
+    ),
+}
+
+# A worker's stream ops come from the portal's scheduler, over the connection the worker itself
+# opened when it registered; nobody else may open a stream to a worker.
+WORKER_STREAM_OPS: dict[str, Rule] = _rules(
+    {SCHEDULER},
+    "the portal's scheduler directing its worker",
+    [
+        "close",
+        "cancel-compute",
+        "acquire-replicas",
+        "compute-task",
+        "free-keys",
+        "remove-replicas",
+        "steal-request",
+        "refresh-who-has",
+        "worker-status-change",
+        "remove-worker",
+    ],
+)
+
+
+def allowed(table: Mapping[str, Rule], op: str, role: str | None) -> bool:
+    """May ``role`` use ``op``? Unknown ops and unknown roles: no."""
+    rule = table.get(op)
+    return rule is not None and role is not None and role in rule.roles
+
+
+# -- the docs' trust table ---------------------------------------------------------------------
+TABLE_BEGIN = "<!-- protocol table: made by `python -m grid_portal.protocol`; checked by a test -->"
+TABLE_END = "<!-- end of protocol table -->"
+
+
+def trust_table_markdown() -> str:
+    """The tables above as Markdown, for docs/security.md (tests/test_protocol.py checks that
+    the docs hold exactly this)."""
+    lines = [TABLE_BEGIN, ""]
+    sections = (
+        ("the portal's scheduler: requests", SCHEDULER_HANDLERS),
+        ("the portal's scheduler: stream messages", SCHEDULER_STREAM_OPS),
+        ("a volunteer's worker: requests", WORKER_HANDLERS),
+        ("a volunteer's worker: stream messages", WORKER_STREAM_OPS),
+    )
+    for title, table in sections:
+        lines += [f"**{title}**", "", "| op | who may | why | checked beyond the role |"]
+        lines.append("|---|---|---|---|")
+        for name in sorted(table):
+            rule = table[name]
+            roles = ", ".join(r for r in ROLES if r in rule.roles)
+            lines.append(f"| `{name}` | {roles} | {rule.why} | {rule.checked or ''} |")
+        lines.append("")
+    lines += [
+        "Anything else Dask offers on the portal's scheduler (running code there or on every",
+        "volunteer outside a task, plugins, restarts, shared variables, locks, logs) is the",
+        "admin's alone; on a volunteer's worker, anything else is nobody's.",
+        "",
+        TABLE_END,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(trust_table_markdown())
