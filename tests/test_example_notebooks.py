@@ -55,19 +55,23 @@ def text_of(cell: Any) -> str:
     return "".join(parts)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_notebook_runs(path: Path, portal: Portal, tmp_path: Path) -> None:
-    nb = execute(nbformat.read(path, as_version=4), portal, tmp_path)
+def check_example(stem: str, nb: Any) -> None:
+    """What an executed example notebook must show (also used by tests/test_dev_setup.py)."""
     text = "\n".join(text_of(c) for c in nb.cells if c.cell_type == "code")
     assert "Traceback" not in text and "Error" not in text, text
-    if path.stem.startswith("01"):
+    if stem.startswith("01"):
         assert "hello from" in text and "the grid says 42, computed on" in text
         assert "mean of 4 million uniform numbers: 0.50" in text
-    elif path.stem.startswith("02"):
+    elif stem.startswith("02"):
         assert "pi is about 3.1" in text
-    elif path.stem.startswith("03"):
+    elif stem.startswith("03"):
         assert "β = 0.5: peak of" in text
         assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_notebook_runs(path: Path, portal: Portal, tmp_path: Path) -> None:
+    check_example(path.stem, execute(nbformat.read(path, as_version=4), portal, tmp_path))
 
 
 def test_run_all_stops_at_a_grid_cell_error_with_its_line(portal: Portal, tmp_path: Path) -> None:
