@@ -117,11 +117,22 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
     ),
     **_rules(NODES, "worker upkeep", ["heartbeat_worker", "unregister"], BOUND_WORKER),
     **_rules(NODES, "a worker fetched a dependency", ["add_keys"], BOUND_WORKER),
+    **_rules(
+        NODES | ADMINS,
+        "a volunteer leaving gracefully hands its results on (Worker.close_gracefully)",
+        ["retire_workers"],
+        "a node names only its own worker",
+    ),
     **_rules(PEOPLE | NODES, "what a Dask peer asks on connecting", ["identity", "versions"]),
     **_rules(PEOPLE, "client.ncores()", ["ncores", "ncores_running"]),
     # Results of one's own work.
     **_rules(PEOPLE, "fetch results of one's own tasks", ["gather"], OWNED_KEYS),
-    **_rules(PEOPLE, "where one's own results are", ["who_has"], OWNED_KEYS),
+    **_rules(
+        PEOPLE | NODES,
+        "where one's own results are; a node, where its tasks' inputs are",
+        ["who_has"],
+        OWNED_KEYS + "; a node: any key it names",
+    ),
     **_rules(PEOPLE, "retry one's own erred tasks", ["retry"], OWNED_KEYS),
     **_rules(PEOPLE, "client.scatter", ["scatter"], BOUND_CLIENT + "; keys not others'"),
     # A %%grid cell's output stream: a Dask Queue made by the kernel, fed by the cell's node.

@@ -143,10 +143,19 @@ class Access:
             if not self._worker_is_callers(identity, msg.get("address")):
                 return "a node speaks only for its own worker"
             return None
+        if op == "retire_workers" and identity.role == NODE:
+            workers = msg.get("workers")
+            if msg.get("names") is not None or not isinstance(workers, (list, tuple)):
+                return "a node retires only its own worker, by address"
+            if not workers or not all(self._worker_is_callers(identity, w) for w in workers):
+                return "a node retires only its own worker"
+            return None
         if op == "add_keys":
             if not self._worker_is_callers(identity, msg.get("worker")):
                 return "a node speaks only for its own worker"
             return None
+        if op == "who_has" and identity.role == NODE:
+            return None  # a worker finding the inputs of its task (Worker.find_missing)
         if op in ("gather", "who_has", "retry"):
             keys = msg.get("keys") or ()
             if isinstance(keys, (str, bytes)):
