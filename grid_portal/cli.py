@@ -377,18 +377,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _token_store(args: argparse.Namespace) -> tuple[Any, str]:
-    from grid_portal.portal.ledger import LEDGER_FILE
-    from grid_portal.portal.security import CertificateAuthority, ca_pin
-    from grid_portal.portal.tokens import TokenStore
+    from grid_portal.cli_certs import token_store
 
-    data_dir = _data_dir(args)
-    if not (data_dir / "ca" / "ca.pem").exists():
-        raise GridError(
-            f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
-            "portal's --data-dir"
-        )
-    ca = CertificateAuthority.load_or_create(data_dir / "ca")
-    return TokenStore(data_dir / LEDGER_FILE), ca_pin(ca.fingerprint())
+    return token_store(args)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

@@ -57,11 +57,33 @@ def add_parsers(sub: Any, token_sub: Any) -> None:
     t.set_defaults(func=cmd_token_revoke)
 
 
+def data_dir_of(args: argparse.Namespace) -> Path:
+    """The portal's data dir: --data-dir, else the default one."""
+    from grid_portal.connection import default_data_dir
+
+    return (args.data_dir or default_data_dir()).expanduser()
+
+
+def token_store(args: argparse.Namespace) -> tuple[Any, str]:
+    """The portal's join tokens and its CA pin, for `grid-portal token ...`."""
+    from grid_portal.portal.ledger import LEDGER_FILE
+    from grid_portal.portal.security import CertificateAuthority, ca_pin
+    from grid_portal.portal.tokens import TokenStore
+
+    data_dir = data_dir_of(args)
+    if not (data_dir / "ca" / "ca.pem").exists():
+        raise GridError(
+            f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
+            "portal's --data-dir"
+        )
+    ca = CertificateAuthority.load_or_create(data_dir / "ca")
+    return TokenStore(data_dir / LEDGER_FILE), ca_pin(ca.fingerprint())
+
+
 def _book(args: argparse.Namespace) -> Any:
-    from grid_portal.cli import _data_dir
     from grid_portal.portal.ledger import LEDGER_FILE, EnrolmentBook
 
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     ledger = data_dir / LEDGER_FILE
     if not ledger.exists():
         raise GridError(
@@ -119,9 +141,7 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from grid_portal.cli import _token_store
-
-    store, _ = _token_store(args)
+    store, _ = token_store(args)
     store.revoke(args.id)
     print(f"revoked join token {args.id}: it enrols nobody from now on")
     return 0
