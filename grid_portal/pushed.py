@@ -21,13 +21,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-PUSH_ANNOTATION = "grid_push"  # a task annotation: push this task's result if it is small
+from grid_portal.protocol import PUSH_ANNOTATION, PUSH_LIMIT, PUSH_OP  # noqa: F401 - names of the wire contract
+
 # What the portal sets that annotation to when it accepts the task (its update_graph): a node
 # pushes only for tasks so marked. A portal too old to know the message never marks them, and
 # an unknown message would make Dask close the node's stream.
 PUSH_FORWARDED = "portal-forwards"
-PUSH_OP = "grid-pushed-result"  # the stream message, node -> portal -> client
-PUSH_LIMIT = 256 * 1024  # bytes of pickled result; larger ones are gathered as usual
 
 
 class PushedResults:

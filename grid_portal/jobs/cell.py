@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from grid_portal.errors import GridError, RemoteError, UntrustedResult, UsageError
+from grid_portal.protocol import STREAM_ANNOTATION  # noqa: F401 - names of the wire contract
 from grid_portal.pushed import PUSH_ANNOTATION
 
 # -- tunables -----------------------------------------------------------------------------------
@@ -41,7 +42,6 @@ STREAM_AFTER = 0.05  # s the kernel waits before opening the stream channel (< F
 STOP_CONFIRM_TIMEOUT = 5.0  # s the kernel waits for the node to confirm a cancelled cell stopped
 # The task annotation that names a cell's stream queue: a node lets the task put into that
 # queue and no other (cell_task.py; node/taskproc.py for other tasks).
-STREAM_ANNOTATION = "grid_stream"
 BIG_PAYLOAD = 1_000_000  # bytes; larger inputs are scattered once instead of sent per task
 # Most a cell may send (code, pickled inputs and --map values together): past this, data
 # belongs on the nodes (read there from a shared location), not in the portal's task graph.

@@ -38,6 +38,7 @@ from grid_portal.jobs.cell_child import (
     kill_tree,
     send_frame,
 )
+from grid_portal.protocol import JOB_ANNOTATION  # noqa: F401 - names of the wire contract
 
 # -- tunables -----------------------------------------------------------------------------------
 FIRST_FLUSH = 0.15  # s a cell runs before its output starts streaming (quick cells send none)
@@ -48,7 +49,6 @@ MAX_OUTPUT_CHARS = 8_000_000  # text kept per cell; more would swamp the noteboo
 FORK_AHEAD_DELAY = 0.03  # s after a cell starts before the node forks the next cell's child
 # The task annotation naming the job a --bg cell may keep its result for (the wire contract
 # with grid_portal.client and node/taskproc.py).
-JOB_ANNOTATION = "grid_job"
 
 
 @isolation.self_isolating

@@ -55,6 +55,13 @@ from grid_portal.jobs.spec import (
     load_spec,
     resolve_callable,
 )
+from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
+    HOLD_ANNOTATION,
+    REPLICA_ANNOTATION,
+    REPLICAS_ANNOTATION,
+    STAGE_ANNOTATION,
+    WHERE_ANNOTATION,
+)
 
 if TYPE_CHECKING:
     from distributed import Future
@@ -63,11 +70,6 @@ if TYPE_CHECKING:
     from grid_portal.model import Job
 
 # Annotations the portal plugin reads (grid_portal/portal/{placement,tasklog}.py).
-STAGE_ANNOTATION = "grid_stage"
-WHERE_ANNOTATION = "grid_where"
-HOLD_ANNOTATION = "grid_hold"
-REPLICAS_ANNOTATION = "grid_replicas"  # portal/replicas.py: copy 0 says how many copies
-REPLICA_ANNOTATION = "grid_replica"  # ... and copy j >= 1 which one it is
 
 MAX_LOG_CHARS = 64 * 1024  # tail of each stream sent to the portal per task
 CODE_CACHE = "grid-portal-code"  # shipped .py files, by content, under the temp folder

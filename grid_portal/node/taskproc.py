@@ -72,6 +72,7 @@ import cloudpickle
 from grid_portal.isolation import Confinement, confined, is_self_isolating
 from grid_portal.node.taskchild import BOOT, memory_error_text, recv, send
 from grid_portal.proctree import tree_rss
+from grid_portal.protocol import JOB_ANNOTATION, STREAM_ANNOTATION  # noqa: F401 - names of the wire contract
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -83,8 +84,6 @@ WATCHDOG_INTERVAL = 0.2  # seconds between memory checks while tasks run
 MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's memory= becomes
 # Task annotations that name what a task may reach through its channel. The wire contract with
 # the Grid client (grid_job) and jobs/cell.py (grid_stream); node code imports neither.
-JOB_ANNOTATION = "grid_job"
-STREAM_ANNOTATION = "grid_stream"
 EMIT_TIMEOUT = 10.0  # s the executor waits for the scheduler to take a task's message
 MAX_QUEUE_ITEM = 16 * 2**20  # characters/bytes in one queue item: it lives at the portal
 JOB_LINGER = 10.0  # s without a running task before a job's directory and processes go

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from grid_portal.model import CPU, GPU, MEMORY, Node, NodeState
 from grid_portal.portal.matching import Expression, compile_requirement, node_attributes
+from grid_portal.protocol import WHERE_ANNOTATION  # noqa: F401 - names of the wire contract
 from grid_portal.units import format_size
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grid_portal.portal")
 
-WHERE_ANNOTATION = "grid_where"
 # An address no worker can have: restricting a task to it parks the task in ``no-worker``.
 NOWHERE = "grid-portal://nowhere"
 

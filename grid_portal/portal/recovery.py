@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.portal.jobs import JobBook
+from grid_portal.protocol import JOB_OWNER_ANNOTATION as OWNER_ANNOTATION  # noqa: F401 - names of the wire contract
 
 logger = logging.getLogger("grid_portal.portal")
 
@@ -39,7 +40,6 @@ GONE = (
     "the portal restarted while this job ran, and it keeps no copy of a {kind} job's code "
     "(only workflows and %%grid --bg cells are resubmitted); submit it again"
 )
-OWNER_ANNOTATION = "grid_job_owner"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from grid_portal.portal.placement import NOWHERE, Placement
 from grid_portal.portal.tasklog import item_of
+from grid_portal.protocol import JOB_ANNOTATION, REPLICA_ANNOTATION, REPLICAS_ANNOTATION  # noqa: F401 - names of the wire contract
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grid_portal.portal")
 
-REPLICAS_ANNOTATION = "grid_replicas"  # on copy 0: how many copies there are
-REPLICA_ANNOTATION = "grid_replica"  # on copy j >= 1: which copy it is
-JOB_ANNOTATION = "grid_job"
 REPLICA_SUFFIX = "-replica"
 UNSTARTED = ("released", "waiting", "no-worker", "queued")
 

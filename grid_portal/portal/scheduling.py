@@ -35,7 +35,7 @@ from grid_portal.portal.tasklog import (
     TaskLog,
     summarize_stages,
 )
-from grid_portal.protocol import ADMIN
+from grid_portal.protocol import ADMIN, JOB_ANNOTATION, JOB_OWNER_ANNOTATION  # noqa: F401 - names of the wire contract
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -52,9 +52,7 @@ STEAL_INTERVAL_KEY = "distributed.scheduler.work-stealing-interval"
 STEAL_INTERVAL = "50ms"
 SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
-JOB_ANNOTATION = "grid_job"
 OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.workflow.TaskOutputForwarder.name
-JOB_OWNER_ANNOTATION = "grid_job_owner"
 
 
 class Scheduling:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grid_portal.portal.ledger import connect, transaction
+from grid_portal.protocol import HOLD_ANNOTATION, STAGE_ANNOTATION  # noqa: F401 - names of the wire contract
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -31,8 +32,6 @@ RECENT = 10_000  # finished task records kept in memory for output that arrives 
 OUTPUT_TTL = 86400.0  # held workflow outputs are dropped a day after the job finished
 FLUSH_INTERVAL = 1.0
 
-STAGE_ANNOTATION = "grid_stage"
-HOLD_ANNOTATION = "grid_hold"  # keep this task's result for the job's owner to fetch later
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS job_tasks (
