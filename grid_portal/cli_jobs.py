@@ -298,14 +298,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_detail(args: argparse.Namespace) -> dict[str, Any]:
     if args.data_dir is not None:
-        from grid_portal.portal.tasklog import read_tasks, summarize_stages
+        from grid_portal.portal.tasklog import item_paths, read_tasks, summarize_stages
 
         path = _ledger(args)
         found = _read_jobs(path, args.job_id)
         if not found:
             raise GridError(f"no job {args.job_id!r} in {args.data_dir}; see grid-portal jobs")
         tasks = read_tasks(path, args.job_id)
-        return {"job": found[0], "stages": summarize_stages(tasks), "tasks": tasks}
+        return {
+            "job": found[0],
+            "stages": summarize_stages(tasks),
+            "tasks": tasks,
+            "items": item_paths(tasks),
+        }
     with _grid(args) as grid:
         detail = grid._call("grid_job_tasks", job_id=args.job_id)
     if detail is None:
@@ -318,8 +323,9 @@ def cmd_job(args: argparse.Namespace) -> int:
         return _fetch(args)
     detail = _job_detail(args)
     job, stages, tasks = detail["job"], list(detail["stages"]), list(detail["tasks"])
+    items = list(detail.get("items") or ())  # pipelines: each item's path (an older portal: none)
     if args.json:
-        print(json.dumps({"job": job, "stages": stages, "tasks": tasks}, indent=2))
+        print(json.dumps({"job": job, "stages": stages, "tasks": tasks, "items": items}, indent=2))
         return 0
     from rich.table import Table
 
@@ -348,6 +354,10 @@ def cmd_job(args: argparse.Namespace) -> int:
                 ", ".join(s["nodes"]),
             )
         console.print(table)
+    if items:
+        _print_items(console, items if args.all_tasks else items[:TASK_ROWS])
+        if not args.all_tasks and len(items) > TASK_ROWS:
+            print(f"... and {len(items) - TASK_ROWS} more items (--all-tasks)")
     shown = tasks if args.all_tasks else tasks[:TASK_ROWS]
     if shown:
         table = Table(title="tasks: where each ran")
@@ -367,6 +377,34 @@ def cmd_job(args: argparse.Namespace) -> int:
         if len(shown) < len(tasks):
             print(f"... and {len(tasks) - len(shown)} more (--all-tasks)")
     return 0
+
+
+def _print_items(console: Any, items: list[dict[str, Any]]) -> None:
+    """A pipeline's items: the stage each is in now, where, and its path so far."""
+    from rich.table import Table
+
+    from grid_portal.units import format_size
+
+    table = Table(title="items: the stage each is in, and its path")
+    for column in ("item", "stage", "state", "node", "path"):
+        table.add_column(column)
+    for entry in items:
+        steps = []
+        for step in entry["path"]:
+            text = f"{step['stage']}@{step['node'] or '-'}"
+            if step["state"] != "done":
+                text += f" ({step['state']})"
+            if step.get("moved"):
+                text += f" [{format_size(step['moved'])} moved in]"
+            steps.append(text)
+        table.add_row(
+            str(entry["item"]),
+            entry["stage"],
+            entry["state"],
+            entry["node"] or "-",
+            " -> ".join(steps),
+        )
+    console.print(table)
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -89,3 +89,34 @@ def honest_unless_liar(i: int) -> int:
 
 def plus_one(i: int) -> int:
     return i + 1
+
+
+# -- pipelines (issue 16) -----------------------------------------------------------------------
+
+
+def pipe_first(item: int, seconds: float = 0.0, size: int = 0) -> dict:
+    """Stage 1 of an item: where it ran, and ``size`` bytes of payload for the next stage."""
+    import time as _time
+
+    from distributed import get_worker
+
+    _time.sleep(seconds)
+    return {"item": item, "path": [get_worker().name], "payload": b"x" * size}
+
+
+def pipe_next(seconds: float = 0.0, fail_item: int = -1, **inputs: dict) -> dict:
+    """A later stage: its one input is the item's previous stage's output."""
+    import time as _time
+
+    from distributed import get_worker
+
+    (previous,) = inputs.values()
+    if previous["item"] == fail_item:
+        raise ValueError(f"item {fail_item} is broken")
+    _time.sleep(seconds)
+    return {**previous, "path": [*previous["path"], get_worker().name]}
+
+
+def pipe_count(**inputs: list) -> int:
+    (items,) = inputs.values()
+    return len(items)

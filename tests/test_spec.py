@@ -323,10 +323,10 @@ def test_negative_gpus_names_the_exact_path():
                 "stages[0].resources.disk: unknown field; known fields: cpus, gpus, memory, gpu_memory"
             ],
         ),
-        (one_stage(map={}), ["stages[0].map: give one of over, range, grid or files"]),
+        (one_stage(map={}), ["stages[0].map: give one of over, range, grid, files or each"]),
         (
             one_stage(map={"over": [1], "range": {"stop": 2}}),
-            ["stages[0].map: give only one of over, range, grid or files (found over and range)"],
+            ["stages[0].map: give only one of over, range, grid, files or each (found over and range)"],
         ),
         (one_stage(map={"over": []}), ["stages[0].map.over: must not be empty"]),
         (one_stage(map={"range": {"start": 1}}), ["stages[0].map.range.stop: is required"]),
@@ -386,7 +386,7 @@ def test_every_problem_is_reported_most_basic_first():
     assert problems_of(doc) == [
         "name: is required",
         "priority: must be an integer (got text)",
-        "stages[1].colour: unknown field; known fields: name, run, params, args, map, needs, resources, where, retries, timeout, priority, outputs, replicas",
+        "stages[1].colour: unknown field; known fields: name, run, params, args, map, needs, resources, where, retries, timeout, priority, outputs, replicas, fail",
         "stages[1].retries: must be >= 0",
         "stages[0].resources.gpus: must be >= 0",
     ]

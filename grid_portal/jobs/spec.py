@@ -77,7 +77,7 @@ MAX_PROBLEMS = 100  # stop collecting after this many; nobody reads more
 MAX_REPLICAS = 5  # copies of each task, each on its own node (replicas: 2 is the usual)
 _MAX_INT = 2**63  # larger integers are refused: they are never meant and break reprs
 
-_MAP_KINDS = ("over", "range", "grid", "files")
+_MAP_KINDS = ("over", "range", "grid", "files", "each")
 
 # --- patterns (ECMA-262 compatible, as JSON Schema requires) ------------------------------------
 
@@ -227,6 +227,11 @@ _SCHEMA: dict[str, Any] = {
                     "minimum": 1,
                     "maximum": MAX_REPLICAS,
                 },
+                "fail": {
+                    "description": "What a failed task (after its retries) fails: 'item' (default), only its own item's chain through the stages that map over this one with 'each'; or 'job', the whole job at once.",
+                    "enum": ["item", "job"],
+                    "default": "item",
+                },
             },
         },
         "run": {
@@ -255,7 +260,7 @@ _SCHEMA: dict[str, Any] = {
             ],
         },
         "map": {
-            "description": "Fan-out: one task per item. Give exactly one of over, range, grid or files.",
+            "description": "Fan-out: one task per item. Give exactly one of over, range, grid, files or each.",
             "type": "object",
             "additionalProperties": False,
             "oneOf": [{"required": [kind]} for kind in _MAP_KINDS],
@@ -302,8 +307,18 @@ _SCHEMA: dict[str, Any] = {
                         }
                     },
                 },
+                "each": {
+                    "description": "One task per item of another map stage (named here, and needed by this one): item i of this stage receives the output of item i of that stage and starts as soon as that item is done (a pipeline).",
+                    "type": "string",
+                    "pattern": STAGE_NAME_PATTERN,
+                },
+                "stream": {
+                    "description": "With each: true (default) starts item i as soon as item i of the other stage is done; false waits for all of that stage first (a barrier between the stages).",
+                    "type": "boolean",
+                    "default": True,
+                },
                 "as": {
-                    "description": "The keyword argument (or shell placeholder) the item is passed as; default 'item'. Not used with grid.",
+                    "description": "The keyword argument (or shell placeholder) the item is passed as; default 'item' (with each: the other stage's name, '-' as '_'). Not used with grid.",
                     "type": "string",
                     "pattern": IDENTIFIER_PATTERN,
                 },
@@ -862,6 +877,9 @@ def _schema_problems(error: jsonschema.ValidationError) -> list[SpecProblem]:
         return [SpecProblem(where, f"has {len(inst):,}; at most {value:,} are allowed")]
     if kind == "not" and isinstance(value, dict) and "const" in value:
         return [SpecProblem(where, f"must not be {json.dumps(value['const'])}")]
+    if kind == "enum":
+        choices = " or ".join(json.dumps(v) for v in value)
+        return [SpecProblem(where, f"must be {choices}, not {_short(json.dumps(inst))}")]
     return [SpecProblem(where, _short(error.message, 200))]
 
 
@@ -1021,10 +1039,13 @@ class MapSpec:
 
     kind "over": the list ``over``; "range": integers ``start``..``stop`` by ``step``;
     "grid": every combination of the lists in ``grid`` (last key varies fastest), each item a
-    dict of keyword arguments; "files": sorted paths matching ``glob`` under the spec's folder.
+    dict of keyword arguments; "files": sorted paths matching ``glob`` under the spec's folder;
+    "each": one item per item of the map stage ``each`` (a pipeline: item i receives that
+    stage's item i, as soon as it is done unless ``stream`` is False). An ``each`` map's count
+    and items come from the other stage: ask ``JobSpec.count``.
     """
 
-    kind: Literal["over", "range", "grid", "files"]
+    kind: Literal["over", "range", "grid", "files", "each"]
     over: list[Any] | None = None
     start: int = 0
     stop: int = 0
@@ -1033,6 +1054,8 @@ class MapSpec:
     glob: str | None = None
     as_name: str = "item"  # the `as` of the spec
     origin: str = field(default="map", repr=False, compare=False)
+    each: str | None = None  # kind "each": the stage whose items this one follows
+    stream: bool = True  # kind "each": start item i when item i is done (False: a barrier)
 
     def count(self, base_dir: str | Path | None = None) -> int:
         """How many tasks this map makes; arithmetic for range and grid, never materialised."""
@@ -1042,6 +1065,8 @@ class MapSpec:
             return _range_len(self.start, self.stop, self.step)
         if self.kind == "grid":
             return math.prod(len(v) for v in (self.grid or {}).values())
+        if self.kind == "each":
+            raise ValueError("an 'each' map has as many items as its stage: use JobSpec.count")
         return len(self._files(base_dir))
 
     def items(self, base_dir: str | Path | None = None) -> Iterator[Any]:
@@ -1101,6 +1126,10 @@ class MapSpec:
             out = {"range": {"start": self.start, "stop": self.stop, "step": self.step}}
         elif self.kind == "grid":
             out = {"grid": copy.deepcopy(self.grid)}
+        elif self.kind == "each":
+            out = {"each": self.each}
+            if not self.stream:
+                out["stream"] = False
         else:
             out = {"files": {"glob": self.glob}}
         if self.kind != "grid":
@@ -1143,6 +1172,7 @@ class StageSpec:
     priority: int = 0
     outputs: list[str] = field(default_factory=list)
     replicas: int = 1  # copies of each task, on different nodes, compared by the portal
+    fail: str = "item"  # "item": a failed task fails its item's chain; "job": the whole job
 
     @property
     def argument(self) -> str:
@@ -1179,6 +1209,8 @@ class StageSpec:
             out["outputs"] = list(self.outputs)
         if self.replicas > 1:
             out["replicas"] = self.replicas
+        if self.fail != "item":
+            out["fail"] = self.fail
         return out
 
 
@@ -1197,9 +1229,17 @@ class JobSpec:
                 return stage
         raise KeyError(name)
 
+    def count(self, stage: StageSpec) -> int:
+        """How many tasks ``stage`` makes (an ``each`` map: as many as its stage's)."""
+        seen: set[str] = set()
+        while stage.map is not None and stage.map.kind == "each" and stage.name not in seen:
+            seen.add(stage.name)
+            stage = self.stage(str(stage.map.each))
+        return stage.map.count(self.base_dir) if stage.map else 1
+
     def task_count(self) -> int:
         """Tasks in the whole job (globs files for a ``files`` map)."""
-        return sum(s.map.count(self.base_dir) if s.map else 1 for s in self.stages)
+        return sum(self.count(s) for s in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data; ``load_spec(spec.to_dict(), base_dir=...)`` gives it back."""
@@ -1224,7 +1264,19 @@ class _Problems(list[SpecProblem]):
 
 def _build_map(raw: dict[str, Any], where: str, problems: _Problems) -> MapSpec | None:
     kind = next(k for k in _MAP_KINDS if k in raw)
-    as_name = raw.get("as", "item")
+    default_as = _argument_name(raw["each"]) if kind == "each" else "item"
+    as_name = raw.get("as", default_as)
+    if "stream" in raw and kind != "each":
+        problems.add(f"{where}.stream", "only used with each; remove 'stream'")
+    if kind == "each":
+        if not re.fullmatch(IDENTIFIER_PATTERN[:-1] + r"\Z", as_name) or keyword.iskeyword(as_name):
+            problems.add(
+                f"{where}.as" if "as" in raw else f"{where}.each",
+                f"{_short(as_name)} cannot be an argument name: give 'as' a {_PATTERN_HINTS[IDENTIFIER_PATTERN]}, not a Python keyword",
+            )
+        return MapSpec(
+            "each", each=raw["each"], stream=raw.get("stream", True), as_name=as_name, origin=where
+        )
     if not re.fullmatch(IDENTIFIER_PATTERN[:-1] + r"\Z", as_name) or keyword.iskeyword(as_name):
         problems.add(
             f"{where}.as",
@@ -1346,8 +1398,11 @@ def _build_stage(
                 f"{arg!r} is also supplied by the map ({where}.map); set it in one place",
             )
         sources.setdefault(arg, f"{where}.map")
+    each = map_spec.each if map_spec is not None and map_spec.kind == "each" else None
     for i, need in enumerate(raw.get("needs", [])):
         arg = _argument_name(need)
+        if need == each:
+            continue  # its items arrive one by one, under the map's `as`
         if need in raw["needs"][:i]:
             problems.add(f"{where}.needs[{i}]", f"{need!r} is listed twice; list each stage once")
             continue
@@ -1371,7 +1426,8 @@ def _build_stage(
         args=args,
         params=params,
         map=map_spec,
-        needs=list(raw.get("needs", [])),
+        needs=list(raw.get("needs", []))
+        + ([each] if each and each not in raw.get("needs", []) else []),
         resources=resources,
         where=raw.get("where"),
         retries=raw.get("retries", 0),
@@ -1379,6 +1435,7 @@ def _build_stage(
         priority=raw.get("priority", job_priority),
         outputs=outputs,
         replicas=raw.get("replicas", job_replicas),
+        fail=raw.get("fail", "item"),
     )
 
 
@@ -1467,13 +1524,47 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
                     f"{need!r} is a Python keyword, so its outputs cannot be passed as an argument; rename that stage",
                 )
 
+    for i, raw in enumerate(doc["stages"]):
+        each = raw.get("map", {}).get("each")
+        if each is None:
+            continue
+        if each not in first_seen:
+            needs_ok = False
+            problems.add(
+                f"stages[{i}].map.each",
+                f"unknown stage {each!r}{_did_you_mean(each, known)}; known stages: {', '.join(known)}",
+            )
+        elif each == raw["name"]:
+            needs_ok = False
+            problems.add(f"stages[{i}].map.each", f"stage {each!r} cannot map over itself")
+        elif "map" not in doc["stages"][first_seen[each]]:
+            problems.add(
+                f"stages[{i}].map.each",
+                f"stage {each!r} has no map, so it has no items to map over; use needs: [{each}]",
+            )
+
     # Bound the work before anything is created: map sizes are computed, never materialised.
+    by_name = {s.name: s for s in stages}
+
+    def count_of(stage: StageSpec) -> int | None:  # None: a files map, counted later
+        seen: set[str] = set()
+        while stage.map is not None and stage.map.kind == "each":
+            if stage.name in seen or stage.map.each not in by_name:
+                return 0  # a cycle or an unknown stage, reported elsewhere
+            seen.add(stage.name)
+            stage = by_name[str(stage.map.each)]
+        if stage.map is None:
+            return 0  # reported above: nothing to map over
+        return None if stage.map.kind == "files" else stage.map.count()
+
     total = 0
     for stage in stages:
         if stage.map is None:
             total += stage.replicas
-        elif stage.map.kind != "files":  # a files map is counted when its folder is globbed
-            n = stage.map.count()
+        elif (n := count_of(stage)) is not None:  # a files map is counted when globbed
+            if stage.map.kind == "each":
+                total += n * stage.replicas
+                continue
             if n > MAX_TASKS:
                 problems.add(
                     stage.map.origin,

@@ -70,6 +70,11 @@ if TYPE_CHECKING:
     from grid_portal.model import Job
 
 # Annotations the portal plugin reads (grid_portal/portal/{placement,tasklog}.py).
+# Issue 16, pipelines: a task of a streamed `each` stage names the key prefix of the task it
+# follows (item i of the other stage), so the portal queues it in that item's place; a task
+# of a stage with `fail: job` fails its whole job.
+EACH_ANNOTATION = "grid_each"
+FAIL_ANNOTATION = "grid_fail"
 
 MAX_LOG_CHARS = 64 * 1024  # tail of each stream sent to the portal per task
 CODE_CACHE = "grid-portal-code"  # shipped .py files, by content, under the temp folder
@@ -201,6 +206,7 @@ class StagePlan:
     params: Mapping[str, Any] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     timeout: float | None = None
+    pick: tuple[str, ...] = ()  # inputs that are a whole map stage: take item ``index`` of each
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,8 @@ def run_task(
 ) -> Any:
     """Run one task of a stage on this node. ``bound`` is the map item's keyword arguments,
     ``inputs`` the outputs of the needed stages (by argument name)."""
+    if plan.pick and task.index is not None:  # an `each` stage behind a barrier: its item
+        inputs = {k: v[task.index] if k in plan.pick else v for k, v in inputs.items()}
     base = None
     with contextlib.suppress(ImportError, ValueError, AttributeError):
         from distributed import get_worker
@@ -555,13 +563,21 @@ def _stage_plan(job_id: str, stage: StageSpec, spec: JobSpec) -> StagePlan:
         params=dict(stage.params),
         outputs=tuple(stage.outputs),
         timeout=stage.timeout,
+        pick=(stage.map.as_name,) if stage.map and _each(stage) and not stage.map.stream else (),
     )
+
+
+def _each(stage: StageSpec) -> str | None:
+    """The stage whose items this one follows one to one (``map: {each: ...}``), if any."""
+    return stage.map.each if stage.map is not None and stage.map.kind == "each" else None
 
 
 def _bindings(stage: StageSpec, spec: JobSpec) -> list[dict[str, Any]]:
     """The keyword arguments of each task: one dict per map item (one empty dict without a map)."""
     if stage.map is None:
         return [{}]
+    if stage.map.kind == "each":  # its item arrives from the other stage, as an input
+        return [{} for _ in range(spec.count(stage))]
     if stage.map.kind != "files":
         return [stage.map.bind(item) for item in stage.map.items(spec.base_dir)]
     out = []
@@ -722,9 +738,19 @@ def _submit_stages(
     with grid.job(spec.name, kind="workflow", job_id=job_id):
         for stage in _submission_order(spec):
             inputs: dict[str, Any] = {}
+            each = _each(stage)
+            streamed = bool(each and stage.map and stage.map.stream)
+            count = len(bindings[stage.name])
+            per_item: list[dict[str, Any]] = [{} for _ in range(count)]
             for name in stage.needs:
                 upstream = futures[name]
                 argument = spec.stage(name).argument
+                if name == each and stage.map is not None:
+                    argument = stage.map.as_name
+                    if streamed:  # one to one: item i waits for item i only, no barrier
+                        for i, item in enumerate(per_item):
+                            item[argument] = upstream[i]
+                        continue
                 if spec.stage(name).map is None:
                     inputs[argument] = upstream[0]
                 elif stage.map is None:
@@ -736,7 +762,7 @@ def _submit_stages(
                                 collect, *upstream, key=f"{name}-collect-{job_id}", pure=False
                             )
                     inputs[argument] = collected[name]
-            count = len(bindings[stage.name])
+            task_inputs = [{**inputs, **item} for item in per_item]
             prefix = f"{stage.name}-{job_id}"
             keys: list[Any] = [(prefix, i) for i in range(count)] if stage.map else [prefix]
             annotations: dict[str, Any] = {STAGE_ANNOTATION: stage.name}
@@ -747,6 +773,10 @@ def _submit_stages(
                 annotations[HOLD_ANNOTATION] = True
             if stage.replicas > 1:
                 annotations[REPLICAS_ANNOTATION] = stage.replicas
+            if streamed:
+                annotations[EACH_ANNOTATION] = f"{each}-{job_id}"
+            if stage.fail == "job":
+                annotations[FAIL_ANNOTATION] = "job"
             ids = [TaskId(str(k), i if stage.map else None) for i, k in enumerate(keys)]
             with dask.annotate(**annotations):
                 futures[stage.name] = client.map(
@@ -754,7 +784,7 @@ def _submit_stages(
                     [plans[stage.name]] * count,
                     ids,
                     bindings[stage.name],
-                    [inputs] * count,
+                    task_inputs,
                     key=keys,
                     resources=stage.requirement().resources(),
                     retries=stage.retries or None,
@@ -774,7 +804,7 @@ def _submit_stages(
                         [plans[stage.name]] * count,
                         [TaskId(str(k), i if stage.map else None) for i, k in enumerate(copies)],
                         bindings[stage.name],
-                        [inputs] * count,
+                        task_inputs,
                         key=copies,
                         resources=stage.requirement().resources(),
                         retries=stage.retries or None,

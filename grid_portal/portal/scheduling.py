@@ -33,6 +33,7 @@ from grid_portal.portal.tasklog import (
     STAGE_ANNOTATION,
     OutputHolds,
     TaskLog,
+    item_paths,
     summarize_stages,
 )
 from grid_portal.protocol import ADMIN, JOB_ANNOTATION, JOB_OWNER_ANNOTATION  # noqa: F401 - names of the wire contract
@@ -53,6 +54,10 @@ STEAL_INTERVAL = "50ms"
 SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
 OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.workflow.TaskOutputForwarder.name
+# Issue 16, pipelines (grid_portal.jobs.workflow sets them): a task that follows item i of
+# another stage names that stage's key prefix; a task whose failure fails its whole job.
+EACH_ANNOTATION = "grid_each"
+FAIL_ANNOTATION = "grid_fail"
 
 
 class Scheduling:
@@ -102,6 +107,9 @@ class Scheduling:
         if where:
             self.placement.update_graph(scheduler, tasks, where)
         self.fairshare.update_graph(scheduler, self.placement, tasks, user_of)
+        follows = annotations.get(EACH_ANNOTATION, {})
+        if follows:
+            follow_items(scheduler, self.fairshare, follows)
         self.replicas.update_graph(scheduler, tasks, annotations)
         sample_workers(scheduler, tasks)  # issue 8: placement cost at hundreds of nodes
         held = annotations.get(HOLD_ANNOTATION, {})
@@ -133,6 +141,37 @@ class Scheduling:
         self.replicas.transition(scheduler, key, start, finish, kwargs)
         if finish == "forgotten":
             self.placement.forget(key)
+        elif finish == "erred" and job_id is not None:
+            ts = scheduler.tasks.get(key)
+            if ts is not None and (ts.annotations or {}).get(FAIL_ANNOTATION) == "job":
+                self._fail_job_soon(scheduler, job_id, key, getattr(ts, "exception_text", ""))
+
+    def _fail_job_soon(self, scheduler: Scheduler, job_id: str, key: Any, error: str) -> None:
+        """A task of a ``fail: job`` stage failed: fail its job and cancel the rest of it,
+        once Dask has finished this transition."""
+        stage = key[0].rsplit("-", 1)[0] if isinstance(key, tuple) else str(key)
+        item = f" (item {key[1]})" if isinstance(key, tuple) and len(key) > 1 else ""
+        reason = f"stage {stage!r} says fail: job, and its task{item} failed: {error or 'an error'}"
+
+        def fail() -> None:
+            record = self.plugin.jobs.jobs.get(job_id)
+            if record is None or record.state.value == "cancelled":
+                return
+            keys = self.plugin.jobs.fail(job_id, reason[:2000])
+            self.holds.release(scheduler, job_id)
+            wanted = [k for k in keys if k in scheduler.tasks and scheduler.tasks[k].who_wants]
+            if wanted:
+                client = next(iter(scheduler.tasks[wanted[0]].who_wants)).client_key
+                scheduler.stimulus_cancel(
+                    wanted, client=client, force=True, reason="grid-job-failed", msg=reason
+                )
+
+        try:
+            import asyncio
+
+            asyncio.get_running_loop().call_soon(fail)
+        except RuntimeError:
+            fail()
 
     def _record(
         self,
@@ -159,9 +198,24 @@ class Scheduling:
             ws = scheduler.workers.get(address) if address else None
             node = str(ws.name) if ws is not None else None
             error = getattr(ts, "exception_text", None) if finish == "erred" else None
-            log.finished(key, finish == "memory", node, kwargs.get("startstops") or (), error)
+            moved = self._moved(ts, node) if ts is not None and node else None
+            log.finished(
+                key, finish == "memory", node, kwargs.get("startstops") or (), error, moved
+            )
         elif finish == "forgotten":
             log.forgotten(key)
+
+    def _moved(self, ts: Any, node: str) -> tuple[int, list[str]]:
+        """Bytes of a task's inputs that were made on other nodes than ``node`` (so moved to
+        it), and those nodes: an item's path through a pipeline, for the ledger."""
+        moved, sources = 0, []
+        for dts in ts.dependencies or ():
+            made_on = self.tasklog.node_of(dts.key)
+            if made_on is not None and made_on != node:
+                moved += int(dts.get_nbytes())
+                if made_on not in sources:
+                    sources.append(made_on)
+        return moved, sources
 
     def add_worker(self, scheduler: Scheduler, address: str) -> None:
         if OUTPUT_FORWARDER not in scheduler.worker_plugins:
@@ -204,7 +258,12 @@ class Scheduling:
         if record is None:
             return None
         tasks = self.tasklog.tasks(job_id)
-        return {"job": record.to_dict(), "stages": summarize_stages(tasks), "tasks": tasks}
+        return {
+            "job": record.to_dict(),
+            "stages": summarize_stages(tasks),
+            "tasks": tasks,
+            "items": item_paths(tasks),
+        }
 
     def handle_job_logs(
         self, comm: Any = None, job_id: str = "", stage: str | None = None, item: int | None = None
@@ -272,6 +331,39 @@ class Scheduling:
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         return self.handle_fairshare(comm)
+
+
+def follow_items(scheduler: Scheduler, fairshare: FairShare, follows: dict[Any, Any]) -> None:
+    """Queue each new task of a streamed ``each`` stage in the place of the item it follows.
+
+    Fair share tags a user's tasks in the order they arrive, and a workflow arrives stage by
+    stage: left alone, item 0's second stage would queue behind every item's first stage on
+    a node that runs both, and nothing would finish until the first stage had. Giving task
+    ``(stage, i)`` the tag of ``(each, i)`` orders a node's queue item by item (depth first),
+    so items flow through the stages as soon as their inputs exist. The user's place in the
+    fair-share order still advances by every task (``FairShare.assign`` ran first).
+    """
+    for key, prefix in follows.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            continue
+        ts = scheduler.tasks.get(key)
+        upstream = scheduler.tasks.get((str(prefix), key[1]))
+        if (
+            ts is None
+            or upstream is None
+            or upstream not in (ts.dependencies or ())
+            or ts.state not in ("released", "waiting")
+            or not ts.priority
+            or not upstream.priority
+            or len(ts.priority) != 4  # tagged by fair share in this graph
+            or len(upstream.priority) != 4
+        ):
+            continue
+        tag = upstream.priority[0]
+        ts.priority = (tag, *ts.priority[1:])
+        live = fairshare.live.get(key)
+        if live is not None:
+            live.tag = tag
 
 
 def sample_workers(scheduler: Scheduler, keys: Iterable[Any], k: int = SAMPLE_WORKERS) -> None:

@@ -38,9 +38,12 @@ CREATE TABLE IF NOT EXISTS job_tasks (
     job_id TEXT NOT NULL, key TEXT NOT NULL, stage TEXT NOT NULL, item INTEGER,
     state TEXT NOT NULL, node TEXT, submitted REAL NOT NULL, started REAL, finished REAL,
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT, stdout TEXT, stderr TEXT,
+    moved INTEGER, moved_from TEXT,
     PRIMARY KEY (job_id, key)
 );
 """
+# Columns added after the table first shipped: a ledger made before them gains them on start.
+_ADDED_COLUMNS = (("moved", "INTEGER"), ("moved_from", "TEXT"))
 
 _COLUMNS = (
     "job_id",
@@ -56,6 +59,8 @@ _COLUMNS = (
     "error",
     "stdout",
     "stderr",
+    "moved",
+    "moved_from",
 )
 
 # Task states as people read them. "running" means Dask gave the task to that node; it may
@@ -78,6 +83,10 @@ class TaskRecord:
     error: str | None = None
     stdout: str | None = None
     stderr: str | None = None
+    # Issue 16: the item's path. Bytes of inputs that had to move to ``node`` (made on
+    # another node), and the nodes they came from (comma-separated); None until it ran.
+    moved: int | None = None
+    moved_from: str | None = None
 
     def row(self) -> tuple[Any, ...]:
         return tuple(getattr(self, c) for c in _COLUMNS)
@@ -113,6 +122,7 @@ class TaskLog:
         if ledger_path is not None:
             self.conn = connect(ledger_path)
             self.conn.executescript(_SCHEMA)
+            _add_columns(self.conn)
             with transaction(self.conn):  # tasks cut short by a restart (they died with it)
                 self.conn.execute(
                     "UPDATE job_tasks SET state = ?, finished = ?, error = COALESCE(error, ?) "
@@ -158,6 +168,7 @@ class TaskLog:
         node: str | None = None,
         startstops: Iterable[Mapping[str, Any]] = (),
         error: str | None = None,
+        moved: tuple[int, list[str]] | None = None,
     ) -> None:
         record = self.live.pop(key, None)
         if record is None:
@@ -171,7 +182,14 @@ class TaskLog:
         record.started = min((s["start"] for s in computes), default=record.started or now)
         record.finished = max((s["stop"] for s in computes), default=now)
         record.error = None if ok else (error or "the task failed")[:2000]
+        if moved is not None:
+            record.moved, record.moved_from = moved[0], ",".join(moved[1]) or None
         self._touch(record)
+
+    def node_of(self, key: Any) -> str | None:
+        """The node a finished task's result was made on (None: unknown, or not a job's)."""
+        record = self.recent.get(str(key))
+        return record.node if record is not None else None
 
     def forgotten(self, key: Any) -> None:
         record = self.live.pop(key, None)
@@ -275,6 +293,55 @@ class TaskLog:
         return out
 
 
+def _add_columns(conn: Any) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(job_tasks)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE job_tasks ADD COLUMN {name} {kind}")
+
+
+def item_paths(tasks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each map item's path through the stages, for jobs whose stages share items (pipelines).
+
+    One entry per item that has tasks in two stages or more: ``{"item", "stage", "state",
+    "node", "path": [{"stage", "state", "node", "started", "finished", "moved"}, ...]}``,
+    where ``stage``/``state``/``node`` say where the item is now: its first task not done
+    (running, queued, failed or cancelled), or its last one when all are done.
+    """
+    by_item: dict[int, list[Mapping[str, Any]]] = {}
+    for task in tasks:
+        stage = str(task["stage"])
+        if task.get("item") is None or stage.endswith("-collect") or "-replica" in stage:
+            continue
+        by_item.setdefault(int(task["item"]), []).append(task)
+    out = []
+    for item in sorted(by_item):
+        steps = sorted(by_item[item], key=lambda t: (t["submitted"], t.get("started") or 0.0))
+        if len(steps) < 2:
+            continue
+        current = next((t for t in steps if t["state"] != DONE), steps[-1])
+        out.append(
+            {
+                "item": item,
+                "stage": current["stage"],
+                "state": current["state"],
+                "node": current.get("node"),
+                "path": [
+                    {
+                        "stage": t["stage"],
+                        "state": t["state"],
+                        "node": t.get("node"),
+                        "started": t.get("started"),
+                        "finished": t.get("finished"),
+                        "moved": t.get("moved"),
+                    }
+                    for t in steps
+                ],
+            }
+        )
+    return out
+
+
 def summarize_stages(tasks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     stages: dict[str, dict[str, Any]] = {}
     for task in tasks:
@@ -310,8 +377,10 @@ def read_tasks(ledger_path: Path, job_id: str) -> list[dict[str, Any]]:
         ).fetchone()
         if not exists:
             return []
+        have = {row[1] for row in conn.execute("PRAGMA table_info(job_tasks)")}
+        columns = ", ".join(c if c in have else "NULL" for c in _COLUMNS)  # an older ledger
         rows = conn.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM job_tasks WHERE job_id = ? "
+            f"SELECT {columns} FROM job_tasks WHERE job_id = ? "
             f"ORDER BY submitted, stage, item, key LIMIT {MAX_ROWS}",
             (job_id,),
         ).fetchall()
@@ -344,6 +413,18 @@ class OutputHolds:
             hold = self.holds[job_id] = _Hold(f"grid-hold-{job_id}", {}, time.time())
         hold.outputs.setdefault(stage, []).extend(keys)
         scheduler.client_desires_keys(keys=keys, client=hold.client)
+
+    def substitute(self, scheduler: Scheduler, job_id: str, old: Any, new: Any) -> None:
+        """Hold ``new`` in place of ``old`` (a replica outvoted copy 0: portal/replicas.py)."""
+        hold = self.holds.get(job_id)
+        if hold is None or not any(old in keys for keys in hold.outputs.values()):
+            return
+        for keys in hold.outputs.values():
+            keys[:] = [new if k == old else k for k in keys]
+        scheduler.client_desires_keys(keys=[new], client=hold.client)
+        scheduler.client_releases_keys(
+            keys=[old], client=hold.client, stimulus_id=f"grid-hold-swap-{time.time()}"
+        )
 
     def outputs(self, scheduler: Scheduler, job_id: str) -> dict[str, list[Any]] | None:
         hold = self.holds.get(job_id)
