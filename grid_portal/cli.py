@@ -25,6 +25,8 @@ Start here:
   grid-portal serve                      run a portal on this machine (prints how to join)
   grid-portal token create               make a join token for a volunteer
   grid-portal volunteer URL --token T    lend this machine to a portal
+  grid-portal volunteer                  ...one found on the LAN; the admin approves
+  grid-portal requests                   join requests waiting for the admin
   grid-portal nodes                      list the grid's machines and their live load
   grid-portal status                     the grid's totals
 
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --embedded: memory the local volunteer lends, e.g. 8GB",
     )
     __import__("grid_portal.cli_classroom").cli_classroom.add_serve_options(p)  # --jupyterhub
+    __import__("grid_portal.cli_discovery").cli_discovery.add_serve_options(p)  # --no-announce
     p.set_defaults(func=cmd_serve)
 
     # token
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "volunteer",
         help="lend this machine to a portal; pause, resume, drain or show it",
         usage="grid-portal volunteer PORTAL_URL --token TOKEN [options]\n"
+        "       grid-portal volunteer [--yes | --portal NAME] [options]  (found on the LAN, "
+        "no token: the admin approves)\n"
         "       grid-portal volunteer {pause,resume,drain,status} [--name NAME]",
         description="Enrol this machine with a portal and run grid work on it until stopped, "
         "under your rules (hours, idle-only, owner load, battery, temperature) and in a "
@@ -259,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
     ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
     ctl.add_argument("--json", action="store_true", help="status: machine-readable")
+    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # issue 19
     p.set_defaults(func=cmd_volunteer)
 
     # login
@@ -269,12 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
         "token create --for client`). Writes a connection file that Grid() and every "
         "grid-portal command then use.",
     )
-    p.add_argument("portal", metavar="PORTAL_URL", help="the portal's https:// address")
-    p.add_argument("--token", required=True, help="a researcher token")
+    p.add_argument(
+        "portal",
+        nargs="?",
+        metavar="PORTAL_URL",
+        help="the portal's https:// address (none: look on the LAN)",
+    )
+    p.add_argument("--token", help="a researcher token (none: ask the admin to approve)")
     p.add_argument("--name", help="your name on the grid (default: your user name)")
     p.add_argument(
         "--output", type=Path, help="where to write the connection file (default: your config dir)"
     )
+    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # issue 19
     p.set_defaults(func=cmd_login)
 
     # nodes / status
@@ -316,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: p.print_help() or 2)
     __import__("grid_portal.cli_jobs").cli_jobs.register(sub)  # submit, jobs, job, cancel, logs
     __import__("grid_portal.cli_classroom").cli_classroom.register(sub)  # ledger, classroom
+    __import__("grid_portal.cli_discovery").cli_discovery.register(sub)  # discover, requests
     return parser
 
 
@@ -362,6 +375,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             result_expiry_interval=args.result_expiry_interval,
             jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
         )
+        __import__("grid_portal.cli_discovery").cli_discovery.serve_companions(args, config)
 
         def ready(info: Any) -> None:
             print(describe(info), flush=True)
@@ -424,12 +438,8 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         return config.get(key) if value is None else value
 
+    # No portal: look for one on the LAN; no token: a join request (cli_discovery.py).
     portal = args.portal or config.get("portal")
-    if not portal:
-        raise UsageError(
-            "give the portal's address: grid-portal volunteer https://PORTAL:8788 --token "
-            'TOKEN (or portal = "https://..." in the --config file)'
-        )
     token = args.token
     token_file = args.token_file or config.get("token_file")
     if not token and token_file:
@@ -438,11 +448,6 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
             token = path.read_text().strip()
         except OSError as exc:
             raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
-    if not token:
-        raise UsageError(
-            "--token is required to join a portal: ask its admin for one "
-            "(`grid-portal token create`), or give --token-file"
-        )
     gpus = pick("gpus")
     if isinstance(gpus, list):
         gpus = ",".join(str(i) for i in gpus) or "none"
@@ -471,7 +476,6 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         decide_offer,
         default_state_dir,
         describe_policy,
-        enrol,
         hostname,
         measure_network,
     )
@@ -495,13 +499,8 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         sandbox_user=args.sandbox_user,
         user_scratch=args.scratch or Path("/var/lib/grid-portal/scratch") / safe,
     )
-    creds = enrol(
-        settings["portal"],
-        settings["token"],
-        name,
-        state_dir,
-        check=check_portal,
-        name_given=settings["name"] is not None,
+    creds = __import__("grid_portal.cli_discovery").cli_discovery.volunteer_credentials(
+        args, settings, name, state_dir, check=check_portal, name_given=settings["name"] is not None
     )
     # No certificate file is bound into the sandbox: the agent hands them over in memory.
     static.network = measure_network(settings["portal"], Path(creds.ca).read_text())
@@ -639,6 +638,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_login(args: argparse.Namespace) -> int:
     from grid_portal.login import login
 
+    if not args.portal or not args.token:  # found on the LAN, or a join request (issue 19)
+        return __import__("grid_portal.cli_discovery").cli_discovery.cmd_login_lan(args)
     path = login(args.portal, args.token, name=args.name, output=args.output)
     print(f"Logged in. Connection file: {path}")
     print("Grid() and grid-portal commands now use this portal.")

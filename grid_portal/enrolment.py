@@ -99,10 +99,11 @@ def post_json(
     body: dict[str, Any],
     what: str,
     headers: dict[str, str] | None = None,
+    timeout: float = TIMEOUT,
 ) -> dict[str, Any]:
     """POST to the portal; refusals become EnrolmentRefused with the portal's own words."""
     try:
-        raw = request(url, pinned_context(ca_pem), body, headers=headers)
+        raw = request(url, pinned_context(ca_pem), body, headers=headers, timeout=timeout)
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error") or str(exc)

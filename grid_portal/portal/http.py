@@ -20,6 +20,7 @@ import tornado.web
 from grid_portal import __version__
 from grid_portal.envcheck import IncompatibleEnvironment, check_versions, local_versions
 from grid_portal.errors import EnrolmentRefused, GridError
+from grid_portal.portal.join_requests import join_routes  # issue 19: no-token joins
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
 from grid_portal.portal.tokens import TokenStore
@@ -161,6 +162,7 @@ def make_app(portal: PortalContext) -> tornado.web.Application:
             (r"/api/ping", PingHandler, kwargs),
             (r"/api/bandwidth", BandwidthHandler, kwargs),
             (r"/api/enrol", EnrolHandler, kwargs),
+            *join_routes(kwargs),
             *portal.extra_routes,
         ],
         log_function=_quiet_log,

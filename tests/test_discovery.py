@@ -1,0 +1,389 @@
+"""Issue 19: portals found on the LAN (DNS-SD), and joining with no token (a join request the
+admin approves after comparing the pairing code).
+
+Two network namespaces of our own, joined by a veth pair, stand for two machines on a LAN: the
+portal in one, volunteers and researchers in the other. Multicast and every other packet stay
+between these two namespaces (never the machine's own interfaces). Skipped, saying why, when
+namespaces cannot be made here (not root, no `ip`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import grid_portal_command, wait_for
+from netns import _ip, why_namespaces_unavailable
+
+_WHY = why_namespaces_unavailable()
+if _WHY:
+    print(f"test_discovery skipped: {_WHY}", file=sys.stderr)
+pytestmark = [pytest.mark.skipif(_WHY is not None, reason=_WHY or ""), pytest.mark.timeout(120)]
+
+_COUNTER = itertools.count()
+CODE = re.compile(r"pairing code: (\d{3} \d{3})")
+
+
+@dataclass
+class Lan:
+    portal_ns: str
+    guest_ns: str
+    portal_ip: str
+    guest_ip: str
+
+    def run(self, ns: str, *args: str, timeout: float = 60, **kw: Any) -> Any:
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *grid_portal_command(*args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
+
+    def popen(self, ns: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", ns, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+
+def _lan() -> Iterator[Lan]:
+    n = (os.getpid() + next(_COUNTER) * 7) % 200 + 20
+    tag = f"{os.getpid() % 10000}{next(_COUNTER)}"
+    lan = Lan(f"gpda{tag}", f"gpdb{tag}", f"10.201.{n}.1", f"10.201.{n}.2")
+    a_link, b_link = f"gpda{tag}", f"gpdb{tag}"
+    try:
+        _ip("netns", "add", lan.portal_ns)
+        _ip("netns", "add", lan.guest_ns)
+        _ip("link", "add", a_link, "type", "veth", "peer", "name", b_link)
+        _ip("link", "set", a_link, "netns", lan.portal_ns)
+        _ip("link", "set", b_link, "netns", lan.guest_ns)
+        for ns, link, ip in (
+            (lan.portal_ns, a_link, lan.portal_ip),
+            (lan.guest_ns, b_link, lan.guest_ip),
+        ):
+            # Loopback first: without it, joining the mDNS multicast group fails (ENODEV).
+            _ip("link", "set", "lo", "up", netns=ns)
+            _ip("addr", "add", f"{ip}/24", "dev", link, netns=ns)
+            _ip("link", "set", link, "up", netns=ns)
+        yield lan
+    finally:
+        subprocess.run(["ip", "netns", "del", lan.portal_ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", lan.guest_ns], capture_output=True)
+
+
+@dataclass
+class LanPortal:
+    lan: Lan
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    log: Path
+    name: str
+
+    def admin(self, *args: str) -> Any:
+        """`grid-portal requests ...` / `certs ...`: file-based, on the portal's data dir."""
+        out = subprocess.run(
+            grid_portal_command(*args, "--data-dir", str(self.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def requests(self) -> list[dict[str, Any]]:
+        return json.loads(self.admin("requests", "--json"))
+
+    def enrolled_names(self) -> set[str]:
+        return {r["name"] for r in json.loads(self.admin("certs", "list", "--json"))}
+
+    def node_names(self) -> set[str]:
+        out = self.lan.run(
+            self.lan.portal_ns,
+            "nodes",
+            "--json",
+            "--portal",
+            str(self.data_dir / "connection.json"),
+        )
+        assert out.returncode == 0, out.stderr
+        return {n["name"] for n in json.loads(out.stdout) if n["state"] != "offline"}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_lan_portal(lan: Lan, tmp: Path, *extra: str, name: str = "") -> LanPortal:
+    tmp.mkdir(parents=True, exist_ok=True)
+    name = name or f"Test Portal {os.getpid()}"
+    data_dir, log = tmp / "portal", tmp / "portal.log"
+    process = lan.popen(
+        lan.portal_ns,
+        log,
+        *grid_portal_command(
+            "serve",
+            "--host",
+            lan.portal_ip,
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--telemetry-interval",
+            "0.5",
+            "--announce-name",
+            name,
+            *extra,
+        ),
+    )
+
+    def ready() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            raise AssertionError(f"portal exited early:\n{log.read_text()}")
+        path = data_dir / "portal.json"
+        info = json.loads(path.read_text()) if path.exists() else None
+        return info if info and info.get("pid") == process.pid else None
+
+    info = wait_for(ready, timeout=30, what="the portal to start")
+    return LanPortal(lan, data_dir, process, info, log, name)
+
+
+def discover(lan: Lan, timeout: float = 2.0) -> list[dict[str, Any]]:
+    out = lan.run(lan.guest_ns, "discover", "--json", "--timeout", str(timeout))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, 9)
+        process.wait(10)
+
+
+def read_code(log: Path, process: subprocess.Popen[bytes]) -> str:
+    def code() -> str | None:
+        if process.poll() is not None:
+            raise AssertionError(f"exited early:\n{log.read_text()}")
+        found = CODE.search(log.read_text(errors="replace"))
+        return found.group(1).replace(" ", "") if found else None
+
+    return wait_for(code, timeout=30, what=f"a pairing code in {log.name}")
+
+
+def volunteer_command(tmp: Path, name: str, *extra: str) -> list[str]:
+    return grid_portal_command(
+        "volunteer",
+        "--name",
+        name,
+        "--state-dir",
+        str(tmp / f"state-{name}"),
+        "--cpus",
+        "1",
+        "--memory",
+        "1GB",
+        "--reconnect-max",
+        "2s",
+        "--discover-timeout",
+        "2",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def lan() -> Iterator[Lan]:
+    yield from _lan()
+
+
+@pytest.fixture(scope="module")
+def lan_portal(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LanPortal]:
+    portal = start_lan_portal(lan, tmp_path_factory.mktemp("lanportal"))
+    yield portal
+    portal.stop()
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def test_discover_finds_the_announced_portal(lan_portal: LanPortal) -> None:
+    t0 = time.monotonic()
+    found = wait_for(lambda: discover(lan_portal.lan), timeout=20, what="an announcement")
+    print(f"found in {time.monotonic() - t0:.1f} s: {found}")
+    assert len(found) == 1
+    p = found[0]
+    assert p["name"] == lan_portal.name
+    assert p["addresses"] == [lan_portal.lan.portal_ip]
+    assert p["url"] == lan_portal.info["http"]
+    assert p["ca_fingerprint"] == lan_portal.info["ca_fingerprint"]  # the full SHA-256
+    assert p["verified"] is True and p["problem"] is None
+    assert p["nodes_online"] == 0
+    assert p["status_url"].endswith("/status") and p["version"]
+
+
+def test_join_request_approved_joins_and_a_code_mismatch_is_denied(
+    lan_portal: LanPortal, tmp_path: Path
+) -> None:
+    lan = lan_portal.lan
+    log = tmp_path / "volunteer.log"
+    volunteer = lan.popen(lan.guest_ns, log, *volunteer_command(tmp_path, "lanvol", "--yes"))
+    # Someone else on the LAN asks too (as a researcher, with a key of its own).
+    intruder_log = tmp_path / "intruder.log"
+    intruder = lan.popen(
+        lan.guest_ns,
+        intruder_log,
+        *grid_portal_command(
+            "login",
+            "--yes",
+            "--discover-timeout",
+            "2",
+            "--name",
+            "intruder",
+            "--output",
+            str(tmp_path / "intruder.json"),
+        ),
+    )
+    try:
+        shown = read_code(log, volunteer)  # what the machine in front of the admin shows
+        read_code(intruder_log, intruder)
+        pending = wait_for(lambda: len(lan_portal.requests()) == 2 and lan_portal.requests())
+        assert {r["role"] for r in pending} == {"node", "client"}
+        matching = [r for r in pending if r["code"] == shown]
+        assert len(matching) == 1 and matching[0]["name"] == "lanvol"
+        other = next(r for r in pending if r["code"] != shown)
+        lan_portal.admin("requests", "deny", other["id"])  # its code is not the one shown
+        lan_portal.admin("requests", "approve", matching[0]["id"])
+        wait_for(lambda: "lanvol" in lan_portal.node_names(), timeout=60, what="lanvol online")
+        assert intruder.wait(30) == 2
+        said = intruder_log.read_text()
+        assert "denied" in said and "nothing was enrolled" in said, said
+        assert not (tmp_path / "intruder.json").exists()
+        enrolled = lan_portal.enrolled_names()
+        assert "lanvol" in enrolled and "intruder" not in enrolled
+        assert "Volunteering as lanvol" in log.read_text()
+        assert lan_portal.requests() == []  # nothing left pending
+    finally:
+        stop(volunteer)
+        stop(intruder)
+
+
+def test_denied_request_joins_nothing(lan_portal: LanPortal, tmp_path: Path) -> None:
+    lan = lan_portal.lan
+    log = tmp_path / "volunteer.log"
+    volunteer = lan.popen(lan.guest_ns, log, *volunteer_command(tmp_path, "refused", "--yes"))
+    try:
+        code = read_code(log, volunteer)
+        request = wait_for(
+            lambda: [r for r in lan_portal.requests() if r["name"] == "refused"], timeout=20
+        )[0]
+        assert request["code"] == code
+        lan_portal.admin("requests", "deny", request["id"])
+        assert volunteer.wait(30) == 2
+        said = log.read_text()
+        assert "denied" in said and "nothing was enrolled" in said, said
+        assert "refused" not in lan_portal.enrolled_names()
+        assert "refused" not in lan_portal.node_names()
+        assert not list((tmp_path / "state-refused").glob("*/node.json"))
+    finally:
+        stop(volunteer)
+
+
+IMPOSTOR = """
+import asyncio, socket, sys
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+async def main():
+    ip, port, fp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    info = ServiceInfo(
+        "_gridportal._tcp.local.", "Impostor._gridportal._tcp.local.",
+        addresses=[socket.inet_aton(ip)], port=port, server="impostor.local.",
+        properties={"name": "Impostor", "version": "0", "enrol": f"https://{ip}:{port}",
+                    "status": f"https://{ip}:{port}/status", "ca": fp},
+    )
+    zc = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
+    await zc.async_register_service(info)
+    print("announced", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_announcer_with_another_ca_fingerprint_is_refused(
+    lan_portal: LanPortal, tmp_path: Path
+) -> None:
+    lan = lan_portal.lan
+    port = lan_portal.info["http"].rsplit(":", 1)[1]
+    wrong = hashlib.sha256(b"not this portal's CA").hexdigest()
+    log = tmp_path / "impostor.log"
+    # It claims the real portal's enrolment endpoint, under a CA fingerprint of its own.
+    impostor = lan.popen(
+        lan.portal_ns,
+        log,
+        sys.executable,
+        "-c",
+        textwrap.dedent(IMPOSTOR),
+        lan.portal_ip,
+        port,
+        wrong,
+    )
+    try:
+        wait_for(lambda: "announced" in log.read_text(), timeout=20, what="the impostor")
+        found = {p["name"]: p for p in discover(lan)}
+        assert set(found) == {lan_portal.name, "Impostor"}, found
+        assert found["Impostor"]["verified"] is False
+        assert "does not match" in found["Impostor"]["problem"]
+        assert found[lan_portal.name]["verified"] is True
+        before = lan_portal.admin("requests", "--all", "--json")
+        out = lan.run(
+            lan.guest_ns, *volunteer_command(tmp_path, "fooled", "--portal", "Impostor")[3:]
+        )
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "is not what it claims" in out.stderr and "Nothing was sent" in out.stderr
+        assert "type the portal's address instead" in out.stderr
+        assert lan_portal.admin("requests", "--all", "--json") == before  # nothing sent
+        assert "fooled" not in lan_portal.enrolled_names()
+        # Without --portal, the impostor is left out, and the real portal needs a --yes.
+        out = lan.run(lan.guest_ns, *volunteer_command(tmp_path, "fooled")[3:])
+        assert out.returncode == 2
+        assert "Not trusted" in out.stdout and "Impostor" in out.stdout
+        assert "found one portal" in out.stderr and "--yes" in out.stderr
+    finally:
+        stop(impostor)
+
+
+def test_no_announce_is_not_found(tmp_path: Path) -> None:
+    for lan in _lan():
+        portal = start_lan_portal(lan, tmp_path, "--no-announce", name="Quiet")
+        try:
+            time.sleep(1.0)  # an announcement would be out by now
+            assert discover(lan) == []
+            out = lan.run(lan.guest_ns, *volunteer_command(tmp_path, "lost", "--yes")[3:])
+            assert out.returncode == 2
+            said = out.stderr
+            assert "no Grid Portal announced itself" in said, said
+            assert "type the portal's address instead" in said
+        finally:
+            portal.stop()
