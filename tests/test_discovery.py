@@ -387,3 +387,62 @@ def test_no_announce_is_not_found(tmp_path: Path) -> None:
             assert "type the portal's address instead" in said
         finally:
             portal.stop()
+
+
+FETCH = """
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "token " + sys.argv[2]})
+print(urllib.request.urlopen(req, timeout=20).read().decode())
+"""
+
+
+def test_jupyter_server_with_no_portal_lists_the_lan_portals(
+    lan_portal: LanPortal, tmp_path: Path
+) -> None:
+    """Browsers cannot do mDNS: the Jupyter server browses (in the guest's namespace here)."""
+    lan = lan_portal.lan
+    port, token = 20000 + os.getpid() % 20000, "discovery-test-token"
+    log = tmp_path / "jupyter.log"
+    server = lan.popen(
+        lan.guest_ns,
+        log,
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--allow-root",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp_path}",
+    )
+
+    def get() -> dict[str, Any] | None:
+        if server.poll() is not None:
+            raise AssertionError(f"jupyter server exited:\n{log.read_text()}")
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lan.guest_ns,
+                sys.executable,
+                "-c",
+                FETCH,
+                f"http://127.0.0.1:{port}/grid/api/discovered",
+                token,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    try:
+        body = wait_for(get, timeout=60, interval=0.5, what="GET grid/api/discovered")
+        assert body["configured"] is False
+        names = {p["name"]: p for p in body["portals"]}
+        assert names[lan_portal.name]["verified"] is True
+        assert names[lan_portal.name]["url"] == lan_portal.info["http"]
+    finally:
+        stop(server)

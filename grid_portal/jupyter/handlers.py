@@ -401,6 +401,12 @@ class EventsHandler(_JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jup
         self.portal.events.unsubscribe(self)
 
 
+def _discovered() -> type[web.RequestHandler]:
+    from grid_portal.jupyter.discovered import DiscoveredHandler  # it imports this module
+
+    return DiscoveredHandler
+
+
 def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
     """The URL rules, under ``{base_url}grid/api/``."""
     api = url_path_join(base_url, "grid", "api")
@@ -413,5 +419,6 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "version"), VersionHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),
+        (url_path_join(api, "discovered"), _discovered()),  # issue 19: portals on the LAN
         (url_path_join(base_url, "grid") + "(/.*)?", NotFoundHandler),
     ]

@@ -1,0 +1,91 @@
+"""``GET grid/api/discovered``: Grid Portals on this server's LAN (issue 19).
+
+Browsers cannot do multicast DNS, so the Jupyter server browses for them
+(``grid_portal.discovery``) and the sidebar shows what it found. Only while no portal is
+configured for this server (no ``c.GridPortal.address``, ``GRID_PORTAL_ADDRESS``, saved login,
+JupyterHub class portal or portal run by this user): a server that has its portal sends no
+multicast at all. Each record was checked the way the CLI checks it (the enrolment endpoint's
+CA must hash to the announced fingerprint); ``verified: false`` ones are listed with their
+``problem`` and must not be offered for joining.
+
+Answers are cached for ``CACHE_SECONDS`` and one browse at a time runs, so a sidebar polling
+every few seconds costs one browse per period, not one per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from tornado import web
+
+from grid_portal.jupyter.handlers import GridHandler
+
+CACHE_SECONDS = 15.0
+BROWSE_SECONDS = 2.0
+
+
+def portal_configured(address: str | None) -> bool:
+    """Whether this server has a portal of its own (the embedded one does not count)."""
+    from grid_portal.connection import (
+        CONNECTION_FILE,
+        ENV_ADDRESS,
+        default_data_dir,
+        pid_alive,
+        user_connection_path,
+    )
+
+    if address or os.environ.get(ENV_ADDRESS) or os.environ.get("JUPYTERHUB_USER"):
+        return True
+    if user_connection_path().exists():
+        return True
+    local = default_data_dir() / CONNECTION_FILE
+    if local.exists():
+        try:
+            from grid_portal.connection import Connection
+
+            return pid_alive(Connection.load(local).pid)
+        except Exception:  # noqa: BLE001 - an unreadable file configures nothing
+            return False
+    return False
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.body: dict[str, Any] | None = None
+        self.lock = asyncio.Lock()
+
+
+async def discovered_body(cache: _Cache, refresh: bool = False) -> dict[str, Any]:
+    from grid_portal.discovery import browse, check_all, nothing_found_message
+
+    async with cache.lock:
+        if cache.body is not None and not refresh and time.monotonic() - cache.at < CACHE_SECONDS:
+            return cache.body
+        portals = await browse(BROWSE_SECONDS)
+        await asyncio.to_thread(check_all, portals)
+        cache.body = {
+            "configured": False,
+            "portals": [p.to_dict() for p in portals],
+            "message": None if portals else nothing_found_message(BROWSE_SECONDS),
+            "searched_at": time.time(),
+        }
+        cache.at = time.monotonic()
+        return cache.body
+
+
+class DiscoveredHandler(GridHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        portal = self.portal
+        if portal_configured(portal.address):
+            self.write_json({"configured": True, "portals": [], "message": None})
+            return
+        cache = self.settings.setdefault("grid_portal_discovered", _Cache())
+        refresh = self.get_argument("refresh", "false").lower() in ("1", "true", "yes")
+        self.write_json(await discovered_body(cache, refresh))
