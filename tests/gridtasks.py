@@ -120,3 +120,20 @@ def pipe_next(seconds: float = 0.0, fail_item: int = -1, **inputs: dict) -> dict
 def pipe_count(**inputs: list) -> int:
     (items,) = inputs.values()
     return len(items)
+
+
+def pipe_work(work: float, speeds: dict, item: int | None = None, **inputs: dict) -> dict:
+    """``work`` seconds at speed 1, slower or faster on this node (bench/bench_pipeline.py);
+    returns the item's path so far: (node, start, end) per stage."""
+    import time as _time
+
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    previous = next(iter(inputs.values()), None)
+    start = _time.time()
+    _time.sleep(work / speeds.get(name, 1.0))
+    step = (name, start, _time.time())
+    if previous is None:
+        return {"item": item, "path": [step]}
+    return {"item": previous["item"], "path": [*previous["path"], step]}
