@@ -30,7 +30,8 @@ from netns import _ip, why_namespaces_unavailable
 _WHY = why_namespaces_unavailable()
 if _WHY:
     print(f"test_discovery skipped: {_WHY}", file=sys.stderr)
-pytestmark = [pytest.mark.skipif(_WHY is not None, reason=_WHY or ""), pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
+needs_namespaces = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 
 _COUNTER = itertools.count()
 CODE = re.compile(r"pairing code: (\d{3} \d{3})")
@@ -214,6 +215,8 @@ def volunteer_command(tmp: Path, name: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lan() -> Iterator[Lan]:
+    if _WHY:
+        pytest.skip(_WHY)
     yield from _lan()
 
 
@@ -374,6 +377,7 @@ def test_announcer_with_another_ca_fingerprint_is_refused(
         stop(impostor)
 
 
+@needs_namespaces
 def test_no_announce_is_not_found(tmp_path: Path) -> None:
     for lan in _lan():
         portal = start_lan_portal(lan, tmp_path, "--no-announce", name="Quiet")
@@ -446,3 +450,50 @@ def test_jupyter_server_with_no_portal_lists_the_lan_portals(
         assert names[lan_portal.name]["url"] == lan_portal.info["http"]
     finally:
         stop(server)
+
+
+# -- the portal's book of join requests (no network needed) -----------------------------------
+
+
+def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -> None:
+    from grid_portal.discovery import csr_public_key_der, pairing_code
+    from grid_portal.errors import EnrolmentRefused, UsageError
+    from grid_portal.keys import make_key_and_csr
+    from grid_portal.portal.join_requests import (
+        MAX_PENDING_PER_ADDRESS,
+        REQUEST_TTL,
+        JoinRequests,
+    )
+    from grid_portal.portal.security import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    book = JoinRequests(tmp_path / "ledger.sqlite")
+    now = 1_000_000.0
+    made = []
+    for i in range(MAX_PENDING_PER_ADDRESS):
+        _, csr = make_key_and_csr(f"m{i}")
+        record, secret = book.create(f"m{i}", "node", csr, ca.cert_pem, "10.0.0.9", now=now)
+        # The code both sides show: the requester computes it from the CA it fetched.
+        assert record.code == pairing_code(ca.cert_pem, csr_public_key_der(csr))
+        assert len(record.code) == 6 and record.code.isdigit()
+        made.append((record, secret))
+    _, csr = make_key_and_csr("one-more")
+    with pytest.raises(EnrolmentRefused, match="already has join requests waiting"):
+        book.create("one-more", "node", csr, ca.cert_pem, "10.0.0.9", now=now)
+    book.create("elsewhere", "client", csr, ca.cert_pem, "10.0.0.10", now=now)  # another address
+    with pytest.raises(UsageError, match="'admin'"):
+        book.create("boss", "admin", csr, ca.cert_pem, "10.0.0.11", now=now)
+    assert len(book.list(now=now)) == MAX_PENDING_PER_ADDRESS + 1
+    first, second = made[0][0], made[1][0]
+    assert book.decide(first.id, approve=True, now=now + 1).state == "approved"
+    with pytest.raises(UsageError, match="approved; nothing to decide"):
+        book.decide(first.id, approve=False, now=now + 2)
+    later = now + REQUEST_TTL + 1
+    with pytest.raises(UsageError, match="expired"):
+        book.decide(second.id, approve=True, now=later)
+    assert book.list(now=later) == []
+    with pytest.raises(UsageError, match="no join request has id"):
+        book.decide("nope", approve=True, now=now)
+    found = book.by_secret(made[0][1])
+    assert found is not None and found[0].id == first.id
+    assert book.by_secret("wrong") is None
