@@ -89,7 +89,13 @@ def run(grid: Any, spec: dict[str, Any], timeout: float = 60) -> Any:
 
 
 def test_items_stream_through_stages_placed_by_where_and_fail_alone(portal: Portal) -> None:
-    spec = three_stages(40, verify={"params": {"seconds": 0.02, "fail_item": 7}})
+    # Decoding spans about 1.5 s: longer than a job's first task processes take to start on
+    # the mid node (a fresh sandbox per job), so "no barrier" is what the test measures.
+    spec = three_stages(
+        40,
+        decode={"params": {"seconds": 0.15, "size": 20_000}},
+        verify={"params": {"seconds": 0.02, "fail_item": 7}},
+    )
     with portal.grid() as grid:
         job = run(grid, spec)
         tasks = records(grid, job.id)
