@@ -20,6 +20,7 @@ from distributed import Client, Future
 
 from grid_portal import renewal
 from grid_portal.connection import Connection, find_connection
+from grid_portal.daskclient import GridDaskClient
 from grid_portal.errors import (
     ConnectionFailed,
     GridError,
@@ -100,7 +101,7 @@ class Grid:
     def _new_client(self, connection: Connection, timeout: float) -> Client:
         with _data_only() as data_only:  # issue 14: node data is opened as data only
             try:
-                client = Client(
+                client = GridDaskClient(  # issue 14: tasks carry opaque payloads
                     connection.scheduler,
                     security=connection.security(),
                     timeout=timeout,
@@ -118,6 +119,7 @@ class Grid:
                 ) from None
         self.pushed.attach(client)
         _attach_data_only(client, self.trust)
+        client.session_job = self._session_job  # its plain Dask work: this session's job
         return client
 
     # -- surviving a portal restart ------------------------------------------------------------

@@ -23,6 +23,7 @@ from grid_portal.errors import NotAllowed, NotFound, UsageError
 from grid_portal.guard import Gate, caller_identity, install
 from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
+from grid_portal.portal import graph_guard
 from grid_portal.portal.access import Access
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.ledger import EnrolmentBook
@@ -150,6 +151,7 @@ class PortalPlugin(SchedulerPlugin):
         self._revocations = PeriodicCallback(self._sweep_revoked, 1000)
         self._revocations.start()
         self.jobs.start_expiry()  # kept results past their ttl leave the ledger
+        graph_guard.install(scheduler)  # issue 14: graphs and pickled fields read as data
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
 
