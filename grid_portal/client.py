@@ -335,13 +335,26 @@ class Grid:
         memory: int | str | None = None,
         wait: bool = False,
         where: str | None = None,
+        replicas: int = 1,
         **kwargs: Any,
     ) -> Future:
         """Run ``fn(*args, **kwargs)`` on a node that has the resources; returns a Future.
 
         ``where`` is a requirement expression (docs/requirements.md) the node must meet.
+        ``replicas=N`` runs N copies on different nodes and the portal compares them; the
+        future's value is the agreed one (grid_portal.replication).
         """
         kwargs.setdefault("pure", False)
+        if _replicas(replicas) > 1:
+            return self._run(
+                lambda resources: _replicated(
+                    self, fn, [(args, {})], replicas, resources, wait, where, kwargs
+                )[0],
+                self.requirement(cpus, gpus, memory),
+                wait,
+                where,
+                {"name": "interactive session", "session": True, "job_id": self._session_job},
+            )
         return self._run(
             lambda resources: self.client.submit(fn, *args, resources=resources, **kwargs),
             self.requirement(cpus, gpus, memory),
@@ -360,9 +373,21 @@ class Grid:
         memory: int | str | None = None,
         wait: bool = False,
         where: str | None = None,
+        replicas: int = 1,
         **kwargs: Any,
     ) -> list[Future]:
         kwargs.setdefault("pure", False)
+        if _replicas(replicas) > 1:  # as submit's replicas, per item
+            calls = [(args, {}) for args in zip(*iterables, strict=False)]
+            return self._run(
+                lambda resources: _replicated(
+                    self, fn, calls, replicas, resources, wait, where, kwargs
+                ),
+                self.requirement(cpus, gpus, memory),
+                wait,
+                where,
+                {"name": f"map {_name_of(fn)}"},
+            )
         return self._run(
             lambda resources: self.client.map(fn, *iterables, resources=resources, **kwargs),
             self.requirement(cpus, gpus, memory),
@@ -497,6 +522,18 @@ def _is_embedded(connection: Connection) -> bool:
         return path.exists() and Connection.load(path).scheduler == connection.scheduler
     except GridError:
         return False
+
+
+def _replicas(replicas: Any) -> int:
+    from grid_portal.replication import check_replicas
+
+    return check_replicas(replicas)
+
+
+def _replicated(grid: Grid, *args: Any) -> list[Future]:
+    from grid_portal.replication import run_replicated
+
+    return run_replicated(grid, *args)
 
 
 def new_job_id() -> str:

@@ -228,6 +228,9 @@ class Job:
     nodes: list[str] = field(default_factory=list)
     error: str | None = None
     has_result: bool = False
+    # Issue 14: one line per copy of a replicated task that the majority outvoted (its node
+    # returned another result; its credit withheld).
+    outvoted: list[str] = field(default_factory=list)
 
     @property
     def elapsed(self) -> float | None:
@@ -248,4 +251,5 @@ class Job:
         known = {f.name for f in dataclasses.fields(cls)}
         state = JobState(data.pop("state"))
         data["nodes"] = list(data.get("nodes") or [])  # msgpack hands lists back as tuples
+        data["outvoted"] = list(data.get("outvoted") or [])
         return cls(state=state, **{k: v for k, v in data.items() if k in known})

@@ -53,6 +53,7 @@ WHERE_ANNOTATION = "grid_where"
 HOLD_ANNOTATION = "grid_hold"  # keep this task's result for the job's owner to fetch later
 REPLICAS_ANNOTATION = "grid_replicas"  # on copy 0: how many copies there are
 REPLICA_ANNOTATION = "grid_replica"  # on copy j >= 1: which copy it is
+AGREED_ANNOTATION = "grid_agreed"  # the task that hands on the copies' agreed value
 
 # -- messages the grid adds to Dask's streams -------------------------------------------------
 PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result

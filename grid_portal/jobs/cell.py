@@ -39,6 +39,7 @@ from grid_portal.pushed import PUSH_ANNOTATION
 
 # -- tunables -----------------------------------------------------------------------------------
 STREAM_AFTER = 0.05  # s the kernel waits before opening the stream channel (< FIRST_FLUSH)
+REPLICA_OUTPUT_WAIT = 3.0  # s a --replicas cell waits for copy 0's output after its result
 STOP_CONFIRM_TIMEOUT = 5.0  # s the kernel waits for the node to confirm a cancelled cell stopped
 # The task annotation that names a cell's stream queue: a node lets the task put into that
 # queue and no other (cell_task.py; node/taskproc.py for other tasks).
@@ -684,6 +685,7 @@ class RunOptions:
     timeout: float | None = None
     keep: bool = False  # --bg: the node keeps the result at the portal
     stream: bool = True
+    replicas: int = 1  # --replicas: copies on different nodes, compared by the portal
 
 
 class CellRun:
@@ -737,6 +739,7 @@ class CellRun:
         self._closed = False
         self.cancelled = False
         self._pushed: set[int] = set()  # runs whose result the portal pushed (grid_portal.pushed)
+        self.ended: set[int] = set()  # --replicas: runs whose copy 0 sent all its output
 
     # -- submit ---------------------------------------------------------------------------------
     def requests(self) -> list[dict[str, Any]]:
@@ -746,6 +749,8 @@ class CellRun:
             "timeout": self.options.timeout,
             "keep": self.options.keep and self.map_values is None,
         }
+        if self.options.replicas > 1:
+            base["compare"] = True  # the node returns only the data (cell_task.COMPARED_FIELDS)
         if self.map_values is None:
             return [{**base, "index": 0, "map_value": None}]
         return [{**base, "index": i, "map_value": v} for i, v in enumerate(self.map_values)]
@@ -771,6 +776,21 @@ class CellRun:
             "memory": self.options.memory,
             "wait": self.options.workers is not None,  # eligibility was checked already
         }
+        if self.options.replicas > 1:
+            replicas = self.options.replicas
+            if self.options.keep:
+                raise UsageError(
+                    "--replicas and --bg do not go together (yet): run it in the foreground"
+                )
+            if self.options.workers is not None and len(self.options.workers) < replicas:
+                raise UsageError(
+                    f"--replicas {replicas}: cannot place {replicas} copies on {replicas} "
+                    f"different nodes: only {len(self.options.workers)} meet --where "
+                    f"({', '.join(self.options.workers) or 'none'})"
+                )
+            resources["replicas"] = replicas
+            # Copy 0's output, ended by an "end" event, comes through the stream: open it now.
+            self._pump_due = self.channel is not None
         if self.options.keep and self.map_values is None and len(self.payload) <= MAX_KEPT_PAYLOAD:
             # Kept with the job: a portal that restarts while the cell runs runs it again.
             self.grid.register_job(
@@ -803,6 +823,8 @@ class CellRun:
         loop = grid.client.loop
         for index, future in enumerate(self.futures):
             loop.add_callback(self._fetch, index, future)
+        if self.options.replicas > 1 and self.channel is not None:
+            self._start_pump()
         return self
 
     def _on_pushed(self, index: int, data: bytes) -> None:
@@ -933,9 +955,31 @@ class CellRun:
             if failed is not None and self.count > 1 and not self.done():
                 self._drop_others()  # like a loop, a sweep stops at its first error
                 break
+        if self.options.replicas > 1 and self._pump is not None:
+            self._await_output(sink)
         self.finished_at = time.monotonic()
         self.close()
         return [o for o in self.outcomes if o is not None]
+
+    def _await_output(self, sink: Sink, limit: float = REPLICA_OUTPUT_WAIT) -> None:
+        """--replicas: the agreed result holds no output; copy 0's comes through the stream,
+        ended by an "end" event. Relay it for a moment more if it is not all here yet."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            pending = [
+                i
+                for i, o in enumerate(self.outcomes)
+                if o is not None and not o.get("error") and not o.get("cancelled")
+                if i not in self.ended
+            ]
+            if not pending:
+                return
+            try:
+                item = self.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item[0] == "events":
+                self._deliver(item[1], item[2], sink)
 
     def _poll_nodes(self, sink: Sink) -> None:
         try:
@@ -1029,6 +1073,8 @@ class CellRun:
                 sink.started(index, self.nodes[index])
             elif kind == "stopped":
                 self.stopped.add(index)
+            elif kind == "end":
+                self.ended.add(index)
             elif kind in ("stdout", "stderr"):
                 sink.stream(index, kind, event.get("t", ""))
             elif kind == "display":

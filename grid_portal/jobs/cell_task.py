@@ -38,9 +38,15 @@ from grid_portal.jobs.cell_child import (
     kill_tree,
     send_frame,
 )
-from grid_portal.protocol import JOB_ANNOTATION  # noqa: F401 - names of the wire contract
+from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
+    JOB_ANNOTATION,
+    REPLICA_ANNOTATION,
+)
 
 # -- tunables -----------------------------------------------------------------------------------
+# What a --replicas copy returns, and so what the portal compares (issue 14): the variables
+# and the value as pickled data, and which names the cell deleted, did not set or kept back.
+COMPARED_FIELDS = ("outputs", "deleted", "missing", "unsent", "has_value", "value")
 FIRST_FLUSH = 0.15  # s a cell runs before its output starts streaming (quick cells send none)
 POLL_INTERVAL = 0.05  # s between checks, on the node, for cancellation and the deadline
 RELAY_ATTEMPTS = 20  # failed puts in a row (no queue yet, kernel gone) before streaming stops
@@ -95,6 +101,8 @@ def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
         annotations = (ts.annotations or {}) if ts is not None else {}
         if channel is not None and channel != annotations.get(STREAM_ANNOTATION):
             channel = None
+        if annotations.get(REPLICA_ANNOTATION):
+            channel = None  # --replicas: copy 0 streams, the other copies' output is not shown
         keep = keep and request.get("job_id") == annotations.get(JOB_ANNOTATION)
     relay = _Relay(emit, channel, int(request.get("index", 0)))
     node = str(getattr(worker, "name", None) or platform.node())
@@ -106,6 +114,14 @@ def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
     execution = _Execution(payload, request, node, relay, cancelled, detach, confinement)
     outcome = execution.run()
     outcome["streamed"] = channel is not None
+    if request.get("compare") and not outcome.get("error") and not outcome.get("cancelled"):
+        # --replicas (issue 14): the portal compares copies of this result byte for byte, so
+        # it holds only what the cell brings back as data; what it printed or displayed (which
+        # may hold timings or object ids) goes to the kernel through the stream, ended by
+        # an "end" event, and is not compared.
+        execution.add({"k": "end"})
+        relay.send_all(execution.events)
+        return {k: outcome[k] for k in COMPARED_FIELDS if k in outcome}
     if keep and not outcome.get("cancelled"):
         outcome["kept"] = emit is not None and _keep_result(emit, request["job_id"], outcome)
     if outcome.get("error"):
@@ -166,6 +182,14 @@ class _Relay:
         self.sent = 0  # events[:sent] are in the queue
         self.broken = channel is None or emit is None
         self.failures = 0
+
+    def send_all(self, events: list[dict[str, Any]], attempts: int = 20) -> None:
+        """Send what is left now, trying for a moment if the kernel's queue is not there yet."""
+        for _ in range(attempts):
+            self.send(events)
+            if self.broken or self.sent >= len(events):
+                return
+            time.sleep(0.05)
 
     def send(self, events: list[dict[str, Any]]) -> None:
         if self.broken or self.sent >= len(events):

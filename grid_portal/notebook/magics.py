@@ -59,6 +59,16 @@ def _retries(text: str) -> int:
     return int(text)
 
 
+def _replicas(text: str) -> int:
+    from grid_portal.replication import MAX_REPLICAS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: replicas is a whole number from 1 to {MAX_REPLICAS}"
+        )
+    return int(text)
+
+
 def _for_ipython(exc: GridError) -> BaseException:
     """Our errors as IPython shows user mistakes: one line, no traceback of our code."""
     if isinstance(exc, UsageError) and not hasattr(exc, "_render_traceback_"):
@@ -373,6 +383,14 @@ class GridMagics(Magics):
         help="run it again up to N times if it fails or its node is lost",
     )
     @argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        metavar="N",
+        help="run it on N different nodes and let the portal compare what it brings back "
+        "(variables and value); with 3 or more the majority wins (default 1)",
+    )
+    @argument(
         "--bg",
         action="store_true",
         help="return at once with a job handle; the output fills in when it is done",
@@ -465,6 +483,7 @@ class GridMagics(Magics):
             timeout=args.timeout,
             keep=args.bg,
             stream=not args.bg,
+            replicas=args.replicas,
         )
         run = cells.CellRun(grid, payload, options, map_values, labels)
         try:
@@ -472,6 +491,9 @@ class GridMagics(Magics):
                 options.workers = _eligible(grid, expression, where or "", options)
             run.submit()
         except Unsatisfiable as exc:
+            if args.replicas > 1 and "different nodes" in str(exc):
+                text = str(exc).split(" Ask for fewer")[0]
+                raise Unsatisfiable(f"{text}. Ask for fewer with --replicas") from None
             if grid.capacity().nodes_online:
                 # The client's advice (wait=True) is for Python code; a cell asks for less.
                 text = str(exc).split(" Ask for less")[0]

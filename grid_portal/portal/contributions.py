@@ -489,4 +489,12 @@ class ContributionsPlugin(SchedulerPlugin):
         restrictions = (ts.resource_restrictions if ts is not None else None) or {}
         cpus = float(restrictions.get(CPU, 1.0))
         gpus = float(restrictions.get(GPU, 0.0))
-        self.ledger.record_task(str(ws.name), seconds * cpus, seconds * gpus, finish == "memory")
+        name, ok = str(ws.name), finish == "memory"
+
+        def record(valid: bool = True) -> None:
+            self.ledger.record_task(name, seconds * cpus, seconds * gpus, ok and valid)
+
+        # A copy of a replicated task is credited once compared: an outvoted one is not.
+        replicas = getattr(getattr(self.portal, "scheduling", None), "replicas", None)
+        if not (ok and replicas is not None and replicas.defer_credit(key, record)):
+            record()

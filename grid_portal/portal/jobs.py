@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted);
 """
+# Columns added after the first release: (name, SQL type), added to an older ledger at start.
+_ADDED_COLUMNS = (("outvoted", "TEXT"),)  # issue 14: nodes a replica majority outvoted
+MAX_OUTVOTED = 100  # notes kept per job (one per outvoted copy); the count goes on
 
 
 def spec_problem(spec: Any) -> str | None:
@@ -89,6 +92,7 @@ class JobRecord:
     counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
     abandoned: int = 0  # tasks whose client let go of them before they finished
     checks_pending: int = 0  # replica comparisons not yet made (portal/replicas.py)
+    outvoted: list[str] = field(default_factory=list)  # copies a majority set aside (issue 14)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +110,7 @@ class JobRecord:
             "nodes": list(self.nodes),
             "error": self.error,
             "has_result": self.has_result,
+            "outvoted": list(self.outvoted),
         }
 
 
@@ -132,6 +137,10 @@ class JobBook:
         if ledger_path is not None:
             self.conn = connect(ledger_path)
             self.conn.executescript(_SCHEMA)
+            have = {row[1] for row in self.conn.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             self._load()
 
     # -- persistence ------------------------------------------------------------------------
@@ -141,7 +150,7 @@ class JobBook:
         assert self.conn is not None
         rows = self.conn.execute(
             "SELECT id, name, owner, kind, state, submitted, started, finished, tasks_total, "
-            "tasks_done, tasks_failed, nodes, error, spec, result IS NOT NULL FROM jobs"
+            "tasks_done, tasks_failed, nodes, error, spec, result IS NOT NULL, outvoted FROM jobs"
         ).fetchall()
         now = time.time()
         for row in rows:
@@ -161,6 +170,7 @@ class JobBook:
                 error=row[12],
                 spec=json.loads(row[13]) if row[13] else None,
                 has_result=bool(row[14]),
+                outvoted=json.loads(row[15] or "[]"),
                 open=False,
             )
             if not record.state.finished:
@@ -182,13 +192,13 @@ class JobBook:
             for r in dirty:
                 self.conn.execute(
                     "INSERT INTO jobs (id, name, owner, kind, state, submitted, started, "
-                    "finished, tasks_total, tasks_done, tasks_failed, nodes, error, spec) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "finished, tasks_total, tasks_done, tasks_failed, nodes, error, spec, outvoted) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
                     "started=excluded.started, finished=excluded.finished, "
                     "tasks_total=excluded.tasks_total, tasks_done=excluded.tasks_done, "
                     "tasks_failed=excluded.tasks_failed, nodes=excluded.nodes, "
-                    "error=excluded.error",
+                    "error=excluded.error, outvoted=excluded.outvoted",
                     (
                         r.id,
                         r.name,
@@ -204,6 +214,7 @@ class JobBook:
                         json.dumps(r.nodes),
                         r.error,
                         json.dumps(r.spec) if r.spec is not None else None,
+                        json.dumps(r.outvoted) if r.outvoted else None,
                     ),
                 )
 
@@ -370,6 +381,17 @@ class JobBook:
             return
         record.checks_pending = max(0, record.checks_pending - 1)
         self._maybe_finish(record)
+        self._touch(record)
+
+    def outvoted(self, job_id: str, note: str) -> None:
+        """A copy of one of the job's tasks was outvoted by the others (portal/replicas.py)."""
+        record = self.jobs.get(job_id)
+        if record is None:
+            return
+        if len(record.outvoted) < MAX_OUTVOTED:
+            record.outvoted.append(note[:1000])
+        elif len(record.outvoted) == MAX_OUTVOTED:
+            record.outvoted.append("... and more: see the job's task records (outvoted)")
         self._touch(record)
 
     def fail(self, job_id: str, reason: str) -> list[str]:
