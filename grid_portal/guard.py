@@ -44,6 +44,11 @@ AUDIT_ENV = "GRID_PORTAL_PROTOCOL_AUDIT"
 # Message fields that name a connection; they must come from the connection itself.
 BOUND_FIELDS = ("worker", "client")
 
+# Dask's fire_and_forget keeps a task alive after its submitter leaves by naming this
+# pseudo-client; the one value a client may put in its own "client" field (a %%grid --bg cell
+# relies on it). Which keys it keeps is still checked (portal/access.py).
+FIRE_AND_FORGET = "fire-and-forget"
+
 # How often the same refusal is logged at most (an attacker's loop must not flood the log).
 LOG_EVERY = 10.0
 
@@ -246,8 +251,11 @@ class _FilteredComm:
                 kept.append(msg)
                 continue
             if self._strip:
+                forgetting = op == "client-desires-keys" and msg.get("client") == FIRE_AND_FORGET
                 for name in BOUND_FIELDS:
                     msg.pop(name, None)
+                if forgetting:  # Dask's own pseudo-client; the keys are still checked
+                    msg["client"] = FIRE_AND_FORGET
             if self._gate.verdict("stream", self._identity, str(op), msg, self._extra) is None:
                 kept.append(msg)
         return kept

@@ -182,7 +182,12 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         OWNED_JOB + "; a node: only a job it ran",
     ),
     **_rules(NODES, "what a shell task printed", ["grid_task_output"], "only the task's node"),
-    **_rules(STAFF, "quotas and the fair-share half-life", ["grid_fairshare_set"]),
+    **_rules(
+        STAFF,
+        "quotas and the fair-share half-life",
+        ["grid_fairshare_set"],
+        refusal="only the portal's admin or a class's teachers may change fair-share settings",
+    ),
     **_rules(ADMINS, "cut off a node", ["grid_revoke"]),
     # Read-only views of everyone's tasks: for those who may see everyone's work.
     **_rules(

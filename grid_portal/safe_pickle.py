@@ -83,6 +83,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Arrow-backed columns (pandas' strings when pyarrow is installed); arrays rebuilt from
     # buffers are validated in full (``_arrow_array``), so bad offsets are an error.
     "pyarrow.lib": frozenset({"_restore_array", "py_buffer", "type_for_alias"}),
+    # The grid's own plain-data record of a workflow's files (a path, bytes, a checksum; no
+    # __setstate__ of its own): paths are checked again where they are written.
+    "grid_portal.jobs.workflow": frozenset({"StagedFile"}),
     "pandas.core.indexes.base": frozenset({"_new_Index"}),
     "pandas.core.indexes.datetimes": frozenset({"_new_DatetimeIndex"}),
     "pandas.core.indexes.period": frozenset({"_new_PeriodIndex"}),
@@ -118,6 +121,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 # word that a worker died are plain data too.
 _EXCEPTIONS: dict[str, frozenset[str]] = {
     "grid_portal.jobs.cell": frozenset({"CellFailed"}),
+    "grid_portal.jobs.workflow": frozenset({"TaskFailed"}),
     "distributed.scheduler": frozenset({"KilledWorker"}),
     # How Dask pickles exceptions (tblib): the exception class still comes through find_class
     # and the node's frames are dropped (``_no_traceback``); its text travels separately.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import Portal, grid_portal_command, start_portal, start_volunteer, wait_for
 
-from grid_portal.errors import UsageError
+from grid_portal.errors import NotFound, UsageError
 from grid_portal.jobs.spec import SpecError
 from grid_portal.jobs.workflow import (
     StagedFile,
@@ -254,7 +254,8 @@ def test_a_submitted_job_can_be_cancelled(portal: Portal) -> None:
             ),
             what="its tasks to be cancelled",
         )
-        assert "cancelled" in grid._call("grid_workflow_outputs", job_id=job.id)["error"]
+        with pytest.raises(NotFound, match="cancelled"):
+            grid._call("grid_workflow_outputs", job_id=job.id)
 
 
 def test_stages_free_to_run_go_by_priority() -> None:

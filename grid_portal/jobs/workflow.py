@@ -328,7 +328,8 @@ def _leave_output(task: TaskId, stdout: str, stderr: str) -> None:
     try:
         from distributed import get_worker
 
-        path = _output_path(get_worker().local_directory, task.key)
+        worker = get_worker()  # a task process's view: its outbox is the worker's directory
+        path = _output_path(getattr(worker, "grid_outbox", None) or worker.local_directory, task.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({"stdout": stdout, "stderr": stderr}))

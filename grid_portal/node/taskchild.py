@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if message[0] == "bind":  # this process now serves one job only
             enter(message[1])
+            # The worker's own directory stays known as the outbox for what the worker
+            # forwards (a shell task's output: jobs/workflow.py), apart from the job's.
+            view.__dict__.setdefault("grid_outbox", view.__dict__.get("local_directory"))
             view.__dict__["local_directory"] = message[1].get("cwd")
             continue
         if message[0] != "run":
