@@ -47,6 +47,8 @@ from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported 
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from distributed import Scheduler
     from distributed.scheduler import WorkerState
 
@@ -90,7 +92,9 @@ class PortalPlugin(SchedulerPlugin):
         self.recovery = Recovery(self.jobs)
         self.enrolments = EnrolmentBook(ledger_path) if ledger_path is not None else None
         self.access = Access(self.jobs, self.enrolments)
-        self.ca: Any = None  # the portal's CA (set by server.py): signs people's renewals
+        # Signs people's renewals: an async (csr, name, role) -> certificate PEM that asks the
+        # enrolment process (portal/scheduler_process.py); this process never holds the CA.
+        self.renewals: Callable[[str, str, str], Awaitable[str]] | None = None
         self._revocations: PeriodicCallback | None = None
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
@@ -460,24 +464,17 @@ class PortalPlugin(SchedulerPlugin):
         identity = caller_identity(comm)
         return None if identity is None else {"role": identity.role, "name": identity.name}
 
-    def handle_renew(self, comm: Any = None, csr: str = "") -> dict[str, Any]:
+    async def handle_renew(self, comm: Any = None, csr: str = "") -> dict[str, Any]:
         """A fresh certificate for the caller's own name and role (grid_portal/renewal.py).
-        A revoked caller is refused by the gate, and here again against the ledger itself (the
-        gate's copy of the revocations may be a second old)."""
-        from cryptography import x509
-
+        A revoked caller is refused by the gate, and again by the enrolment process, which
+        signs only after checking the ledger itself (the gate's copy of the revocations may be
+        a second old) and records the new serial."""
         identity = self._caller(comm)
-        if self.ca is None or identity is None:
+        if self.renewals is None or identity is None:
             raise NotAllowed("this portal does not renew certificates; log in again")
-        cert = self.ca.sign_csr(csr, name=identity.name, role=identity.role, days=PERSON_CERT_DAYS)
-        serial = format(x509.load_pem_x509_certificate(cert.encode()).serial_number, "x")
-        if self.enrolments is not None and not self.enrolments.renew(
-            identity.name, identity.role, serial
-        ):
-            raise NotAllowed(
-                f"the certificate of {identity.role} {identity.name!r} was revoked (or never "
-                "enrolled here): ask the portal's admin for a new token"
-            )
+        if not isinstance(csr, str):
+            raise UsageError("grid_renew takes a certificate request (PEM text)")
+        cert = await self.renewals(csr, identity.name, identity.role)
         logger.info("renewed the certificate of %s %s", identity.role, identity.name)
         return {"cert": cert}
 

@@ -4,6 +4,9 @@ portal's HTTPS endpoint for enrolment.
 On first start it creates the portal's CA in the data dir. Every start issues a fresh
 certificate for the scheduler (for the addresses it listens on) and, once, an admin client
 certificate for the user who runs the portal, referenced by ``<data-dir>/connection.json``.
+
+This process keeps the CA key and the join tokens and serves HTTPS; the scheduler runs in a
+child process that never reads them (``portal/scheduler_link.py`` tells how and why).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class PortalInfo:
     data_dir: Path
     connection: Connection
     ca: CertificateAuthority
+    scheduler_pid: int | None = None  # the scheduler runs apart (portal/scheduler_link.py)
 
 
 def advertised_host(host: str) -> str:
@@ -127,83 +131,86 @@ async def run_portal(
     on_ready: Callable[[PortalInfo], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
-    import dask
-    from distributed import Scheduler
+    """Run until ``stop`` is set or SIGINT/SIGTERM arrives, or the scheduler process ends.
 
-    from grid_portal.portal.plugin import PortalPlugin
-    from grid_portal.portal.security import tls_security
+    This process keeps the CA and the join tokens and serves HTTPS; the scheduler runs in a
+    process of its own that never reads them (``portal/scheduler_link.py``)."""
+    from grid_portal.portal.hub import hub_routes
+    from grid_portal.portal.scheduler_link import (
+        SchedulerExited,
+        SchedulerProcess,
+        status_relay_routes,
+        status_socket_path,
+    )
+    from grid_portal.portal.scheduler_process import ProcessSettings
 
     ca, cert_path, key_path, connection = prepare(config)
-    security = tls_security(str(ca.directory / "ca.pem"), str(cert_path), str(key_path))
-    plugin = PortalPlugin(
-        telemetry_interval=config.telemetry_interval,
-        offline_retention=config.offline_retention,
-        ledger_path=config.data_dir / LEDGER_FILE,
-        result_ttl=config.result_ttl,
-        node_timeout=config.node_timeout,
-    )
-    plugin.jobs.result_expiry_interval = config.result_expiry_interval
-    plugin.ca = ca  # signs renewals of people's short-lived certificates (grid_renew)
-    # Issue 9: per-volunteer contributions and capacity samples (a plugin of its own).
-    from grid_portal.portal.contributions import ContributionsPlugin
-
-    contributions = ContributionsPlugin(config.data_dir / LEDGER_FILE, plugin)
-    # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that would
-    # show the grid's workers to anyone: give it no routes, on loopback, on a spare port.
-    with dask.config.set({"distributed.scheduler.http.routes": []}):
-        scheduler = Scheduler(
-            host=config.host,
-            port=config.port,
-            protocol="tls",
-            security=security,
-            dashboard=False,
-            dashboard_address="127.0.0.1:0",
-            plugins=[plugin, contributions],
-            # Our plugin declares silent nodes offline after node_timeout; Dask's own check
-            # stays as a backstop.
-            worker_ttl=max(60.0, config.node_timeout * 4),
-        )
-        await scheduler
     ledger_path = config.data_dir / LEDGER_FILE
-    context = PortalContext(
-        ca=ca,
-        tokens=TokenStore(ledger_path),
-        enrolments=_with_admin_recorded(EnrolmentBook(ledger_path), connection),
-        scheduler_port=scheduler.port,
-        contact_host=config.contact_host,
-    )
-    # Issue 9: the public status page and exports, and JupyterHub enrolment when configured.
-    from grid_portal.portal.hub import hub_routes
-    from grid_portal.portal.status_page import status_routes
-
-    context.extra_routes = status_routes(plugin, contributions) + hub_routes(
-        context, config.jupyterhub
-    )
-    ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ssl_ctx.load_cert_chain(str(cert_path), str(key_path))
-    app = make_app(context)
-    http_server = app.listen(config.http_port, address=config.host, ssl_options=ssl_ctx)
+    enrolments = _with_admin_recorded(EnrolmentBook(ledger_path), connection)
+    status_socket, socket_dir = status_socket_path(config.data_dir)
+    child = SchedulerProcess(ca, enrolments)
+    try:
+        scheduler_port = await child.start(
+            ProcessSettings(
+                data_dir=str(config.data_dir),
+                host=config.host,
+                port=config.port,
+                ca_file=str(ca.directory / "ca.pem"),
+                cert_file=str(cert_path),
+                key_file=str(key_path),
+                status_socket=str(status_socket),
+                telemetry_interval=config.telemetry_interval,
+                offline_retention=config.offline_retention,
+                node_timeout=config.node_timeout,
+                result_ttl=config.result_ttl,
+                result_expiry_interval=config.result_expiry_interval,
+                verbose=logging.getLogger().isEnabledFor(logging.DEBUG),
+            )
+        )
+        context = PortalContext(
+            ca=ca,
+            tokens=TokenStore(ledger_path),
+            enrolments=enrolments,
+            scheduler_port=scheduler_port,
+            contact_host=config.contact_host,
+        )
+        # Issue 9: the public status page (served by the scheduler process, relayed here) and
+        # JupyterHub enrolment when configured.
+        context.extra_routes = status_relay_routes(status_socket) + hub_routes(
+            context, config.jupyterhub
+        )
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(str(cert_path), str(key_path))
+        app = make_app(context)
+        http_server = app.listen(config.http_port, address=config.host, ssl_options=ssl_ctx)
+    except BaseException:
+        await child.stop()
+        _remove_socket(status_socket, socket_dir)
+        raise
     http_port = next(iter(http_server._sockets.values())).getsockname()[1]
 
     shown = advertised_host(config.host) if config.contact_host is None else config.contact_host
     local = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    connection.scheduler = f"tls://{local}:{scheduler.port}"
+    connection.scheduler = f"tls://{local}:{scheduler_port}"
     connection.http = f"https://{local}:{http_port}"
     connection.save(config.data_dir / CONNECTION_FILE)
     info = PortalInfo(
-        scheduler=f"tls://{shown}:{scheduler.port}",
+        scheduler=f"tls://{shown}:{scheduler_port}",
         http=f"https://{shown}:{http_port}",
         ca_fingerprint=ca.fingerprint(),
         data_dir=config.data_dir,
         connection=connection,
         ca=ca,
+        scheduler_pid=child.pid,
     )
     write_private(
         config.data_dir / PORTAL_FILE,
         json.dumps(
             {
                 "pid": os.getpid(),
+                # The two processes (scheduler_link.py): this one holds the CA and the tokens.
+                "enrolment_pid": os.getpid(),
+                "scheduler_pid": child.pid,
                 "scheduler": info.scheduler,
                 "http": info.http,
                 "local_scheduler": connection.scheduler,
@@ -215,6 +222,9 @@ async def run_portal(
             indent=2,
         ),
     )
+    # Issue 8: the scheduler process resubmits the jobs the previous run left unfinished once
+    # the admin's connection file names this run (portal/recovery.py).
+    await child.published()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -222,21 +232,39 @@ async def run_portal(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     companions = [asyncio.create_task(c(info)) for c in config.companions]
-    # Issue 8: resubmit the jobs the previous run left unfinished (portal/recovery.py).
-    companions.append(asyncio.create_task(plugin.recovery.run(config.data_dir / CONNECTION_FILE)))
     if on_ready is not None:
         on_ready(info)
+    exited = asyncio.create_task(child.wait())
     try:
-        finished = asyncio.create_task(scheduler.finished())
         waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({finished, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        channel_closed = asyncio.create_task(child.ended.wait())
+        await asyncio.wait({exited, waiter, channel_closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, channel_closed):
+            task.cancel()
     finally:
         for task in companions:
             task.cancel()
         await asyncio.gather(*companions, return_exceptions=True)
         http_server.stop()
-        await scheduler.close()
+        unexpected = not stop.is_set()
+        await child.stop()
+        exited.cancel()
+        _remove_socket(status_socket, socket_dir)
         (config.data_dir / PORTAL_FILE).unlink(missing_ok=True)
+    if unexpected:
+        code = child.process.returncode if child.process is not None else None
+        raise SchedulerExited(
+            f"the portal's scheduler process ended unexpectedly (exit code {code}); "
+            "the portal stopped. Its log is above."
+        )
+
+
+def _remove_socket(path: Path, folder: Path | None) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _with_admin_recorded(book: EnrolmentBook, connection: Connection) -> EnrolmentBook:
