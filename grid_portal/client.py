@@ -188,6 +188,8 @@ class Grid:
             client = self.client
             try:
                 return client.sync(getattr(client.scheduler, op), **kwargs)
+            except GridError:
+                raise  # the portal's answer (NotAllowed is also a PermissionError, an OSError)
             except (OSError, AttributeError) as exc:
                 # AttributeError: Dask's client closed under us (client.scheduler is None).
                 if isinstance(exc, AttributeError) and client.scheduler is not None:

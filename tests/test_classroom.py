@@ -441,8 +441,12 @@ def test_students_teacher_and_identity(classroom: Classroom) -> None:
     out = room.run_cell("bob", f"print('STATE', g.get_job({reports['bob']['long']!r}).state.value)")
     assert "STATE running" in out or "STATE queued" in out
     # ...and a student may not set quotas.
-    out = room.run_cell("bob", "print('SET', g._call('grid_fairshare_set', user='bob', quota=9))")
-    assert "only the portal's admin" in out
+    out = room.run_cell(
+        "bob",
+        "try:\n    g._call('grid_fairshare_set', user='bob', quota=9)\n"
+        "except Exception as exc:\n    print('REFUSED', type(exc).__name__, exc)\n",
+    )
+    assert "REFUSED NotAllowed" in out and "only the portal's admin" in out
 
 
 def test_a_claimed_name_is_never_trusted(classroom: Classroom) -> None:
