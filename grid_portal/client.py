@@ -376,9 +376,29 @@ class Grid:
         wait: bool = False,
         where: str | None = None,
         replicas: int = 1,
+        batch: int | str | None = None,
         **kwargs: Any,
     ) -> list[Future]:
+        """``fn`` over the items, one future per item, in their order, as one job.
+
+        ``batch`` (issue 17): ``"auto"`` (the default) runs a sweep of many items as batch
+        tasks of about 100 ms each, sized from the time the first items took on a node, and
+        returns per-item futures (``grid_portal.batching.ItemFuture``: ``result``,
+        ``exception``, ``done``, ``cancel``, ``key``, ``grid.gather``); a number fixes the
+        items per batch; ``1`` sends one Dask task per item.
+        """
         kwargs.setdefault("pure", False)
+        iterables = tuple(it if isinstance(it, list | tuple) else list(it) for it in iterables)
+        calls = list(zip(*iterables, strict=False))
+        mode = _batch_mode(batch, calls, _replicas(replicas), kwargs)
+        if mode is not None:
+            return self._run(
+                lambda resources: _batched(self, fn, calls, mode, resources, kwargs),
+                self.requirement(cpus, gpus, memory),
+                wait,
+                where,
+                {"name": f"map {_name_of(fn)}"},
+            )
         if _replicas(replicas) > 1:  # as submit's replicas, per item
             calls = [(args, {}) for args in zip(*iterables, strict=False)]
             return self._run(
@@ -439,6 +459,10 @@ class Grid:
                 return call(resources)
 
     def gather(self, futures: Any) -> Any:
+        if _holds_items(futures):  # a batched sweep's item futures (grid_portal.batching)
+            from grid_portal.batching import gather_items
+
+            return gather_items(self, futures)
         return self.client.gather(futures)
 
     # -- issue 6: requirement expressions and workflows ------------------------------------
@@ -536,6 +560,24 @@ def _replicated(grid: Grid, *args: Any) -> list[Future]:
     from grid_portal.replication import run_replicated
 
     return run_replicated(grid, *args)
+
+
+def _batch_mode(batch: Any, calls: Any, replicas: int, kwargs: dict[str, Any]) -> Any:
+    from grid_portal.batching import batch_mode
+
+    return batch_mode(batch, calls, replicas, kwargs)
+
+
+def _batched(grid: Grid, *args: Any) -> list[Any]:
+    from grid_portal.batching import map_batched
+
+    return map_batched(grid, *args)
+
+
+def _holds_items(futures: Any) -> bool:
+    from grid_portal.batching import holds_items
+
+    return holds_items(futures)
 
 
 def new_job_id() -> str:

@@ -54,6 +54,8 @@ HOLD_ANNOTATION = "grid_hold"  # keep this task's result for the job's owner to 
 REPLICAS_ANNOTATION = "grid_replicas"  # on copy 0: how many copies there are
 REPLICA_ANNOTATION = "grid_replica"  # on copy j >= 1: which copy it is
 AGREED_ANNOTATION = "grid_agreed"  # the task that hands on the copies' agreed value
+ITEMS_ANNOTATION = "grid_items"  # a batch task of a sweep: how many items it runs
+SWEEP_ANNOTATION = "grid_sweep_items"  # a sweep's probe tasks: how many items are still to come
 
 # -- messages the grid adds to Dask's streams -------------------------------------------------
 PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result

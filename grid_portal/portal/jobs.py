@@ -52,6 +52,14 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted);
 # Columns added after the first release: (name, SQL type), added to an older ledger at start.
 _ADDED_COLUMNS = (("outvoted", "TEXT"),)  # issue 14: nodes a replica majority outvoted
 MAX_OUTVOTED = 100  # notes kept per job (one per outvoted copy); the count goes on
+MAX_SWEEP_ITEMS = 10**9  # items one sweep task may claim to carry (or announce)
+
+
+def _weight(value: Any) -> int:
+    """How many items a task says it carries (the client's word, about its own job only)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 1
+    return min(max(1, value), MAX_SWEEP_ITEMS)
 
 
 def spec_problem(spec: Any) -> str | None:
@@ -93,6 +101,10 @@ class JobRecord:
     abandoned: int = 0  # tasks whose client let go of them before they finished
     checks_pending: int = 0  # replica comparisons not yet made (portal/replicas.py)
     outvoted: list[str] = field(default_factory=list)  # copies a majority set aside (issue 14)
+    # Issue 17: a batch task of a sweep counts as the items it runs (key -> items, when > 1),
+    # and a sweep's probe announces the items still to come, counted in tasks_total already.
+    weights: dict[Any, int] = field(default_factory=dict)
+    reserved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,15 +272,33 @@ class JobBook:
                 self.flush_soon()
         return record
 
-    def add_tasks(self, job_id: str, keys: list[str]) -> None:
+    def add_tasks(
+        self,
+        job_id: str,
+        keys: list[str],
+        items: dict[Any, Any] | None = None,
+        coming: int = 0,
+    ) -> None:
+        """``items``: keys of batch tasks and how many items each runs (a sweep, issue 17);
+        ``coming``: items a sweep announced with these tasks that later tasks will bring
+        (counted in the total now, so the job is not done in between)."""
         record = self.jobs[job_id]
         new = [k for k in keys if k not in record.keys]
         if not new:
             return
         record.keys.update(new)
+        total = 0
         for k in new:
             self.task_jobs[k] = job_id
-        record.tasks_total += len(new)
+            weight = _weight(items.get(k)) if items else 1
+            if weight != 1:
+                record.weights[k] = weight
+            total += weight
+        taken = min(record.reserved, total)  # items announced before: counted already
+        record.reserved -= taken
+        coming = min(max(0, int(coming or 0)), MAX_SWEEP_ITEMS)
+        record.reserved += coming
+        record.tasks_total += total - taken + coming
         if record.state.finished and record.state is not JobState.CANCELLED:
             record.state, record.finished = JobState.QUEUED, None  # a session took more work
         self._touch(record)
@@ -293,10 +323,11 @@ class JobBook:
         if record is None or key in record.counted:
             return  # a result recomputed after a node was lost is not a second result
         record.counted.add(key)
+        weight = record.weights.get(key, 1)
         if ok:
-            record.tasks_done += 1
+            record.tasks_done += weight
         else:
-            record.tasks_failed += 1
+            record.tasks_failed += weight
             record.error = record.error or error
         self._maybe_finish(record)
         self._touch(record)
@@ -305,12 +336,21 @@ class JobBook:
         """The client let go of a task before it finished (cancelled, or the client left)."""
         job_id = self.task_jobs.pop(key, None)
         record = self.jobs.get(job_id) if job_id else None
-        if record is None or record.state.finished or key in record.counted:
+        if record is None or record.state.finished:
+            return
+        if record.reserved and not any(self.task_jobs.get(k) == job_id for k in record.keys):
+            # A sweep's client let go of everything before the rest of the sweep came.
+            record.tasks_total -= record.reserved
+            record.reserved = 0
+            self._maybe_finish(record)
+            self._touch(record)
+        if key in record.counted:
             return
         record.keys.discard(key)
+        weight = record.weights.pop(key, 1)
         if record.tasks_done + record.tasks_failed < record.tasks_total:
             record.tasks_total = max(
-                record.tasks_done + record.tasks_failed, record.tasks_total - 1
+                record.tasks_done + record.tasks_failed, record.tasks_total - weight
             )
         self._maybe_finish(record)
         self._touch(record)
@@ -356,6 +396,7 @@ class JobBook:
         record.started = record.finished = None
         record.tasks_total = record.tasks_done = record.tasks_failed = 0
         record.nodes, record.keys, record.counted = [], set(), set()
+        record.weights, record.reserved = {}, 0
         record.abandoned = record.checks_pending = 0
         self._touch(record)
         self.flush()

@@ -33,6 +33,7 @@ from grid_portal.portal.reports import NodeReports
 from grid_portal.portal.scheduling import Scheduling
 from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported for portal code
     ADMIN,
+    ITEMS_ANNOTATION,
     JOB_ANNOTATION,
     JOB_KIND_ANNOTATION,
     JOB_NAME_ANNOTATION,
@@ -43,6 +44,7 @@ from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported 
     SCHEDULER_HANDLERS,
     SCHEDULER_STREAM_OPS,
     STAFF,
+    SWEEP_ANNOTATION,
 )
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 
@@ -210,6 +212,8 @@ class PortalPlugin(SchedulerPlugin):
         kinds = annotations.get(JOB_KIND_ANNOTATION, {})
         opens = annotations.get(JOB_OPEN_ANNOTATION, {})
         owners = annotations.get(JOB_OWNER_ANNOTATION, {})
+        items = annotations.get(ITEMS_ANNOTATION)
+        sweeps = annotations.get(SWEEP_ANNOTATION)
         by_job: dict[str, list[Any]] = {}
         for key, job_id in job_of.items():
             by_job.setdefault(str(job_id), []).append(key)
@@ -250,7 +254,9 @@ class PortalPlugin(SchedulerPlugin):
                     msg=record.error or "cancelled",
                 )
                 continue
-            self.jobs.add_tasks(job_id, job_keys)
+            # Issue 17: a sweep's batch tasks count as their items (grid_portal.batching).
+            coming = max((_count(sweeps.get(k)) for k in job_keys), default=0) if sweeps else 0
+            self.jobs.add_tasks(job_id, job_keys, items, coming)
             # Tasks that were already done (the same key submitted again) count at once.
             for key in job_keys:
                 ts = scheduler.tasks.get(key)
@@ -571,6 +577,11 @@ class PortalPlugin(SchedulerPlugin):
         if record is None or not self._may_see(comm, record.owner):
             return None
         return self.jobs.fetch_result(job_id)
+
+
+def _count(value: Any) -> int:
+    """A count a client annotated (items of a sweep), or 0 if it is not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def node_state(
