@@ -76,12 +76,74 @@ class OpaquePayload:
         return f"<OpaquePayload {len(self.func) + len(self.data)} bytes>"
 
 
+class OpaqueResult:
+    """A grid task's value, pickled in the task itself: what the Dask worker holds.
+
+    :func:`run_opaque` returns one of these, so the worker process keeps, moves and hands out
+    only bytes, and never unpickles what a task made (a task's own code could craft a pickle
+    that runs code where it is opened). A result is opened only by :func:`run_opaque` in a
+    downstream task's process, or in the researcher's kernel (``grid_portal.safe_pickle``:
+    data only, unless the node is trusted). Dask sends it with its ``pickle`` family, the
+    bytes as one out-of-band frame (protocol 5: not copied), so replicas' bytes compare as
+    they are. ``sizeof`` is the byte length, for Dask's memory accounting.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes:
+            if not isinstance(data, (bytearray, memoryview, pickle.PickleBuffer)):
+                raise TypeError("an opaque result is bytes")
+            data = bytes(data)
+        self.data = data
+
+    @classmethod
+    def wrap(cls, value: Any) -> OpaqueResult:
+        """``value`` pickled (plain pickle; cloudpickle for what lives in ``__main__``)."""
+        try:
+            return cls(_pickle(value))
+        except Exception as exc:  # noqa: BLE001 - say what to return instead
+            raise TypeError(
+                f"the task's result ({type(value).__name__}) cannot be pickled to send it back "
+                f"from its node: {exc}; return plain data (numbers, arrays, frames, dicts, lists)"
+            ) from exc
+
+    def open(self) -> Any:
+        """The value, with plain pickle: for a task process and for trusted nodes only."""
+        return pickle.loads(self.data)  # noqa: S301 - see the callers
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if isinstance(protocol, int) and protocol >= 5:
+            return (OpaqueResult, (pickle.PickleBuffer(self.data),))
+        return (OpaqueResult, (self.data,))
+
+    def __sizeof__(self) -> int:
+        return len(self.data) + 48
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OpaqueResult) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"<OpaqueResult {len(self.data)} bytes>"
+
+
+def opened(value: Any) -> Any:
+    """A dependency's value as a task sees it: an :class:`OpaqueResult` opened, else as is
+    (scattered data, plain literals)."""
+    return value.open() if type(value) is OpaqueResult else value
+
+
 def run_opaque(payload: OpaquePayload, *values: Any) -> Any:
     """The one function grid tasks call: open the payload here, in the task, and run it.
 
     ``values`` are the results of the task's dependencies, in the order the payload names
-    their keys.
+    their keys: opaque results, opened here. The task's value goes back as an
+    :class:`OpaqueResult`.
     """
+    values = tuple(opened(v) for v in values)
     if payload.func:  # a plain task: its function, then (key, args, kwargs, dependency keys)
         func = pickle.loads(payload.func)
         key, args, kwargs, keys = pickle.loads(payload.data)
@@ -96,7 +158,7 @@ def run_opaque(payload: OpaquePayload, *values: Any) -> Any:
             return await result
 
         result = asyncio.run(_wait())
-    return result
+    return OpaqueResult.wrap(result)
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -243,4 +305,13 @@ def _cull(dsk: dict[Any, GraphNode], keys: set[Any]) -> dict[Any, GraphNode]:
     return out
 
 
-__all__ = ["OpaqueGraph", "OpaquePayload", "is_plain", "opaque_graph", "run_opaque", "wrap_node"]
+__all__ = [
+    "OpaqueGraph",
+    "OpaquePayload",
+    "OpaqueResult",
+    "is_plain",
+    "opaque_graph",
+    "opened",
+    "run_opaque",
+    "wrap_node",
+]

@@ -317,8 +317,10 @@ class UntrustedData:
     def open(self) -> Any:
         from distributed.protocol.serialize import dask_loads, pickle_loads
 
+        from grid_portal.payload import opened
+
         loads = pickle_loads if self.family == "pickle" else dask_loads
-        return loads(self.header, self.frames)
+        return opened(loads(self.header, self.frames))  # a task's OpaqueResult, opened
 
     def __repr__(self) -> str:
         return f"<unopened result from a node: {self.type_name}>"
@@ -370,7 +372,7 @@ def _data_family_loads(family: str, header: dict[str, Any], frames: list[Any]) -
 
     try:
         if family == "pickle":
-            return loads_data(frames[0], buffers=frames[1:])
+            return _load_result(frames[0], frames[1:])
         kind = loads_data(header["type-serialized"])
         if not isinstance(kind, type):
             raise untrusted(_name_of(kind))
@@ -383,6 +385,34 @@ def _data_family_loads(family: str, header: dict[str, Any], frames: list[Any]) -
         raise untrusted(name)
     except UntrustedResult as exc:
         return UntrustedData(family, header, frames, exc.type_name)
+
+
+class _ResultUnpickler(_DataUnpickler):
+    """Data, and the grid's opaque result type (bytes; its constructor takes nothing else)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("grid_portal.payload", "OpaqueResult"):
+            from grid_portal.payload import OpaqueResult
+
+            return OpaqueResult
+        return super().find_class(module, name)
+
+
+def _load_result(data: Any, buffers: Iterable[Any]) -> Any:
+    """A value a node holds, as Dask's pickle family sent it. A grid task's value is an
+    ``OpaqueResult`` (issue 14: the node's worker never opened it): its bytes are opened here,
+    as data only; UntrustedResult for anything else, as for any value."""
+    unpickler = _ResultUnpickler(io.BytesIO(data), buffers=buffers)
+    try:
+        value = unpickler.load()
+    except _Refused as refused:
+        raise untrusted(refused.name) from None
+    from grid_portal.payload import OpaqueResult
+
+    if type(value) is OpaqueResult:
+        return loads_data(value.data)
+    _check(value)
+    return value
 
 
 def _data_client_kwargs() -> dict[str, Any]:

@@ -20,11 +20,20 @@ task runs it may send the worker two kinds of message, each answered before it r
 and the worker forwards them to the scheduler only for the names the task came with (its
 ``grid_stream`` and ``grid_job`` annotations; see ``TaskProcessExecutor``). Nothing else of the
 worker or the scheduler is reachable from here.
+
+What a task process sends is read in the worker by :func:`recv_plain`, a restricted unpickler
+(issue 14): the pipe's own message shapes (tuples, dicts, strings, numbers, bytes) and
+``grid_portal.payload.OpaqueResult``, nothing else, so no pickle a task crafts (the pipe is
+the task's to write) runs code in the worker, where the node's key is. A task's value arrives
+as an ``OpaqueResult`` (``run_opaque`` pickled it in the task) and its exception as pickled
+bytes plus text, which the worker forwards unopened. This process reads the worker's messages
+with plain pickle: the worker is trusted here, not the other way round.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import struct
@@ -72,6 +81,57 @@ def recv(stream: BinaryIO) -> Any:
     header = _read_exactly(stream, _HEADER.size)
     (size,) = _HEADER.unpack(header)
     return pickle.loads(_read_exactly(stream, size))
+
+
+# What the worker admits from a task process (issue 14): plain data and the opaque result type.
+# Protocol 4/5 pickles of tuples, lists, dicts, str, bytes, numbers, None and bool name no
+# global at all; these are the few plain types that do.
+PIPE_CLASSES = frozenset(
+    {
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "complex"),
+        ("builtins", "bytearray"),
+        ("grid_portal.payload", "OpaqueResult"),
+    }
+)
+
+
+class PipeRefused(pickle.UnpicklingError):
+    """A task process sent something other than plain data and opaque results."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"a task process's message names {what}, which the worker does not open")
+        self.what = what
+
+
+class _PipeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PIPE_CLASSES:
+            raise PipeRefused(f"{module}.{name}")  # before anything is imported or called
+        if module == "builtins":
+            import builtins
+
+            return getattr(builtins, name)
+        from grid_portal.payload import OpaqueResult
+
+        return OpaqueResult
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise PipeRefused("a persistent id")
+
+
+def loads_plain(data: bytes) -> Any:
+    """One message from a task process, as the worker opens it (see :data:`PIPE_CLASSES`)."""
+    return _PipeUnpickler(io.BytesIO(data)).load()
+
+
+def recv_plain(stream: BinaryIO) -> Any:
+    """Read one message from a task process; :class:`PipeRefused` for anything but plain data
+    and opaque results (the message is read whole first, so the framing stays intact)."""
+    header = _read_exactly(stream, _HEADER.size)
+    (size,) = _HEADER.unpack(header)
+    return loads_plain(_read_exactly(stream, size))
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -146,10 +206,18 @@ class TaskChannel:
     def emit(self, kind: str, payload: dict[str, Any]) -> Any:
         if kind not in EMIT_KINDS:
             raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(EMIT_KINDS)}")
+        message = ("emit", kind, payload)
+        try:  # what the worker will admit (recv_plain), checked here, where the task hears it
+            loads_plain(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:  # noqa: BLE001 - PipeRefused, or not picklable at all
+            raise PermissionError(
+                f"a message to the worker carries plain data only (str, numbers, bytes, lists, "
+                f"dicts): {exc}"
+            ) from None
         with self.lock:
             if not self.open:
                 raise RuntimeError("grid_emit is for a running task; this task has ended")
-            send(self.out, ("emit", kind, payload))
+            send(self.out, message)
             answer = recv(self.inp)
         if not (isinstance(answer, tuple) and answer[:1] == ("emitted",)):
             raise ConnectionError(f"the worker answered {answer!r}")
@@ -192,6 +260,43 @@ def _memory_error_message(msg: dict[str, Any], key: Any, limit: int, node: str) 
     for field in ("op", "start", "stop"):
         new[field] = msg.get(field)
     return new
+
+
+def _raw(field: Any) -> bytes | None:
+    """A pickled exception or traceback as Dask's error_message made it (``Serialize`` of
+    bytes), as bytes: the worker forwards them unopened."""
+    data = getattr(field, "data", field)
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+
+
+def plain_reply(msg: dict[str, Any]) -> dict[str, Any]:
+    """Dask's result dictionary as the worker admits it (:func:`recv_plain`): the value as an
+    ``OpaqueResult`` (wrapped here if the task was not a ``run_opaque`` one), an exception as
+    pickled bytes and text; timings; nothing else (no classes: the worker sets ``type``)."""
+    from grid_portal.payload import OpaqueResult
+
+    op = msg.get("op")
+    times = {k: msg.get(k) for k in ("start", "stop") if isinstance(msg.get(k), (int, float))}
+    if op == "task-finished":
+        result = msg.get("result")
+        if type(result) is not OpaqueResult:
+            result = OpaqueResult.wrap(result)
+        return {"op": op, "status": "OK", "result": result, **times}
+    if op == "value":
+        value = msg.get("value")
+        return {
+            "op": op,
+            "value": value if type(value) is OpaqueResult else OpaqueResult.wrap(value),
+        }
+    return {
+        "op": "task-erred",
+        "status": str(msg.get("status") or "error"),
+        "exception": _raw(msg.get("exception")),
+        "traceback": _raw(msg.get("traceback")),
+        "exception_text": str(msg.get("exception_text") or "")[:100_000],
+        "traceback_text": str(msg.get("traceback_text") or "")[:100_000],
+        **times,
+    }
 
 
 def _unsendable_result(msg: dict[str, Any], exc: BaseException) -> dict[str, Any]:
@@ -281,10 +386,11 @@ def main(argv: list[str] | None = None) -> None:
         now = data_size()
         growth = now - baseline if now is not None and baseline is not None else 0
         try:
-            send(out, ("done", msg, growth))
+            reply = plain_reply(msg)
         except Exception as exc:  # noqa: BLE001 - an unpicklable result
-            send(out, ("done", _unsendable_result(msg, exc), growth))
-        del msg, payload
+            reply = plain_reply(_unsendable_result(msg, exc))
+        send(out, ("done", reply, int(growth)))
+        del msg, payload, reply
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from grid_portal.isolation import Confinement, confined, is_self_isolating
-from grid_portal.node.taskchild import BOOT, memory_error_text, recv, send
+from grid_portal.node.taskchild import BOOT, PipeRefused, memory_error_text, recv_plain, send
 from grid_portal.proctree import tree_rss
 from grid_portal.protocol import JOB_ANNOTATION, STREAM_ANNOTATION  # noqa: F401 - names of the wire contract
 
@@ -225,6 +225,45 @@ def _plain_size(value: Any) -> int:
     return total
 
 
+def _reply_problem(reply: Any) -> str | None:
+    """Why a task process's final message is not the shape taskchild.plain_reply sends."""
+    from grid_portal.payload import OpaqueResult
+
+    if not (isinstance(reply, tuple) and len(reply) == 3 and reply[0] == "done"):
+        return f"a message that is not a task's reply ({type(reply).__name__})"
+    msg, growth = reply[1], reply[2]
+    if not isinstance(msg, dict) or type(growth) is not int:
+        return "a reply of the wrong shape"
+    op = msg.get("op")
+    if op != "value" and not all(type(msg.get(t)) in (int, float) for t in ("start", "stop")):
+        return "a reply without its timings"
+    if op == "task-finished":
+        return None if type(msg.get("result")) is OpaqueResult else "a value that is not opaque"
+    if op == "value":
+        return None if type(msg.get("value")) is OpaqueResult else "a value that is not opaque"
+    if op == "task-erred":
+        texts = (msg.get("exception_text"), msg.get("traceback_text"))
+        if not all(isinstance(t, str) for t in texts):
+            return "an error without its text"
+        if not all(
+            msg.get(f) is None or type(msg.get(f)) is bytes for f in ("exception", "traceback")
+        ):
+            return "an error that is not bytes"
+        return None
+    return f"a reply of unknown kind {op!r}"
+
+
+def _text_exception(text: str) -> BaseException:
+    """What the worker itself knows of a task's exception: its text (the pickled exception is
+    forwarded unopened). Dask's ``Reschedule`` is recognised by its text, as asking for it is
+    all a task could do with it."""
+    if text == "Reschedule()":
+        from distributed import Reschedule
+
+        return Reschedule()
+    return Exception(text)
+
+
 def _empty(path: str, device: int) -> None:
     """Delete what ``path`` holds on its own file system; never what is mounted below it (the
     scratch directory, when it lies under /tmp, is bound into the sandbox's /tmp)."""
@@ -368,8 +407,8 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                 child.to_child,
                 {"view": self._view, "nice": self.nice, "max_memory": self.memory_limit},
             )
-            ready = recv(child.from_child)
-        except (EOFError, OSError) as exc:
+            ready = recv_plain(child.from_child)
+        except (EOFError, OSError, PipeRefused) as exc:
             self._end(child)
             raise RuntimeError(f"a task process failed to start (exit code {proc.poll()})") from exc
         if ready[0] != "ready":
@@ -484,16 +523,23 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         try:
             send(child.to_child, ("run", key, limit, payload))
             del payload
-            reply = recv(child.from_child)
+            # Read with a restricted unpickler (taskchild.recv_plain): plain data and opaque
+            # results only, so nothing a task writes into this pipe runs code here.
+            reply = recv_plain(child.from_child)
             while isinstance(reply, tuple) and reply[:1] == ("emit",):  # its channel
                 send(child.to_child, ("emitted", self._forward(key, grant, reply)))
-                reply = recv(child.from_child)
+                reply = recv_plain(child.from_child)
+            problem = _reply_problem(reply)
         except (EOFError, OSError):
             return self._ended(child, task, started)
+        except Exception as exc:  # noqa: BLE001 - PipeRefused, or a pickle that does not load
+            problem = str(exc) if isinstance(exc, PipeRefused) else f"an unreadable message ({exc})"
         finally:
             with self._lock:
                 self._busy.pop(child.pid, None)
             self._leave(workspace)
+        if problem is not None:
+            return self._refuse(child, problem, started)
         child.key = None
         msg, growth = reply[1], reply[2]
         if self.memory_limit and growth > self.memory_limit // 2:
@@ -825,18 +871,46 @@ class TaskProcessExecutor(concurrent.futures.Executor):
 
         return self._error(Reschedule(), time.time())
 
+    def _refuse(self, child: _Child, problem: str, started: float) -> dict[str, Any]:
+        """A task process sent what the worker does not open: end it; the task errs."""
+        key = child.key
+        logger.warning("grid task %r: %s; its task process was ended", key, problem)
+        with self._lock:
+            child.fate = child.fate or "refused"
+        self._end(child)
+        self._refill()
+        return self._error(
+            PermissionError(
+                f"grid task {key!r} sent its worker a message it does not open ({problem}): a "
+                "task's value goes back as opaque bytes that only a downstream task or the "
+                "researcher opens; its task process was ended"
+            ),
+            started,
+        )
+
     def _finish(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Dask's result dictionary from what the task process sent."""
+        """Dask's result dictionary from what the task process sent (see taskchild.plain_reply):
+        the value stays an ``OpaqueResult``, whose size the worker measures itself; an
+        exception stays pickled bytes, forwarded unopened (the researcher's kernel opens it as
+        data, grid_portal.safe_pickle), and is known here only by its text."""
+        from dask.sizeof import sizeof
+        from distributed.protocol import to_serialize
+
+        from grid_portal.payload import OpaqueResult
+
         msg["thread"] = threading.get_ident()
-        if msg.get("op") != "task-finished":
+        if msg.get("op") == "task-finished":
+            msg.update(nbytes=sizeof(msg["result"]), type=OpaqueResult)
+            return msg
+        text = str(msg.get("exception_text") or "task failed")
+        msg["actual_exception"] = _text_exception(text)
+        for field in ("exception", "traceback"):
+            data = msg.get(field)
+            msg[field] = to_serialize(data) if isinstance(data, bytes) else None
+        if msg["exception"] is None:
             from distributed.protocol import pickle as dask_pickle
 
-            exception = msg.get("exception")
-            data = getattr(exception, "data", exception)
-            try:
-                msg["actual_exception"] = dask_pickle.loads(data)
-            except Exception:  # noqa: BLE001 - keep the text Dask already has
-                msg["actual_exception"] = Exception(msg.get("exception_text", "task failed"))
+            msg["exception"] = to_serialize(dask_pickle.dumps(Exception(text)))
         return msg
 
     # -- the memory watchdog -------------------------------------------------------------------
