@@ -57,6 +57,7 @@ class Grid:
         asynchronous: bool = False,
         reconnect: float = 60.0,
         trust: Iterable[str] | str | None = None,
+        set_as_default: bool = True,
     ) -> None:
         connection = find_connection(address)
         embedded = connection is None
@@ -81,6 +82,10 @@ class Grid:
         self._address = address
         self._timeout = timeout
         self._asynchronous = asynchronous
+        # Issue 18: like Client(cluster), the grid's client is the default Dask client, so
+        # x.compute(), dask.persist, progress and joblib's dask backend run on the grid. An
+        # asynchronous Grid (the Jupyter server's) never is: it serves many people.
+        self._set_as_default = bool(set_as_default) and not asynchronous
         self.reconnect = reconnect
         self._closed = False
         self._reconnect_lock = threading.Lock()
@@ -106,7 +111,7 @@ class Grid:
                     security=connection.security(),
                     timeout=timeout,
                     asynchronous=self._asynchronous,
-                    set_as_default=False,
+                    set_as_default=self._set_as_default,
                     **data_only,
                 )
             except ImportError as exc:  # Dask raises a refused stream-start as ImportError

@@ -24,6 +24,8 @@ own and never inside the Dask worker:
 from __future__ import annotations
 
 import contextlib
+import functools
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,7 @@ import dask
 from distributed import Client
 
 from grid_portal.isolation import is_self_isolating
+from grid_portal.joblib_compat import is_joblib_batch, run_joblib_batch
 from grid_portal.payload import opaque_graph
 from grid_portal.protocol import (
     JOB_ANNOTATION,
@@ -91,6 +94,12 @@ class GridDaskClient(Client):
         }
         with dask.annotate(**session):
             return super()._graph_to_futures(graph, keys, *args, **kwargs)
+
+    def submit(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if is_joblib_batch(func):  # joblib's dask backend: see grid_portal/joblib_compat.py
+            kwargs.setdefault("key", f"{type(func).__name__}-{uuid.uuid4().hex}")
+            func = functools.partial(run_joblib_batch, func)
+        return super().submit(func, *args, **kwargs)
 
     def compute(self, *args: Any, **kwargs: Any) -> Any:
         with _grid_methods():

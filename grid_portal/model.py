@@ -217,7 +217,7 @@ class Job:
     id: str
     name: str
     owner: str
-    kind: str  # "cell" | "workflow" | "graph" | "task"
+    kind: str  # "cell" | "workflow" | "graph" | "task" | "dask" (a Dask client's session)
     state: JobState
     submitted: float
     started: float | None = None

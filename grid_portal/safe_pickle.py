@@ -46,6 +46,7 @@ _PANDAS_TOP = {
     "IntervalDtype", "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype", "UInt8Dtype",
     "UInt16Dtype", "UInt32Dtype", "UInt64Dtype", "Float32Dtype", "Float64Dtype", "Timestamp",
     "Timedelta", "Period", "Interval", "NaT",
+    "NA",  # the missing value of pandas' string columns (StringDtype's na_value): a singleton
 }  # fmt: skip
 ALLOWED: dict[str, frozenset[str]] = {
     "builtins": frozenset(_BUILTINS),

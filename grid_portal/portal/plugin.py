@@ -31,6 +31,7 @@ from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.reports import NodeReports
 from grid_portal.portal.scheduling import Scheduling
+from grid_portal.portal.sessions import DaskSessions
 from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported for portal code
     ADMIN,
     ITEMS_ANNOTATION,
@@ -105,6 +106,8 @@ class PortalPlugin(SchedulerPlugin):
         self._client_sessions: dict[str, set[str]] = {}
         # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
+        # Issue 18: plain Dask work (no grid_job) is its client's session job.
+        self.dask_sessions = DaskSessions(self.jobs)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
@@ -196,6 +199,7 @@ class PortalPlugin(SchedulerPlugin):
         annotations: dict[str, dict[Any, Any]],
         **kwargs: Any,
     ) -> None:
+        annotations = self.dask_sessions.annotate(scheduler, client, tasks, annotations)
         self.scheduling.update_graph(scheduler, client, tasks, annotations)  # issue 6
         for key in annotations.get(PUSH_ANNOTATION, {}):
             ts = scheduler.tasks.get(key)
