@@ -312,7 +312,7 @@ def _job_detail(args: argparse.Namespace) -> dict[str, Any]:
             "items": item_paths(tasks),
         }
     with _grid(args) as grid:
-        detail = grid._call("grid_job_tasks", job_id=args.job_id)
+        detail = grid.job_tasks(args.job_id)
     if detail is None:
         raise GridError(f"no job {args.job_id!r} of yours; see grid-portal jobs")
     return detail
@@ -441,12 +441,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
         ]
     else:
         with _grid(args) as grid:
-            reply = grid._call(
-                "grid_job_logs", job_id=args.job_id, stage=args.stage, item=args.item
-            )
-        if reply is None:
+            logs = grid.job_logs(args.job_id, stage=args.stage, item=args.item)
+        if logs is None:
             raise GridError(f"no job {args.job_id!r} of yours; see grid-portal jobs")
-        tasks = list(reply["tasks"])
+        tasks = logs
     if not tasks:
         print("no output was captured (only shell and script tasks' output is kept)")
         return 0
@@ -485,9 +483,9 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
         changes.append({"user": user.strip(), "quota": value})
     changes.extend({"user": user, "clear_quota": True} for user in args.no_quota)
     with _grid(args) as grid:
-        report = grid._call("grid_fairshare")
+        report = grid.fairshare()
         for change in changes:
-            report = grid._call("grid_fairshare_set", **change)  # UsageError, NotAllowed
+            report = grid.set_fairshare(**change)  # UsageError, NotAllowed
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

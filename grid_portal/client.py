@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dask
@@ -27,7 +27,7 @@ from grid_portal.errors import (
     NotAllowed,
     Unsatisfiable,
 )
-from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
+from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement, new_job_id
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
 from grid_portal.units import format_size, parse_size
@@ -37,6 +37,13 @@ from grid_portal.units import format_size, parse_size
 # renews it, so cells run seconds apart, as people run them, pay no round trip for it.
 _OFFER_FRESH = 5.0
 _OFFER_STALE = 60.0
+
+# Waiting for a job: each long poll lasts up to _POLL s; once a job's futures ended, its record
+# (finished by the portal in the same step) is waited for up to _SETTLE s more.
+_POLL = 10.0
+_SETTLE = 30.0
+# A node version never reached: ``changes(since=NO_NODES, ...)`` then wakes for jobs only.
+NO_NODES = 1 << 62
 
 
 class Grid:
@@ -207,21 +214,69 @@ class Grid:
                 time.sleep(pause)  # waiting for the portal to come back, not for a result
                 pause = min(pause * 2, 2.0)
 
-    def nodes(self) -> list[Node]:
-        """Every node the portal knows, online ones and recently offline ones."""
-        return [Node.from_dict(d) for d in self._call("grid_nodes")]
+    def nodes(self, *, as_dict: bool = False) -> list[Any]:
+        """Every node the portal knows, online ones and recently offline ones.
 
-    def node(self, name: str) -> Node | None:
-        """One node with its last 10 minutes of telemetry history."""
+        Parameters
+        ----------
+        as_dict : bool
+            Plain data as the portal sent it (for JSON faces) instead of ``Node`` records.
+
+        Returns
+        -------
+        list of Node (or of dict)
+        """
+        data = self._call("grid_nodes")
+        return list(data) if as_dict else [Node.from_dict(d) for d in data]
+
+    def node(self, name: str, *, as_dict: bool = False) -> Any:
+        """One node with its last 10 minutes of telemetry history.
+
+        Parameters
+        ----------
+        name : str
+            The node's name.
+        as_dict : bool
+            Plain data as the portal sent it instead of a ``Node``.
+
+        Returns
+        -------
+        Node (or dict) or None
+            None when no node has that name.
+        """
         data = self._call("grid_node", name=name)
-        return None if data is None else Node.from_dict(data)
+        if data is None or as_dict:
+            return data
+        return Node.from_dict(data)
 
     def capacity(self) -> Capacity:
+        """Totals over the online nodes: cores, GPUs and memory, in all and free now.
+
+        Returns
+        -------
+        Capacity
+        """
         return Capacity.from_dict(self._call("grid_capacity"))
 
-    def changes(self, since: int = 0, timeout: float = 10.0) -> dict[str, Any]:
-        """Long poll: the nodes changed after version ``since`` (for live views)."""
-        return self._call("grid_changes", since=since, timeout=timeout)
+    def changes(self, since: int = 0, timeout: float = 10.0, jobs_since: int = 0) -> dict[str, Any]:
+        """Long poll: what changed after the given versions (for live views).
+
+        Parameters
+        ----------
+        since : int
+            The node version last seen; ``NO_NODES`` to wait for jobs only.
+        timeout : float
+            Seconds the portal may wait for a change before it answers (at most 60).
+        jobs_since : int
+            The jobs version last seen; the caller's own jobs changed after it come back.
+
+        Returns
+        -------
+        dict
+            ``{"version", "nodes", "removed", "jobs_version", "jobs"}`` as plain data. A
+            ``jobs_version`` lower than ``jobs_since`` means the portal restarted.
+        """
+        return self._call("grid_changes", since=since, jobs_since=jobs_since, timeout=timeout)
 
     def revoke(self, name: str) -> dict[str, Any]:
         """Disconnect a node now and refuse it from then on (the portal's admin only)."""
@@ -306,7 +361,9 @@ class Grid:
             return
         raise Unsatisfiable(
             f"no node on the grid offers {_describe(needs)}; the largest offers "
-            f"{_describe(largest)}. Ask for less, or pass wait=True to wait for such a node."
+            f"{_describe(largest)}. Ask for less, or pass wait=True to wait for such a node.",
+            resources=needs,
+            largest=largest,
         )
 
     def _largest_offer(self, refresh: bool) -> dict[str, float]:
@@ -482,15 +539,12 @@ class Grid:
         if where is None:
             yield
             return
-        from grid_portal.portal.matching import compile_requirement
-        from grid_portal.portal.placement import describe_refusal
+        from grid_portal.requirements import compile_requirement
 
         text = compile_requirement(where).text
         if not wait:
-            report = self._call("grid_match", where=text, resources=requirement.resources())
-            if not report["matching"]:
-                asked = f"where {text!r} with {_describe(requirement.resources())}"
-                raise Unsatisfiable(describe_refusal(asked, report))
+            resources = requirement.resources()
+            self.require(text, resources, f"where {text!r} with {_describe(resources)}")
         with dask.annotate(grid_where=text):
             yield
 
@@ -515,6 +569,378 @@ class Grid:
         return submit_workflow(
             self, spec, overrides, wait=wait, wait_for_nodes=wait_for_nodes, progress=progress
         )
+
+    # -- matching a requirement and waiting for nodes -----------------------------------------
+    def match(
+        self, where: str | None = None, resources: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Which connected nodes could run one task with this requirement and resources.
+
+        Parameters
+        ----------
+        where : str, optional
+            A requirement expression (docs/requirements.md); None matches any node.
+        resources : mapping, optional
+            One task's resources, as ``Requirement.resources()`` gives them.
+
+        Returns
+        -------
+        dict
+            ``{"matching": [names], "online": n, "closest": [{"name", "reasons"}]}``: the
+            closest non-matching nodes come with one line per thing they lack.
+
+        Raises
+        ------
+        ExpressionError
+            A mistake in ``where`` (a UsageError naming it), found before anything is asked.
+        """
+        from grid_portal.requirements import compile_requirement
+
+        text = compile_requirement(where).text if where else None
+        return self._call("grid_match", where=text, resources=dict(resources or {}))
+
+    def require(
+        self,
+        where: str | None,
+        resources: Mapping[str, float] | None = None,
+        asked: str | None = None,
+    ) -> list[str]:
+        """The connected nodes that meet ``where`` with ``resources``; Unsatisfiable if none.
+
+        Parameters
+        ----------
+        where : str or None
+            A requirement expression, or None for any node.
+        resources : mapping, optional
+            One task's resources.
+        asked : str, optional
+            How the default message names the request (``where '...' with 2 CPUs``).
+
+        Returns
+        -------
+        list of str
+            The names of the matching nodes (at least one).
+
+        Raises
+        ------
+        Unsatisfiable
+            No connected node meets it; its fields (``where``, ``resources``, ``online``,
+            ``closest``) let a front end word its own advice.
+        """
+        from grid_portal.requirements import describe_refusal
+
+        resources = dict(resources or {})
+        report = self.match(where, resources)
+        if report["matching"]:
+            return list(report["matching"])
+        if asked is None:
+            asked = f"where {where!r}" if where else _describe(resources)
+        raise Unsatisfiable(
+            describe_refusal(asked, report),
+            where=where,
+            resources=resources,
+            online=report.get("online"),
+            closest=report.get("closest") or (),
+        )
+
+    def wait_for_nodes(
+        self,
+        count: int = 1,
+        *,
+        where: str | None = None,
+        resources: Mapping[str, float] | None = None,
+        timeout: float = 60.0,
+    ) -> list[str]:
+        """Wait until ``count`` connected nodes meet ``where`` with ``resources``.
+
+        Parameters
+        ----------
+        count : int
+            How many nodes must match.
+        where : str, optional
+            A requirement expression; None counts every online node.
+        resources : mapping, optional
+            One task's resources each node must offer.
+        timeout : float
+            Seconds to wait at most.
+
+        Returns
+        -------
+        list of str
+            The names of the matching nodes.
+
+        Raises
+        ------
+        TimeoutError
+            Fewer nodes matched when ``timeout`` ran out.
+        """
+        deadline = time.monotonic() + timeout
+        since = 0
+        while True:
+            matching = list(self.match(where, resources)["matching"])
+            left = deadline - time.monotonic()
+            if len(matching) >= count:
+                return matching
+            if left <= 0:
+                raise TimeoutError(
+                    f"{len(matching)} of {count} node(s) matched within {timeout:g} s"
+                )
+            since = self.changes(since=since, timeout=min(10.0, max(0.1, left)))["version"]
+
+    # -- waiting for a job ------------------------------------------------------------------
+    def wait(
+        self,
+        job_id: str,
+        *,
+        futures: Iterable[Future] = (),
+        progress: Callable[[Job], None] | None = None,
+        timeout: float | None = None,
+    ) -> Job | None:
+        """Wait until the job ends, however often the portal restarts meanwhile.
+
+        The portal's long poll (``changes``) wakes this as soon as one of the caller's jobs
+        changes, so a finished job is seen at once; Ctrl-C (KeyboardInterrupt) stops the
+        waiting, never the job.
+
+        Parameters
+        ----------
+        job_id : str
+            The job.
+        futures : iterable of Future, optional
+            The job's futures held by this client: waited for first (they end when the job's
+            tasks end), then the job's record. When Dask cancelled them because the
+            connection was lost, the portal restarted and ran the job again by itself
+            (portal/recovery.py), so the record is waited for however long it takes.
+            Otherwise the record, which the portal finishes in the same step, is waited for
+            up to 30 s more.
+        progress : callable, optional
+            Called with the job's record every few seconds while it runs.
+        timeout : float, optional
+            Seconds to wait at most; None waits until the job ends.
+
+        Returns
+        -------
+        Job or None
+            The job's record: finished, unless ``timeout`` (or the 30 s after its futures
+            ended) ran out first; None when the portal knows no such job of the caller's.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = list(futures)
+        if futures:
+            self._wait_futures(job_id, futures, progress, deadline)
+            lost = any(f.status == "cancelled" for f in futures)
+            if not lost:
+                settle = time.monotonic() + _SETTLE
+                deadline = settle if deadline is None else min(deadline, settle)
+        version = 0
+        while True:
+            job = self.get_job(job_id)
+            if job is None or job.state.finished:
+                return job
+            if progress is not None:
+                progress(job)
+            left = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
+            if left <= 0:
+                return job
+            reply = self.changes(since=NO_NODES, jobs_since=version, timeout=left)
+            # A version lower than ours: the portal restarted (again) and counts from 0.
+            version = reply["jobs_version"] if reply["jobs_version"] >= version else 0
+
+    def _wait_futures(
+        self,
+        job_id: str,
+        futures: list[Future],
+        progress: Callable[[Job], None] | None,
+        deadline: float | None,
+    ) -> None:
+        from distributed import CancelledError
+        from distributed import wait as wait_futures
+
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                with self.client.as_current():
+                    wait_futures(futures, timeout=2.0)
+                return
+            except TimeoutError:
+                if progress is not None and (job := self.get_job(job_id)) is not None:
+                    progress(job)
+            except CancelledError:  # the job was cancelled (grid-portal cancel)
+                return
+
+    # -- a job's tasks, logs and held results -------------------------------------------------
+    def job_tasks(self, job_id: str) -> dict[str, Any] | None:
+        """A job with its per-stage progress and, for each task, where and when it ran.
+
+        Parameters
+        ----------
+        job_id : str
+            The job.
+
+        Returns
+        -------
+        dict or None
+            ``{"job", "stages", "tasks", "items"}`` as plain data; None when the portal
+            knows no such job of the caller's.
+        """
+        return self._call("grid_job_tasks", job_id=job_id)
+
+    def job_logs(
+        self, job_id: str, stage: str | None = None, item: int | None = None
+    ) -> list[dict[str, Any]] | None:
+        """What a job's shell and script tasks printed.
+
+        Parameters
+        ----------
+        job_id : str
+            The job.
+        stage : str, optional
+            Only this stage's tasks.
+        item : int, optional
+            Only this map item's tasks.
+
+        Returns
+        -------
+        list of dict or None
+            One record per task (``stage``, ``item``, ``node``, ``state``, ``stdout``,
+            ``stderr``); None when the portal knows no such job of the caller's.
+        """
+        reply = self._call("grid_job_logs", job_id=job_id, stage=stage, item=item)
+        return None if reply is None else list(reply["tasks"])
+
+    def held_keys(self, job_id: str) -> dict[str, list[Any]]:
+        """The keys of the results the portal holds for a job (a workflow's kept outputs, a
+        restarted cell's result), by stage; a map stage's in map order.
+
+        Parameters
+        ----------
+        job_id : str
+            The job.
+
+        Returns
+        -------
+        dict
+            Stage name to its Dask keys (``(name, i)`` tuples for a map stage).
+
+        Raises
+        ------
+        NotFound
+            Nothing is held for it (not a workflow, not yours, released, or expired).
+        UsageError
+            Its replicas are still being compared.
+        """
+        reply = self._call("grid_workflow_outputs", job_id=job_id)
+        held = {stage: [_key(k) for k in keys] for stage, keys in reply["outputs"].items()}
+        for keys in held.values():
+            keys.sort(key=lambda k: k[1] if isinstance(k, tuple) else 0)
+        return held
+
+    def release_held(self, job_id: str) -> bool:
+        """Let the portal drop the results it holds for a job (once they were fetched).
+
+        Parameters
+        ----------
+        job_id : str
+            The job.
+
+        Returns
+        -------
+        bool
+            Whether anything was held and is now let go.
+        """
+        return bool((self._call("grid_workflow_release", job_id=job_id) or {}).get("released"))
+
+    def futures_for(self, keys: Iterable[Any]) -> list[Future]:
+        """Futures of this client for results the scheduler already holds, by key.
+
+        Parameters
+        ----------
+        keys : iterable
+            Dask keys, such as ``held_keys`` gives.
+
+        Returns
+        -------
+        list of Future
+            One per key; the scheduler reports their state to this client (as Dask's own
+            ``get_dataset`` does for futures made from keys).
+        """
+        client = self.client
+        futures = [Future(k, client) for k in keys]
+        client._inform_scheduler_of_futures()
+        return futures
+
+    # -- fair share -------------------------------------------------------------------------
+    def fairshare(self) -> dict[str, Any]:
+        """Every user's usage, priority factor and quota (public to the grid's users).
+
+        Returns
+        -------
+        dict
+            The portal's report: ``half_life``, ``users`` (one record each), ``time``.
+        """
+        return self._call("grid_fairshare")
+
+    def set_fairshare(
+        self,
+        *,
+        half_life: float | None = None,
+        user: str | None = None,
+        quota: float | None = None,
+        clear_quota: bool = False,
+    ) -> dict[str, Any]:
+        """Set the usage half-life or one user's quota (the admin and teachers only).
+
+        Parameters
+        ----------
+        half_life : float, optional
+            Seconds after which past usage counts half.
+        user : str, optional
+            Whose quota to set or clear.
+        quota : float, optional
+            The most cores ``user`` may hold at once.
+        clear_quota : bool
+            Remove ``user``'s quota.
+
+        Returns
+        -------
+        dict
+            The fair-share report after the change (as ``fairshare``).
+
+        Raises
+        ------
+        NotAllowed
+            The caller may not change fair share.
+        UsageError
+            A value out of range.
+        """
+        change: dict[str, Any] = {"clear_quota": clear_quota} if clear_quota else {}
+        if half_life is not None:
+            change["half_life"] = half_life
+        if user is not None:
+            change["user"] = user
+        if quota is not None:
+            change["quota"] = quota
+        return self._call("grid_fairshare_set", **change)
+
+    # -- this connection's certificate ----------------------------------------------------------
+    def renew_certificate(self, csr: str) -> dict[str, Any]:
+        """Have the portal sign a fresh certificate for this connection's person.
+
+        Parameters
+        ----------
+        csr : str
+            A PEM certificate signing request for a new key.
+
+        Returns
+        -------
+        dict
+            ``{"cert": PEM text}``.
+
+        Raises
+        ------
+        NotAllowed
+            The certificate was revoked, or its role is not renewed this way.
+        """
+        return self._call("grid_renew", csr=csr)
 
 
 # -- issue 14: what the kernel opens (grid_portal.safe_pickle) -------------------------------
@@ -585,8 +1011,9 @@ def _holds_items(futures: Any) -> bool:
     return holds_items(futures)
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex[:12]
+def _key(value: Any) -> Any:
+    """Dask keys come back from msgpack with tuples turned into lists."""
+    return tuple(_key(v) for v in value) if isinstance(value, list) else value
 
 
 def _name_of(obj: Any) -> str:

@@ -24,7 +24,45 @@ class EnrolmentRefused(GridError):
 
 
 class Unsatisfiable(GridError):
-    """No node on the grid could ever run this request."""
+    """No node on the grid could ever run this request.
+
+    The message is a complete sentence for a terminal; the fields say the same as data, so a
+    face (magic, CLI, REST, sidebar) can word its own advice.
+
+    Attributes
+    ----------
+    where : str or None
+        The requirement expression asked for, if any.
+    resources : dict
+        The resources one task asked for (``{"CPU": 2, "GPU": 1, "MEMORY": bytes}``).
+    online : int or None
+        How many nodes were connected when asked; None when not known.
+    matching : list of str
+        The connected nodes that met the request (fewer than needed, e.g. for replicas).
+    closest : list of dict
+        The closest nodes that did not, each ``{"name": ..., "reasons": [one line each]}``.
+    largest : dict
+        The largest offer of any node, when the request was refused on size alone.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str | None = None,
+        resources: dict[str, float] | None = None,
+        online: int | None = None,
+        matching: list[str] | tuple[str, ...] = (),
+        closest: list[dict] | tuple[dict, ...] = (),
+        largest: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.where = where
+        self.resources = dict(resources or {})
+        self.online = online
+        self.matching = list(matching)
+        self.closest = [dict(c) for c in closest]
+        self.largest = dict(largest or {})
 
 
 class NotAllowed(GridError, PermissionError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,7 +198,7 @@ class Requirement:
     cpus: float = 1
     gpus: float = 0
     memory: int | None = None  # bytes
-    where: str | None = None  # a requirement expression (grid_portal.portal.matching)
+    where: str | None = None  # a requirement expression (grid_portal.requirements.matching)
 
     def resources(self) -> dict[str, float]:
         res: dict[str, float] = {}
@@ -253,3 +254,8 @@ class Job:
         data["nodes"] = list(data.get("nodes") or [])  # msgpack hands lists back as tuples
         data["outvoted"] = list(data.get("outvoted") or [])
         return cls(state=state, **{k: v for k, v in data.items() if k in known})
+
+
+def new_job_id() -> str:
+    """A fresh job id: 12 hex digits, made by whoever submits (client or workflow)."""
+    return uuid.uuid4().hex[:12]

@@ -54,7 +54,7 @@ def renew(grid: Grid) -> bool:
     if not due(connection):
         return False
     key_pem, csr_pem = make_key_and_csr(connection.name or "researcher")
-    reply = grid._call("grid_renew", csr=csr_pem)  # NotAllowed once revoked
+    reply = grid.renew_certificate(csr_pem)  # NotAllowed once revoked
     cert_pem = reply["cert"]
     folder = Path(connection.cert).parent
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")

@@ -77,7 +77,7 @@ def refuse_too_few(grid: Any, replicas: int, where: str | None, resources: dict)
     would wait for more nodes: pass ``wait=True`` for that)."""
     from grid_portal.errors import Unsatisfiable
 
-    report = grid._call("grid_match", where=where, resources=resources)
+    report = grid.match(where, resources)
     matching = list(report.get("matching") or ())
     if len(matching) >= replicas:
         return
@@ -86,7 +86,12 @@ def refuse_too_few(grid: Any, replicas: int, where: str | None, resources: dict)
     raise Unsatisfiable(
         f"cannot place {replicas} copies on {replicas} different nodes: only "
         f"{len(matching)} connected node(s) {which}offer what a copy needs{have}. Ask for "
-        f"fewer replicas, or pass wait=True (--wait) to wait for more nodes to join."
+        f"fewer replicas, or pass wait=True (--wait) to wait for more nodes to join.",
+        where=where,
+        resources=resources,
+        online=report.get("online"),
+        matching=matching,
+        closest=report.get("closest") or (),
     )
 
 

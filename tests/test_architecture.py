@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ FORBIDDEN = [
         ("grid_portal.notebook", "grid_portal.jupyter", "grid_portal.cli", "grid_portal.portal"),
     ),
     ("model.py", ("distributed", "dask")),
+    ("client.py", ("grid_portal.portal",)),
+    (
+        "requirements",
+        ("distributed", "dask", "grid_portal.portal", "grid_portal.client", "grid_portal.jobs"),
+    ),
     ("jobs/spec.py", ("distributed",)),
 ]
 
@@ -53,3 +59,123 @@ def test_import_grid_portal_stays_light() -> None:
     code = "import sys, grid_portal; print(sorted(m for m in ('dask', 'distributed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# Every face goes through the Grid client's public methods: its private handler calls and
+# Dask client internals stay inside client.py, so the wire contract can change in one place.
+PRIVATE_REACH = re.compile(r"\._call\(|\.client\._")
+
+
+def test_faces_use_the_public_client() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "client.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE_REACH.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "use a public Grid method instead:\n" + "\n".join(offenders)
+
+
+# -- no circles between rooms ---------------------------------------------------------------
+# Rooms: each folder of grid_portal/ (portal, node, jobs, notebook, jupyter, requirements) and
+# each top-level module. An arrow is any import (lazy ones too; not those under TYPE_CHECKING).
+# Arrows that still close a circle, to be broken (docs/architecture.md says how); the test
+# fails on any new circle, and on a listed arrow that is gone (so the list only shrinks).
+KNOWN_CIRCLE_ARROWS = {
+    ("portal", "client"): "recovery resubmits through a Grid (to do: the plugin's own calls)",
+    ("portal", "jobs"): "recovery uses the kernel side of workflows and cells",
+    ("connection", "portal"): "connection files use portal/security's TLS helpers",
+    ("connection", "hubconnect"): "a Hub connection is found by connection.py",
+}
+
+
+def room_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "grid_portal" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def room_arrows() -> dict[tuple[str, str], list[str]]:
+    arrows: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).parts
+        source = rel[0] if len(rel) > 1 else rel[0].removesuffix(".py")
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skipped = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        package = list(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            modules: list[str] = []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                modules = [module]
+                if module == "grid_portal":
+                    modules = [f"grid_portal.{alias.name}" for alias in node.names]
+            for module in modules:
+                target = room_of(module)
+                if target and target not in (source, "__init__", "__main__"):
+                    where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                    arrows.setdefault((source, target), []).append(where)
+    return arrows
+
+
+def circles(edges: set[tuple[str, str]]) -> list[list[str]]:
+    """Strongly connected components of more than one room (Tarjan)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_circles_between_rooms() -> None:
+    arrows = room_arrows()
+    gone = sorted(set(KNOWN_CIRCLE_ARROWS) - set(arrows))
+    assert not gone, f"these arrows are gone: drop them from KNOWN_CIRCLE_ARROWS: {gone}"
+    found = circles(set(arrows) - set(KNOWN_CIRCLE_ARROWS))
+    detail = [
+        f"{a} -> {b}: {', '.join(arrows[(a, b)][:3])}"
+        for component in found
+        for a in component
+        for b in component
+        if (a, b) in arrows
+    ]
+    assert not found, "imports that close a circle between rooms:\n" + "\n".join(detail)

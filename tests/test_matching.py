@@ -1,4 +1,4 @@
-"""Requirement expressions (grid_portal.portal.matching): parsing, matching, explain, errors.
+"""Requirement expressions (grid_portal.requirements.matching): parsing, matching, explain, errors.
 
 Nodes are built from the real grid_portal.model dataclasses; nothing of ours is mocked.
 """
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from grid_portal.errors import UsageError
 from grid_portal.model import GpuInfo, NetworkInfo, Node, NodeState, Offer, StaticCapacity
-from grid_portal.portal.matching import (
+from grid_portal.requirements.matching import (
     ATTRIBUTES,
     MAX_DEPTH,
     MAX_LENGTH,
@@ -466,7 +466,7 @@ def test_user_text_is_never_evaluated_as_python() -> None:
 
 def test_module_does_not_import_dask() -> None:
     code = (
-        "import sys, grid_portal.portal.matching; "
+        "import sys, grid_portal.requirements.matching; "
         "assert not {'dask', 'distributed'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

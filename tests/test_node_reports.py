@@ -44,7 +44,6 @@ from grid_portal.model import (
     Telemetry,
 )
 from grid_portal.portal.contributions import ContributionLedger
-from grid_portal.portal.matching import node_attributes
 from grid_portal.portal.plugin import node_state
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.reports import (
@@ -64,6 +63,7 @@ from grid_portal.protocol import (
     SANDBOX_LEVELS,
 )
 from grid_portal.render import nodes_table
+from grid_portal.requirements.matching import node_attributes
 
 NAN, INF = float("nan"), float("inf")
 TEN_MB = "x" * (10 * 2**20)

@@ -17,8 +17,8 @@ from test_matching import make_node
 from grid_portal.errors import Unsatisfiable, UsageError
 from grid_portal.jobs.workflow import release_outputs, workflow_outputs
 from grid_portal.model import CPU, GPU, MEMORY, NodeState
-from grid_portal.portal.matching import ExpressionError
-from grid_portal.portal.placement import describe_refusal, match_report
+from grid_portal.requirements import describe_refusal, match_report
+from grid_portal.requirements.matching import ExpressionError
 
 # -- which nodes match, and why the others do not ----------------------------------------------
 

@@ -680,7 +680,7 @@ class RunOptions:
     cpus: float = 1
     gpus: float = 0
     memory: int | None = None
-    workers: list[str] | None = None  # --where: the eligible nodes
+    where: str | None = None  # --where: the portal places the cell, and re-matches as nodes join
     retries: int = 0
     timeout: float | None = None
     keep: bool = False  # --bg: the node keeps the result at the portal
@@ -765,8 +765,6 @@ class CellRun:
         requests = self.requests()
         keys = [f"grid-cell-{self.job_id}-{i}" for i in range(self.count)]
         extra: dict[str, Any] = {}
-        if self.options.workers is not None:
-            extra.update(workers=list(self.options.workers), allow_other_workers=False)
         if self.options.retries:
             extra["retries"] = int(self.options.retries)
         self.submitted_at = time.monotonic()
@@ -774,19 +772,13 @@ class CellRun:
             "cpus": self.options.cpus,
             "gpus": self.options.gpus,
             "memory": self.options.memory,
-            "wait": self.options.workers is not None,  # eligibility was checked already
+            "where": self.options.where,
         }
         if self.options.replicas > 1:
             replicas = self.options.replicas
             if self.options.keep:
                 raise UsageError(
                     "--replicas and --bg do not go together (yet): run it in the foreground"
-                )
-            if self.options.workers is not None and len(self.options.workers) < replicas:
-                raise UsageError(
-                    f"--replicas {replicas}: cannot place {replicas} copies on {replicas} "
-                    f"different nodes: only {len(self.options.workers)} meet --where "
-                    f"({', '.join(self.options.workers) or 'none'})"
                 )
             resources["replicas"] = replicas
             # Copy 0's output, ended by an "end" event, comes through the stream: open it now.
@@ -866,7 +858,7 @@ class CellRun:
                 "cpus": options.cpus,
                 "gpus": options.gpus,
                 "memory": options.memory,
-                "workers": list(options.workers) if options.workers is not None else None,
+                "where": options.where,
                 "retries": options.retries,
                 "timeout": options.timeout,
             },
@@ -1142,7 +1134,9 @@ def resubmit_kept_cell(grid: Any, job_id: str, name: str, kept: dict[str, Any]) 
     request = {**kept["request"], "channel": None, "job_id": job_id, "keep": True}
     options = kept["options"]
     extra: dict[str, Any] = {}
-    if options.get("workers") is not None:
+    if options.get("where"):
+        extra["where"] = options["where"]
+    elif options.get("workers") is not None:  # kept before cells were placed by the portal
         extra.update(workers=list(options["workers"]), allow_other_workers=False)
     if options.get("retries"):
         extra["retries"] = int(options["retries"])
@@ -1173,16 +1167,13 @@ def fetch_kept(grid: Any, job_id: str) -> bytes | None:
     if data is not None:
         return data
     try:
-        reply = grid._call("grid_workflow_outputs", job_id=job_id)
+        held = grid.held_keys(job_id)
     except GridError:  # NotFound: nothing held; UsageError: replicas still compared
         return None
-    keys = [k for ks in (reply.get("outputs") or {}).values() for k in ks]
+    keys = [k for ks in held.values() for k in ks]
     if not keys:
         return None
-    from distributed import Future
-
-    futures = [Future(k, grid.client) for k in keys]
-    grid.client._inform_scheduler_of_futures()
+    futures = grid.futures_for(keys)
     outcomes = []
     for future in futures:
         try:
@@ -1191,7 +1182,7 @@ def fetch_kept(grid: Any, job_id: str) -> bytes | None:
             outcomes.append(exc.outcome)
     data = stored_blob(outcomes, None)
     grid.store_result(job_id, data)
-    grid._call("grid_workflow_release", job_id=job_id)
+    grid.release_held(job_id)
     return data
 
 

@@ -30,7 +30,6 @@ import contextlib
 import ctypes
 import glob
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -55,6 +53,7 @@ from grid_portal.jobs.spec import (
     load_spec,
     resolve_callable,
 )
+from grid_portal.jobs.task_output import leave_output
 from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
     HOLD_ANNOTATION,
     REPLICA_ANNOTATION,
@@ -311,67 +310,6 @@ def _tail(path: Path) -> str:
     return text if size <= MAX_LOG_CHARS else "...\n" + text
 
 
-OUTPUT_FOLDER = "grid-task-output"
-
-
-def _output_path(local_directory: str | os.PathLike[str], key_text: str) -> Path:
-    digest = hashlib.sha256(key_text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return Path(local_directory) / OUTPUT_FOLDER / f"{digest}.json"
-
-
-def _leave_output(task: TaskId, stdout: str, stderr: str) -> None:
-    """Leave what the task printed where the worker's ``TaskOutputForwarder`` finds it.
-
-    A file, because the task may run in a sandboxed process of its own (issue 7) that has no
-    connection to the portal; the worker process, which has one, forwards it.
-    """
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()  # a task process's view: its outbox is the worker's directory
-        path = _output_path(getattr(worker, "grid_outbox", None) or worker.local_directory, task.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"stdout": stdout, "stderr": stderr}))
-        os.replace(tmp, path)
-    except Exception:  # noqa: BLE001 - logs are a convenience; the task's result matters
-        pass
-
-
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover - distributed is a dependency
-    _WorkerPlugin = object  # type: ignore[assignment,misc]
-
-
-class TaskOutputForwarder(_WorkerPlugin):  # type: ignore[misc,valid-type]
-    """Worker plugin (installed by the portal on every node): sends each finished task's
-    captured output to the portal (``grid_task_output``), for ``grid-portal logs``."""
-
-    name = "grid-task-output"
-    idempotent = True
-
-    def setup(self, worker: Any) -> None:
-        self.worker = worker
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if start != "executing" or finish not in ("memory", "error"):
-            return
-        path = _output_path(self.worker.local_directory, str(key))
-        try:
-            data = json.loads(path.read_text())
-            path.unlink()
-        except (OSError, ValueError):
-            return  # not a shell or script task (or nothing left): nothing to send
-        self.worker.loop.add_callback(self._send, str(key), data)
-
-    async def _send(self, key: str, data: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):
-            await self.worker.scheduler.grid_task_output(
-                key=key, stdout=str(data.get("stdout", "")), stderr=str(data.get("stderr", ""))
-            )
-
-
 def _run_process(
     plan: StagePlan,
     task: TaskId,
@@ -418,7 +356,7 @@ def _run_process(
                 _kill_group(process)
                 raise
         stdout, stderr = _tail(logs / "stdout"), _tail(logs / "stderr")
-        _leave_output(task, stdout, stderr)
+        leave_output(task.key, stdout, stderr)
         what = _describe_task(plan, task)
         if code is None:
             raise TaskFailed(f"{what}: still running after the timeout of {plan.timeout:g} s")
@@ -526,7 +464,7 @@ def _requirement_text(stage: StageSpec) -> str | None:
 
 def check_requirements(spec: JobSpec) -> list[SpecProblem]:
     """Each stage's ``where``, compiled: unknown attributes and type mismatches, found here."""
-    from grid_portal.portal.matching import ExpressionError, compile_requirement
+    from grid_portal.requirements.matching import ExpressionError, compile_requirement
 
     problems = []
     for stage in spec.stages:
@@ -617,17 +555,13 @@ def load_workflow(
 
 def check_nodes(grid: Grid, spec: JobSpec) -> None:
     """Refuse a stage that no connected node could run (Unsatisfiable names the closest ones)."""
-    from grid_portal.portal.placement import describe_refusal
-
     for stage in spec.stages:
-        where = _requirement_text(stage)
-        resources = stage.requirement().resources()
-        report = grid._call("grid_match", where=where, resources=resources)
-        if not report["matching"]:
-            asked = f"where {stage.where!r}" if stage.where else "its resources"
-            raise Unsatisfiable(
-                f"{_origin(stage)} ({stage.name}): " + describe_refusal(asked, report)
-            )
+        asked = f"where {stage.where!r}" if stage.where else "its resources"
+        try:
+            grid.require(_requirement_text(stage), stage.requirement().resources(), asked)
+        except Unsatisfiable as exc:
+            exc.args = (f"{_origin(stage)} ({stage.name}): {exc}",)
+            raise
 
 
 def submit_workflow(
@@ -641,7 +575,7 @@ def submit_workflow(
     progress: Callable[[Job], None] | None = None,
 ) -> Job:
     """Check and submit a workflow; returns its Job (finished when ``wait``)."""
-    from grid_portal.client import new_job_id
+    from grid_portal.model import new_job_id
 
     spec = load_workflow(spec, overrides)
     job_id = job_id or new_job_id()
@@ -651,7 +585,7 @@ def submit_workflow(
         check_nodes(grid, spec)
     kept = _register_and_submit(grid, spec, job_id, plans, bindings)
     if wait:
-        _wait(grid, job_id, kept, progress)
+        grid.wait(job_id, futures=kept, progress=progress)
     del kept  # the portal holds them for the owner; let go of our references
     job = grid.get_job(job_id)
     assert job is not None
@@ -827,9 +761,6 @@ def _kept(stage: StageSpec, needed: set[str]) -> bool:
     return stage.name not in needed or bool(stage.outputs)
 
 
-_NO_NODES = 2**62  # a node version never reached: grid_changes then waits for jobs only
-
-
 def _submission_order(spec: JobSpec) -> list[StageSpec]:
     """Needs first; among stages free to go, higher ``priority`` first, then file order.
 
@@ -855,55 +786,12 @@ def _submission_order(spec: JobSpec) -> list[StageSpec]:
     return order
 
 
-def _wait(
-    grid: Grid, job_id: str, futures: list[Future], progress: Callable[[Job], None] | None
-) -> None:
-    from distributed import CancelledError, wait
-
-    while True:
-        try:
-            with grid.client.as_current():
-                wait(futures, timeout=2.0)
-            break
-        except TimeoutError:
-            if progress is not None and (job := grid.get_job(job_id)) is not None:
-                progress(job)
-        except CancelledError:  # the job was cancelled (grid-portal cancel)
-            break
-    # The portal counts a task as done in the same step that tells us: the job is finished
-    # now, or a moment later. Wait for its record with the portal's long poll. Futures that
-    # Dask cancelled because the connection was lost mean the portal restarted: it submitted
-    # the job again by itself (portal/recovery.py), so wait for the job however long it runs.
-    lost = any(f.status == "cancelled" for f in futures)
-    version = 0
-    deadline = time.monotonic() + 30
-    while lost or time.monotonic() < deadline:
-        job = grid.get_job(job_id)
-        if job is None or job.state.finished:
-            return
-        if progress is not None:
-            progress(job)
-        reply = grid._call("grid_changes", since=_NO_NODES, jobs_since=version, timeout=5)
-        if reply["jobs_version"] < version:  # the portal restarted (again): versions restart
-            version = 0
-            continue
-        version = reply["jobs_version"]
-
-
 # --- results -------------------------------------------------------------------------------------
 
 
-def _key(value: Any) -> Any:
-    """Dask keys come back from msgpack with tuples turned into lists."""
-    return tuple(_key(v) for v in value) if isinstance(value, list) else value
-
-
 def held_outputs(grid: Grid, job_id: str) -> dict[str, list[Any]]:
-    reply = grid._call("grid_workflow_outputs", job_id=job_id)  # NotFound, UsageError
-    held = {stage: [_key(k) for k in keys] for stage, keys in reply["outputs"].items()}
-    for keys in held.values():  # a map stage's keys are (name, i): back in map order
-        keys.sort(key=lambda k: k[1] if isinstance(k, tuple) else 0)
-    return held
+    """The keys of a workflow's held outputs by stage (``Grid.held_keys``)."""
+    return grid.held_keys(job_id)  # NotFound, UsageError
 
 
 def workflow_outputs(grid: Grid, job_id: str) -> dict[str, Any]:
@@ -913,14 +801,9 @@ def workflow_outputs(grid: Grid, job_id: str) -> dict[str, Any]:
     Raises the task's error when one failed, GridError when the job has no held outputs
     (not a workflow, not yours, already fetched and released, or expired).
     """
-    from distributed import Future
-
     held = held_outputs(grid, job_id)
     out: dict[str, Any] = {}
-    futures = {stage: [Future(k, grid.client) for k in keys] for stage, keys in held.items()}
-    # Futures made from keys are new to this client: say we want them, as Dask's own
-    # get_dataset does, so the scheduler reports their state to us.
-    grid.client._inform_scheduler_of_futures()
+    futures = {stage: grid.futures_for(keys) for stage, keys in held.items()}
     for stage, keys in held.items():
         values = grid.client.gather(futures[stage])
         mapped = all(isinstance(k, tuple) for k in keys)
@@ -930,7 +813,7 @@ def workflow_outputs(grid: Grid, job_id: str) -> dict[str, Any]:
 
 def release_outputs(grid: Grid, job_id: str) -> bool:
     """Let the portal drop a workflow's held outputs (after they were fetched)."""
-    return bool(grid._call("grid_workflow_release", job_id=job_id).get("released"))
+    return grid.release_held(job_id)
 
 
 def describe_outputs(outputs: Mapping[str, Any], limit: int = 200) -> list[str]:

@@ -171,14 +171,14 @@ class NodesHandler(GridHandler):
             else:
                 self.finish(body)
             return
-        await self.call_json(lambda grid: {"nodes": grid._call("grid_nodes")})
+        await self.call_json(lambda grid: {"nodes": grid.nodes(as_dict=True)})
 
 
 class NodeHandler(GridHandler):
     @web.authenticated
     @authorized
     async def get(self, name: str) -> None:
-        node = await self.run(lambda grid: grid._call("grid_node", name=name))
+        node = await self.run(lambda grid: grid.node(name, as_dict=True))
         if node is None:
             raise _not_found(f"no node named {name!r} on this grid; GET nodes lists them")
         self.write_json(node)

@@ -463,11 +463,11 @@ class EventHub:
         user = await self.portal.user()
 
         def fetch(grid: Grid) -> tuple[dict[str, Any], dict[str, str], Any, dict[str, Any]]:
-            changes = grid._call("grid_changes", since=0, jobs_since=0, timeout=0)
+            changes = grid.changes(since=0, jobs_since=0, timeout=0)
             # Jobs loaded from the ledger after a portal restart have no version yet; list them.
             overview = grid.jobs_overview()
             nodes = {n["name"]: _dumps(n) for n in changes["nodes"]}
-            return changes, nodes, overview["jobs"], grid._call("grid_capacity")
+            return changes, nodes, overview["jobs"], grid.capacity().to_dict()
 
         changes, nodes, jobs, capacity = await self.portal.run(fetch)
         self._version = int(changes["version"])
@@ -485,9 +485,9 @@ class EventHub:
         wait = self.portal.events_poll_timeout
 
         def fetch(grid: Grid) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
-            changes = grid._call("grid_changes", since=since, jobs_since=jobs_since, timeout=wait)
+            changes = grid.changes(since=since, jobs_since=jobs_since, timeout=wait)
             nodes = [(n["name"], _dumps(n)) for n in changes["nodes"]]
-            return changes, nodes, grid._call("grid_capacity")
+            return changes, nodes, grid.capacity().to_dict()
 
         changes, nodes, capacity = await self.portal.run(
             fetch, timeout=wait + self.portal.call_timeout

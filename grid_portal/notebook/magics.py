@@ -13,7 +13,6 @@ import functools
 import re
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -245,13 +244,7 @@ class BackgroundCell:
     def _kept_outcomes(self, sink: _OutputSink) -> list[dict[str, Any]]:
         """Wait for the job at the portal and load the result its node kept there."""
         grid = self.magics.grid
-        version = 0
-        while True:
-            job = grid.get_job(self.job_id)
-            if job is None or job.state.finished:
-                break
-            reply = grid._call("grid_changes", since=1 << 62, jobs_since=version, timeout=10)
-            version = reply["jobs_version"] if reply["jobs_version"] >= version else 0
+        job = grid.wait(self.job_id)
         data = cells.fetch_kept(grid, self.job_id)
         if data is None:
             raise GridError(_no_result(job) if job is not None else f"no job {self.job_id}")
@@ -444,7 +437,7 @@ class GridMagics(Magics):
         where = " ".join(args.where) if args.where else None
         expression = None
         if where is not None:
-            from grid_portal.portal.matching import compile_requirement
+            from grid_portal.requirements.matching import compile_requirement
 
             expression = compile_requirement(where)  # a mistake is an error before anything
         inputs_wanted = cells.split_names(args.inputs, "--in")
@@ -484,26 +477,22 @@ class GridMagics(Magics):
             keep=args.bg,
             stream=not args.bg,
             replicas=args.replicas,
+            where=expression.text if expression is not None else None,
         )
         run = cells.CellRun(grid, payload, options, map_values, labels)
         try:
-            if expression is not None:
-                options.workers = _eligible(grid, expression, where or "", options)
             run.submit()
         except Unsatisfiable as exc:
-            if args.replicas > 1 and "different nodes" in str(exc):
-                text = str(exc).split(" Ask for fewer")[0]
-                raise Unsatisfiable(f"{text}. Ask for fewer with --replicas") from None
-            if grid.capacity().nodes_online:
-                # The client's advice (wait=True) is for Python code; a cell asks for less.
-                text = str(exc).split(" Ask for less")[0]
-                raise Unsatisfiable(f"{text}. Ask for less with --cpus, --gpus, --memory") from None
+            online = exc.online if exc.online is not None else grid.capacity().nodes_online
+            if online:
+                raise _cell_refusal(exc, expression, args.replicas) from None
             # No node at all yet: typically the embedded portal, just started, whose local
             # volunteer is still joining. Wait for one instead of failing the first cell.
             self._await_node(grid)
-            if expression is not None:
-                options.workers = _eligible(grid, expression, where or "", options)
-            run.submit()
+            try:
+                run.submit()
+            except Unsatisfiable as again:
+                raise _cell_refusal(again, expression, args.replicas) from None
         if args.bg:
             handle = BackgroundCell(self, run, labels)
             self.jobs[run.job_id] = handle
@@ -515,16 +504,13 @@ class GridMagics(Magics):
             f"no node is online yet; waiting up to {timeout:.0f} s for one to join",
             file=sys.stderr,
         )
-        deadline = time.monotonic() + timeout
-        since = 0
         try:
-            while time.monotonic() < deadline:
-                if grid.capacity().nodes_online:
-                    return
-                remaining = max(0.1, deadline - time.monotonic())
-                since = grid.changes(since=since, timeout=min(10.0, remaining))["version"]
+            grid.wait_for_nodes(1, timeout=timeout)
+            return
         except KeyboardInterrupt:
             raise cells.CellInterrupted("stopped waiting for a node; nothing was sent") from None
+        except TimeoutError:
+            pass
         raise GridError(
             f"no node joined the grid within {timeout:.0f} s, so nothing was sent; see "
             "%grid nodes, and ask volunteers to join"
@@ -682,16 +668,13 @@ class GridMagics(Magics):
         grid = self.grid
         mode = widgets.frontend(self.shell)
         status = widgets.RunStatus(mode, job_id) if mode != "plain" else None
-        version = 0
+
+        def progress(job: Any) -> None:
+            if status is not None and job.nodes:
+                status.started(job.nodes[0])
+
         try:
-            while True:
-                job = grid.get_job(job_id)
-                if job is None or job.state.finished:
-                    break
-                if status is not None and job.nodes:
-                    status.started(job.nodes[0])
-                changes = grid._call("grid_changes", since=1 << 62, jobs_since=version, timeout=10)
-                version = changes.get("jobs_version", version)
+            job = grid.wait(job_id, progress=progress)
         except KeyboardInterrupt:
             if status is not None:
                 status.close(f"stopped waiting; job {job_id} goes on", ok=False)
@@ -758,34 +741,26 @@ class GridMagics(Magics):
 GridMagics.grid_cell.parser.allow_abbrev = False  # type: ignore[attr-defined]
 
 
-def _eligible(grid: Any, expression: Any, where: str, options: cells.RunOptions) -> list[str]:
-    """Names of the online nodes that meet --where and have the resources; clear error if none."""
-    from grid_portal.model import NodeState
-
-    nodes = [n for n in grid.nodes() if n.state is not NodeState.OFFLINE]
-    matching = [n for n in nodes if expression.matches(n)]
-    needs = grid.requirement(options.cpus, options.gpus, options.memory).resources()
-
-    def fits(node: Any) -> bool:
-        offer = node.offer.resources()
-        return all(offer.get(k, 0.0) >= v for k, v in needs.items())
-
-    eligible = [n.name for n in matching if fits(n)]
-    if eligible:
-        return eligible
-    if matching:
-        raise GridError(
-            f"--where {where!r}: the nodes that match ({', '.join(n.name for n in matching)}) "
-            "do not offer the CPUs, GPUs or memory asked for; ask for less"
+def _cell_refusal(exc: Unsatisfiable, expression: Any, replicas: int) -> Unsatisfiable:
+    """The client's refusal, worded for a cell: its advice (``wait=True``) is for Python code,
+    a cell changes its options. Built from the refusal's fields where they say enough."""
+    if replicas > 1 and "different nodes" in str(exc):
+        text = str(exc).split(" Ask for fewer")[0]
+        return Unsatisfiable(f"{text}. Ask for fewer with --replicas")
+    if expression is not None and exc.where is not None and exc.closest:
+        closest = exc.closest[0]
+        return Unsatisfiable(
+            f"--where {exc.where!r}: no online node meets it with the CPUs, GPUs and memory "
+            f"asked for; the closest, {closest['name']}, fails because "
+            f"{'; '.join(closest['reasons'])}. Change --where, or ask for less with --cpus, "
+            "--gpus, --memory",
+            where=exc.where,
+            resources=exc.resources,
+            online=exc.online,
+            closest=exc.closest,
         )
-    if not nodes:
-        raise Unsatisfiable("no node is online; wait for volunteers to join (%grid nodes)")
-    reasons = min((expression.explain(n) for n in nodes), key=len)
-    closest = min(nodes, key=lambda n: len(expression.explain(n)))
-    raise GridError(
-        f"--where {where!r}: no online node meets it; the closest, {closest.name}, fails "
-        f"because {'; '.join(reasons)}"
-    )
+    text = str(exc).split(" Ask for less")[0].split(" Change the requirement")[0]
+    return Unsatisfiable(f"{text}. Ask for less with --cpus, --gpus, --memory")
 
 
 def _no_result(job: Any) -> str:

@@ -25,8 +25,7 @@ from dask.utils import key_split
 from grid_portal.errors import NotFound, UsageError
 from grid_portal.model import Node
 from grid_portal.portal.fairshare import FairShare
-from grid_portal.portal.matching import ExpressionError
-from grid_portal.portal.placement import WHERE_ANNOTATION, Placement, match_report
+from grid_portal.portal.placement import WHERE_ANNOTATION, Placement
 from grid_portal.portal.replicas import Replicas
 from grid_portal.portal.tasklog import (
     HOLD_ANNOTATION,
@@ -37,6 +36,7 @@ from grid_portal.portal.tasklog import (
     summarize_stages,
 )
 from grid_portal.protocol import ADMIN, JOB_ANNOTATION, JOB_OWNER_ANNOTATION  # noqa: F401 - names of the wire contract
+from grid_portal.requirements import ExpressionError, match_report
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -53,7 +53,7 @@ STEAL_INTERVAL_KEY = "distributed.scheduler.work-stealing-interval"
 STEAL_INTERVAL = "50ms"
 SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
-OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.workflow.TaskOutputForwarder.name
+OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.task_output.TaskOutputForwarder.name
 # Issue 16, pipelines (grid_portal.jobs.workflow sets them): a task that follows item i of
 # another stage names that stage's key prefix; a task whose failure fails its whole job.
 EACH_ANNOTATION = "grid_each"
@@ -223,7 +223,7 @@ class Scheduling:
             # every later one forward their shell tasks' output to grid_task_output.
             from distributed.protocol.pickle import dumps
 
-            from grid_portal.jobs.workflow import TaskOutputForwarder
+            from grid_portal.jobs.task_output import TaskOutputForwarder
 
             scheduler.worker_plugins[OUTPUT_FORWARDER] = dumps(TaskOutputForwarder())
         record = self.plugin.registry.by_address(address)
