@@ -71,9 +71,7 @@ class Side:
 def worktree(rev: str) -> Path:
     path = Path(tempfile.gettempdir()) / f"grid-portal-bench-{rev}"
     if not (path / "grid_portal").exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True
-        )
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True)
     return path
 
 
@@ -99,7 +97,11 @@ def main() -> None:
     sides = (base, this)
     try:
         times: dict[tuple[str, str], list[float]] = {}
-        for command, rounds in (("cell", args.n), ("submit", args.n), (f"map {args.map}", args.maps)):
+        for command, rounds in (
+            ("cell", args.n),
+            ("submit", args.n),
+            (f"map {args.map}", args.maps),
+        ):
             for _ in range(rounds):
                 for side in sides:
                     times.setdefault((side.name, command), []).append(side.time(command))
@@ -107,7 +109,9 @@ def main() -> None:
         for side in sides:
             side.close()
 
-    print(f"| measure (median, 10th-90th percentile) | base {args.base} | this checkout | this / base |")
+    print(
+        f"| measure (median, 10th-90th percentile) | base {args.base} | this checkout | this / base |"
+    )
     print("|---|---|---|---|")
     for command, label in (
         ("cell", "trivial `%%grid` cell, ms"),

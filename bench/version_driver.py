@@ -49,10 +49,8 @@ def main() -> None:
             with capture_output():
                 shell.run_cell_magic("grid", "", "x = 1")
         print("ready", flush=True)
-        i = 0
-        for line in sys.stdin:
+        for i, line in enumerate(sys.stdin, start=1):
             command, *rest = line.split()
-            i += 1
             started = time.perf_counter()
             if command == "submit":
                 grid.submit(inc, i).result()
