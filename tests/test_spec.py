@@ -326,7 +326,9 @@ def test_negative_gpus_names_the_exact_path():
         (one_stage(map={}), ["stages[0].map: give one of over, range, grid, files or each"]),
         (
             one_stage(map={"over": [1], "range": {"stop": 2}}),
-            ["stages[0].map: give only one of over, range, grid, files or each (found over and range)"],
+            [
+                "stages[0].map: give only one of over, range, grid, files or each (found over and range)"
+            ],
         ),
         (one_stage(map={"over": []}), ["stages[0].map.over: must not be empty"]),
         (one_stage(map={"range": {"start": 1}}), ["stages[0].map.range.stop: is required"]),
