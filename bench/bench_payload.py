@@ -12,7 +12,16 @@ chunks). For each, in process, best of ``--repeat`` rounds:
   against what ``GridDaskClient`` does (materialize, wrap every task, serialize);
 - portal: what Dask's scheduler does to read the graph (unpickle, materialize) against what the
   guarded portal does (restricted unpickle, check and rebuild every node, materialize);
-- node: calling a task against calling it through ``run_opaque`` (open the payload, call).
+- node: calling a task against calling it through ``run_opaque`` (open the payload, call, and
+  pickle the value into an ``OpaqueResult``).
+
+Then results (issue 14: the worker keeps them opaque), per value kind, best of ``--repeat``:
+wrapping the value in the task process (``OpaqueResult.wrap``) and opening it in a downstream
+task (``opened``); the task process's reply through the pipe (before: cloudpickle, then the
+worker's plain unpickle of the value; now: pickle, then the restricted ``recv_plain`` of the
+``OpaqueResult``);
+and the kernel's data-only open of what Dask sends (Dask's serialization, then
+``safe_pickle``'s pickle or dask family: the value itself before, the ``OpaqueResult`` now).
 """
 
 from __future__ import annotations
@@ -113,6 +122,60 @@ def main() -> None:
     t0 = best(lambda: [plain_task({}) for _ in range(reps)], args.repeat) / reps * 1e6
     t1 = best(lambda: [opaque_task({}) for _ in range(reps)], args.repeat) / reps * 1e6
     print(f"node: a task called {t0:.2f} us, through run_opaque {t1:.2f} us (+{t1 - t0:.2f})")
+    results(args.repeat)
+
+
+def values() -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+
+    return {
+        "int": 42,
+        "dict (1 kB)": {f"k{i}": [i, float(i), str(i)] for i in range(40)},
+        "ndarray 1 MB": np.random.default_rng(0).random(125_000),
+        "DataFrame 10k rows": pd.DataFrame({"a": np.arange(10_000), "b": ["x"] * 10_000}),
+    }
+
+
+def results(repeat: int) -> None:
+    """What keeping results opaque costs per task, per kind of value (microseconds)."""
+    import pickle
+
+    import cloudpickle
+
+    from grid_portal.node.taskchild import loads_plain
+    from grid_portal.payload import OpaqueResult, opened
+    from grid_portal.safe_pickle import _data_family_loads
+
+    def reply(value: Any) -> tuple[Any, ...]:
+        return ("done", {"op": "task-finished", "result": value, "start": 0.0, "stop": 1.0}, 0)
+
+    def kernel(value: Any) -> Any:
+        header, frames = serialize(value)
+        return _data_family_loads(header["serializer"], header, frames)
+
+    print()
+    print("results, microseconds per task (before -> now):")
+    print(
+        f"{'value':20} {'wrap':>8} {'open':>8} {'pipe: task process -> worker':>30} {'kernel':>22}"
+    )
+    for name, value in values().items():
+        reps = 2_000 if name in ("int", "dict (1 kB)") else 20
+        wrapped = OpaqueResult.wrap(value)
+
+        def per(fn: Callable[[], Any], reps: int = reps) -> float:
+            return best(lambda: [fn() for _ in range(reps)], repeat) / reps * 1e6
+
+        w = per(lambda v=value: OpaqueResult.wrap(v))
+        o = per(lambda r=wrapped: opened(r))
+        pipe0 = per(lambda v=value: pickle.loads(cloudpickle.dumps(reply(v), protocol=5)))
+        pipe1 = per(lambda r=wrapped: loads_plain(pickle.dumps(reply(r), protocol=5)))
+        k0 = per(lambda v=value: kernel(v))
+        k1 = per(lambda r=wrapped: kernel(r))
+        print(
+            f"{name:20} {w:8.1f} {o:8.1f} {pipe0:12.1f} -> {pipe1:8.1f} ({pipe1 - pipe0:+7.1f}) "
+            f"{k0:8.1f} -> {k1:8.1f} ({k1 - k0:+7.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -66,11 +66,19 @@ def enter(workdir: dict[str, Any]) -> None:
 
 
 # -- framing, shared with the worker side --------------------------------------------------------
-def send(stream: BinaryIO, obj: Any) -> None:
-    """Write one pickled message, length first. Pickles with cloudpickle (functions by value)."""
-    import cloudpickle
+def send(stream: BinaryIO, obj: Any, *, plain: bool = False) -> None:
+    """Write one pickled message, length first. Pickles with cloudpickle (functions by value);
+    ``plain``: with pickle (a task process's messages: plain data and opaque results)."""
+    if plain:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        import cloudpickle
 
-    data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    _write(stream, data)
+
+
+def _write(stream: BinaryIO, data: bytes) -> None:
     stream.write(_HEADER.pack(len(data)))
     stream.write(data)
     stream.flush()
@@ -208,7 +216,8 @@ class TaskChannel:
             raise ValueError(f"unknown message kind {kind!r}; one of {', '.join(EMIT_KINDS)}")
         message = ("emit", kind, payload)
         try:  # what the worker will admit (recv_plain), checked here, where the task hears it
-            loads_plain(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            loads_plain(data)
         except Exception as exc:  # noqa: BLE001 - PipeRefused, or not picklable at all
             raise PermissionError(
                 f"a message to the worker carries plain data only (str, numbers, bytes, lists, "
@@ -217,7 +226,7 @@ class TaskChannel:
         with self.lock:
             if not self.open:
                 raise RuntimeError("grid_emit is for a running task; this task has ended")
-            send(self.out, message)
+            _write(self.out, data)
             answer = recv(self.inp)
         if not (isinstance(answer, tuple) and answer[:1] == ("emitted",)):
             raise ConnectionError(f"the worker answered {answer!r}")
@@ -345,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if max_memory and baseline is not None:
         # The hard limit: no task here may ever hold more than the whole node lends.
         set_data_limit(None, baseline + int(max_memory))
-    send(out, ("ready", os.getpid()))
+    send(out, ("ready", os.getpid()), plain=True)
 
     while True:
         try:
@@ -389,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             reply = plain_reply(msg)
         except Exception as exc:  # noqa: BLE001 - an unpicklable result
             reply = plain_reply(_unsendable_result(msg, exc))
-        send(out, ("done", reply, int(growth)))
+        send(out, ("done", reply, int(growth)), plain=True)
         del msg, payload, reply
 
 
