@@ -178,6 +178,25 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 # -- fixtures ------------------------------------------------------------------------------------
+def whose_process() -> dict[str, Any]:
+    """Which process runs this job's task, what an earlier job left in it, and whether the
+    process it was forked from can be read or written (it must not be: later jobs are forked
+    from it)."""
+    import json
+
+    me = {"pid": os.getpid(), "ppid": os.getppid()}
+    me["left"] = getattr(json, "grid_left_by", None)
+    json.grid_left_by = os.getpid()  # type: ignore[attr-defined]
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        me["parent"] = f.read().decode(errors="replace")
+    try:
+        with open(f"/proc/{os.getppid()}/mem", "rb"):
+            me["parent_mem"] = "opened"
+    except OSError as exc:
+        me["parent_mem"] = type(exc).__name__
+    return me
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Portal, Path]]:
     problem = bwrap_problem()
@@ -325,3 +344,26 @@ def test_a_task_reaches_neither_the_key_nor_host_sockets_nor_srv(
             os.unlink(SOCKET)
         with contextlib.suppress(OSError):
             os.unlink(SRV_SECRET)
+
+
+def test_each_job_gets_a_new_process_forked_from_the_fork_server(
+    node: tuple[Portal, Path],
+) -> None:
+    portal, tmp = node
+    with grid_of(portal, tmp, "alice") as alice:
+        a = alice.submit(whose_process, workers=[NODE]).result(timeout=60)
+    with grid_of(portal, tmp, "bob") as bob:
+        b = bob.submit(whose_process, workers=[NODE]).result(timeout=60)
+    assert b["pid"] != a["pid"]  # job B's own process...
+    assert b["left"] is None  # ...with nothing job A set in its
+    assert b["ppid"] == a["ppid"] and "grid_portal.node.taskzygote" in b["parent"], b
+    # The fork server is out of reach of the tasks: no job can change what later jobs are
+    # forked from (non-dumpable; the sandbox drops CAP_SYS_PTRACE).
+    assert b["parent_mem"] == "PermissionError", b
+    # On the host: the fork server is the worker's child, and not the worker itself.
+    servers = [
+        p
+        for p in worker_process(portal).children()
+        if "grid_portal.node.taskzygote" in " ".join(p.cmdline())
+    ]
+    assert len(servers) == 1

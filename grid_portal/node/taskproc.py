@@ -36,6 +36,13 @@ at all, the sandbox's shared writable places (``/tmp``, ``/dev/shm`` under bubbl
 emptied too. So nothing a task writes survives into another job. (Jobs that run on the node at
 the same time share the sandbox's user and those places while they both run.)
 
+Task processes are cheap to make for this: each is a ``fork()`` of the worker's fork server
+(``taskzygote``: started once, imports preloaded, runs no task itself, out of the tasks' reach),
+a few milliseconds instead of a new interpreter's ~0.35 s of CPU; a job's process is still a new
+process, never one that served another job. Retiring a job stays before the next job's code
+runs (its processes are killed and seen gone through a pidfd, what it wrote is deleted), but a
+directory it left empty is renamed aside and removed in the background (``_remove``).
+
 Self-isolating tasks (``grid_portal.isolation``: a ``%%grid`` cell, which runs the cell in a
 fresh child process of its own) run in a thread here instead, with a ``Confinement`` that
 gives their child the task process's nice value and memory limit and registers it, so that
@@ -71,6 +78,7 @@ import cloudpickle
 
 from grid_portal.isolation import Confinement, confined, is_self_isolating
 from grid_portal.node.taskchild import BOOT, PipeRefused, memory_error_text, recv_plain, send
+from grid_portal.node.taskzygote import ForkedProcess, ForkServer, can_fork
 from grid_portal.proctree import tree_rss
 from grid_portal.protocol import JOB_ANNOTATION, STREAM_ANNOTATION  # noqa: F401 - names of the wire contract
 
@@ -114,7 +122,7 @@ class _Workspace:
 class _Child:
     """One task process and the task it runs, if any."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedProcess  # forked by the fork server, or spawned
     to_child: Any
     from_child: Any
     key: Any = None
@@ -129,6 +137,8 @@ class _Child:
         return self.proc.pid
 
     def signal(self, sig: int) -> None:
+        if self.proc.returncode is not None or getattr(self.proc, "reaped", False):
+            return  # ended and reaped: its pid may be another process's by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)  # the task and whatever it started
 
@@ -278,6 +288,24 @@ def _empty(path: str, device: int) -> None:
                 os.unlink(entry.path)
 
 
+def _holds_nothing(path: str) -> bool:
+    """Whether a job's directory is still the empty skeleton it was made as."""
+    try:
+        with os.scandir(path) as entries:
+            subs = [e for e in entries]
+        if sorted(e.name for e in subs) != ["home", "tmp", "work"]:
+            return False
+        for entry in subs:
+            if not entry.is_dir(follow_symlinks=False):
+                return False
+            with os.scandir(entry.path) as inside:
+                if next(inside, None) is not None:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 def _p2p_functions() -> frozenset[Any]:
     """Distributed's own P2P task functions, by identity (a pickle cannot forge identity)."""
     import importlib
@@ -308,6 +336,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         cwd: str | None = None,
         jobs_dir: str | None = None,
         shared_places: tuple[str, ...] | list[str] = (),
+        fork_server: bool = True,
     ) -> None:
         self.slots = max(1, int(slots))
         self.memory_limit = int(memory_limit) if memory_limit else None
@@ -319,6 +348,12 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self.shared_places = tuple(shared_places)  # emptied whenever no job runs here
         self._jobs: dict[Any, _Workspace] = {}
         self._numbers = itertools.count(1)
+        # Directories of ended jobs that held nothing but their empty skeleton, renamed out of
+        # the way and removed in the background (see _remove); emptied before a new job starts.
+        self._trash: list[str] = []
+        # Held by a new job from its retiring of idle jobs until their directories are gone
+        # (taken under self._lock, so a job that enters meanwhile waits: see _enter).
+        self._trash_lock = threading.RLock()
         self.worker: Worker | None = None
         self._view: dict[str, Any] = {}
         # One thread per running task; a few more for work that runs in-process.
@@ -335,6 +370,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self._moves = 0  # bumped by evict(): tasks waiting to start are handed back too
         self._shutdown = False
         self._p2p: frozenset[Any] | None = None
+        # Task processes are forks of one fork server (taskzygote.py), started on first need.
+        self._fork = fork_server and can_fork()
+        self._server: ForkServer | None = None
+        self._server_lock = threading.Lock()
         self._watchdog = threading.Thread(
             target=self._watch, name="grid-task-watchdog", daemon=True
         )
@@ -378,6 +417,29 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             self._end(child)
 
     def _spawn(self) -> _Child:
+        """A new task process: a fork of the fork server (taskzygote.py), else a new
+        interpreter; told the worker's view and its limits, and ready."""
+        child = self._fork_child() if self._fork else None
+        if child is None:
+            child = self._start_child()
+        return self._handshake(child)
+
+    def _fork_child(self) -> _Child | None:
+        """A fork of the fork server, started with the first; None if there is none."""
+        try:
+            with self._server_lock:
+                server = self._server
+                if server is None or not server.alive():
+                    if self._shutdown:
+                        return None
+                    self._server = server = ForkServer(env=self.env, cwd=self.cwd)
+            proc, to_w, from_r = server.fork()
+        except OSError as exc:
+            logger.warning("task processes' fork server: %s; starting one from scratch", exc)
+            return None
+        return _Child(proc, os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"))
+
+    def _start_child(self) -> _Child:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         # Isolated (-I): no user site, no PYTHON* variables, no current directory on sys.path;
@@ -401,7 +463,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         finally:
             os.close(to_r)
             os.close(from_w)
-        child = _Child(proc, os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"))
+        return _Child(proc, os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"))
+
+    def _handshake(self, child: _Child) -> _Child:
+        proc = child.proc
         try:
             send(
                 child.to_child,
@@ -438,6 +503,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self._threads.shutdown(wait=wait, cancel_futures=cancel_futures)
         for child in children:
             self._end(child)
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     # -- control: suspend, resume, move, cancel ------------------------------------------------
     def suspend(self) -> int:
@@ -762,6 +831,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             return None
         with self._lock:
             workspace = self._jobs.get(job)
+            new = workspace is None
             if workspace is None:
                 gone = self._retire_idle_jobs(linger=0.0)
                 digest = hashlib.sha256(repr(job).encode()).hexdigest()[:16]
@@ -769,10 +839,15 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                 for sub in ("", "home", "tmp", "work"):
                     os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
                 workspace = self._jobs[job] = _Workspace(job, path)
+                self._trash_lock.acquire()  # no later job starts before these are removed
             else:
                 gone = []
             workspace.running += 1
-        self._remove(gone)
+        if new:
+            try:
+                self._remove(gone, before_new_job=True)
+            finally:
+                self._trash_lock.release()
         return workspace
 
     def _leave(self, workspace: _Workspace | None) -> None:
@@ -793,6 +868,9 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             del self._jobs[workspace.job]
         ending = [c for c in self._idle if c.workspace in idle]
         self._idle = [c for c in self._idle if c not in ending]
+        for child in ending:  # all at once; then each is waited for (see _end)
+            child.signal(signal.SIGKILL)
+            child.signal(signal.SIGCONT)
         for child in ending:  # before the shared places are emptied: it may have threads left
             self._end(child)
         if not any(w.running for w in self._jobs.values()):
@@ -806,9 +884,37 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             with contextlib.suppress(OSError):
                 _empty(place, os.stat(place).st_dev)
 
-    def _remove(self, paths: list[str]) -> None:
+    def _remove(self, paths: list[str], *, before_new_job: bool = False) -> None:
+        """Remove ended jobs' directories. What a job wrote is deleted now, before any other
+        job's code runs. Removing a directory costs milliseconds on some disks (several per
+        job here), so a job's directory that holds only its empty skeleton (``home``, ``tmp``,
+        ``work``: it wrote nothing) is renamed aside at once and removed in the background;
+        whatever is still aside when a new job starts (a job could write into it meanwhile) is
+        removed before that job runs (``before_new_job``)."""
+        if before_new_job:
+            self._empty_trash()
+        aside = []
         for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
+            if _holds_nothing(path):  # cheap: a few directory reads
+                trash = os.path.join(os.path.dirname(path), f".ended-{next(self._numbers)}")
+                try:
+                    os.rename(path, trash)
+                except OSError:
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
+                aside.append(trash)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        if aside:
+            with self._trash_lock:
+                self._trash.extend(aside)
+            with contextlib.suppress(RuntimeError):  # shutting down: the next start cleans up
+                self._threads.submit(self._empty_trash)
+
+    def _empty_trash(self) -> None:
+        with self._trash_lock:
+            while self._trash:
+                shutil.rmtree(self._trash.pop(), ignore_errors=True)
 
     def _register(self, child: _Child) -> None:
         with self._lock:
@@ -832,8 +938,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         child.signal(signal.SIGKILL)
         child.signal(signal.SIGCONT)
         child.close()
+        # Until it has ended (a forked one: through its pidfd, not waiting for its exit code).
+        wait = getattr(child.proc, "wait_gone", child.proc.wait)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            child.proc.wait(5)
+            wait(5)
 
     def _ended(self, child: _Child, task: Any, started: float) -> dict[str, Any]:
         """The task process ended mid-task: say why, in Dask's terms."""
@@ -844,6 +952,8 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         if child.fate == "memory":
             text = memory_error_text(child.key, child.limit, str(self._view.get("name")))
             return self._error(MemoryError(text), started)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(2)  # a forked one's exit code comes from its fork server
         code = child.proc.returncode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return self._error(
@@ -920,7 +1030,13 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             if self._jobs:
                 with self._lock:
                     gone = self._retire_idle_jobs(linger=JOB_LINGER)
-                self._remove(gone)
+                    if gone:  # a job that starts meanwhile waits for their removal
+                        self._trash_lock.acquire()
+                if gone:
+                    try:
+                        self._remove(gone)
+                    finally:
+                        self._trash_lock.release()
             with self._lock:
                 busy = [c for c in self._busy.values() if c.limit and not c.stopped and not c.fate]
             for child in busy:
