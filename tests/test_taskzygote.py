@@ -41,6 +41,7 @@ def look() -> dict[str, Any]:
     """Job B: is anything of job A's process state here?"""
     import ctypes
     import json
+    import random
     import sys
 
     return {
@@ -54,6 +55,7 @@ def look() -> dict[str, Any]:
         "env": os.environ.get("GRID_PLANTED"),
         "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),  # PR_GET_DUMPABLE
         "isolated": sys.flags.isolated,
+        "random": random.random(),
     }
 
 
@@ -113,6 +115,7 @@ def test_each_jobs_task_process_is_a_new_fork_of_the_server(
     c, _ = run(executor, "C", look)
     assert c["pid"] not in (a["pid"], b["pid"]) and c["ppid"] == server.pid
     assert c["global"] is None and c["env"] is None
+    assert len({b["random"], again["random"], c["random"]}) == 3  # each its own random stream
 
 
 def test_the_server_runs_no_task_and_a_lost_server_is_replaced(

@@ -18,7 +18,12 @@ What keeps jobs apart holds as before:
   again, as a freshly started interpreter would be;
 - each child leads its own process group (both sides call ``setpgid``, so the worker's signals
   reach it from the start) in the worker's session, closes the server's socket, and gets
-  Python's default signal handling back; ``random`` reseeds itself at fork.
+  Python's default signal handling back; ``random`` reseeds itself at fork (and NumPy's
+  global generator is reseeded, should the server ever hold one).
+
+What forked processes do share, unlike spawned ones: the server's memory layout (ASLR) and its
+``str`` hash seed. Neither is a way into another job's process (a job has no channel to it; two
+jobs running at once share the sandbox's user anyway), and neither carries anything of a job.
 
 The server reports each child's exit (``D``, found with ``waitid(WNOWAIT)``) but reaps it only
 when the worker asks (``W``), as ``Popen.wait`` would: a pid the worker may still signal is never
@@ -191,6 +196,12 @@ def _child(fds: list[int], closing: tuple[int, ...], main: Any) -> None:
             os.setpgid(0, 0)
         _set_dumpable(True)
         _set_cmdline(CHILD_TITLE)
+        # Random streams of its own: Python's random reseeds itself at fork; NumPy's global
+        # one would be the server's (if the server had loaded it), the same in every job.
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None:
+            with contextlib.suppress(Exception):
+                np_random.seed()
         main([str(fds[0]), str(fds[1])])
         code = 0
     except SystemExit as exc:
