@@ -1,4 +1,4 @@
-"""Adaptive batching for sweeps of many small items (issue 17, target 3).
+"""Adaptive batching for sweeps of many small items.
 
 Every Dask task costs a few hundred microseconds at the scheduler and a trip through a node's
 task process, so a sweep of 10,000 tiny items run one task per item is held to Dask's task

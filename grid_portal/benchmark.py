@@ -6,7 +6,7 @@ gave by its score (``grid_portal.portal.contributions``). A score of 1.0 is the 
 machine; a core twice as fast scores about 2.0.
 
 It lives outside ``node/`` and ``portal/`` because both must agree on it and neither may import
-the other (DESIGN.md). It imports nothing heavy.
+the other (docs/architecture.md, rules). It imports nothing heavy.
 
 The work is plain Python integer and float arithmetic: it measures what most grid tasks written
 in Python see (one core's interpreter speed), not peak FLOPS. It is timed in CPU time of this

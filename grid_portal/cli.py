@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
     ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
     ctl.add_argument("--json", action="store_true", help="status: machine-readable")
-    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # issue 19
+    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # LAN joins
     p.set_defaults(func=cmd_volunteer)
 
     # login
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", type=Path, help="where to write the connection file (default: your config dir)"
     )
-    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # issue 19
+    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # LAN joins
     p.set_defaults(func=cmd_login)
 
     # nodes / status
@@ -638,7 +638,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_login(args: argparse.Namespace) -> int:
     from grid_portal.login import login
 
-    if not args.portal or not args.token:  # found on the LAN, or a join request (issue 19)
+    if not args.portal or not args.token:  # found on the LAN, or a join request
         return __import__("grid_portal.cli_discovery").cli_discovery.cmd_login_lan(args)
     path = login(args.portal, args.token, name=args.name, output=args.output)
     print(f"Logged in. Connection file: {path}")

@@ -339,7 +339,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     )
     if job.get("error"):
         console.print(f"error: {job['error']}", highlight=False, markup=False)
-    for note in job.get("outvoted") or ():  # issue 14: copies a replica majority set aside
+    for note in job.get("outvoted") or ():  # copies a replica majority set aside
         console.print(f"outvoted: {note}", highlight=False, markup=False)
     if stages:
         table = Table(title="stages")

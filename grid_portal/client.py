@@ -78,18 +78,18 @@ class Grid:
 
             connection = ensure_embedded_portal(timeout=max(timeout, 60.0))
         self.connection: Connection = connection
-        # Issue 14: the nodes whose results this kernel opens as code, not only as data.
+        # Zero trust: the nodes whose results this kernel opens as code, not only as data.
         self.trust = _trust_for(trust, connection, embedded)
         self._largest: tuple[float, dict[str, float]] | None = None
         self._renewing = False  # a background call renews _largest
         # Plain submit() calls of this client form one interactive-session job.
         self._session_job = f"session-{uuid.uuid4().hex[:10]}"
-        # Issue 8: after a portal restart, calls wait up to ``reconnect`` seconds for it to come
+        # After a portal restart, calls wait up to ``reconnect`` seconds for it to come
         # back (at the address the connection file then names) instead of failing at once.
         self._address = address
         self._timeout = timeout
         self._asynchronous = asynchronous
-        # Issue 18: like Client(cluster), the grid's client is the default Dask client, so
+        # Like Client(cluster), the grid's client is the default Dask client, so
         # x.compute(), dask.persist, progress and joblib's dask backend run on the grid. An
         # asynchronous Grid (the Jupyter server's) never is: it serves many people.
         self._set_as_default = bool(set_as_default) and not asynchronous
@@ -111,9 +111,9 @@ class Grid:
             threading.Thread(target=renewal.renew_quietly, args=(self,), daemon=True).start()
 
     def _new_client(self, connection: Connection, timeout: float) -> Client:
-        with _data_only() as data_only:  # issue 14: node data is opened as data only
+        with _data_only() as data_only:  # node data is opened as data only
             try:
-                client = GridDaskClient(  # issue 14: tasks carry opaque payloads
+                client = GridDaskClient(  # tasks carry opaque payloads
                     connection.scheduler,
                     security=connection.security(),
                     timeout=timeout,
@@ -443,7 +443,7 @@ class Grid:
     ) -> list[Future]:
         """``fn`` over the items, one future per item, in their order, as one job.
 
-        ``batch`` (issue 17): ``"auto"`` (the default) runs a sweep of many items as batch
+        ``batch``: ``"auto"`` (the default) runs a sweep of many items as batch
         tasks of about 100 ms each, sized from the time the first items took on a node, and
         returns per-item futures (``grid_portal.batching.ItemFuture``: ``result``,
         ``exception``, ``done``, ``cancel``, ``key``, ``grid.gather``); a number fixes the
@@ -514,7 +514,7 @@ class Grid:
         if not wait:
             self.check(requirement)
         resources = requirement.resources()
-        with self._placed(where, requirement, wait):  # issue 6: `where`
+        with self._placed(where, requirement, wait):  # `where`: only nodes that meet it
             if dask.get_annotations().get("grid_job"):
                 return call(resources)
             with self.job(**job):
@@ -527,7 +527,7 @@ class Grid:
             return gather_items(self, futures)
         return self.client.gather(futures)
 
-    # -- issue 6: requirement expressions and workflows ------------------------------------
+    # -- requirement expressions and workflows ------------------------------------------
     @contextlib.contextmanager
     def _placed(self, where: str | None, requirement: Requirement, wait: bool) -> Iterator[None]:
         """Tasks submitted inside run only on nodes that meet ``where``.
@@ -943,7 +943,7 @@ class Grid:
         return self._call("grid_renew", csr=csr)
 
 
-# -- issue 14: what the kernel opens (grid_portal.safe_pickle) -------------------------------
+# -- what the kernel opens (grid_portal.safe_pickle) ----------------------------------------
 @contextlib.contextmanager
 def _data_only() -> Iterator[dict[str, Any]]:
     """Arguments for a ``distributed.Client`` made inside: its requests, and its own tasks

@@ -1,4 +1,4 @@
-"""``GridCluster``: the grid as a Dask cluster manager (issue 18, point 1).
+"""``GridCluster``: the grid as a Dask cluster manager.
 
 ``Client(GridCluster())`` works as ``Client(LocalCluster())`` does: ``client.cluster`` is set,
 the client is the default one (``x.compute()``, ``dask.persist``, ``progress``, joblib's dask
@@ -11,7 +11,7 @@ request": it says at once what the grid has, and ``client.wait_for_workers(n, ti
 until n nodes that fit are online (or says what the grid can give). It never raises.
 
 **How ``Client(cluster)`` becomes a grid client.** The portal refuses graphs from a plain
-``distributed.Client`` (issue 14: tasks must carry opaque payloads, ``grid_portal.daskclient``)
+``distributed.Client`` (zero trust: tasks must carry opaque payloads, ``grid_portal.daskclient``)
 and a kernel must open what nodes send as data only (``grid_portal.safe_pickle``). A
 ``Client`` takes from a cluster object only its address, ``security`` and ``loop``
 (``Client.__init__``/``_start`` in distributed/client.py); there is no hook that picks the
@@ -335,8 +335,8 @@ def dask_setup(client: Any) -> None:
     from grid_portal import safe_pickle
 
     if not isinstance(client, GridDaskClient):
-        client.__class__ = GridDaskClient  # issue 14: tasks carry opaque payloads
-    # Issue 14: node data opens as data only: the client's requests (gather), and its stream.
+        client.__class__ = GridDaskClient  # tasks carry opaque payloads
+    # Node data opens as data only: the client's requests (gather), and its stream.
     families = safe_pickle._data_client_kwargs()["deserializers"]
     client._deserializers = families
     client.rpc.deserializers = families

@@ -130,7 +130,7 @@ def find_connection(address: str | os.PathLike[str] | None = None) -> Connection
     user = user_connection_path()
     if user.exists():
         return Connection.load(user)
-    # Issue 9: in a JupyterHub user's server, enrol with the class portal as the Hub user.
+    # In a JupyterHub user's server, enrol with the class portal as the Hub user.
     from grid_portal.hubconnect import connect_via_hub
 
     hub = connect_via_hub()

@@ -1,4 +1,4 @@
-"""``GridDaskClient``: a ``distributed.Client`` whose graphs carry opaque payloads (issue 14).
+"""``GridDaskClient``: a ``distributed.Client`` whose graphs carry opaque payloads.
 
 ``Grid.client`` is one of these. It is a drop-in ``distributed.Client``: ``submit``, ``map``,
 ``compute``/``persist`` of delayed, bag, array and dataframe collections, ``gather``,

@@ -1,4 +1,4 @@
-"""joblib's dask backend on grid nodes (issue 18).
+"""joblib's dask backend on grid nodes.
 
 joblib's dask backend sends each batch as ``_TracebackCapturingWrapper(Batch(...))``, and
 ``Batch.__call__`` enters ``parallel_config(backend="dask")`` on the worker so that nested

@@ -1,7 +1,7 @@
 """Key material every side needs: private files, key + CSR generation, the join-token format.
 
 Shared by the portal and the volunteer. It lives outside ``portal/`` because volunteer code
-must never import portal code (DESIGN.md), yet both must agree on these exactly.
+must never import portal code (docs/architecture.md, rules), yet both must agree on these exactly.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plain data shared by every part: nodes, capacity, jobs.
 
-No Dask imports here (DESIGN.md): these records cross process boundaries as plain dicts
+No Dask imports here (docs/architecture.md, rules): these records cross process boundaries as plain dicts
 (``to_dict`` / ``from_dict``), through Dask comms, REST responses and the ledger alike.
 """
 
@@ -229,7 +229,7 @@ class Job:
     nodes: list[str] = field(default_factory=list)
     error: str | None = None
     has_result: bool = False
-    # Issue 14: one line per copy of a replicated task that the majority outvoted (its node
+    # Replicas: one line per copy of a replicated task that the majority outvoted (its node
     # returned another result; its credit withheld).
     outvoted: list[str] = field(default_factory=list)
 

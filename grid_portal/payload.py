@@ -1,4 +1,4 @@
-"""Opaque payloads: what a grid task carries instead of the researcher's code (issue 14).
+"""Opaque payloads: what a grid task carries instead of the researcher's code.
 
 Dask sends a task's function and arguments as pickles, and every process that reads the graph
 unpickles them: the portal's scheduler when the graph arrives, the worker when the task is

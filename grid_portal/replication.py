@@ -1,4 +1,4 @@
-"""Replicas for ``Grid.submit/map(replicas=N)`` and ``%%grid --replicas N`` (issue 14).
+"""Replicas for ``Grid.submit/map(replicas=N)`` and ``%%grid --replicas N``: results checked by majority.
 
 The kernel's side of what ``grid_portal.portal.replicas`` does for workflow stages: each item
 runs as N copies, each on a different node, and the **portal** compares the copies' results

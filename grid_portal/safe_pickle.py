@@ -1,4 +1,4 @@
-"""What a researcher's kernel opens: data, never code, from nodes it does not trust (issue 14).
+"""What a researcher's kernel opens: data, never code, from nodes it does not trust.
 
 A pickle names functions to call while it is read, so opening one that a volunteer's machine
 made runs whatever that machine chose, in the researcher's kernel. Everything that comes back
@@ -85,7 +85,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # buffers are validated in full (``_arrow_array``), so bad offsets are an error.
     "pyarrow.lib": frozenset({"_restore_array", "py_buffer", "type_for_alias"}),
     # The grid's own plain-data record of a workflow's files (a path, bytes, a checksum; no
-    # __setstate__ of its own): paths are checked again where they are written.
+    # __setstate__ of its own): paths are checked again where they are written. Its home is
+    # jobs/stage_task.py; nodes running a version from before that split name jobs/workflow.py.
+    "grid_portal.jobs.stage_task": frozenset({"StagedFile"}),
     "grid_portal.jobs.workflow": frozenset({"StagedFile"}),
     "pandas.core.indexes.base": frozenset({"_new_Index"}),
     "pandas.core.indexes.datetimes": frozenset({"_new_DatetimeIndex"}),
@@ -122,7 +124,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 # word that a worker died are plain data too.
 _EXCEPTIONS: dict[str, frozenset[str]] = {
     "grid_portal.jobs.cell": frozenset({"CellFailed"}),
-    "grid_portal.jobs.workflow": frozenset({"TaskFailed"}),
+    "grid_portal.jobs.stage_task": frozenset({"TaskFailed"}),
+    "grid_portal.jobs.workflow": frozenset({"TaskFailed"}),  # nodes from before the split
     "distributed.scheduler": frozenset({"KilledWorker"}),
     # How Dask pickles exceptions (tblib): the exception class still comes through find_class
     # and the node's frames are dropped (``_no_traceback``); its text travels separately.
@@ -401,7 +404,7 @@ class _ResultUnpickler(_DataUnpickler):
 
 def _load_result(data: Any, buffers: Iterable[Any]) -> Any:
     """A value a node holds, as Dask's pickle family sent it. A grid task's value is an
-    ``OpaqueResult`` (issue 14: the node's worker never opened it): its bytes are opened here,
+    ``OpaqueResult`` (the node's worker never opened it): its bytes are opened here,
     as data only; UntrustedResult for anything else, as for any value."""
     unpickler = _ResultUnpickler(io.BytesIO(data), buffers=buffers)
     try:

@@ -1,4 +1,4 @@
-"""Inert display: rich output from a node the researcher does not trust (issue 14).
+"""Inert display: rich output from a node the researcher does not trust.
 
 JupyterLab runs the HTML and JavaScript of a notebook's outputs as trusted output, so a
 display bundle published verbatim from a volunteer's machine would run that machine's script

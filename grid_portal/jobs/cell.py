@@ -13,7 +13,7 @@ A cell's code lives in three modules, one for each place it runs:
   reports back; children are forked from a small fork server there.
 
 Streaming uses a per-run Dask ``Queue`` (see :class:`CellRun`) so output reaches only the
-kernel that ran the cell. No Dask import at module level (DESIGN.md: ``jobs/`` stays cheap to
+kernel that ran the cell. No Dask import at module level (``jobs/`` stays cheap to
 import, and the node's child processes import this module too).
 """
 
@@ -49,7 +49,7 @@ BIG_PAYLOAD = 1_000_000  # bytes; larger inputs are scattered once instead of se
 MAX_CELL_BYTES = 200_000_000
 STORED_FORMAT = "grid-cell/1"
 # A --bg cell's payload up to this size is kept with its job at the portal, which runs it again
-# by itself if it restarts while the cell runs (issue 8); a larger one is not resubmitted.
+# by itself if it restarts while the cell runs; a larger one is not resubmitted.
 MAX_KEPT_PAYLOAD = 8 * 2**20
 
 # Names IPython puts in the user namespace that a cell never means to ship.
@@ -848,8 +848,8 @@ class CellRun:
             self.inbox.put(("done", index, future, value))
 
     def kept_spec(self, request: dict[str, Any]) -> dict[str, Any]:
-        """What the portal keeps to run this --bg cell again (``resubmit_kept_cell``). The
-        payload stays opaque bytes there: the portal never unpickles it."""
+        """What the portal keeps to run this --bg cell again (``jobs.graph.resubmit_kept_cell``).
+        The payload stays opaque bytes there: the portal never unpickles it."""
         options = self.options
         return {
             "payload": base64.b64encode(self.payload).decode("ascii"),
@@ -1039,9 +1039,10 @@ class CellRun:
                 raise GridError(
                     f"the connection to the portal closed while job {self.job_id} ran"
                 ) from None
-            if job is not None and not job.state.finished:
+            if job is not None and (not job.state.finished or job.state.value == "done"):
                 # Dask cancels futures when the connection to the portal is lost; the job
-                # still running means the restarted portal submitted it again by itself.
+                # still running (or already done, when the rerun was quicker than this
+                # kernel's reconnection) means the restarted portal submitted it again.
                 raise CellResubmitted(
                     f"the portal restarted while job {self.job_id} ran and ran it again; "
                     f"`%grid result {self.job_id}` fetches its result when it is done"
@@ -1115,48 +1116,6 @@ class CellRun:
         if confirmed:
             return f"cancelled job {self.job_id}: stopped on {where}, which is free again"
         return f"cancelled job {self.job_id}; {where} is stopping it"
-
-
-def resubmit_kept_cell(grid: Any, job_id: str, name: str, kept: dict[str, Any]) -> Any:
-    """Run a --bg cell again from what its job kept at the portal (``CellRun.kept_spec``),
-    under its own job id: the portal does this after a restart. As before, the node keeps the
-    result at the portal; nothing streams (the kernel that listened is gone). A sandboxed node
-    cannot keep it (its task process has no way to the portal) and the kernel that would have
-    kept it instead no longer waits on this task, so the portal also holds the task's result
-    (as it holds a workflow's outputs) until :func:`fetch_kept` moves it to the ledger. Waits
-    for a node rather than refusing: volunteers rejoin a restarted portal by themselves."""
-    import dask
-    from distributed import fire_and_forget
-
-    from grid_portal.jobs.cell_task import run_cell_task
-
-    payload = base64.b64decode(kept["payload"])
-    request = {**kept["request"], "channel": None, "job_id": job_id, "keep": True}
-    options = kept["options"]
-    extra: dict[str, Any] = {}
-    if options.get("where"):
-        extra["where"] = options["where"]
-    elif options.get("workers") is not None:  # kept before cells were placed by the portal
-        extra.update(workers=list(options["workers"]), allow_other_workers=False)
-    if options.get("retries"):
-        extra["retries"] = int(options["retries"])
-    with (
-        grid.job(name, kind="cell", job_id=job_id),
-        dask.annotate(grid_hold=True, grid_stage="cell"),
-    ):
-        future = grid.submit(
-            run_cell_task,
-            payload,
-            request,
-            key=f"grid-cell-{job_id}-0",
-            cpus=options.get("cpus", 1),
-            gpus=options.get("gpus", 0),
-            memory=options.get("memory"),
-            wait=True,
-            **extra,
-        )
-    fire_and_forget(future)
-    return future
 
 
 def fetch_kept(grid: Any, job_id: str) -> bytes | None:

@@ -44,7 +44,7 @@ from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
 )
 
 # -- tunables -----------------------------------------------------------------------------------
-# What a --replicas copy returns, and so what the portal compares (issue 14): the variables
+# What a --replicas copy returns, and so what the portal compares: the variables
 # and the value as pickled data, and which names the cell deleted, did not set or kept back.
 COMPARED_FIELDS = ("outputs", "deleted", "missing", "unsent", "has_value", "value")
 FIRST_FLUSH = 0.15  # s a cell runs before its output starts streaming (quick cells send none)
@@ -115,7 +115,7 @@ def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
     outcome = execution.run()
     outcome["streamed"] = channel is not None
     if request.get("compare") and not outcome.get("error") and not outcome.get("cancelled"):
-        # --replicas (issue 14): the portal compares copies of this result byte for byte, so
+        # --replicas: the portal compares copies of this result byte for byte, so
         # it holds only what the cell brings back as data; what it printed or displayed (which
         # may hold timings or object ids) goes to the kernel through the stream, ended by
         # an "end" event, and is not compared.

@@ -10,7 +10,7 @@ is checked before any work exists. Size, nesting depth, stage count and the numb
 map expands to are all bounded, and map sizes are computed arithmetically, so a
 ``range: {stop: 1000000000000}`` is refused at once instead of filling memory.
 
-No Dask imports here (DESIGN.md): this module is imported by the CLI, the REST handlers and
+No Dask imports here (docs/architecture.md, rules): this module is imported by the CLI, the REST handlers and
 the portal alike, and must stay cheap.
 """
 

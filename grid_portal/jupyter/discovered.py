@@ -1,4 +1,4 @@
-"""``GET grid/api/discovered``: Grid Portals on this server's LAN (issue 19).
+"""``GET grid/api/discovered``: Grid Portals on this server's LAN.
 
 Browsers cannot do multicast DNS, so the Jupyter server browses for them
 (``grid_portal.discovery``) and the sidebar shows what it found. Only while no portal is

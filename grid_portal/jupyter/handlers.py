@@ -419,6 +419,6 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "version"), VersionHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),
-        (url_path_join(api, "discovered"), _discovered()),  # issue 19: portals on the LAN
+        (url_path_join(api, "discovered"), _discovered()),  # portals on the LAN
         (url_path_join(base_url, "grid") + "(/.*)?", NotFoundHandler),
     ]

@@ -95,7 +95,7 @@ class _CellSink:
         self.status = status
         self.labels = labels
         self.at_line_start: dict[tuple[int, str], bool] = {}
-        # Issue 14: rich output is shown as is only when every node of the job is trusted.
+        # Zero trust: rich output is shown as is only when every node of the job is trusted.
         self.trusted: Callable[[], bool] = _untrusted
 
     def inert(self, data: dict[str, Any], metadata: dict[str, Any]) -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ import tornado.web
 from grid_portal import __version__
 from grid_portal.envcheck import IncompatibleEnvironment, check_versions, local_versions
 from grid_portal.errors import EnrolmentRefused, GridError
-from grid_portal.portal.join_requests import join_routes  # issue 19: no-token joins
+from grid_portal.portal.join_requests import join_routes  # joins with no token
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
 from grid_portal.portal.tokens import TokenStore

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted);
 """
 # Columns added after the first release: (name, SQL type), added to an older ledger at start.
-_ADDED_COLUMNS = (("outvoted", "TEXT"),)  # issue 14: nodes a replica majority outvoted
+_ADDED_COLUMNS = (("outvoted", "TEXT"),)  # nodes a replica majority outvoted
 MAX_OUTVOTED = 100  # notes kept per job (one per outvoted copy); the count goes on
 MAX_SWEEP_ITEMS = 10**9  # items one sweep task may claim to carry (or announce)
 
@@ -100,8 +100,8 @@ class JobRecord:
     counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
     abandoned: int = 0  # tasks whose client let go of them before they finished
     checks_pending: int = 0  # replica comparisons not yet made (portal/replicas.py)
-    outvoted: list[str] = field(default_factory=list)  # copies a majority set aside (issue 14)
-    # Issue 17: a batch task of a sweep counts as the items it runs (key -> items, when > 1),
+    outvoted: list[str] = field(default_factory=list)  # copies a majority set aside
+    # Batching: a batch task of a sweep counts as the items it runs (key -> items, when > 1),
     # and a sweep's probe announces the items still to come, counted in tasks_total already.
     weights: dict[Any, int] = field(default_factory=dict)
     reserved: int = 0
@@ -279,7 +279,7 @@ class JobBook:
         items: dict[Any, Any] | None = None,
         coming: int = 0,
     ) -> None:
-        """``items``: keys of batch tasks and how many items each runs (a sweep, issue 17);
+        """``items``: keys of batch tasks and how many items each runs (a sweep);
         ``coming``: items a sweep announced with these tasks that later tasks will bring
         (counted in the total now, so the job is not done in between)."""
         record = self.jobs[job_id]

@@ -4,21 +4,24 @@ A killed portal loses everything Dask held: queued and running tasks, and result
 nodes' memory. The ledger still has each job's record, and for some jobs what was asked:
 
 - a **workflow** keeps its spec (``Grid.run_workflow`` registers it with the job), so the
-  portal submits it again through the same code as ``run_workflow``
-  (``grid_portal.jobs.workflow.resubmit_workflow``): same job id, same owner, same task keys.
+  portal submits it again through the same graph code as ``run_workflow``
+  (``grid_portal.jobs.graph.resubmit_workflow``): same job id, same owner, same task keys.
   Not when a stage reads files from the submitter's machine (``file.py`` stages, ``files``
   maps): the portal keeps no copy of those, and must never read its own files on a
   researcher's behalf;
 - a ``%%grid --bg`` **cell** keeps its payload (code and pickled inputs, which the portal
   passes on without ever unpickling), so it runs again and its node keeps the result for
-  ``%grid result ID`` as before (``grid_portal.jobs.cell.resubmit_kept_cell``);
+  ``%grid result ID`` as before (``grid_portal.jobs.graph.resubmit_kept_cell``);
 - anything else (an interactive cell, ``Grid.submit``/``map``/``compute``) exists only as
   pickled code that its client sent once: it is marked ``interrupted`` with a reason.
 
 Jobs to resubmit are reopened (``queued``) when the plugin is built, before anyone can ask, so
 no client ever sees them ``interrupted`` for a moment; they are submitted once the scheduler
-listens, by a client of the portal's own admin identity (trusted to submit on behalf of the
-owner: the ``grid_job_owner`` annotation), on a thread of its own because ``Grid`` blocks.
+listens, by a Dask client of the portal's own admin identity (trusted to submit on behalf of
+the owner: the ``grid_job_owner`` annotation), on a thread of its own because that client
+blocks. The portal never imports the researcher's ``Grid`` client or the kernel side of jobs:
+``jobs/graph.py`` builds the graph of a kept job for both sides, and the client is
+``GridDaskClient`` (tasks as opaque payloads, as the graph guard wants them from anyone).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from grid_portal.portal.jobs import JobBook
 from grid_portal.protocol import JOB_OWNER_ANNOTATION as OWNER_ANNOTATION  # noqa: F401 - names of the wire contract
 
 logger = logging.getLogger("grid_portal.portal")
+
+CONNECT_TIMEOUT = 20.0  # seconds for the portal's own client to reach its scheduler
 
 GONE = (
     "the portal restarted while this job ran, and it keeps no copy of a {kind} job's code "
@@ -55,7 +60,7 @@ def plan(record: Any) -> tuple[Resubmission | None, str | None]:
     """What to do with one interrupted job: (a resubmission, None) or (None, the reason)."""
     spec = record.spec if isinstance(record.spec, dict) else None
     if record.kind == "workflow" and spec is not None:
-        from grid_portal.jobs.workflow import why_not_resubmittable
+        from grid_portal.jobs.graph import why_not_resubmittable
 
         reason = why_not_resubmittable(spec)
         if reason is None:
@@ -100,7 +105,7 @@ class Recovery:
         jobs.interrupted.clear()
 
     async def run(self, connection_file: Path) -> None:
-        """Submit every pending job again (on a thread: ``Grid`` blocks)."""
+        """Submit every pending job again (on a thread: a synchronous client blocks)."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -122,17 +127,25 @@ class Recovery:
 
 def _resubmit_all(connection_file: Path, pending: list[Resubmission]) -> dict[str, str | None]:
     import dask
+    from distributed import fire_and_forget
 
-    from grid_portal.client import Grid
+    from grid_portal.connection import Connection
+    from grid_portal.daskclient import GridDaskClient
     from grid_portal.errors import GridError
-    from grid_portal.jobs.cell import resubmit_kept_cell
-    from grid_portal.jobs.workflow import resubmit_workflow
+    from grid_portal.jobs.graph import resubmit_kept_cell, resubmit_workflow
 
     results: dict[str, str | None] = {}
     try:
-        grid = Grid(str(connection_file), start_embedded=False)
-    except GridError as exc:
-        return {r.job_id: str(exc) for r in pending}
+        connection = Connection.load(connection_file)
+        client = GridDaskClient(
+            connection.scheduler,
+            security=connection.security(),
+            timeout=CONNECT_TIMEOUT,
+            set_as_default=False,
+        )
+    except (GridError, OSError, TimeoutError, ImportError) as exc:
+        # Dask raises a refused stream-start as ImportError
+        return {r.job_id: str(exc) or type(exc).__name__ for r in pending}
     try:
         for item in pending:
             try:
@@ -140,12 +153,15 @@ def _resubmit_all(connection_file: Path, pending: list[Resubmission]) -> dict[st
                 # share and its held outputs stay the owner's.
                 with dask.annotate(**{OWNER_ANNOTATION: item.owner}):
                     if item.kind == "workflow":
-                        resubmit_workflow(grid, item.job_id, item.spec)
+                        resubmit_workflow(client, item.job_id, item.spec)
                     else:
-                        resubmit_kept_cell(grid, item.job_id, item.name, item.spec["cell"])
+                        future = resubmit_kept_cell(
+                            client, item.job_id, item.name, item.spec["cell"]
+                        )
+                        fire_and_forget(future)
                 results[item.job_id] = None
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
                 results[item.job_id] = str(exc) or type(exc).__name__
     finally:
-        grid.close()
+        client.close()
     return results

@@ -8,7 +8,7 @@ the comparison, so the portal does it, on the results' serialized bytes as the n
 them (fetched from the nodes like Dask's own ``gather``, never unpickled at the portal), and
 it knows which node produced each copy from Dask's own records, not from the node.
 
-How it rides on Dask (``grid_portal.jobs.workflow`` submits the copies):
+How it rides on Dask (``grid_portal.jobs.graph`` submits the copies):
 - copy 0 has the stage's own key, ``("<stage>-<job>", i)``, annotated ``grid_replicas: N``;
   copy j has ``("<stage>-<job>-replica<j>", i)``, annotated ``grid_replica: j``.
 - different nodes: each copy not yet started is restricted (Dask worker restrictions) to its
@@ -20,7 +20,7 @@ How it rides on Dask (``grid_portal.jobs.workflow`` submits the copies):
 - the copies are kept (a pseudo-client wants them) until compared, then let go.
 - on disagreement the job fails at once with a reason naming the task and the nodes, the
   task records in the ledger say so, and the job's remaining tasks are cancelled.
-- with 3 or more copies a strict majority wins (issue 14): the odd nodes are named in the
+- with 3 or more copies a strict majority wins: the odd nodes are named in the
   job's record (``outvoted``) and in their copies' task records, their credit for the copy is
   withheld (``defer_credit``), and the job goes on; with no strict majority it fails as above.
 
@@ -296,7 +296,7 @@ class Replicas:
         if votes == len(keys) and distinct_nodes:
             self._verified(scheduler, group, keys[0])
         elif distinct_nodes and len(keys) >= 3 and 2 * votes > len(keys):
-            # Issue 14: a strict majority wins; the odd nodes are named and not credited.
+            # A strict majority wins; the odd nodes are named and not credited.
             winner = next(k for k in keys if digests[k] == top)
             agreeing = ", ".join(nodes[k] for k in keys if digests[k] == top)
             notes = {

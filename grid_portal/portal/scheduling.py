@@ -54,7 +54,7 @@ STEAL_INTERVAL = "50ms"
 SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
 OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.task_output.TaskOutputForwarder.name
-# Issue 16, pipelines (grid_portal.jobs.workflow sets them): a task that follows item i of
+# Pipelines (grid_portal.jobs.graph sets them): a task that follows item i of
 # another stage names that stage's key prefix; a task whose failure fails its whole job.
 EACH_ANNOTATION = "grid_each"
 FAIL_ANNOTATION = "grid_fail"
@@ -67,7 +67,7 @@ class Scheduling:
         self.fairshare = FairShare(ledger_path)
         self.tasklog = TaskLog(ledger_path)
         self.holds = OutputHolds()
-        # Issue 8: copies of a task on different nodes, compared before use (replicas: N).
+        # Copies of a task on different nodes, compared before use (replicas: N).
         self.replicas = Replicas(plugin, self.placement)
         # The plugin is made before the Scheduler, which reads this when it starts stealing.
         current = dask.config.get(STEAL_INTERVAL_KEY, None)
@@ -111,7 +111,7 @@ class Scheduling:
         if follows:
             follow_items(scheduler, self.fairshare, follows)
         self.replicas.update_graph(scheduler, tasks, annotations)
-        sample_workers(scheduler, tasks)  # issue 8: placement cost at hundreds of nodes
+        sample_workers(scheduler, tasks)  # placement cost stays low at hundreds of nodes
         held = annotations.get(HOLD_ANNOTATION, {})
         if held:
             jobs = annotations.get(JOB_ANNOTATION, {})

@@ -1,6 +1,6 @@
 """The portal's certificate authority, certificates and the identities they carry.
 
-Every connection to the scheduler is mutual TLS with the portal's own CA (see DESIGN.md). A
+Every connection to the scheduler is mutual TLS with the portal's own CA (see docs/security.md). A
 certificate says two things about its holder: a name (subject CN) and a role (subject OU, one
 of ``ROLES``). The scheduler side reads them back from a live Dask comm with `peer_identity`.
 

@@ -50,7 +50,7 @@ class PortalConfig:
     result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
     # How often kept results past their ttl are deleted from the ledger (portal/jobs.py).
     result_expiry_interval: float = RESULT_EXPIRY_INTERVAL
-    # Issue 9: a grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
+    # A grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
     jupyterhub: Any = None
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
     companions: list[Callable[[PortalInfo], Awaitable[Any]]] = field(default_factory=list)
@@ -174,7 +174,7 @@ async def run_portal(
             scheduler_port=scheduler_port,
             contact_host=config.contact_host,
         )
-        # Issue 9: the public status page (served by the scheduler process, relayed here) and
+        # The public status page (served by the scheduler process, relayed here) and
         # JupyterHub enrolment when configured.
         context.extra_routes = status_relay_routes(status_socket) + hub_routes(
             context, config.jupyterhub
@@ -222,7 +222,7 @@ async def run_portal(
             indent=2,
         ),
     )
-    # Issue 8: the scheduler process resubmits the jobs the previous run left unfinished once
+    # After a restart, the scheduler process resubmits the jobs the previous run left unfinished once
     # the admin's connection file names this run (portal/recovery.py).
     await child.published()
     stop = stop or asyncio.Event()

@@ -1,4 +1,4 @@
-"""Every task is a job: a Dask client's plain work forms its session job (issue 18, point 3).
+"""Every task is a job: a Dask client's plain work forms its session job.
 
 Work sent through ``Grid.submit``/``map``/``compute``, ``with grid.job(...)``, ``%%grid`` cells
 and workflows carries a ``grid_job`` annotation. Plain Dask work does not: ``client.submit``,

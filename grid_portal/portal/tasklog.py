@@ -83,7 +83,7 @@ class TaskRecord:
     error: str | None = None
     stdout: str | None = None
     stderr: str | None = None
-    # Issue 16: the item's path. Bytes of inputs that had to move to ``node`` (made on
+    # Pipelines: the item's path. Bytes of inputs that had to move to ``node`` (made on
     # another node), and the nodes they came from (comma-separated); None until it ran.
     moved: int | None = None
     moved_from: str | None = None
