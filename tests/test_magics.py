@@ -272,6 +272,28 @@ def test_an_error_shows_the_cell_line_and_keeps_what_ran_before(shell) -> None:
     assert "after" not in shell.user_ns
 
 
+def test_a_crafted_message_from_a_cell_runs_nothing_in_the_worker(shell, portal) -> None:
+    """A cell's code writes a crafted pickle into its own channel to the worker (found through
+    the child's outbox): the worker, which holds the node's key, opens it as plain data only,
+    so the marker its unpickling would write never appears, and the cell fails clearly."""
+    marker = portal.data_dir.parent / "state-vol" / "scratch" / "crafted-frame-marker"
+    payload = f'open({str(marker)!r}, "w").write("ran")'
+    code = (
+        "import gc, os, pickle\n"
+        "from grid_portal.jobs.cell_child import FRAME\n"
+        "class Probe:\n"
+        "    def __reduce__(self):\n"
+        f"        return (exec, ({payload!r},))\n"
+        "fd = next(o.fd for o in gc.get_objects() if type(o).__name__ == '_Outbox')\n"
+        "body = pickle.dumps({'k': 'result', 'value': Probe()})\n"
+        "os.write(fd, FRAME.pack(len(body)) + body)\n"
+    )
+    result, captured = run(shell, f"%%grid\n{code}")
+    assert result.error_in_exec is not None
+    assert "does not open" in captured.stdout + str(result.error_in_exec)
+    assert not marker.exists()
+
+
 def test_bad_input_is_one_clear_line_and_sends_nothing(shell, tmp_path: Path) -> None:
     grid = grid_of(shell)
     jobs_before = len(grid.jobs())

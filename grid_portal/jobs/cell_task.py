@@ -38,6 +38,7 @@ from grid_portal.jobs.cell_child import (
     kill_tree,
     send_frame,
 )
+from grid_portal.node.taskchild import loads_plain
 from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
     JOB_ANNOTATION,
     REPLICA_ANNOTATION,
@@ -363,7 +364,20 @@ class _FrameReader:
                 break
             body = bytes(self.buffer[FRAME.size : FRAME.size + size])
             del self.buffer[: FRAME.size + size]
-            messages.append(pickle.loads(body))
+            # The cell's code runs in that child: what it sends is opened as plain data only
+            # (values travel as pickled bytes, opened by the kernel), so a crafted message
+            # cannot run code in the worker, which holds the node's key.
+            try:
+                messages.append(loads_plain(body))
+            except pickle.UnpicklingError as exc:
+                self.buffer.clear()
+                messages.append(
+                    {
+                        "k": "result",
+                        "error": {"ename": "PermissionError", "evalue": str(exc), "grid": True},
+                    }
+                )
+                break
         return messages
 
 
