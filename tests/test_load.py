@@ -59,7 +59,8 @@ def test_concurrent_clients_every_task_exactly_once(crowd: Portal, tmp_path: Pat
         try:
             grid = grids[i]
             with submit_lock, grid.job(f"load {i}") as job_id:
-                futures = grid.map(plus_one, range(i * 1000, i * 1000 + TASKS))
+                # One Dask task per item (no sweep batching): the ledger is checked per task.
+                futures = grid.map(plus_one, range(i * 1000, i * 1000 + TASKS), batch=1)
             job_ids[i] = job_id
             results[i] = grid.gather(futures)
         except BaseException as exc:  # noqa: BLE001 - reported below, in the test's thread
