@@ -12,6 +12,12 @@ tests run on.
 
 starts the named nodes (``DIR/NAME.pem`` and ``DIR/NAME-key.pem``), prints ``ready`` once
 all have joined and runs until its stdin closes or it gets SIGTERM.
+
+``mode``: "sim" (the above: Dask's heartbeats, no telemetry), "volunteer" (also a real
+volunteer's NodePlugin, so heartbeats and telemetry are paced as a real idle volunteer's; its
+telemetry is a steady made-up sample, since 200 nodes sampling one machine would all see the
+same swings at once), or "raw" (plain Dask workers over plain TCP, for a raw Dask scheduler:
+what the portal's idle cost is compared with, issue 17).
 """
 
 from __future__ import annotations
@@ -54,29 +60,33 @@ def issue_node_certificates(data_dir: Path, names: Iterable[str], out: Path) -> 
 
 
 def start_simulated_nodes(
-    portal: Any, tmp: Path, names: list[str], per_process: int = 50
+    portal: Any,
+    tmp: Path,
+    names: list[str],
+    per_process: int = 50,
+    mode: str = "sim",
+    scheduler: str | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """Start ``names`` as simulated nodes, ``per_process`` to a process; returns once every
-    process said all its nodes joined."""
-    certs = tmp / "sim-certs"
-    issue_node_certificates(portal.data_dir, names, certs)
+    process said all its nodes joined. ``mode`` "raw": plain workers of the raw Dask
+    scheduler at ``scheduler`` (``portal`` unused)."""
+    if mode == "raw":
+        assert scheduler is not None
+        where = ["--scheduler", scheduler, "--mode", "raw"]
+    else:
+        certs = tmp / "sim-certs"
+        issue_node_certificates(portal.data_dir, names, certs)
+        where = [
+            *("--scheduler", portal.scheduler, "--mode", mode),
+            *("--ca", str(portal.data_dir / "ca" / "ca.pem"), "--certs", str(certs)),
+        ]
     processes = []
     for start in range(0, len(names), per_process):
         chunk = names[start : start + per_process]
-        log = open(tmp / f"sim-{start:04d}.log", "wb")  # noqa: SIM115 - the child keeps it
+        log = open(tmp / f"sim-{mode}-{start:04d}.log", "wb")  # noqa: SIM115 - the child keeps it
         processes.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--scheduler",
-                    portal.scheduler,
-                    "--ca",
-                    str(portal.data_dir / "ca" / "ca.pem"),
-                    "--certs",
-                    str(certs),
-                    *chunk,
-                ],
+                [sys.executable, str(Path(__file__).resolve()), *where, *chunk],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -116,7 +126,32 @@ def _info(name: str) -> dict[str, Any]:
     }
 
 
-async def _run(scheduler: str, ca: str, certs: Path, names: list[str]) -> None:
+def _volunteer_plugin(info: dict[str, Any]) -> Any:
+    """A real volunteer's NodePlugin whose telemetry is a steady made-up sample."""
+    import time
+
+    from grid_portal.node.plugin import NodePlugin
+
+    class SimulatedNodePlugin(NodePlugin):
+        def _sample(self, worker: Any) -> dict[str, Any]:
+            running = len(worker.state.executing)
+            return {
+                "time": time.time(),
+                "cpu_percent": 5.0,
+                "grid_cpu_percent": 100.0 * running,
+                "memory_used": MEMORY // 4,
+                "memory_percent": 25.0,
+                "running_tasks": running,
+                "gpus": [],
+                "policy": {"state": self.state, "reason": self.reason},
+            }
+
+    return SimulatedNodePlugin(info, gpus=[], memory_pause_fraction=None)
+
+
+async def _run(
+    scheduler: str, ca: str | None, certs: Path | None, names: list[str], mode: str = "sim"
+) -> None:
     import dask
     from distributed import Worker
 
@@ -129,19 +164,23 @@ async def _run(scheduler: str, ca: str, certs: Path, names: list[str]) -> None:
     with dask.config.set(WORKER_CONFIG):
         workers = []
         for name in names:
+            info = _info(name)
             worker = Worker(
                 scheduler,
-                security=tls_security(ca, certs / f"{name}.pem", certs / f"{name}-key.pem"),
+                security=None
+                if mode == "raw"
+                else tls_security(ca, certs / f"{name}.pem", certs / f"{name}-key.pem"),
                 nthreads=1,
                 memory_limit=0,
                 resources={"CPU": 1, "MEMORY": MEMORY},
                 name=name,
                 host="127.0.0.1",
                 dashboard=False,
-                death_timeout=60,
+                death_timeout=180,  # 50 TLS handshakes at once on a loaded machine
+                plugins={_volunteer_plugin(info)} if mode == "volunteer" else (),
             )
-            info = _info(name)
-            worker.startup_information["grid"] = lambda _worker, info=info: info
+            if mode == "sim":
+                worker.startup_information["grid"] = lambda _worker, info=info: info
             workers.append(worker)
         await asyncio.gather(*workers)
         sys.stdout.write("ready\n")
@@ -153,11 +192,12 @@ async def _run(scheduler: str, ca: str, certs: Path, names: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheduler", required=True)
-    parser.add_argument("--ca", required=True)
-    parser.add_argument("--certs", type=Path, required=True)
+    parser.add_argument("--mode", choices=("sim", "volunteer", "raw"), default="sim")
+    parser.add_argument("--ca")
+    parser.add_argument("--certs", type=Path)
     parser.add_argument("names", nargs="+")
     args = parser.parse_args()
-    asyncio.run(_run(args.scheduler, args.ca, args.certs, args.names))
+    asyncio.run(_run(args.scheduler, args.ca, args.certs, args.names, args.mode))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from grid_portal.enrolment import (
 )
 from grid_portal.errors import GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
-from grid_portal.node.policy import Decision, Policy, PolicyEngine, observe
+from grid_portal.node.policy import Decision, Observation, Policy, PolicyEngine, observe
 from grid_portal.node.sandbox import (
     SHARED_PLACES,
     SandboxPlan,
@@ -283,6 +284,21 @@ def describe_policy(policy: Policy | None) -> list[str]:
     if rules:
         rules.append(f"move tasks elsewhere after {format_duration(policy.suspend_limit)} paused")
     return rules
+
+
+def policy_needs(policy: Policy | None) -> frozenset[str]:
+    """What the volunteer's rules read from the machine: "load" (the CPU of the owner and of
+    the grid, which lists every process), "sensors" (battery, temperature, keyboard idle
+    time). Nothing else is read: hours need the clock alone, and no rules need nothing
+    (issue 17: an idle volunteer costs its owner next to nothing)."""
+    if policy is None:
+        return frozenset()
+    needs = set()
+    if policy.idle_only or policy.max_owner_load is not None:
+        needs.add("load")
+    if policy.idle_only or policy.pause_on_battery or policy.max_temperature is not None:
+        needs.add("sensors")
+    return frozenset(needs)
 
 
 def policy_interval(policy: Policy | None) -> float:
@@ -582,27 +598,33 @@ class Volunteer:
         from grid_portal.node.probe import TelemetrySampler
 
         sampler = None
-        if self.engine is not None:
+        needs = policy_needs(self.options.policy)
+        if self.engine is not None and "load" in needs:
             # The grid's share of the CPU: this agent and everything under it (the sandbox, the
             # worker, its task processes). The sampler counts in cores; policy wants % of all.
             sampler = await asyncio.to_thread(TelemetrySampler, [], 0.0)
         cores = psutil.cpu_count() or 1
         interval = policy_interval(self.options.policy)
         while True:
-            if self.engine is not None and sampler is not None:
+            if self.engine is not None and not needs:
+                # Hours only (or no rule at all): the clock is all there is to look at.
+                self.decision = self.engine.decide(Observation(now=datetime.now().astimezone()))
+            elif self.engine is not None:
                 try:
-                    sample = await asyncio.to_thread(sampler.sample)
+                    sample = await asyncio.to_thread(sampler.sample) if sampler else None
                     observation = await asyncio.to_thread(
                         observe,
-                        grid_cpu_percent=min(100.0, sample.grid_cpu_percent / cores),
-                        cpu_percent=sample.cpu_percent,
+                        grid_cpu_percent=min(100.0, sample.grid_cpu_percent / cores)
+                        if sample
+                        else 0.0,
+                        cpu_percent=sample.cpu_percent if sample else 0.0,
                     )
                     self.decision = self.engine.decide(observation)
                     logger.debug(
                         "owner load %.0f%% (machine %.0f%%, grid %.0f%%): %s",
                         observation.owner_load,
-                        sample.cpu_percent,
-                        sample.grid_cpu_percent / cores,
+                        sample.cpu_percent if sample else 0.0,
+                        sample.grid_cpu_percent / cores if sample else 0.0,
                         self.decision.reason or "run",
                     )
                 except Exception as exc:  # noqa: BLE001 - keep the rules going; say why

@@ -9,6 +9,10 @@
 - ends the process of a task the scheduler cancelled;
 - pushes the small result of a task annotated ``grid_push`` (a ``%%grid`` cell) to the portal
   with its completion, so that its client need not fetch it (``grid_portal.pushed``).
+- keeps an idle volunteer cheap (issue 17): heartbeats slow to IDLE_HEARTBEAT_INTERVAL once no
+  task has been here for IDLE_AFTER seconds and speed back up when work arrives; telemetry is
+  sampled every telemetry interval and a sample that changed (TELEMETRY_STEPS) is sent at once
+  in an early heartbeat, so the sidebar stays live while nothing else is sent.
 
 The agent reaches these methods over the worker process's private stdin/stdout
 (``grid_portal.node.worker``), never over Dask comms: every certificate holder on the grid can
@@ -49,7 +53,26 @@ METRIC_KEY = "grid"
 # memory falls again, which would also undo the volunteer's pause. So the worker process turns
 # Dask's own pausing off (distributed.worker.memory.pause: False) and this plugin does both.
 MEMORY_PAUSE_FRACTION = 0.8
-RECONCILE_INTERVAL = 0.5  # seconds
+RECONCILE_INTERVAL = 0.5  # seconds; IDLE_RECONCILE_INTERVAL while no task is here
+IDLE_RECONCILE_INTERVAL = 2.0
+
+# Idle cost (issue 17). Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends
+# one every IDLE_HEARTBEAT_INTERVAL seconds instead, which must stay under a third of the portal's
+# node timeout (15 s: portal/plugin.py declares a node silent after that). Work arriving (any
+# task on this worker) brings Dask's own interval back at once.
+IDLE_HEARTBEAT_INTERVAL = 4.0  # seconds
+IDLE_AFTER = 5.0  # seconds without a task here before heartbeats slow down
+# A telemetry sample is "changed", and sent at once, when a figure moved by at least this much
+# since the last one sent (percentage points; GPU temperature in degrees C); any change of
+# running tasks, policy, network or the GPU list counts too.
+TELEMETRY_STEPS = {
+    "cpu_percent": 10.0,
+    "grid_cpu_percent": 10.0,
+    "memory_percent": 1.0,
+    "utilization": 5.0,
+    "temperature": 3.0,
+}
+GPU_MEMORY_STEP = 0.01  # GPU memory: a change of 1 % of the first reading (or 64 MiB)
 
 
 class NodePlugin(WorkerPlugin):
@@ -76,10 +99,24 @@ class NodePlugin(WorkerPlugin):
         self.sampler: TelemetrySampler | None = None
         self._reconcile_pc: PeriodicCallback | None = None
         self._moved = 0
+        # Heartbeat pacing and telemetry on change (issue 17).
+        self._heartbeat_pc: PeriodicCallback | None = None
+        self._dask_heartbeat: Any = None
+        self._dask_interval_ms = 500.0  # what the scheduler last asked for
+        self._in_heartbeat = False
+        self._idle = False
+        self._last_activity = time.monotonic()
+        self._sent: dict[str, Any] | None = None  # the telemetry in the last heartbeat
+        self._watch_pc: PeriodicCallback | None = None
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
-        self.sampler = TelemetrySampler(gpus=self.gpus, min_interval=self.telemetry_interval)
+        # The process list (to count the task processes' CPU) is read again at most every 10 s
+        # while no task runs: listing costs about 1 ms on a desktop, more than all the rest.
+        # (A little under the interval, so that the watch timer below always samples afresh.)
+        self.sampler = TelemetrySampler(
+            gpus=self.gpus, min_interval=0.9 * self.telemetry_interval, relist_interval=10.0
+        )
         # Plugins are set up before the worker registers, so this reaches the portal with the
         # registration itself: the node is never listed without its capacity.
         worker.startup_information[STARTUP_KEY] = _static_info(self.info)
@@ -89,15 +126,33 @@ class NodePlugin(WorkerPlugin):
             self.executor.attach(worker)
         self._reconcile_pc = PeriodicCallback(self.reconcile, RECONCILE_INTERVAL * 1000)
         self._reconcile_pc.start()
+        # Dask's heartbeat timer stays Dask's (it stops and starts it around registration);
+        # only what it calls is wrapped, to set the next interval after each heartbeat.
+        pc = worker.periodic_callbacks.get("heartbeat")
+        if pc is not None:
+            self._heartbeat_pc, self._dask_heartbeat = pc, pc.callback
+            self._dask_interval_ms = pc.callback_time
+            pc.callback = self._paced_heartbeat
+        self._watch_pc = PeriodicCallback(self.watch_telemetry, self.telemetry_interval * 1000)
+        self._watch_pc.start()
 
     def teardown(self, worker: Worker) -> None:
         if self._reconcile_pc is not None:
             self._reconcile_pc.stop()
+        if self._watch_pc is not None:
+            self._watch_pc.stop()
+        if self._heartbeat_pc is not None:
+            self._heartbeat_pc.callback = self._dask_heartbeat
         if self.sampler is not None:
             self.sampler.close()
 
     # -- telemetry --------------------------------------------------------------------------
     def telemetry(self, worker: Worker) -> dict[str, Any]:
+        """The grid's metric in a heartbeat (Worker.metrics): the latest sample."""
+        self._sent = data = self._sample(worker)
+        return data
+
+    def _sample(self, worker: Worker) -> dict[str, Any]:
         assert self.sampler is not None
         sample = self.sampler.sample(running_tasks=len(worker.state.executing))
         data = _asdict(sample)
@@ -105,6 +160,84 @@ class NodePlugin(WorkerPlugin):
         if self.network is not None:  # re-measured by the agent now and then
             data["network"] = self.network
         return data
+
+    def watch_telemetry(self) -> None:
+        """Sample now; if the sample changed from the one last sent, send it at once."""
+        worker = self.worker
+        if worker is None or worker.status not in (Status.running, Status.paused):
+            return
+        if telemetry_changed(self._sent, self._sample(worker)):
+            self._report()
+
+    # -- heartbeat pacing ---------------------------------------------------------------------
+    def heartbeat_interval(self) -> float:
+        """Seconds until the next heartbeat: Dask's while work is here or was lately, else at
+        least IDLE_HEARTBEAT_INTERVAL."""
+        dask_interval = self._dask_interval_ms / 1000
+        if self._busy():
+            self._last_activity = time.monotonic()
+        self._idle = time.monotonic() - self._last_activity >= IDLE_AFTER
+        if self._reconcile_pc is not None:  # memory cannot grow much with no task here
+            self._reconcile_pc.callback_time = 1000 * (
+                IDLE_RECONCILE_INTERVAL if self._idle else RECONCILE_INTERVAL
+            )
+        return max(dask_interval, IDLE_HEARTBEAT_INTERVAL) if self._idle else dask_interval
+
+    def _busy(self) -> bool:
+        worker = self.worker
+        if worker is None:
+            return False
+        ws = worker.state
+        return bool(
+            ws.executing
+            or ws.long_running
+            or ws.ready
+            or ws.constrained
+            or ws.waiting
+            or ws.in_flight_tasks
+            or ws.missing_dep_flight
+            or ws.fetch_count
+        )
+
+    async def _paced_heartbeat(self) -> None:
+        pc = self._heartbeat_pc
+        assert pc is not None
+        self._in_heartbeat = True
+        try:
+            # Dask's heartbeat sets the timer to the interval the scheduler asks for (only when
+            # the scheduler answered): start from its last request, and keep what it sets.
+            pc.callback_time = self._dask_interval_ms
+            await self._dask_heartbeat()
+        finally:
+            self._in_heartbeat = False
+            self._dask_interval_ms = pc.callback_time
+            pc.callback_time = 1000 * self.heartbeat_interval()
+
+    def _work_arrived(self) -> None:
+        """A task came: back to Dask's heartbeat interval now, not after a slow one."""
+        self._last_activity = time.monotonic()
+        if not self._idle:
+            return
+        self._idle = False
+        worker = self.worker
+        pc = self._heartbeat_pc
+        if pc is None or worker is None:
+            return
+        pc.callback_time = self._dask_interval_ms
+        if pc.is_running() and not self._in_heartbeat:
+            pc.stop()  # restart: the next heartbeat comes one fast interval from now
+            pc.start()
+        # Dask sets find-missing's interval to the heartbeat's each time it runs. (Timers of
+        # plain functions can be restarted here: they are never halfway through a run.)
+        missing = worker.periodic_callbacks.get("find-missing")
+        for timer, ms in (
+            (missing, self._dask_interval_ms),
+            (self._reconcile_pc, 1000 * RECONCILE_INTERVAL),
+        ):
+            if timer is not None and timer.is_running():
+                timer.callback_time = ms
+                timer.stop()
+                timer.start()
 
     # -- control, from the agent ----------------------------------------------------------------
     def apply_policy(
@@ -143,7 +276,19 @@ class NodePlugin(WorkerPlugin):
         """Send a heartbeat now, so the portal shows the new state and its reason at once."""
         worker = self.worker
         if worker is not None and worker.status in (Status.running, Status.paused):
-            asyncio.ensure_future(worker.heartbeat())
+            asyncio.ensure_future(self._early_heartbeat(worker))
+
+    async def _early_heartbeat(self, worker: Worker) -> None:
+        await worker.heartbeat()
+        pc = self._heartbeat_pc
+        if pc is not None and not self._in_heartbeat:
+            # Dask set the timer to the scheduler's interval: keep our pace, and count the next
+            # regular heartbeat from this one.
+            self._dask_interval_ms = pc.callback_time
+            pc.callback_time = 1000 * self.heartbeat_interval()
+            if pc.is_running():
+                pc.stop()
+                pc.start()
 
     def pause(self, reason: str = "paused by the volunteer") -> dict[str, Any]:
         return self.apply_policy("paused", reason)
@@ -200,6 +345,8 @@ class NodePlugin(WorkerPlugin):
             worker.status = Status.running
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish in _WORK_STATES:
+            self._work_arrived()
         if finish == "memory" and start in ("executing", "long-running"):
             self._push_result(key)
             return
@@ -251,6 +398,41 @@ class NodePlugin(WorkerPlugin):
 
     def handle_status(self, comm: Any = None) -> dict[str, Any]:
         return self.status()
+
+
+# Task states on a worker that mean work is here (distributed.worker_state_machine).
+_WORK_STATES = frozenset(
+    {"waiting", "ready", "constrained", "executing", "long-running", "fetch", "flight"}
+)
+
+
+def telemetry_changed(sent: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether ``new`` differs from ``sent`` enough to be worth a heartbeat of its own."""
+    if sent is None:
+        return True
+    for key in ("running_tasks", "policy", "network"):
+        if sent.get(key) != new.get(key):
+            return True
+    for key in ("cpu_percent", "grid_cpu_percent", "memory_percent"):
+        if _moved(sent.get(key), new.get(key), TELEMETRY_STEPS[key]):
+            return True
+    old_gpus, new_gpus = sent.get("gpus") or [], new.get("gpus") or []
+    if [g.get("index") for g in old_gpus] != [g.get("index") for g in new_gpus]:
+        return True
+    for a, b in zip(old_gpus, new_gpus, strict=True):
+        for key in ("utilization", "temperature"):
+            if _moved(a.get(key), b.get(key), TELEMETRY_STEPS[key]):
+                return True
+        step = max(64 * 2**20, GPU_MEMORY_STEP * (a.get("memory_used") or 0))
+        if _moved(a.get("memory_used"), b.get("memory_used"), step):
+            return True
+    return False
+
+
+def _moved(a: Any, b: Any, step: float) -> bool:
+    if a is None or b is None:
+        return a is not b
+    return abs(float(b) - float(a)) >= step
 
 
 def _status_word(worker: Worker) -> str:

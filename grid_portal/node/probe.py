@@ -267,6 +267,9 @@ class TelemetrySampler:
 
     ``gpus``: NVML indices to report; None means every GPU, [] means none (NVML is not loaded).
     ``process``: the grid's process (default: this one); its children count too.
+    ``relist_interval``: while no task runs (``running_tasks`` 0), the children are listed again
+    only this often (listing reads every process of the machine: about 1 ms on a desktop, most
+    of a sample's cost); 0 lists them on every sample.
     """
 
     def __init__(
@@ -275,8 +278,12 @@ class TelemetrySampler:
         min_interval: float = 2.0,
         nvml: ModuleType | None = None,
         process: psutil.Process | None = None,
+        relist_interval: float = 0.0,
     ) -> None:
         self.min_interval = min_interval
+        self.relist_interval = relist_interval
+        self._listed: list[psutil.Process] = []
+        self._listed_monotonic = -float("inf")
         self._process = process if process is not None else psutil.Process()
         # cpu_percent measures since the previous call on the same Process object: keep them.
         self._procs: dict[int, psutil.Process] = {}
@@ -326,7 +333,7 @@ class TelemetrySampler:
                 time=time.time(),
                 # Since the last call anywhere in this process (psutil keeps one baseline).
                 cpu_percent=psutil.cpu_percent(interval=None),
-                grid_cpu_percent=self._grid_cpu_percent(),
+                grid_cpu_percent=self._grid_cpu_percent(relist=running_tasks > 0),
                 # total - available is what psutil's percent is based on, on every OS.
                 memory_used=int(memory.total - memory.available),
                 memory_percent=float(memory.percent),
@@ -336,13 +343,17 @@ class TelemetrySampler:
             self._last_monotonic = now
             return self._last
 
-    def _grid_cpu_percent(self) -> float:
-        try:
-            current = [self._process, *self._process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            current = []
-        except psutil.AccessDenied:
-            current = [self._process]
+    def _grid_cpu_percent(self, relist: bool = True) -> float:
+        now = time.monotonic()
+        if relist or now - self._listed_monotonic >= self.relist_interval:
+            try:
+                self._listed = [self._process, *self._process.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                self._listed = []
+            except psutil.AccessDenied:
+                self._listed = [self._process]
+            self._listed_monotonic = now
+        current = self._listed
         procs: dict[int, psutil.Process] = {}
         total = 0.0
         for proc in current:

@@ -32,6 +32,9 @@ QUIET_WORKER_CONFIG: dict[str, Any] = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
+    # Dask's memory monitor (spilling, where the sandbox allows it) wakes every 100 ms; the node
+    # plugin's own memory check runs every 0.5 s (issue 17: 0.12 % of a core saved when idle).
+    "distributed.worker.memory.monitor-interval": "500ms",
     # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
     "distributed.worker.daemon": False,
     # No plain-HTTP routes (metrics, health, statics) on the volunteer's LAN address: the
