@@ -177,6 +177,8 @@ class Grid:
     def close(self) -> None:
         self._closed = True
         self._client.close()
+        if self._set_as_default:
+            _forget_default_scheduler()
 
     def __enter__(self) -> Grid:
         return self
@@ -1037,3 +1039,16 @@ def _describe(resources: dict[str, float]) -> str:
     if memory:
         parts.append(f"{format_size(memory)} memory")
     return ", ".join(parts) or "nothing"
+
+
+def _forget_default_scheduler() -> None:
+    """Once no Dask client is left, send ``x.compute()`` back to Dask's local schedulers.
+
+    Each Dask client made the default sets ``scheduler="dask.distributed"`` and restores the
+    value it found when it closes; a Grid that reconnected made a second client while the first
+    still held the setting, so closing them in order restores "dask.distributed" with no client
+    left, and the next local ``compute()`` fails with "no Client active"."""
+    from distributed.client import _get_global_client
+
+    if _get_global_client() is None and dask.config.get("scheduler", None) == "dask.distributed":
+        dask.config.set(scheduler=None)

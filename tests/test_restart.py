@@ -257,3 +257,15 @@ def test_clients_made_before_the_restart_keep_working(story: Story) -> None:
         timeout=60,
         what="the event feed to resume after the restart",
     )
+
+
+def test_closed_grids_leave_local_dask_working(story: Story) -> None:
+    """Every Grid is the default Dask client while open; one that reconnected made a second
+    Dask client. Once all are closed, dask's own compute runs locally again."""
+    import dask
+
+    story.shell.run_line_magic("unload_ext", "grid_portal")
+    story.grid.close()
+    story.admin.close()
+    assert dask.config.get("scheduler", None) != "dask.distributed"
+    assert dask.delayed(sum)([1, 2]).compute() == 3

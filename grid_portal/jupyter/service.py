@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from traitlets import Float, Int, TraitError, Unicode, Union, validate
 from traitlets.config import LoggingConfigurable
@@ -135,7 +135,14 @@ class GridPortal(LoggingConfigurable):
         # reconnect=0: a call cut by a lost portal fails at once instead of waiting for the
         # portal to come back. The event feed reconnects by itself (a fresh Grid, then a
         # snapshot), and meanwhile the sidebar shows the error rather than stale data as live.
-        grid = Grid(address, timeout=self.connect_timeout, start_embedded=False, reconnect=0)
+        # Never the process's default Dask client: this server serves many people's requests.
+        grid = Grid(
+            address,
+            timeout=self.connect_timeout,
+            start_embedded=False,
+            reconnect=0,
+            set_as_default=False,
+        )
         try:
             who = grid.whoami() or {}
         except BaseException:
@@ -355,6 +362,9 @@ class EventHub:
         self._version = 0
         self._jobs_version = 0
         self._nodes: dict[str, str] = {}  # name -> the node as JSON text
+        # name -> its static capacity as JSON text, as last sent: a node's delta leaves its
+        # capacity out while it stays the same (about half of each node's bytes).
+        self._capacities: dict[str, str] = {}
         # GET nodes answers many readers between two changes: the joined, encoded body and
         # its ETag are made once per change, not per request (1 MB at 1,000 nodes).
         self._nodes_body: tuple[bytes, str] | None = None
@@ -456,23 +466,25 @@ class EventHub:
         # Nobody wants it: the mirror would go stale, so drop it and rebuild on next use.
         self._ready = False
         self._set_nodes({})
+        self._capacities = {}
         self._jobs = {}
 
     async def _sync(self) -> None:
         """Rebuild the mirror from scratch and send every subscriber a snapshot."""
         user = await self.portal.user()
 
-        def fetch(grid: Grid) -> tuple[dict[str, Any], dict[str, str], Any, dict[str, Any]]:
+        def fetch(grid: Grid) -> tuple[dict[str, Any], list[_NodeTexts], Any, dict[str, Any]]:
             changes = grid.changes(since=0, jobs_since=0, timeout=0)
             # Jobs loaded from the ledger after a portal restart have no version yet; list them.
             overview = grid.jobs_overview()
-            nodes = {n["name"]: _dumps(n) for n in changes["nodes"]}
+            nodes = [_node_texts(n) for n in changes["nodes"]]
             return changes, nodes, overview["jobs"], grid.capacity().to_dict()
 
         changes, nodes, jobs, capacity = await self.portal.run(fetch)
         self._version = int(changes["version"])
         self._jobs_version = int(changes["jobs_version"])
-        self._set_nodes(nodes)
+        self._set_nodes({n.name: n.whole for n in nodes})
+        self._capacities = {n.name: n.capacity for n in nodes}
         self._jobs = {j["id"]: j for j in jobs if j["owner"] == user}
         self._capacity = dict(capacity)
         self._ready, self._error = True, None
@@ -484,9 +496,9 @@ class EventHub:
         since, jobs_since = self._version, self._jobs_version
         wait = self.portal.events_poll_timeout
 
-        def fetch(grid: Grid) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
+        def fetch(grid: Grid) -> tuple[dict[str, Any], list[_NodeTexts], dict[str, Any]]:
             changes = grid.changes(since=since, jobs_since=jobs_since, timeout=wait)
-            nodes = [(n["name"], _dumps(n)) for n in changes["nodes"]]
+            nodes = [_node_texts(n) for n in changes["nodes"]]
             return changes, nodes, grid.capacity().to_dict()
 
         changes, nodes, capacity = await self.portal.run(
@@ -500,14 +512,21 @@ class EventHub:
         self._version, self._jobs_version = version, jobs_version
         removed = list(changes["removed"])
         if nodes or removed:
-            for name, text in nodes:
-                self._nodes[name] = text
+            parts = []
+            for node in nodes:
+                self._nodes[node.name] = node.whole
+                # Every subscriber holds what was last sent (a snapshot, then every delta),
+                # so an unchanged capacity need not travel again.
+                same = self._capacities.get(node.name) == node.capacity
+                parts.append(node.slim if same else node.whole)
+                self._capacities[node.name] = node.capacity
             for name in removed:
                 self._nodes.pop(name, None)
+                self._capacities.pop(name, None)
             self._nodes_changed()
             self._broadcast(
                 f'{{"type":"nodes","version":{version},'
-                f'"nodes":[{",".join(text for _, text in nodes)}],"removed":{_dumps(removed)}}}'
+                f'"nodes":[{",".join(parts)}],"removed":{_dumps(removed)}}}'
             )
         jobs = [j for j in changes["jobs"] if j["owner"] == user]
         if jobs:
@@ -545,6 +564,23 @@ class EventHub:
             return
         self.messages_sent += 1
         self.bytes_sent += len(text)
+
+
+class _NodeTexts(NamedTuple):
+    """One node as JSON text: whole, without its capacity, and its capacity alone."""
+
+    name: str
+    whole: str
+    slim: str
+    capacity: str
+
+
+def _node_texts(node: dict[str, Any]) -> _NodeTexts:
+    slim = _dumps({k: v for k, v in node.items() if k != "capacity"})
+    if "capacity" not in node:
+        return _NodeTexts(node["name"], slim, slim, "")
+    capacity = _dumps(node["capacity"])
+    return _NodeTexts(node["name"], f'{slim[:-1]},"capacity":{capacity}}}', slim, capacity)
 
 
 def _nodes_body(parts: list[str]) -> tuple[bytes, str]:
