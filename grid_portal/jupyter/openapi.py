@@ -248,7 +248,15 @@ EVENT_SCHEMAS: dict[str, Any] = {
         {
             "type": {"const": "nodes"},
             "version": {"type": "integer"},
-            "nodes": {"type": "array", "items": _ref("Node")},
+            "nodes": {
+                "type": "array",
+                "items": {
+                    **SCHEMAS["Node"],
+                    "required": [r for r in SCHEMAS["Node"]["required"] if r != "capacity"],
+                    "description": "A changed node, whole except that `capacity` is left out "
+                    "while it is the same as last sent (keep the one you have).",
+                },
+            },
             "removed": {"type": "array", "items": {"type": "string"}},
         },
         ["type", "version", "nodes", "removed"],

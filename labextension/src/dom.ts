@@ -47,6 +47,16 @@ function append(el: Element, children: Child[]): void {
   }
 }
 
+/**
+ * Set an element's text only when it differs: writing the same text still replaces the text
+ * node, and the browser then recomputes style and layout for nothing.
+ */
+export function setText(el: Element, text: string): void {
+  if (el.textContent !== text) {
+    el.textContent = text;
+  }
+}
+
 /** Replace all children of `el`. */
 export function replaceChildren(el: Element, ...children: Child[]): void {
   while (el.firstChild) {

@@ -87,14 +87,21 @@ function haystack(node: IGridNode): string {
   return parts.join('\n').toLowerCase();
 }
 
-export function nodeMatches(node: IGridNode, filter: INodeFilter): boolean {
+function searchTerms(filter: INodeFilter): string[] {
+  return filter.text.toLowerCase().split(/\s+/).filter(Boolean);
+}
+
+export function nodeMatches(
+  node: IGridNode,
+  filter: INodeFilter,
+  terms: readonly string[] = searchTerms(filter)
+): boolean {
   if (filter.gpuOnly && gpuCount(node) === 0) {
     return false;
   }
   if (filter.idleOnly && !isIdle(node)) {
     return false;
   }
-  const terms = filter.text.toLowerCase().split(/\s+/).filter(Boolean);
   if (!terms.length) {
     return true;
   }
@@ -122,32 +129,64 @@ function sortValue(node: IGridNode, key: NodeSortKey): number {
 }
 
 /**
+ * The natural order of node names (node2 before node10) as numbers, kept between updates:
+ * comparing two numbers is far cheaper than comparing two strings with a collator, and the
+ * names change much less often than the telemetry that makes the list re-sort.
+ */
+export class NameOrder {
+  /** Each name's rank; recomputed only when a name not seen before shows up. */
+  ranks(nodes: readonly IGridNode[]): ReadonlyMap<string, number> {
+    // Names of nodes that left keep their rank (harmless) until they outnumber the rest.
+    let stale = this._ranks.size > 2 * nodes.length + 64;
+    for (let i = 0; !stale && i < nodes.length; i++) {
+      stale = !this._ranks.has(nodes[i].name);
+    }
+    if (stale) {
+      const names = nodes.map(n => n.name).sort(collator.compare);
+      this._ranks = new Map(names.map((name, i) => [name, i]));
+    }
+    return this._ranks;
+  }
+
+  private _ranks = new Map<string, number>();
+}
+
+/**
  * The nodes to show, in order. Names compare "naturally" (node2 before node10) and break
- * every tie, so the order is stable while telemetry changes.
+ * every tie, so the order is stable while telemetry changes. Pass a `NameOrder` kept between
+ * calls to skip comparing names as strings.
  */
 export function filterAndSortNodes(
   nodes: Iterable<IGridNode>,
   filter: INodeFilter,
-  sort: INodeSort
+  sort: INodeSort,
+  order: NameOrder = new NameOrder()
 ): IGridNode[] {
-  const out: IGridNode[] = [];
-  for (const node of nodes) {
-    if (nodeMatches(node, filter)) {
-      out.push(node);
+  const all = Array.isArray(nodes) ? (nodes as IGridNode[]) : Array.from(nodes);
+  const ranks = order.ranks(all);
+  const terms = searchTerms(filter);
+  const out: { node: IGridNode; rank: number; value: number }[] = [];
+  for (const node of all) {
+    if (nodeMatches(node, filter, terms)) {
+      out.push({
+        node,
+        rank: ranks.get(node.name) ?? 0,
+        value: sort.key === 'name' ? 0 : sortValue(node, sort.key)
+      });
     }
   }
   const sign = sort.descending ? -1 : 1;
   out.sort((a, b) => {
     if (sort.key !== 'name') {
-      const d = sortValue(a, sort.key) - sortValue(b, sort.key);
+      const d = a.value - b.value;
       if (d !== 0) {
         return sign * d;
       }
-      return collator.compare(a.name, b.name);
+      return a.rank - b.rank;
     }
-    return sign * collator.compare(a.name, b.name);
+    return sign * (a.rank - b.rank);
   });
-  return out;
+  return out.map(item => item.node);
 }
 
 export const ACTIVE_JOB_STATES: readonly JobState[] = ['queued', 'running'];

@@ -65,7 +65,13 @@ export function applyEvent(state: IGridState, event: GridEvent): IGridState {
       }
       const nodes = new Map(state.nodes);
       for (const node of event.nodes ?? []) {
-        nodes.set(node.name, node);
+        // Static capacity is sent only when it changed (a new node, a re-probe): a delta
+        // without it keeps the capacity already known.
+        const known = nodes.get(node.name);
+        nodes.set(
+          node.name,
+          node.capacity === undefined && known ? { ...node, capacity: known.capacity } : (node as IGridNode)
+        );
       }
       for (const name of event.removed ?? []) {
         nodes.delete(name);

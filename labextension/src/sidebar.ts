@@ -4,7 +4,11 @@
  * modules (filter, format, model, sparkline, timing).
  *
  * Rendering happens at most once per animation frame and only while the panel is visible,
- * so a burst of websocket deltas or a hidden sidebar costs next to nothing.
+ * so a burst of websocket deltas or a hidden sidebar costs next to nothing. A render touches
+ * only what changed: the totals when the capacity did, the rows in view whose node did (rows
+ * are kept by node name and moved, not rebuilt, as the list scrolls), the jobs when they or
+ * the clock's second did. At 1,000 nodes that keeps a render to a few milliseconds
+ * (docs/benchmarks.md, "The sidebar at 1,000 nodes").
  */
 
 import { showErrorMessage } from '@jupyterlab/apputils';
@@ -12,13 +16,20 @@ import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
 import { GridConnection } from './connection';
-import { h, replaceChildren } from './dom';
-import { INodeFilter, INodeSort, NodeSortKey, filterAndSortNodes, sortJobs } from './filter';
+import { h, replaceChildren, setText } from './dom';
+import {
+  INodeFilter,
+  INodeSort,
+  NameOrder,
+  NodeSortKey,
+  filterAndSortNodes,
+  sortJobs
+} from './filter';
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { visibleRange } from './timing';
 import { IGridNode } from './types';
-import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, nodeDetailContent, nodeRowContent } from './views';
+import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, NodeRow, nodeDetailContent } from './views';
 
 export const SIDEBAR_ID = 'grid-portal:sidebar';
 
@@ -35,6 +46,20 @@ const SORT_LABELS: { [K in NodeSortKey]: string } = {
 };
 
 const nowSeconds = () => Date.now() / 1000;
+
+interface ITile {
+  el: HTMLElement;
+  num: HTMLElement;
+  of: HTMLElement;
+  label: HTMLElement;
+}
+
+interface ITiles {
+  nodes: ITile;
+  cores: ITile;
+  gpus: ITile;
+  memory: ITile;
+}
 
 export class GridSidebar extends Widget {
   constructor(connection: GridConnection) {
@@ -54,6 +79,7 @@ export class GridSidebar extends Widget {
     this._columns = new Set(known);
     this._rows.clear(); // rows are keyed by node only: rebuild them all
     replaceChildren(this._spacer);
+    this._lastNodes = null;
     this._scheduleRender();
   }
 
@@ -215,8 +241,12 @@ export class GridSidebar extends Widget {
 
   private _render(): void {
     const now = nowSeconds();
+    const second = Math.floor(now);
+    const ticked = second !== this._lastSecond;
+    this._lastSecond = second;
     this._renderStatus(now);
     this._renderTotals();
+    const state = this._connection.state;
     const detail = this._connection.detail;
     const showDetail = detail !== null;
     if (this._list.hidden !== showDetail) {
@@ -228,15 +258,23 @@ export class GridSidebar extends Widget {
       }
     }
     if (detail) {
-      this._detailTitle.textContent = detail.name;
-      replaceChildren(
-        this._detailBody,
-        ...nodeDetailContent(this._connection.state.nodes.get(detail.name), detail, now)
-      );
+      const node = state.nodes.get(detail.name);
+      if (ticked || detail !== this._lastDetail || node !== this._lastDetailNode) {
+        this._lastDetail = detail;
+        this._lastDetailNode = node;
+        setText(this._detailTitle, detail.name);
+        replaceChildren(this._detailBody, ...nodeDetailContent(node, detail, now));
+      }
     } else {
+      this._lastDetail = null;
       this._renderNodes(now);
     }
-    this._renderJobs(now);
+    const others = this._connection.others;
+    if (ticked || state.jobs !== this._lastJobs || others !== this._lastOthers) {
+      this._lastJobs = state.jobs;
+      this._lastOthers = others;
+      this._renderJobs(now);
+    }
   }
 
   private _renderStatus(now: number): void {
@@ -263,95 +301,124 @@ export class GridSidebar extends Widget {
       default:
         text = 'stopped';
     }
-    this._connStatus.textContent = text;
-    this._connStatus.dataset.status = conn.status;
-    this._connStatus.dataset.stale = state.error ? 'true' : 'false';
+    setText(this._connStatus, text);
+    const stale = state.error ? 'true' : 'false';
+    if (this._connStatus.dataset.status !== conn.status) {
+      this._connStatus.dataset.status = conn.status;
+    }
+    if (this._connStatus.dataset.stale !== stale) {
+      this._connStatus.dataset.stale = stale;
+    }
     const banner = this._errorText.parentElement as HTMLElement;
-    banner.hidden = !state.error;
-    this._errorText.textContent = state.error ?? '';
+    if (banner.hidden !== !state.error) {
+      banner.hidden = !state.error;
+    }
+    setText(this._errorText, state.error ?? '');
     // "Retry now" skips the sidebar's own wait to reconnect; while the socket is up the
     // server retries the portal by itself, and the button would do nothing.
-    this._retry.hidden = conn.status === 'open' || conn.status === 'connecting';
+    const noRetry = conn.status === 'open' || conn.status === 'connecting';
+    if (this._retry.hidden !== noRetry) {
+      this._retry.hidden = noRetry;
+    }
   }
 
   private _renderTotals(): void {
     const c = this._connection.state.capacity;
-    const tile = (key: string, label: string, value: string, of: string) =>
-      h(
-        'div',
-        { class: 'gp-total', 'data-total': key, title: `${value} ${label} of ${of}` },
-        h(
-          'div',
-          { class: 'gp-total-value' },
-          h('span', { class: 'gp-total-num' }, value),
-          ' ', // a break opportunity: narrow sidebars wrap "/ total" under the value
-          h('span', { class: 'gp-total-of' }, `/ ${of}`)
-        ),
-        h('div', { class: 'gp-total-label' }, label)
-      );
+    if (c === this._lastCapacity && this._totals.firstChild) {
+      return;
+    }
+    this._lastCapacity = c;
     if (!c) {
+      this._tiles = null;
       replaceChildren(this._totals, h('div', { class: 'gp-empty' }, 'Waiting for the grid…'));
       return;
     }
-    replaceChildren(
-      this._totals,
-      tile('nodes', 'nodes online', `${c.nodes_online}`, `${c.nodes_total}`),
-      tile('cores', 'cores free', `${c.cores_free}`, `${c.cores_total}`),
-      tile('gpus', 'GPUs free', `${c.gpus_free}`, `${c.gpus_total}`),
-      tile('memory', 'memory free', formatSize(c.memory_free), formatSize(c.memory_total))
-    );
+    if (!this._tiles) {
+      const tile = (key: string): ITile => {
+        const num = h('span', { class: 'gp-total-num' });
+        const of = h('span', { class: 'gp-total-of' });
+        const label = h('div', { class: 'gp-total-label' });
+        // The space is a break opportunity: narrow sidebars wrap "/ total" under the value.
+        const value = h('div', { class: 'gp-total-value' }, num, ' ', of);
+        const el = h('div', { class: 'gp-total', 'data-total': key }, value, label);
+        return { el, num, of, label };
+      };
+      this._tiles = {
+        nodes: tile('nodes'),
+        cores: tile('cores'),
+        gpus: tile('gpus'),
+        memory: tile('memory')
+      };
+      const t = this._tiles;
+      replaceChildren(this._totals, t.nodes.el, t.cores.el, t.gpus.el, t.memory.el);
+    }
+    const tiles = this._tiles;
+    const fill = (t: ITile, label: string, value: string, of: string) => {
+      setText(t.num, value);
+      setText(t.of, `/ ${of}`);
+      setText(t.label, label);
+      const title = `${value} ${label} of ${of}`;
+      if (t.el.title !== title) {
+        t.el.title = title;
+      }
+    };
+    fill(tiles.nodes, 'nodes online', `${c.nodes_online}`, `${c.nodes_total}`);
+    fill(tiles.cores, 'cores free', `${c.cores_free}`, `${c.cores_total}`);
+    fill(tiles.gpus, 'GPUs free', `${c.gpus_free}`, `${c.gpus_total}`);
+    fill(tiles.memory, 'memory free', formatSize(c.memory_free), formatSize(c.memory_total));
   }
 
   private _renderNodes(now: number): void {
     const state = this._connection.state;
     if (state.nodes !== this._lastNodes || this._filter !== this._lastFilter || this._sort !== this._lastSort) {
-      this._visible = filterAndSortNodes(state.nodes.values(), this._filter, this._sort);
+      this._visible = filterAndSortNodes(state.nodes.values(), this._filter, this._sort, this._order);
       this._lastNodes = state.nodes;
       this._lastFilter = this._filter;
       this._lastSort = this._sort;
     }
     const nodes = this._visible;
     const total = state.nodes.size;
-    this._nodeCount.textContent = !state.loaded
-      ? ''
-      : total === 0
-        ? 'No nodes have joined the grid yet.'
-        : nodes.length === total
-          ? plural(total, 'node')
-          : `${nodes.length} of ${plural(total, 'node')} match`;
+    setText(
+      this._nodeCount,
+      !state.loaded
+        ? ''
+        : total === 0
+          ? 'No nodes have joined the grid yet.'
+          : nodes.length === total
+            ? plural(total, 'node')
+            : `${nodes.length} of ${plural(total, 'node')} match`
+    );
 
-    this._spacer.style.height = `${nodes.length * NODE_ROW_HEIGHT}px`;
+    const height = nodes.length * NODE_ROW_HEIGHT;
+    if (height !== this._spacerHeight) {
+      this._spacerHeight = height;
+      this._spacer.style.height = `${height}px`;
+    }
     const { start, end } = visibleRange(
       this._list.scrollTop,
       this._list.clientHeight,
       NODE_ROW_HEIGHT,
       nodes.length
     );
-    // Keep the row elements of nodes still in view (a click between press and release
-    // must land on the same element); drop the rest.
-    const keep = new Map<string, HTMLElement>();
+    // Keep the rows of nodes still in view (a click between press and release must land on
+    // the same element, and an unchanged row costs nothing); drop the rest.
+    const keep = new Map<string, NodeRow>();
     for (let i = start; i < end; i++) {
       const node = nodes[i];
       let row = this._rows.get(node.name);
-      if (!row) {
-        row = h('div', { class: 'gp-node-row', 'data-node': node.name, tabindex: 0, role: 'button' });
-        this._spacer.appendChild(row);
+      if (row) {
+        this._rows.delete(node.name);
+      } else {
+        row = new NodeRow(node.name);
+        this._spacer.appendChild(row.node);
       }
-      this._rows.delete(node.name);
       keep.set(node.name, row);
-      this._fillRow(row, node, i, now);
+      row.update(node, i, this._columns, now);
     }
     for (const row of this._rows.values()) {
-      row.remove();
+      row.node.remove();
     }
     this._rows = keep;
-  }
-
-  private _fillRow(row: HTMLElement, node: IGridNode, index: number, now: number): void {
-    row.style.transform = `translateY(${index * NODE_ROW_HEIGHT}px)`;
-    row.dataset.state = node.state;
-    row.setAttribute('aria-label', `${node.name}, ${node.state}`);
-    replaceChildren(row, ...nodeRowContent(node, this._columns, now));
   }
 
   private _renderJobs(now: number): void {
@@ -361,15 +428,18 @@ export class GridSidebar extends Widget {
       j.state === 'queued' || j.state === 'running' ? true : finished++ < MAX_FINISHED_JOBS
     );
     const others = this._connection.others;
-    this._others.textContent = others
-      ? ` · others: ${others.running} running, ${others.queued} queued`
-      : '';
+    setText(
+      this._others,
+      others ? ` · others: ${others.running} running, ${others.queued} queued` : ''
+    );
     if (!jobs.length) {
       this._jobRows.clear();
-      replaceChildren(
-        this._jobList,
-        h('div', { class: 'gp-empty' }, 'No jobs yet. Use “Run cell on grid” or %%grid in a notebook.')
-      );
+      if (!this._jobList.firstElementChild?.classList.contains('gp-empty')) {
+        replaceChildren(
+          this._jobList,
+          h('div', { class: 'gp-empty' }, 'No jobs yet. Use “Run cell on grid” or %%grid in a notebook.')
+        );
+      }
       return;
     }
     const rows = new Map<string, JobRow>();
@@ -427,7 +497,16 @@ export class GridSidebar extends Widget {
   private _lastNodes: unknown = null;
   private _lastFilter: INodeFilter | null = null;
   private _lastSort: INodeSort | null = null;
-  private _rows = new Map<string, HTMLElement>();
+  private _order = new NameOrder();
+  private _rows = new Map<string, NodeRow>();
+  private _spacerHeight = -1;
+  private _lastSecond = -1;
+  private _lastCapacity: unknown = undefined;
+  private _tiles: ITiles | null = null;
+  private _lastJobs: unknown = null;
+  private _lastOthers: unknown = undefined;
+  private _lastDetail: unknown = null;
+  private _lastDetailNode: unknown = undefined;
   private _jobRows = new Map<string, JobRow>();
   private _frame: number | null = null;
   private _tick: number | null = null;

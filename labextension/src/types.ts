@@ -93,6 +93,9 @@ export interface IGridNode {
   history?: ITelemetry[];
 }
 
+/** A node in a `nodes` delta: static capacity only when it changed. */
+export type INodeDelta = Omit<IGridNode, 'capacity'> & { capacity?: IStaticCapacity };
+
 export interface ICapacity {
   nodes_online: number;
   nodes_total: number;
@@ -136,7 +139,13 @@ export type GridEvent =
       jobs: IJob[];
       capacity: ICapacity;
     }
-  | { type: 'nodes'; version: number; nodes: IGridNode[]; removed?: string[] }
+  | {
+      type: 'nodes';
+      version: number;
+      /** Changed nodes; `capacity` is left out when it is the same as already sent. */
+      nodes: INodeDelta[];
+      removed?: string[];
+    }
   | { type: 'jobs'; jobs: IJob[]; removed?: string[] }
   | { type: 'capacity'; capacity: ICapacity }
   | { type: 'error'; message: string };

@@ -4,7 +4,7 @@
  */
 
 import { INodeDetail } from './connection';
-import { Child, bar, h, replaceChildren, svg } from './dom';
+import { Child, bar, h, replaceChildren, setText, svg } from './dom';
 import { jobProgress, jobTiming, isActive, shortList } from './filter';
 import {
   formatAgo,
@@ -120,6 +120,58 @@ export function nodeRowContent(
         ? h('div', { class: 'gp-row-line gp-node-reason' }, node.reason)
         : null;
   return [head, resources, gpuLine];
+}
+
+/**
+ * One row of the virtualised node list, kept while its node stays near the viewport. An
+ * update that did not change its node (the model replaces a node's object only when a delta
+ * brings it) and did not move it costs nothing; a changed node rebuilds only this row.
+ */
+export class NodeRow {
+  readonly node: HTMLElement;
+
+  constructor(name: string) {
+    this.node = h('div', { class: 'gp-node-row', 'data-node': name, tabindex: 0, role: 'button' });
+  }
+
+  update(node: IGridNode, index: number, columns: ReadonlySet<Column>, now: number): void {
+    if (index !== this._index) {
+      this._index = index;
+      this.node.style.transform = `translateY(${index * NODE_ROW_HEIGHT}px)`;
+    }
+    // Only offline rows read the clock ("last seen 3 min ago").
+    const ago = node.state === 'offline' ? formatAgo(node.last_seen, now) : '';
+    if (node === this._data && ago === this._ago) {
+      return;
+    }
+    this._data = node;
+    this._ago = ago;
+    if (this.node.dataset.state !== node.state) {
+      this.node.dataset.state = node.state;
+      this.node.setAttribute('aria-label', `${node.name}, ${node.state}`);
+    }
+    replaceChildren(this.node, ...nodeRowContent(node, columns, now));
+  }
+
+  private _index = -1;
+  private _data: IGridNode | null = null;
+  private _ago = '';
+}
+
+function setAttr(el: Element, name: string, value: string): void {
+  if (el.getAttribute(name) !== value) {
+    el.setAttribute(name, value);
+  }
+}
+
+/** The width last written to each bar (the browser reads `50.0%` back as `50%`). */
+const lastWidth = new WeakMap<HTMLElement, string>();
+
+function setStyle(el: HTMLElement, name: 'width', value: string): void {
+  if (lastWidth.get(el) !== value) {
+    lastWidth.set(el, value);
+    el.style[name] = value;
+  }
 }
 
 const SPARK_W = 200;
@@ -302,27 +354,36 @@ export class JobRow {
   }
 
   update(job: IJob, now: number): void {
-    this._name.textContent = job.name || job.id;
-    this._name.title = `${job.kind} ${job.id}`;
-    this._state.className = `gp-job-state gp-state-${job.state}`;
-    this._state.textContent = job.state;
-    this.node.dataset.state = job.state;
+    // Called every render and every second: write only what changed.
+    setText(this._name, job.name || job.id);
+    setAttr(this._name, 'title', `${job.kind} ${job.id}`);
+    setAttr(this._state, 'class', `gp-job-state gp-state-${job.state}`);
+    setText(this._state, job.state);
+    if (this.node.dataset.state !== job.state) {
+      this.node.dataset.state = job.state;
+    }
     const active = isActive(job);
-    this._cancel.hidden = !active;
-    if (!active) {
+    if (this._cancel.hidden !== !active) {
+      this._cancel.hidden = !active;
+    }
+    if (!active && this._cancel.disabled) {
       this._cancel.disabled = false;
     }
     const { done, failed } = jobProgress(job);
-    this._doneFill.style.width = `${(done * 100).toFixed(1)}%`;
-    this._failedFill.style.width = `${(failed * 100).toFixed(1)}%`;
-    this._count.textContent =
-      `${job.tasks_done}/${job.tasks_total}` + (job.tasks_failed ? ` (${job.tasks_failed} failed)` : '');
+    setStyle(this._doneFill, 'width', `${(done * 100).toFixed(1)}%`);
+    setStyle(this._failedFill, 'width', `${(failed * 100).toFixed(1)}%`);
+    setText(
+      this._count,
+      `${job.tasks_done}/${job.tasks_total}` + (job.tasks_failed ? ` (${job.tasks_failed} failed)` : '')
+    );
     const timing = jobTiming(job, now);
-    this._time.textContent = `${timing.label} ${formatDuration(timing.seconds)}`;
-    this._nodes.textContent = job.nodes?.length ? `on ${shortList(job.nodes)}` : '';
-    this._nodes.title = (job.nodes ?? []).join(', ');
-    this._error.hidden = !job.error;
-    replaceChildren(this._error, job.error ?? '');
+    setText(this._time, `${timing.label} ${formatDuration(timing.seconds)}`);
+    setText(this._nodes, job.nodes?.length ? `on ${shortList(job.nodes)}` : '');
+    setAttr(this._nodes, 'title', (job.nodes ?? []).join(', '));
+    if (this._error.hidden !== !job.error) {
+      this._error.hidden = !job.error;
+    }
+    setText(this._error, job.error ?? '');
   }
 
   /** Let the Cancel button be pressed again (after a failed cancel). */

@@ -3,6 +3,7 @@ import { describe, it } from 'node:test';
 
 import {
   INodeFilter,
+  NameOrder,
   coresFree,
   filterAndSortNodes,
   isIdle,
@@ -53,6 +54,27 @@ describe('node filters', () => {
 });
 
 describe('filterAndSortNodes', () => {
+  it('sorts the same with a NameOrder kept between calls, as names come and go', () => {
+    const order = new NameOrder();
+    const sort = { key: 'name' as const, descending: false };
+    const all = { gpuOnly: false, idleOnly: false, text: '' };
+    const names = (list: { name: string }[]) => list.map(n => n.name);
+    const first = [node('n10'), node('n2'), node('n1')];
+    assert.deepEqual(names(filterAndSortNodes(first, all, sort, order)), ['n1', 'n2', 'n10']);
+    const more = [...first, node('n3'), node('N4')];
+    assert.deepEqual(
+      names(filterAndSortNodes(more, all, sort, order)),
+      ['n1', 'n2', 'n3', 'N4', 'n10'],
+      'a new name is ranked among the known ones'
+    );
+    const cpu = { key: 'cpu' as const, descending: true };
+    assert.deepEqual(
+      names(filterAndSortNodes(more.slice(3), all, cpu, order)),
+      ['n3', 'N4'],
+      'ties on the value fall back to the name'
+    );
+  });
+
   const nodes = [
     node('node10', { telemetry: telemetry(1, { cpu_percent: 5 }) }),
     node('node2', { telemetry: telemetry(1, { cpu_percent: 90 }) }),

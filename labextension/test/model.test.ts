@@ -68,6 +68,17 @@ describe('applyEvent', () => {
     assert.equal(s.nodes.has('b'), true);
   });
 
+  it('a node sent without its capacity keeps the capacity it had', () => {
+    const s = loaded();
+    const { capacity: _, ...slim } = node('a', { state: 'busy' });
+    const next = applyEvent(s, { type: 'nodes', version: 6, nodes: [slim] });
+    assert.equal(next.nodes.get('a')?.state, 'busy');
+    assert.equal(next.nodes.get('a')?.capacity, s.nodes.get('a')?.capacity);
+    const changed = node('a', { capacity: { ...node('a').capacity, memory_total: 64e9 } });
+    const after = applyEvent(next, { type: 'nodes', version: 7, nodes: [changed] });
+    assert.equal(after.nodes.get('a')?.capacity.memory_total, 64e9, 'a new capacity wins');
+  });
+
   it('ignores a nodes delta older than the state', () => {
     const s = loaded();
     const next = applyEvent(s, { type: 'nodes', version: 4, nodes: [node('x')], removed: [] });
