@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from grid_portal.payload import OpaqueResult
 from grid_portal.portal.placement import NOWHERE, Placement
 from grid_portal.portal.tasklog import item_of
 from grid_portal.protocol import JOB_ANNOTATION, REPLICA_ANNOTATION, REPLICAS_ANNOTATION  # noqa: F401 - names of the wire contract
@@ -562,7 +563,11 @@ def _digest(value: Any) -> str:
     serializes item by item) and the frames' bytes once decompressed, taken as one stream so
     that how a node split or compressed them does not matter.
     """
+    from distributed.protocol.serialize import Serialize
+
     h = hashlib.sha256()
+    if type(value) is Serialize:  # not serialized at all (an inproc comm): the object itself
+        value = value.data
     header = getattr(value, "header", None)
     frames = getattr(value, "frames", None)
     if isinstance(header, dict) and frames is not None:
@@ -573,6 +578,8 @@ def _digest(value: Any) -> str:
             h.update(bytes(frame))
     elif isinstance(value, (bytes, bytearray, memoryview)):
         h.update(bytes(value))
+    elif type(value) is OpaqueResult:  # came unserialized: its bytes, not its repr
+        h.update(value.data)
     else:  # plain data that came inline
         h.update(repr(value).encode())
     return h.hexdigest()
