@@ -233,6 +233,13 @@ SCHEDULER_STREAM_OPS: dict[str, Rule] = {
     **_rules(
         PEOPLE, "cancel or ask about one's own tasks", ["cancel-keys", "report-key"], OWNED_KEYS
     ),
+    **_rules(PEOPLE, "a %%grid cell's output stream, closed", ["queue_release"], OWNED_QUEUE),
+    **_rules(
+        PEOPLE,
+        "a future put in one's own queue, let go",
+        ["queue-future-release"],
+        OWNED_QUEUE,
+    ),
     **_rules(
         NODES,
         "a Dask worker's own stream",

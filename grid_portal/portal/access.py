@@ -219,7 +219,7 @@ class Access:
                 return None if on is not None and on.address == worker else "not this node's task"
             holders = {ws.address for ws in ts.who_has or ()}
             return None if worker in holders else "not this node's task"
-        if op == "queue_release":
+        if op in ("queue_release", "queue-future-release"):
             return self._check_queue(identity, op, msg)
         if op == "log-event":
             topic = msg.get("topic")
