@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402  (the simulated registry and its reporting timer)
+import browser  # noqa: E402
 import cloudpickle  # noqa: E402
 from browser import launch_chromium, start_lab, why_no_browser_tests  # noqa: E402
 from conftest import start_portal  # noqa: E402
@@ -215,8 +216,16 @@ def main() -> None:
     parser.add_argument("--scroll-frames", type=int, default=600)
     parser.add_argument("--scroll-step", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    parser.add_argument(
+        "--labextension",
+        type=Path,
+        help="serve this build of the labextension instead of grid_portal/labextension "
+        "(an older commit's, built in a git worktree, for a before/after comparison)",
+    )
     args = parser.parse_args()
 
+    if args.labextension is not None:
+        browser.BUILT_EXTENSION = args.labextension.resolve()
     why = why_no_browser_tests()
     if why:
         sys.exit(f"cannot run: {why}")
@@ -238,8 +247,8 @@ def main() -> None:
         lab = start_lab(tmp / "lab", portal.connection_file)
         grid.client.run_on_scheduler(bench_api.start_reporting, args.every)
         renice(portal.process.pid, 10)  # threads started since
-        with launch_chromium() as browser:
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
+        with launch_chromium() as chromium:
+            context = chromium.new_context(viewport={"width": 1280, "height": 900})
             try:
                 page = context.new_page()
                 page.set_default_timeout(120_000)
