@@ -53,7 +53,7 @@ FORBIDDEN = [
         "requirements",
         ("distributed", "dask", "grid_portal.portal", "grid_portal.client", "grid_portal.jobs"),
     ),
-    ("jobs/spec.py", ("distributed",)),
+    ("jobs/spec", ("distributed",)),
     # Both the kernel and the portal submit what jobs/graph.py builds, through their own client.
     ("jobs/graph.py", ("distributed", "grid_portal.client", *JOBS_KERNEL_SIDE)),
     ("jobs/stage_task.py", ("distributed.client", "grid_portal.client", *JOBS_KERNEL_SIDE)),
