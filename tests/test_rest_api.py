@@ -333,6 +333,53 @@ def test_submitting_a_spec_checks_it_then_runs_it(api: Api) -> None:
     assert finished["nodes"] == ["alpha"]
 
 
+def test_a_workflows_logs_as_the_cli_shows_them(api: Api, grid: Portal) -> None:
+    spec = {
+        "name": "says",
+        "stages": [
+            {
+                "name": "say",
+                "run": {"shell": "echo hello {n} && echo oops {n} >&2"},
+                "map": {"over": [0, 1, 2], "as": "n"},
+            }
+        ],
+    }
+    status, job = api("jobs", method="POST", body=spec)
+    assert status == 201, job
+
+    def done() -> Any:
+        status, body = api("jobs", job["id"])
+        return body if status == 200 and body["state"] == "done" else None
+
+    wait_for(done, timeout=30, what="the workflow to finish")
+    status, body = api("jobs", job["id"], "logs")
+    conforms("/jobs/{job_id}/logs", "GET", status, body)
+    assert sorted(t["item"] for t in body["tasks"]) == [0, 1, 2]
+    for t in body["tasks"]:
+        assert (t["stage"], t["node"], t["state"]) == ("say", "alpha", "done")
+        assert t["stdout"].strip() == f"hello {t['item']}"
+        assert t["stderr"].strip() == f"oops {t['item']}"
+    status, body = api("jobs", job["id"], "logs", params={"stage": "say", "item": "1"})
+    conforms("/jobs/{job_id}/logs", "GET", status, body)
+    assert [t["stdout"].strip() for t in body["tasks"]] == ["hello 1"]
+    status, body = api("jobs", job["id"], "logs", params={"stage": "nothing"})
+    assert (status, body["tasks"]) == (200, [])
+    status, body = api("jobs", job["id"], "logs", params={"item": "one"})
+    conforms("/jobs/{job_id}/logs", "GET", status, body)
+    assert status == 400 and "whole number" in body["message"]
+
+    # Another user's job is as unknown as a job that does not exist: 404, never 500.
+    with grid.grid() as client:
+        client._call("grid_job_create", job_id="mallory-logs", name="theirs", owner="mallory")
+        try:
+            for job_id in ("mallory-logs", "no-such-job"):
+                status, body = api("jobs", job_id, "logs")
+                conforms("/jobs/{job_id}/logs", "GET", status, body)
+                assert status == 404, body
+        finally:
+            client.cancel("mallory-logs")
+
+
 # -- authentication ------------------------------------------------------------------------------
 
 ENDPOINTS = [
@@ -343,6 +390,7 @@ ENDPOINTS = [
     ("POST", "jobs"),
     ("GET", "jobs/x"),
     ("DELETE", "jobs/x"),
+    ("GET", "jobs/x/logs"),
     ("GET", "version"),
     ("GET", "openapi.json"),
     ("GET", "events"),

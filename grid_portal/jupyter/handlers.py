@@ -336,6 +336,53 @@ class JobHandler(GridHandler):
         self.write_json(job)
 
 
+class JobLogsHandler(GridHandler):
+    """What a job's shell and script tasks printed, as ``grid-portal logs`` shows it.
+
+    A workflow's kept outputs are not served: they come back through the Dask client, which
+    would open node-made bytes inside the Jupyter server, and fetching them releases them.
+    """
+
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        me = await self.user()
+        stage = self.get_query_argument("stage", None) or None
+        item_text = self.get_query_argument("item", None)
+        item: int | None = None
+        if item_text not in (None, ""):
+            try:
+                item = int(item_text)
+            except ValueError:
+                raise ApiError(
+                    400, f"query parameter item must be a whole number, not {item_text!r}"
+                ) from None
+
+        def logs(grid: Grid) -> dict[str, Any] | None:
+            job = grid.get_job(job_id)
+            if job is None or job.owner != me:
+                return None  # someone else's job is as good as unknown to this user
+            tasks = grid.job_logs(job_id, stage=stage, item=item)
+            if tasks is None:
+                return None
+            keep = ("stage", "item", "node", "state", "stdout", "stderr")
+            return {
+                "job": job_id,
+                "tasks": [
+                    {k: t.get(k) for k in keep}
+                    for t in tasks
+                    if (t.get("stdout") or t.get("stderr"))
+                    and (stage is None or t.get("stage") == stage)
+                    and (item is None or t.get("item") == item)
+                ],
+            }
+
+        body = await self.run(logs)
+        if body is None:
+            raise _not_found(f"no job {job_id!r} of yours; GET jobs lists them")
+        self.write_json(body)
+
+
 # -- about the API ------------------------------------------------------------------------------
 
 
@@ -416,6 +463,7 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "capacity"), CapacityHandler),
         (url_path_join(api, "jobs"), JobsHandler),
         (url_path_join(api, "jobs", "([^/]+)"), JobHandler),
+        (url_path_join(api, "jobs", "([^/]+)", "logs"), JobLogsHandler),
         (url_path_join(api, "version"), VersionHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),

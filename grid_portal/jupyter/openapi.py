@@ -63,6 +63,28 @@ SCHEMAS: dict[str, Any] = {
         },
         ["version", "api"],
     ),
+    "JobLogs": _object(
+        {
+            "job": {"type": "string"},
+            "tasks": {
+                "type": "array",
+                "description": "One record per task that printed something, as `grid-portal "
+                "logs` shows them. Only shell and script tasks' output is kept.",
+                "items": _object(
+                    {
+                        "stage": {"type": "string"},
+                        "item": {"type": ["integer", "null"], "description": "Map item."},
+                        "node": _STRING_OR_NULL,
+                        "state": {"type": "string"},
+                        "stdout": _STRING_OR_NULL,
+                        "stderr": _STRING_OR_NULL,
+                    },
+                    ["stage", "item", "node", "state", "stdout", "stderr"],
+                ),
+            },
+        },
+        ["job", "tasks"],
+    ),
     "Offer": _object(
         {
             "cpus": _NON_NEGATIVE_INT,
@@ -440,6 +462,37 @@ def openapi_json(base_url: str = "/") -> str:
                     },
                     operationId="cancelJob",
                     parameters=[_path_parameter("job_id", "The job's id.")],
+                ),
+            },
+            "/jobs/{job_id}/logs": {
+                "get": _operation(
+                    "What one of your jobs' shell and script tasks printed",
+                    {
+                        "200": _json("JobLogs", "Each task's stdout and stderr."),
+                        "400": _json("Error", "item is not a whole number."),
+                        "404": _json("Error", "No such job, or not yours."),
+                    },
+                    description="A workflow's kept outputs are not served here: they would be "
+                    "opened inside the Jupyter server, and fetching them releases them. Fetch "
+                    "them with `grid-portal job ID --fetch DIR`.",
+                    operationId="getJobLogs",
+                    parameters=[
+                        _path_parameter("job_id", "The job's id."),
+                        {
+                            "name": "stage",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only this stage's tasks.",
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "item",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only this map item's tasks.",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
                 ),
             },
             "/version": {
