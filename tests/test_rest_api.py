@@ -247,6 +247,9 @@ def test_jobs_are_the_users_own_and_cancel_works(api: Api, grid: Portal) -> None
         assert {j["owner"] for j in body["jobs"]} == {me}
         assert "mallory-1" not in {j["id"] for j in body["jobs"]}
         assert body["others"]["queued"] >= 1
+        status, body = api("whoami")
+        conforms("/whoami", "GET", status, body)
+        assert (body["user"], body["role"], body["staff"]) == (me, "admin", True)
         # The portal's admin (a class's teachers) may ask for everyone's.
         status, body = api("jobs", params={"everyone": "true"})
         conforms("/jobs", "GET", status, body)
@@ -274,6 +277,9 @@ def test_jobs_are_the_users_own_and_cancel_works(api: Api, grid: Portal) -> None
 
 @pytest.mark.parametrize("grid_settings", ["researcher"], indirect=True)
 def test_only_the_admin_lists_everyones_jobs(api: Api) -> None:
+    status, body = api("whoami")
+    conforms("/whoami", "GET", status, body)
+    assert body["user"] == "rita" and not body["staff"], body
     status, body = api("jobs", params={"everyone": "true"})
     conforms("/jobs", "GET", status, body)
     assert status == 403 and "leave out everyone=true" in body["message"]
@@ -392,6 +398,7 @@ ENDPOINTS = [
     ("DELETE", "jobs/x"),
     ("GET", "jobs/x/logs"),
     ("GET", "version"),
+    ("GET", "whoami"),
     ("GET", "openapi.json"),
     ("GET", "events"),
     ("OPTIONS", "nodes"),

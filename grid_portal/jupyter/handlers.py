@@ -393,6 +393,20 @@ class VersionHandler(GridHandler):
         self.write_json({"version": __version__, "api": API_VERSION})
 
 
+class WhoamiHandler(GridHandler):
+    """Who this server is at the portal: the sidebar shows staff the "everyone" toggle."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        me = await self.user()
+        try:
+            role = await self.portal.role()
+        except GridError as exc:
+            raise api_error(exc) from None
+        self.write_json({"user": me, "role": role, "staff": role in STAFF})
+
+
 class OpenAPIHandler(GridHandler):
     @web.authenticated
     @authorized
@@ -465,6 +479,7 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "jobs", "([^/]+)"), JobHandler),
         (url_path_join(api, "jobs", "([^/]+)", "logs"), JobLogsHandler),
         (url_path_join(api, "version"), VersionHandler),
+        (url_path_join(api, "whoami"), WhoamiHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),
         (url_path_join(api, "discovered"), _discovered()),  # portals on the LAN

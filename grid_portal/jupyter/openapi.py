@@ -85,6 +85,20 @@ SCHEMAS: dict[str, Any] = {
         },
         ["job", "tasks"],
     ),
+    "Whoami": _object(
+        {
+            "user": {"type": "string", "description": "The name this server's jobs are owned by."},
+            "role": {
+                "type": "string",
+                "description": "Its role at the portal: admin, teacher, client, ...",
+            },
+            "staff": {
+                "type": "boolean",
+                "description": "Whether it may list everyone's jobs (GET jobs?everyone=true).",
+            },
+        },
+        ["user", "role", "staff"],
+    ),
     "Offer": _object(
         {
             "cpus": _NON_NEGATIVE_INT,
@@ -500,6 +514,13 @@ def openapi_json(base_url: str = "/") -> str:
                     "The extension's version",
                     {"200": _json("Version", "Versions.")},
                     operationId="getVersion",
+                )
+            },
+            "/whoami": {
+                "get": _operation(
+                    "Who this server is at the portal",
+                    {"200": _json("Whoami", "Its user name and role.")},
+                    operationId="getWhoami",
                 )
             },
             "/openapi.json": {
