@@ -229,6 +229,28 @@ def test_a_jobs_progress_shows_and_cancel_stops_it(page: Any, grid: Portal) -> N
         del futures
 
 
+def test_the_admin_toggles_the_job_list_to_everyones(page: Any, grid: Portal) -> None:
+    from playwright.sync_api import expect
+
+    with grid.grid() as g:
+        # Someone else's job, made through the admin connection on their behalf.
+        g._call("grid_job_create", job_id="mallory-e2e", name="theirs", owner="mallory")
+        try:
+            row = page.locator('.gp-job-row[data-job="mallory-e2e"]')
+            toggle = page.locator(".gp-everyone input")
+            expect(toggle).to_be_visible()  # this Lab's certificate is the portal's admin
+            expect(row).to_have_count(0)
+            toggle.check()
+            expect(page.locator(".gp-jobs-title")).to_have_text("Everyone’s jobs")
+            expect(row.locator(".gp-job-name")).to_have_text("theirs (mallory)")
+            expect(row.locator(".gp-job-cancel")).to_be_hidden()  # not the admin's to cancel
+            toggle.uncheck()
+            expect(page.locator(".gp-jobs-title")).to_have_text("My jobs")
+            expect(row).to_have_count(0)
+        finally:
+            g.cancel("mallory-e2e")
+
+
 def test_run_cell_on_grid_puts_the_output_in_the_notebook(page: Any) -> None:
     from playwright.sync_api import expect
 

@@ -45,9 +45,10 @@ function describeFailure(status: number, serverMessage: string | null, what: str
 export async function requestAPI<T>(
   path: string[],
   init: RequestInit = {},
-  settings: ServerConnection.ISettings = ServerConnection.makeSettings()
+  settings: ServerConnection.ISettings = ServerConnection.makeSettings(),
+  query = ''
 ): Promise<T> {
-  const url = apiUrl(settings, ...path);
+  const url = apiUrl(settings, ...path) + (query ? `?${query}` : '');
   const what = `${init.method ?? 'GET'} grid/api/${path.join('/')}`;
   let response: Response;
   try {
@@ -96,9 +97,26 @@ export function getNode(name: string, settings?: ServerConnection.ISettings): Pr
 }
 
 export function getJobs(
-  settings?: ServerConnection.ISettings
+  settings?: ServerConnection.ISettings,
+  everyone = false
 ): Promise<{ jobs: IJob[]; others: IOthers }> {
-  return requestAPI<{ jobs: IJob[]; others: IOthers }>(['jobs'], {}, settings);
+  return requestAPI<{ jobs: IJob[]; others: IOthers }>(
+    ['jobs'],
+    {},
+    settings,
+    everyone ? 'everyone=true' : ''
+  );
+}
+
+/** Who this server is at the portal; `staff` may list everyone's jobs. */
+export interface IWhoami {
+  user: string;
+  role: string;
+  staff: boolean;
+}
+
+export function getWhoami(settings?: ServerConnection.ISettings): Promise<IWhoami> {
+  return requestAPI<IWhoami>(['whoami'], {}, settings);
 }
 
 export async function cancelJob(id: string, settings?: ServerConnection.ISettings): Promise<void> {

@@ -15,7 +15,15 @@ import { ServerConnection } from '@jupyterlab/services';
 import { IDisposable } from '@lumino/disposable';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { GridApiError, cancelJob, getCapacity, getJobs, getNode } from './api';
+import {
+  GridApiError,
+  IWhoami,
+  cancelJob,
+  getCapacity,
+  getJobs,
+  getNode,
+  getWhoami
+} from './api';
 import {
   IGridState,
   appendHistory,
@@ -25,7 +33,7 @@ import {
   withError
 } from './model';
 import { backoffDelay } from './timing';
-import { IOthers, ITelemetry } from './types';
+import { IJob, IOthers, ITelemetry } from './types';
 
 export type ConnectionStatus = 'connecting' | 'open' | 'waiting' | 'standby' | 'stopped';
 
@@ -101,6 +109,16 @@ export class GridConnection implements IDisposable {
 
   async cancelJob(id: string): Promise<void> {
     await cancelJob(id, this._settings);
+  }
+
+  /** Who this server is at the portal (its role decides the "everyone" toggle). */
+  whoami(): Promise<IWhoami> {
+    return getWhoami(this._settings);
+  }
+
+  /** Everyone's jobs (staff only: others get a 403). */
+  async everyoneJobs(): Promise<IJob[]> {
+    return (await getJobs(this._settings, true)).jobs ?? [];
   }
 
   /** Show one node in detail: fetch its history, then extend it from live deltas. */

@@ -15,6 +15,7 @@ import { showErrorMessage } from '@jupyterlab/apputils';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
+import { GridApiError } from './api';
 import { GridConnection } from './connection';
 import { h, replaceChildren, setText } from './dom';
 import {
@@ -28,10 +29,13 @@ import {
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { visibleRange } from './timing';
-import { IGridNode } from './types';
+import { IGridNode, IJob } from './types';
 import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, NodeRow, nodeDetailContent } from './views';
 
 export const SIDEBAR_ID = 'grid-portal:sidebar';
+
+/** How often everyone's jobs are fetched while the sidebar shows them. */
+const EVERYONE_POLL_MS = 2000;
 
 /** Finished jobs kept in the list; older ones drop off (the CLI has the full history). */
 const MAX_FINISHED_JOBS = 30;
@@ -89,6 +93,7 @@ export class GridSidebar extends Widget {
     }
     this._connection.changed.disconnect(this._scheduleRender, this);
     this._stopTick();
+    this._stopPoll();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -97,11 +102,15 @@ export class GridSidebar extends Widget {
 
   protected onAfterShow(msg: Message): void {
     this._startTick();
+    if (this._everyone) {
+      this._startPoll();
+    }
     this._scheduleRender();
   }
 
   protected onAfterHide(msg: Message): void {
     this._stopTick();
+    this._stopPoll();
   }
 
   protected onResize(msg: Widget.ResizeMessage): void {
@@ -190,6 +199,8 @@ export class GridSidebar extends Widget {
       this._nodeCount
     );
 
+    this._everyoneBox.addEventListener('change', () => this._setEveryone(this._everyoneBox.checked));
+
     const retry = this._retry;
     retry.addEventListener('click', () => this._connection.reconnectNow());
 
@@ -212,7 +223,7 @@ export class GridSidebar extends Widget {
       h(
         'section',
         { class: 'gp-jobs' },
-        h('h3', { class: 'gp-subtitle' }, 'My jobs', this._others),
+        h('h3', { class: 'gp-subtitle' }, this._jobsTitle, this._others, this._everyoneToggle),
         this._jobList
       )
     );
@@ -268,6 +279,9 @@ export class GridSidebar extends Widget {
     } else {
       this._lastDetail = null;
       this._renderNodes(now);
+    }
+    if (this._role === 'unknown' && state.loaded && !state.error) {
+      void this._loadRole();
     }
     const others = this._connection.others;
     if (ticked || state.jobs !== this._lastJobs || others !== this._lastOthers) {
@@ -421,8 +435,67 @@ export class GridSidebar extends Widget {
     this._rows = keep;
   }
 
+  /** Staff (a class's teachers, the portal's admin) get the "everyone" toggle. */
+  private async _loadRole(): Promise<void> {
+    this._role = 'loading';
+    try {
+      const who = await this._connection.whoami();
+      this._me = who.user;
+      this._role = who.staff ? 'staff' : 'other';
+      this._everyoneToggle.hidden = !who.staff;
+    } catch {
+      this._role = 'unknown'; // asked again once the portal answers
+    }
+  }
+
+  private _setEveryone(on: boolean): void {
+    this._everyone = on;
+    this._everyoneJobs = null;
+    setText(this._jobsTitle, on ? 'Everyone’s jobs' : 'My jobs');
+    this._stopPoll();
+    if (on && this.isVisible) {
+      this._startPoll();
+    }
+    this._lastJobs = null;
+    this._scheduleRender();
+  }
+
+  /** Everyone's jobs are not on the events feed (it carries the user's own): poll them. */
+  private _startPoll(): void {
+    if (this._poll !== null) {
+      return;
+    }
+    const fetch = async (): Promise<void> => {
+      try {
+        this._everyoneJobs = await this._connection.everyoneJobs();
+      } catch (error) {
+        if ((error as GridApiError).status === 403) {
+          this._everyoneBox.checked = false;
+          this._everyoneToggle.hidden = true;
+          this._setEveryone(false);
+        }
+        return;
+      }
+      this._lastJobs = null;
+      this._scheduleRender();
+    };
+    void fetch();
+    this._poll = window.setInterval(() => void fetch(), EVERYONE_POLL_MS);
+  }
+
+  private _stopPoll(): void {
+    if (this._poll !== null) {
+      window.clearInterval(this._poll);
+      this._poll = null;
+    }
+  }
+
   private _renderJobs(now: number): void {
-    const all = sortJobs(this._connection.state.jobs.values());
+    const source: Iterable<IJob> =
+      this._everyone && this._everyoneJobs
+        ? this._everyoneJobs
+        : this._connection.state.jobs.values();
+    const all = sortJobs(source);
     let finished = 0;
     const jobs = all.filter(j =>
       j.state === 'queued' || j.state === 'running' ? true : finished++ < MAX_FINISHED_JOBS
@@ -449,7 +522,7 @@ export class GridSidebar extends Widget {
       if (!row) {
         row = new JobRow(job, id => void this._cancel(id));
       }
-      row.update(job, now);
+      row.update(job, now, !this._everyone || job.owner === this._me);
       rows.set(job.id, row);
       ordered.push(row.node);
     }
@@ -525,4 +598,17 @@ export class GridSidebar extends Widget {
   private _detailBody = h('div', { class: 'gp-detail-body' });
   private _others = h('span', { class: 'gp-others' });
   private _jobList = h('div', { class: 'gp-job-list' });
+  private _jobsTitle = h('span', { class: 'gp-jobs-title' }, 'My jobs');
+  private _everyoneBox = h('input', { type: 'checkbox', class: 'gp-everyone-input' });
+  private _everyoneToggle = h(
+    'label',
+    { class: 'gp-everyone', hidden: true, title: 'Show every user’s jobs (staff only)' },
+    this._everyoneBox,
+    ' Everyone'
+  );
+  private _role: 'unknown' | 'loading' | 'staff' | 'other' = 'unknown';
+  private _me = '';
+  private _everyone = false;
+  private _everyoneJobs: IJob[] | null = null;
+  private _poll: number | null = null;
 }

@@ -353,16 +353,17 @@ export class JobRow {
     this._progress.append(this._doneFill, this._failedFill);
   }
 
-  update(job: IJob, now: number): void {
+  update(job: IJob, now: number, mine = true): void {
     // Called every render and every second: write only what changed.
-    setText(this._name, job.name || job.id);
+    // Someone else's job (a teacher's "everyone" list) shows its owner and cannot be cancelled.
+    setText(this._name, mine ? job.name || job.id : `${job.name || job.id} (${job.owner})`);
     setAttr(this._name, 'title', `${job.kind} ${job.id}`);
     setAttr(this._state, 'class', `gp-job-state gp-state-${job.state}`);
     setText(this._state, job.state);
     if (this.node.dataset.state !== job.state) {
       this.node.dataset.state = job.state;
     }
-    const active = isActive(job);
+    const active = isActive(job) && mine;
     if (this._cancel.hidden !== !active) {
       this._cancel.hidden = !active;
     }
