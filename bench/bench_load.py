@@ -10,7 +10,10 @@ certificate from the portal's CA and a real registration, without the volunteer 
 
 Measured:
 - how long the nodes take to join, and the portal process's CPU over ``--idle-seconds`` with
-  all of them connected and nothing to do (Dask heartbeats and the plugin's telemetry poll);
+  all of them connected and nothing to do (heartbeats paced as a real volunteer's NodePlugin
+  paces them, telemetry, the plugin's registry refresh), against a raw Dask scheduler with as
+  many idle raw workers in the same run (issue 17). ``--idle-only`` measures just that,
+  ``--runs`` times each, and prints medians and spread;
 - the clients all submit ``--tasks`` tiny tasks (``Grid.map``) at the same moment and wait
   for them: wall time, tasks/s, the portal's CPU meanwhile; then every task's record in the
   ledger (``job_tasks``): exactly one per task, done, run once, and each job's counters;
@@ -32,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -63,16 +67,27 @@ def client_main(connection: str, index: int, tasks: int) -> None:
     print(json.dumps({"job": job_id, "ok": ok, "submit_s": submitted, "elapsed_s": elapsed}))
 
 
-def cpu_percent(pid: int, seconds: float) -> float:
-    """CPU of one process over ``seconds``, as a percentage of one core."""
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants. The portal is two
+    processes (``grid-portal serve`` runs the scheduler in a child): count both."""
     import psutil
 
-    process = psutil.Process(pid)
-    before = process.cpu_times()
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_percent(pid: int, seconds: float) -> float:
+    """CPU of a process and its children over ``seconds``, as a percentage of one core."""
+    before = tree_cpu_seconds(pid)
     time.sleep(seconds)  # measuring an interval, not waiting for anything
-    after = process.cpu_times()
-    used = (after.user - before.user) + (after.system - before.system)
-    return 100.0 * used / seconds
+    return 100.0 * (tree_cpu_seconds(pid) - before) / seconds
 
 
 class Poller:
@@ -125,6 +140,93 @@ class Poller:
         grid.close()
 
 
+def idle_portal_cpu(
+    tmp: Path, nodes: int, seconds: float, runs: int, nice: int
+) -> tuple[list[float], list[float]]:
+    """The idle CPU of a portal with ``nodes`` idle volunteers (simulated, paced as real ones;
+    the portal at its default settings), and of a raw Dask scheduler (defaults, plain TCP) with
+    as many idle raw workers: ``runs`` windows of ``seconds`` each, in % of one core."""
+    import socket
+
+    import psutil
+
+    names = [f"idle-{i:03d}" for i in range(nodes)]
+    portal = start_portal(tmp / "idle-portal", "--telemetry-interval", "2")
+    sims: list[subprocess.Popen[bytes]] = []
+    try:
+        sims = start_simulated_nodes(portal, tmp, names, mode="volunteer")
+        for process in sims:
+            psutil.Process(process.pid).nice(nice)
+        with portal.grid() as admin:
+            wait_for(lambda: admin.capacity().nodes_online >= nodes, timeout=300, what="nodes")
+        time.sleep(10)  # let the joining settle (and heartbeats slow down) before measuring
+        grid = [cpu_percent(portal.process.pid, seconds) for _ in range(runs)]
+    finally:
+        stop_simulated_nodes(sims)
+        portal.stop()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1"]
+        + ["--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    raws: list[subprocess.Popen[bytes]] = []
+    try:
+        raws = start_simulated_nodes(None, tmp, names, mode="raw", scheduler=address)
+        for process in raws:
+            psutil.Process(process.pid).nice(nice)
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            wait_for(
+                lambda: client.run_on_scheduler(_count_workers) >= nodes,
+                timeout=300,
+                what="raw workers",
+            )
+        time.sleep(10)  # the same settling as above
+        raw = [cpu_percent(scheduler.pid, seconds) for _ in range(runs)]
+    finally:
+        stop_simulated_nodes(raws)
+        scheduler.terminate()
+        scheduler.wait(30)
+    return grid, raw
+
+
+def _count_workers(dask_scheduler: Any) -> int:
+    return len(dask_scheduler.workers)
+
+
+def describe_runs(values: list[float]) -> str:
+    """Median of the runs and their range, e.g. ``1.9 % (1.7-2.2, 5 runs)``."""
+    return (
+        f"{statistics.median(values):.2f} % of one core "
+        f"({min(values):.2f}-{max(values):.2f}, {len(values)} runs)"
+    )
+
+
+def idle_rows(nodes: int, seconds: float, grid: list[float], raw: list[float]) -> list[Any]:
+    target = 3.0
+    met = "met" if statistics.median(grid) <= target else "NOT met"
+    return [
+        (
+            f"portal CPU at idle, {nodes} idle volunteers, windows of {seconds:g} s "
+            f"(target <= {target:g} %: {met})",
+            describe_runs(grid),
+        ),
+        (f"raw Dask scheduler (defaults, tcp), {nodes} idle raw workers", describe_runs(raw)),
+        (
+            "ratio portal / raw Dask (medians)",
+            f"{statistics.median(grid) / max(statistics.median(raw), 1e-9):.2f}x",
+        ),
+    ]
+
+
 def run_poller(port: int, token: str, connection: str, seconds: float) -> Poller:
     poller = Poller(port, token, connection)
     poller.start()
@@ -156,10 +258,22 @@ def main() -> None:
         "machines: the portal and the Jupyter server keep the CPU they would have on their own "
         "(0: everything competes for this machine's cores alike)",
     )
+    parser.add_argument(
+        "--idle-only", action="store_true", help="measure only the idle portal against raw Dask"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="--idle-only: windows measured")
     parser.add_argument("--client", nargs=3, help=argparse.SUPPRESS)  # connection index tasks
     args = parser.parse_args()
     if args.client:
         client_main(args.client[0], int(args.client[1]), int(args.client[2]))
+        return
+    if args.idle_only:
+        tmp = Path(tempfile.mkdtemp(prefix="grid-bench-idle-"))
+        grid, raw = idle_portal_cpu(tmp, args.nodes, args.idle_seconds, args.runs, args.nice_others)
+        print(f"\n(volunteers at nice {args.nice_others})")
+        print("\n| measurement | result |\n|---|---|")
+        for name, value in idle_rows(args.nodes, args.idle_seconds, grid, raw):
+            print(f"| {name} | {value} |")
         return
 
     from grid_portal import Grid
@@ -234,8 +348,7 @@ def main() -> None:
             assert c.stdout is not None and c.stdout.readline().strip() == "ready"
         poller = Poller(port, token, portal.connection_file)
         poller.start()
-        proc = psutil.Process(portal.process.pid)
-        before = proc.cpu_times()
+        before = tree_cpu_seconds(portal.process.pid)
         start = time.perf_counter()
         for c in clients:  # go
             assert c.stdin is not None
@@ -246,11 +359,11 @@ def main() -> None:
             out, _ = c.communicate(timeout=1800)
             reports.append(json.loads(out.strip().splitlines()[-1]))
         wall = time.perf_counter() - start
-        after = proc.cpu_times()
+        after = tree_cpu_seconds(portal.process.pid)
         poller.stopped.set()
         poller.join(60)
         total = args.clients * args.tasks
-        busy = 100.0 * ((after.user - before.user) + (after.system - before.system)) / wall
+        busy = 100.0 * (after - before) / wall
         assert all(r["ok"] for r in reports), "a client got wrong results"
         rows.append(
             (

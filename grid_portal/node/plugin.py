@@ -60,7 +60,7 @@ IDLE_RECONCILE_INTERVAL = 2.0
 # one every IDLE_HEARTBEAT_INTERVAL seconds instead, which must stay under a third of the portal's
 # node timeout (15 s: portal/plugin.py declares a node silent after that). Work arriving (any
 # task on this worker) brings Dask's own interval back at once.
-IDLE_HEARTBEAT_INTERVAL = 4.0  # seconds
+IDLE_HEARTBEAT_INTERVAL = 4.5  # seconds
 IDLE_AFTER = 5.0  # seconds without a task here before heartbeats slow down
 # A telemetry sample is "changed", and sent at once, when a figure moved by at least this much
 # since the last one sent (percentage points; GPU temperature in degrees C); any change of

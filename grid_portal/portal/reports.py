@@ -509,6 +509,21 @@ def _policy(value: Any, problems: _Problems) -> dict[str, str | None]:
     }
 
 
+def _only_time_moved(raw: Any, before: Any) -> float | None:
+    """The time of ``raw`` if it is a valid one and the rest of ``raw`` equals ``before`` (a
+    report cleaned already), else None. Comparing stops at the first difference, and the
+    depth and size of what is compared are ``before``'s, which passed ``report_problem``."""
+    if not isinstance(raw, dict) or not isinstance(before, dict) or raw.keys() != before.keys():
+        return None
+    moment = raw.get("time")
+    if type(moment) not in (int, float) or not 0.0 < moment <= time.time() + MAX_CLOCK_SKEW:
+        return None  # NaN and infinities fail the comparison too
+    for key, value in raw.items():
+        if key != "time" and value != before[key]:
+            return None
+    return float(moment)
+
+
 def clean_metrics(
     metrics: Any, now: float | None = None
 ) -> tuple[dict[str, Any] | None, list[str]]:
@@ -621,6 +636,14 @@ class NodeReports:
         if cached is not None and cached[0] is raw:
             self._metrics[address] = (raw, cached[1], now)
             cleaned = cached[1]
+        elif (
+            cached is not None
+            and cached[1] is not None
+            and (moved := _only_time_moved(raw, cached[0]))
+        ):
+            # Issue 17: an idle node's heartbeats differ only in their time; clean that alone.
+            cleaned = {**cached[1], "time": moved}
+            self._metrics[address] = (raw, cleaned, now)
         else:
             cleaned, problems = clean_metrics(raw)
             self._metrics[address] = (raw, cleaned, now)

@@ -44,6 +44,15 @@ logger = logging.getLogger("grid_portal.portal.scheduler_process")
 
 MAX_MESSAGE = 2**20  # a message is a certificate or a CSR, a few KB
 RENEW_TIMEOUT = 30.0
+# Issue 17: an idle portal's own timers. Dask measures event-loop health every 20 ms and reads
+# the process's figures (CPU, memory, open files: one per node connection, network) every
+# 0.5 s, for a dashboard the portal does not serve; the loop profiler (off on Python 3.11
+# anyway) samples every 10 ms.
+QUIET_SCHEDULER_CONFIG = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.profile.enabled": False,
+}
 
 
 @dataclass
@@ -203,7 +212,7 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
         # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that
         # would show the grid's workers to anyone: give it no routes, on loopback, on a spare
         # port.
-        with dask.config.set({"distributed.scheduler.http.routes": []}):
+        with dask.config.set({"distributed.scheduler.http.routes": [], **QUIET_SCHEDULER_CONFIG}):
             scheduler = Scheduler(
                 host=settings.host,
                 port=settings.port,
