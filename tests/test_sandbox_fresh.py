@@ -104,8 +104,11 @@ def look(markers: str) -> dict[str, Any]:
     }
 
 
-def reach(key: str, socket_path: str, srv_secret: str) -> dict[str, str]:
-    """What a task gets when it reaches for the node's key, a host socket and /srv."""
+def reach(key: str, socket_path: str, srv_secret: str, key_line: str) -> dict[str, str]:
+    """What a task gets when it reaches for the node's key, a host socket and /srv.
+    ``key_line`` is a line of the key's own text (the test reads it outside the sandbox), to
+    look for in every file the task can read: the words "PRIVATE KEY" alone also appear in
+    libraries' own test keys and sources, wherever the checkout and its environment live."""
     import contextlib
     import socket as sockets
 
@@ -168,7 +171,7 @@ def reach(key: str, socket_path: str, srv_secret: str) -> dict[str, str]:
         for folder, _, files in os.walk(root):
             for name in files:
                 with contextlib.suppress(OSError), open(os.path.join(folder, name), "rb") as f:
-                    if b"PRIVATE KEY" in f.read(1 << 20):
+                    if key_line.encode() in f.read(1 << 20):
                         holders.append(os.path.join(folder, name))
     outcome["key files"] = ", ".join(holders) or "none"
     return outcome
@@ -330,9 +333,10 @@ def test_a_task_reaches_neither_the_key_nor_host_sockets_nor_srv(
         assert Path(key).read_text().startswith("-----BEGIN")
 
         with grid_of(portal, tmp, "mallory") as mallory:
-            outcome = mallory.submit(reach, str(key), SOCKET, SRV_SECRET, workers=[NODE]).result(
-                timeout=120
-            )
+            key_line = Path(key).read_text().splitlines()[1]  # a line of the key's body
+            outcome = mallory.submit(
+                reach, str(key), SOCKET, SRV_SECRET, key_line, workers=[NODE]
+            ).result(timeout=120)
         reached = {what: how for what, how in outcome.items() if not how.startswith("refused")}
         assert reached == {"key files": "none"}, outcome
         assert outcome["/home"] == "refused: holds only grid-worker"
