@@ -106,30 +106,14 @@ def login_by_request(
     """``grid-portal login`` without a token: a researcher's join request; writes the same
     connection file a token login writes and returns its path."""
     import getpass
-    import os
     from pathlib import Path
 
-    from grid_portal.connection import Connection, user_connection_path
     from grid_portal.enrolment import fingerprint
-    from grid_portal.keys import PIN_HEX_CHARS, make_key_and_csr, write_private
+    from grid_portal.keys import PIN_HEX_CHARS, make_key_and_csr
+    from grid_portal.login import save_connection
 
     wanted = name or getpass.getuser()
     key_pem, csr_pem = make_key_and_csr(wanted)
     reply = request_join(base, ca_pem, csr_pem, wanted, "client", say=say, portal_name=portal_name)
-    output = Path(output) if output else user_connection_path()
-    folder = output.parent / "certs" / fingerprint(ca_pem)[:PIN_HEX_CHARS]
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    (folder / "ca.pem").write_text(ca_pem)
-    (folder / "client.pem").write_text(reply["cert"])
-    write_private(folder / "client-key.pem", key_pem)
-    Connection(
-        scheduler=reply["scheduler"],
-        http=base,
-        ca=str(folder / "ca.pem"),
-        cert=str(folder / "client.pem"),
-        key=str(folder / "client-key.pem"),
-        name=reply["name"],
-        role=reply.get("role", "client"),
-    ).save(output)
-    return output
+    pin = fingerprint(ca_pem)[:PIN_HEX_CHARS]
+    return save_connection(base, pin, ca_pem, key_pem, reply, Path(output) if output else None)

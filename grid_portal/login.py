@@ -37,6 +37,15 @@ def login(portal_url: str, token: str, name: str | None = None, output: Path | N
             "that token is for volunteer machines; ask the portal's admin for a researcher "
             "token (`grid-portal token create --for client`)"
         )
+    return save_connection(base, pin, ca_pem, key_pem, reply, output)
+
+
+def save_connection(
+    base: str, pin: str, ca_pem: str, key_pem: str, reply: dict, output: Path | None = None
+) -> Path:
+    """Write a person's enrolment (the portal's ``reply``: certificate, name, role, scheduler)
+    where ``Grid()`` looks first: the CA, certificate and key (0600) in a folder named by the
+    CA's pin, and the connection file. Returns the connection file's path."""
     output = output or user_connection_path()
     folder = output.parent / "certs" / pin
     folder.mkdir(parents=True, exist_ok=True)

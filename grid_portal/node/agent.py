@@ -203,7 +203,7 @@ def enrol(
     ca_pem = fetch_pinned_ca(base, pin)
     if check is not None:
         check(base, pinned_context(ca_pem))
-    from grid_portal.keys import make_key_and_csr, write_private
+    from grid_portal.keys import make_key_and_csr
 
     key_pem, csr_pem = make_key_and_csr(name)
     reply = post_json(
@@ -213,9 +213,19 @@ def enrol(
         {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()},
         what="enrol this machine",
     )
+    return save_credentials(node_dir, reply["ca"], key_pem, reply, name)
+
+
+def save_credentials(
+    node_dir: Path, ca_pem: str, key_pem: str, reply: dict[str, Any], requested_name: str
+) -> Credentials:
+    """Keep what enrolment gave this machine (a token's or an approved join request's): the
+    CA, the certificate and key (0600) and ``node.json``, in its private state dir."""
+    from grid_portal.keys import write_private
+
     node_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(node_dir, 0o700)
-    (node_dir / "ca.pem").write_text(reply["ca"])
+    (node_dir / "ca.pem").write_text(ca_pem)
     (node_dir / "node.pem").write_text(reply["cert"])
     write_private(node_dir / "node-key.pem", key_pem)
     creds = Credentials(
@@ -224,9 +234,9 @@ def enrol(
         ca=str(node_dir / "ca.pem"),
         cert=str(node_dir / "node.pem"),
         key=str(node_dir / "node-key.pem"),
-        requested_name=name,
+        requested_name=requested_name,
     )
-    write_private(saved, json.dumps(asdict(creds), indent=2))
+    write_private(node_dir / "node.json", json.dumps(asdict(creds), indent=2))
     return creds
 
 

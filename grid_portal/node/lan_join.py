@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import ssl
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from grid_portal.enrolment import fingerprint, pinned_context, portal_base
 from grid_portal.errors import UsageError
 from grid_portal.joining import request_join
-from grid_portal.keys import PIN_HEX_CHARS, make_key_and_csr, write_private
-from grid_portal.node.agent import Credentials, _enrolled_as
+from grid_portal.keys import PIN_HEX_CHARS, make_key_and_csr
+from grid_portal.node.agent import Credentials, _enrolled_as, save_credentials
 
 logger = logging.getLogger("grid_portal.volunteer")
 
@@ -61,18 +59,4 @@ def enrol_by_request(
         check(base, pinned_context(ca_pem))
     key_pem, csr_pem = make_key_and_csr(name)
     reply = request_join(base, ca_pem, csr_pem, name, "node", say=say, portal_name=portal_name)
-    node_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(node_dir, 0o700)
-    (node_dir / "ca.pem").write_text(ca_pem)
-    (node_dir / "node.pem").write_text(reply["cert"])
-    write_private(node_dir / "node-key.pem", key_pem)
-    creds = Credentials(
-        name=reply["name"],
-        scheduler=reply["scheduler"],
-        ca=str(node_dir / "ca.pem"),
-        cert=str(node_dir / "node.pem"),
-        key=str(node_dir / "node-key.pem"),
-        requested_name=name,
-    )
-    write_private(node_dir / "node.json", json.dumps(asdict(creds), indent=2))
-    return creds
+    return save_credentials(node_dir, ca_pem, key_pem, reply, name)
