@@ -59,13 +59,21 @@ class Access:
         self._refreshed = 0.0
 
     # -- revocation -------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Read the revocations back from the ledger (the portal does once a second, off the
+        request path); whether they changed since the last read."""
+        if self.enrolments is None:
+            return False
+        self._refreshed = dask_time()
+        revoked = self.enrolments.revoked()
+        changed, self.revoked = revoked != self.revoked, revoked
+        return changed
+
     def is_revoked(self, identity: Identity) -> bool:
         if self.enrolments is None:
             return False
-        now = dask_time()
-        if now - self._refreshed > REVOCATION_REFRESH:
-            self._refreshed = now
-            self.revoked = self.enrolments.revoked()
+        if dask_time() - self._refreshed > 3 * REVOCATION_REFRESH:
+            self.refresh()  # nothing refreshes on a schedule (no event loop): read it here
         return person(identity) in self.revoked
 
     async def sweep(self, identity_of_comm: Any) -> list[str]:
@@ -73,7 +81,6 @@ class Access:
         scheduler = self.scheduler
         if scheduler is None or self.enrolments is None:
             return []
-        self._refreshed = 0.0
         dropped = []
         for client, stream in list(scheduler.client_comms.items()):
             identity = identity_of_comm(getattr(stream, "comm", None))

@@ -105,7 +105,6 @@ class PortalPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
         self._client_identity: dict[str, Identity | None] = {}
-        self._seen_revoked: set[tuple[str, str]] = set()
         self._client_sessions: dict[str, set[str]] = {}
         # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
@@ -186,11 +185,9 @@ class PortalPlugin(SchedulerPlugin):
         return self._client_identity[client]
 
     async def _sweep_revoked(self) -> None:
-        if self.enrolments is None or self.scheduler is None:
-            return
-        revoked = self.enrolments.revoked()
-        if revoked != self._seen_revoked:
-            self._seen_revoked = revoked
+        # One ledger read a second keeps the gate's copy of the revocations fresh, so no
+        # request waits on it; a change drops the revoked identities' live connections.
+        if self.scheduler is not None and self.access.refresh():
             await self.access.sweep(caller_identity)
 
     def update_graph(
