@@ -290,11 +290,9 @@ def _network(value: Any, where: str, problems: _Problems) -> dict[str, float | N
     }
 
 
-def _gpu_info(value: Any, where: str, problems: _Problems) -> dict[str, Any] | None:
-    data = _dict(value, where, problems)
-    if data is None:
-        return None
-    index = _number(
+def _gpu_index(data: dict[str, Any], where: str, problems: _Problems) -> Any:
+    """A GPU's NVML index, which startup reports and heartbeats both carry; None if unusable."""
+    return _number(
         data.get("index", _MISSING),
         f"{where}.index",
         problems,
@@ -303,6 +301,13 @@ def _gpu_info(value: Any, where: str, problems: _Problems) -> dict[str, Any] | N
         integer=True,
         required=True,
     )
+
+
+def _gpu_info(value: Any, where: str, problems: _Problems) -> dict[str, Any] | None:
+    data = _dict(value, where, problems)
+    if data is None:
+        return None
+    index = _gpu_index(data, where, problems)
     if index is None:
         return None
     capability = _text(data.get("capability"), f"{where}.capability", problems, 16)
@@ -465,15 +470,7 @@ def _gpu_telemetry(value: Any, where: str, problems: _Problems) -> dict[str, Any
     data = _dict(value, where, problems)
     if data is None:
         return None
-    index = _number(
-        data.get("index", _MISSING),
-        f"{where}.index",
-        problems,
-        0,
-        MAX_GPU_INDEX,
-        integer=True,
-        required=True,
-    )
+    index = _gpu_index(data, where, problems)
     if index is None:
         return None
     return {
