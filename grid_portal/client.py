@@ -19,7 +19,7 @@ import dask
 from distributed import Client, Future
 
 from grid_portal import renewal
-from grid_portal.connection import Connection, find_connection
+from grid_portal.connection import Connection
 from grid_portal.daskclient import GridDaskClient
 from grid_portal.errors import (
     ConnectionFailed,
@@ -31,6 +31,7 @@ from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
 from grid_portal.units import format_size, parse_size
+from grid_portal.which_portal import find_connection
 
 # The largest offer, used only to accept a request at once (a refusal always asks afresh):
 # fresh for _OFFER_FRESH s; up to _OFFER_STALE s old it still serves while a background call
@@ -49,7 +50,7 @@ NO_NODES = 1 << 62
 class Grid:
     """A connection to a Grid Portal.
 
-    ``Grid()`` finds the portal by itself (see ``grid_portal.connection``): a connection file
+    ``Grid()`` finds the portal by itself (see ``grid_portal.which_portal``): a connection file
     given as ``address`` or in ``GRID_PORTAL_ADDRESS``, the user's saved connection, a portal
     this user runs here, or else an embedded portal on loopback with one local volunteer, which
     it starts when none runs.

@@ -1,17 +1,10 @@
-"""How a client finds and authenticates to a portal: connection files.
+"""Connection files: where a client's portal is and the certificate it connects with.
 
 A connection file is JSON: the scheduler's ``tls://`` address, the portal's HTTPS URL, and the
 paths of the CA certificate and of this user's certificate and key. It is written with mode
 0600 because whoever can read it can run code on the grid as its owner.
 
-Where ``Grid()`` looks, in order (the first that exists wins):
-1. the ``address`` argument: a connection file's path;
-2. ``GRID_PORTAL_ADDRESS``: the same;
-3. ``~/.config/grid-portal/connection.json`` (``grid-portal login`` writes it);
-3b. under JupyterHub (``JUPYTERHUB_API_TOKEN`` and ``GRID_PORTAL_URL`` set): this Hub user's
-   connection to the class portal, enrolling first (``grid_portal.hubconnect``);
-4. the embedded portal's file in the runtime dir, if that portal is alive;
-6. otherwise the embedded portal is started (loopback only, plus one local volunteer).
+Which file ``Grid()`` uses is decided in ``grid_portal.which_portal``.
 """
 
 from __future__ import annotations
@@ -75,12 +68,12 @@ class Connection:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def security(self) -> Any:
-        from grid_portal.portal.security import tls_security
+        from grid_portal.tls import tls_security
 
         return tls_security(self.ca, self.cert, self.key)
 
     def save(self, path: Path) -> None:
-        from grid_portal.portal.security import write_private
+        from grid_portal.keys import write_private
 
         data = asdict(self)
         data.pop("source", None)
@@ -113,37 +106,3 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def find_connection(address: str | os.PathLike[str] | None = None) -> Connection | None:
-    """The configured connection, or None when the embedded portal should be used."""
-    explicit = address if address is not None else os.environ.get(ENV_ADDRESS)
-    if explicit:
-        text = str(explicit)
-        if text.startswith(("tls://", "tcp://", "https://", "http://")):
-            raise ConnectionFailed(
-                f"{text!r} is an address, but connecting needs this user's certificate: pass "
-                "the connection file that `grid-portal serve` (in its data dir) or "
-                "`grid-portal login` wrote"
-            )
-        return Connection.load(Path(text).expanduser())
-    user = user_connection_path()
-    if user.exists():
-        return Connection.load(user)
-    # In a JupyterHub user's server, enrol with the class portal as the Hub user.
-    from grid_portal.hubconnect import connect_via_hub
-
-    hub = connect_via_hub()
-    if hub is not None:
-        return hub
-    local = default_data_dir() / CONNECTION_FILE
-    if local.exists():
-        conn = Connection.load(local)
-        if pid_alive(conn.pid):
-            return conn
-    embedded = embedded_connection_path()
-    if embedded.exists():
-        conn = Connection.load(embedded)
-        if pid_alive(conn.pid):
-            return conn
-    return None

@@ -4,7 +4,7 @@ JupyterHub puts the user's own API token in every server it starts (``JUPYTERHUB
 kernels and terminals inherit it). The Hub's config (``configure_jupyterhub`` in
 ``grid_portal.portal.hub``, see docs/classroom.md) adds where the portal is and which CA it
 has (``GRID_PORTAL_URL``, ``GRID_PORTAL_CA_PIN``). With those three set and no connection of
-the user's own, ``grid_portal.connection.find_connection`` calls `connect_via_hub`, which
+the user's own, ``grid_portal.which_portal.find_connection`` calls `connect_via_hub`, which
 
 1. fetches the portal's CA and checks it against the pin before sending anything (the Hub
    token must never reach an impostor: it is the user's whole Hub identity);
@@ -30,8 +30,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from grid_portal.connection import Connection
 from grid_portal.enrolment import (
     fingerprint,
     post_json,
@@ -40,9 +41,6 @@ from grid_portal.enrolment import (
     unverified_context,
 )
 from grid_portal.errors import ConnectionFailed, EnrolmentRefused, UsageError
-
-if TYPE_CHECKING:
-    from grid_portal.connection import Connection
 
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"
 ENV_HUB_USER = "JUPYTERHUB_USER"
@@ -102,8 +100,6 @@ def connect_via_hub(environ: Mapping[str, str] | None = None) -> Connection | No
 
 def usable_connection(path: Path, env: HubEnvironment) -> Connection | None:
     """The saved connection if it is for this portal, this CA and this user, and not ending."""
-    from grid_portal.connection import Connection
-
     if not path.exists():
         return None
     try:
@@ -133,7 +129,6 @@ def usable_connection(path: Path, env: HubEnvironment) -> Connection | None:
 
 def enrol_with_hub(env: HubEnvironment, directory: Path) -> Connection:
     """Enrol with the portal as the Hub user that owns ``env.token``; save and return it."""
-    from grid_portal.connection import Connection
     from grid_portal.keys import make_key_and_csr, make_private_dirs, write_private
 
     base = portal_base(env.portal_url)

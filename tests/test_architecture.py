@@ -105,12 +105,9 @@ def test_every_module_is_on_the_architecture_page() -> None:
 # -- no circles between rooms ---------------------------------------------------------------
 # Rooms: each folder of grid_portal/ (portal, node, jobs, notebook, jupyter, requirements) and
 # each top-level module. An arrow is any import (lazy ones too; not those under TYPE_CHECKING).
-# Arrows that still close a circle, to be broken (docs/architecture.md says how); the test
-# fails on any new circle, and on a listed arrow that is gone (so the list only shrinks).
-KNOWN_CIRCLE_ARROWS = {
-    ("connection", "portal"): "connection files use portal/security's TLS helpers",
-    ("connection", "hubconnect"): "a Hub connection is found by connection.py",
-}
+# Arrows that would close a circle, allowed with a reason while they are broken: none are left,
+# and the test fails on a listed arrow that is gone (so the list only shrinks).
+KNOWN_CIRCLE_ARROWS: dict[tuple[str, str], str] = {}
 
 
 def room_of(module: str) -> str | None:

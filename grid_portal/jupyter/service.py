@@ -118,7 +118,8 @@ class GridPortal(LoggingConfigurable):
     def _connect(self) -> tuple[Grid, str, str]:
         """Blocking: resolve the portal (starting the embedded one if need be) and connect."""
         from grid_portal.client import Grid
-        from grid_portal.connection import embedded_connection_path, find_connection
+        from grid_portal.connection import embedded_connection_path
+        from grid_portal.which_portal import find_connection
 
         address = self.address or os.environ.get(ENV_ADDRESS) or None
         if find_connection(address) is None:

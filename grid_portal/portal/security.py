@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -61,9 +61,7 @@ from grid_portal.keys import (  # noqa: F401 - re-exported for portal code
     write_private,
 )
 from grid_portal.protocol import ROLES
-
-if TYPE_CHECKING:
-    import distributed
+from grid_portal.tls import tls_security  # noqa: F401 - re-exported for portal code
 
 logger = logging.getLogger(__name__)
 
@@ -521,55 +519,3 @@ class CertificateAuthority:
         cert = builder.sign(self._key, hashes.SHA256())
         logger.info("issued a %s certificate for %r (serial %x)", role, name, cert.serial_number)
         return cert
-
-
-# --------------------------------------------------------------------------------------------
-# The volunteer side
-
-
-# --------------------------------------------------------------------------------------------
-# Identities
-
-
-# --------------------------------------------------------------------------------------------
-# Dask
-
-
-def _pem_or_path(value: str | bytes | os.PathLike[str], what: str) -> str:
-    """PEM text or a file path, as a string in the form Dask's Security tells apart."""
-    if isinstance(value, bytes):
-        value = value.decode("ascii")
-    if isinstance(value, str) and "-----BEGIN" in value:
-        # Dask recognises in-memory PEM by a newline; every PEM block has one after BEGIN.
-        return value if value.endswith("\n") else value + "\n"
-    path = Path(value)
-    if not path.is_file():
-        raise UsageError(f"{what} file {str(path)!r} does not exist: give a path to a PEM file")
-    return str(path)
-
-
-def tls_security(
-    ca_pem_or_path: str | bytes | os.PathLike[str],
-    cert_pem_or_path: str | bytes | os.PathLike[str],
-    key_pem_or_path: str | bytes | os.PathLike[str],
-) -> distributed.Security:
-    """A Dask ``Security`` for mutual TLS with our CA, the same certificate for every role.
-
-    Each argument is a path or the PEM text. Prefer paths for keys on disk (mode 0600): PEM
-    text in memory is written by Dask to a short-lived private temporary file per context.
-    """
-    from distributed import Security
-
-    ca = _pem_or_path(ca_pem_or_path, "CA certificate")
-    cert = _pem_or_path(cert_pem_or_path, "certificate")
-    key = _pem_or_path(key_pem_or_path, "private key")
-    return Security(
-        tls_ca_file=ca,
-        tls_client_cert=cert,
-        tls_client_key=key,
-        tls_scheduler_cert=cert,
-        tls_scheduler_key=key,
-        tls_worker_cert=cert,
-        tls_worker_key=key,
-        require_encryption=True,
-    )
