@@ -297,11 +297,10 @@ class Grid:
 
         Grouping rides on Dask task annotations, so it costs no extra round trip.
         """
+        from grid_portal.jobs.graph import job_annotations  # lazy: the job format stays unloaded
+
         job_id = job_id or new_job_id()
-        annotations = {"grid_job": job_id, "grid_job_name": name, "grid_job_kind": kind}
-        if session:
-            annotations["grid_job_open"] = True
-        with dask.annotate(**annotations):
+        with dask.annotate(**job_annotations(job_id, name, kind, session=session)):
             yield job_id
 
     def jobs(self, everyone: bool = False) -> list[Job]:

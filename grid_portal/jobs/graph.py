@@ -22,6 +22,7 @@ from grid_portal.protocol import (
     JOB_ANNOTATION,
     JOB_KIND_ANNOTATION,
     JOB_NAME_ANNOTATION,
+    JOB_OPEN_ANNOTATION,
     REPLICA_ANNOTATION,
     REPLICAS_ANNOTATION,
     STAGE_ANNOTATION,
@@ -36,9 +37,20 @@ EACH_ANNOTATION = "grid_each"
 FAIL_ANNOTATION = "grid_fail"
 
 
-def job_annotations(job_id: str, name: str, kind: str) -> dict[str, Any]:
-    """The annotations that make tasks one job (as ``Grid.job`` sets them)."""
-    return {JOB_ANNOTATION: job_id, JOB_NAME_ANNOTATION: name, JOB_KIND_ANNOTATION: kind}
+def job_annotations(job_id: str, name: str, kind: str, session: bool = False) -> dict[str, Any]:
+    """The annotations that make tasks one job (``Grid.job`` sets them too).
+
+    ``session``: more tasks may follow (an interactive session), so the portal does not end the
+    job when the tasks it has seen are done.
+    """
+    annotations: dict[str, Any] = {
+        JOB_ANNOTATION: job_id,
+        JOB_NAME_ANNOTATION: name,
+        JOB_KIND_ANNOTATION: kind,
+    }
+    if session:
+        annotations[JOB_OPEN_ANNOTATION] = True
+    return annotations
 
 
 def origin_of(stage: StageSpec) -> str:
