@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from grid_portal.discovery import (
@@ -26,16 +27,20 @@ POLL_WAIT = 15.0  # seconds the portal holds one poll open
 GIVE_UP_AFTER = 15 * 60.0  # the portal expires requests after 10 minutes anyway
 
 
-def request_join(
-    base: str,
-    ca_pem: str,
-    csr_pem: str,
-    name: str,
-    role: str,
-    say: Callable[[str], None] = print,
-    portal_name: str | None = None,
-) -> dict[str, Any]:
-    """Send a join request and wait for the admin's answer; returns the enrolment reply."""
+@dataclass
+class PendingJoin:
+    """A join request the portal took: what the requester shows and what it polls with."""
+
+    base: str
+    ca_pem: str
+    id: str
+    code: str  # the pairing code both sides show
+    secret: str = field(repr=False)  # polls with it; never shown or logged
+    expires_at: float = 0.0
+
+
+def send_join_request(base: str, ca_pem: str, csr_pem: str, name: str, role: str) -> PendingJoin:
+    """Send a join request; the portal's pairing code must be the one this side computes."""
     mine = pairing_code(ca_pem, csr_public_key_der(csr_pem))
     reply = post_json(
         f"{base}/api/join",
@@ -50,25 +55,67 @@ def request_join(
             f"the portal at {base} answered with a pairing code that does not match this "
             f"machine's; nothing was enrolled. {TYPE_THE_URL}"
         )
+    return PendingJoin(
+        base,
+        ca_pem,
+        str(reply["id"]),
+        mine,
+        str(reply["secret"]),
+        float(reply.get("expires_at") or 0.0),
+    )
+
+
+def poll_join(pending: PendingJoin, wait: float = POLL_WAIT) -> dict[str, Any] | None:
+    """One poll (held open up to ``wait`` s): the enrolment reply once approved, None while
+    pending; EnrolmentRefused once denied or expired, each with the way in by URL."""
+    answer = post_json(
+        f"{pending.base}/api/join/poll",
+        pending.ca_pem,
+        {"secret": pending.secret, "wait": wait},
+        what="answer about the join request",
+        timeout=wait + 15,
+    )
+    state = answer.get("state")
+    if state == "enrolled":
+        return answer
+    if state == "denied":
+        raise EnrolmentRefused(
+            f"the portal's admin denied join request {pending.id}; nothing was enrolled. "
+            "Ask the admin (and check the pairing code together), or join with a token: "
+            f"{TYPE_THE_URL}"
+        )
+    if state == "expired":
+        raise EnrolmentRefused(
+            f"join request {pending.id} expired before the portal's admin approved it; "
+            f"nothing was enrolled. Ask anew, or {TYPE_THE_URL}"
+        )
+    return None
+
+
+def request_join(
+    base: str,
+    ca_pem: str,
+    csr_pem: str,
+    name: str,
+    role: str,
+    say: Callable[[str], None] = print,
+    portal_name: str | None = None,
+) -> dict[str, Any]:
+    """Send a join request and wait for the admin's answer; returns the enrolment reply."""
+    pending = send_join_request(base, ca_pem, csr_pem, name, role)
     what = "this machine" if role == "node" else "you"
     say(
         f"Asked {portal_name or base} to let {what} join as {name!r}.\n"
-        f"  pairing code: {format_code(mine)}\n"
-        f"The portal's admin runs `grid-portal requests`, checks that request {reply['id']} "
-        f"shows this same code, and approves it: `grid-portal requests approve {reply['id']}`.\n"
+        f"  pairing code: {format_code(pending.code)}\n"
+        f"The portal's admin runs `grid-portal requests`, checks that request {pending.id} "
+        f"shows this same code, and approves it: `grid-portal requests approve {pending.id}`.\n"
         "Waiting for the answer (the request expires in 10 minutes; Ctrl-C to give up)..."
     )
     deadline = time.monotonic() + GIVE_UP_AFTER
     failures = 0
     while time.monotonic() < deadline:
         try:
-            answer = post_json(
-                f"{base}/api/join/poll",
-                ca_pem,
-                {"secret": reply["secret"], "wait": POLL_WAIT},
-                what="answer about the join request",
-                timeout=POLL_WAIT + 15,
-            )
+            answer = poll_join(pending)
         except ConnectionFailed:
             failures += 1  # a portal restart or a dropped packet: keep asking a while
             if failures > 10:
@@ -76,23 +123,45 @@ def request_join(
             time.sleep(2)
             continue
         failures = 0
-        state = answer.get("state")
-        if state == "enrolled":
+        if answer is not None:
             return answer
-        if state == "denied":
-            raise EnrolmentRefused(
-                f"the portal's admin denied join request {reply['id']}; nothing was enrolled. "
-                "Ask the admin (and check the pairing code together), or join with a token: "
-                f"{TYPE_THE_URL}"
-            )
-        if state == "expired":
-            raise EnrolmentRefused(
-                f"join request {reply['id']} expired before the portal's admin approved it; "
-                f"nothing was enrolled. Run this again to ask anew, or {TYPE_THE_URL}"
-            )
     raise EnrolmentRefused(
-        f"no answer to join request {reply['id']}; nothing was enrolled. {TYPE_THE_URL}"
+        f"no answer to join request {pending.id}; nothing was enrolled. {TYPE_THE_URL}"
     )
+
+
+class ResearcherJoin:
+    """A researcher's join request driven step by step (the Jupyter server's sidebar flow):
+    ``start`` sends it, ``poll`` asks once, and the approved enrolment is saved where
+    ``Grid()`` looks first (``login.save_connection``). The key stays in memory until then."""
+
+    def __init__(self, base: str, ca_pem: str, name: str, output: Any = None) -> None:
+        from grid_portal.keys import make_key_and_csr
+
+        self.base, self.ca_pem, self.name, self.output = base, ca_pem, name, output
+        self._key_pem, self.csr_pem = make_key_and_csr(name)
+        self.pending: PendingJoin | None = None
+
+    def start(self) -> PendingJoin:
+        self.pending = send_join_request(self.base, self.ca_pem, self.csr_pem, self.name, "client")
+        return self.pending
+
+    def poll(self, wait: float = POLL_WAIT) -> Any:
+        """None while pending; the saved connection file's path once enrolled."""
+        assert self.pending is not None, "start() first"
+        reply = poll_join(self.pending, wait)
+        return None if reply is None else self.save(reply)
+
+    def save(self, reply: dict[str, Any]) -> Any:
+        from pathlib import Path
+
+        from grid_portal.enrolment import fingerprint
+        from grid_portal.keys import PIN_HEX_CHARS
+        from grid_portal.login import save_connection
+
+        pin = fingerprint(self.ca_pem)[:PIN_HEX_CHARS]
+        output = Path(self.output) if self.output else None
+        return save_connection(self.base, pin, self.ca_pem, self._key_pem, reply, output)
 
 
 def login_by_request(
@@ -106,14 +175,9 @@ def login_by_request(
     """``grid-portal login`` without a token: a researcher's join request; writes the same
     connection file a token login writes and returns its path."""
     import getpass
-    from pathlib import Path
 
-    from grid_portal.enrolment import fingerprint
-    from grid_portal.keys import PIN_HEX_CHARS, make_key_and_csr
-    from grid_portal.login import save_connection
-
-    wanted = name or getpass.getuser()
-    key_pem, csr_pem = make_key_and_csr(wanted)
-    reply = request_join(base, ca_pem, csr_pem, wanted, "client", say=say, portal_name=portal_name)
-    pin = fingerprint(ca_pem)[:PIN_HEX_CHARS]
-    return save_connection(base, pin, ca_pem, key_pem, reply, Path(output) if output else None)
+    join = ResearcherJoin(base, ca_pem, name or getpass.getuser(), output)
+    reply = request_join(
+        base, ca_pem, join.csr_pem, join.name, "client", say=say, portal_name=portal_name
+    )
+    return join.save(reply)

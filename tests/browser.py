@@ -80,10 +80,11 @@ class Lab:
     token: str
     root: Path
     log: Path
+    host: str = "127.0.0.1"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"http://{self.host}:{self.port}/"
 
     @property
     def url(self) -> str:
@@ -105,11 +106,20 @@ class Lab:
             self.process.wait()
 
 
-def start_lab(tmp: Path, connection_file: str, *extra: str) -> Lab:
+def start_lab(
+    tmp: Path,
+    connection_file: str | None,
+    *extra: str,
+    host: str = "127.0.0.1",
+    prefix: tuple[str, ...] = (),
+) -> Lab:
     """Start ``jupyter lab`` against the portal of ``connection_file``; return once it serves.
 
     Kernels inherit ``GRID_PORTAL_ADDRESS``, so ``%%grid`` cells reach the same portal as
-    the server extension does.
+    the server extension does. With no connection file the server has no portal configured
+    (its user's config, data and runtime dirs are under ``tmp``): it offers the portals it
+    finds on the LAN. ``prefix`` runs it elsewhere (``ip netns exec NAME``), listening on
+    ``host``.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     root = tmp / "notebooks"
@@ -140,23 +150,31 @@ def start_lab(tmp: Path, connection_file: str, *extra: str) -> Lab:
     )
     env = dict(
         os.environ,
-        GRID_PORTAL_ADDRESS=connection_file,
         JUPYTER_CONFIG_DIR=str(config_dir),
         # ipyparallel's server extension adopts the clusters of ~/.ipython: leave other
         # people's alone. Kernels get a clean IPython profile too.
         IPYTHONDIR=str(tmp / "ipython"),
     )
+    portal_options = []
+    if connection_file is not None:
+        env["GRID_PORTAL_ADDRESS"] = connection_file
+        portal_options.append(f"--GridPortal.address={connection_file}")
+    else:
+        env.pop("GRID_PORTAL_ADDRESS", None)
+        for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "JUPYTER_RUNTIME_DIR"):
+            env[name] = str(tmp / name.lower())
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "jupyterlab",
         "--no-browser",
-        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.ip={host}",
         f"--ServerApp.port={port}",
         "--ServerApp.port_retries=0",
         f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root}",
-        f"--GridPortal.address={connection_file}",
+        *portal_options,
         f"--LabApp.extra_labextensions_path={extensions}",
         f"--LabApp.user_settings_dir={tmp / 'lab-settings'}",
         f"--LabApp.workspaces_dir={tmp / 'lab-workspaces'}",
@@ -176,7 +194,7 @@ def start_lab(tmp: Path, connection_file: str, *extra: str) -> Lab:
             cwd=root,
             start_new_session=True,
         )
-    lab = Lab(process=process, port=port, token=token, root=root, log=log)
+    lab = Lab(process=process, port=port, token=token, root=root, log=log, host=host)
 
     def serving() -> bool:
         if process.poll() is not None:

@@ -15,14 +15,18 @@ every few seconds costs one browse per period, not one per poll.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
 from grid_portal.jupyter.handlers import GridHandler
+
+if TYPE_CHECKING:
+    from grid_portal.discovery import DiscoveredPortal
 
 CACHE_SECONDS = 15.0
 BROWSE_SECONDS = 2.0
@@ -57,7 +61,18 @@ class _Cache:
     def __init__(self) -> None:
         self.at = 0.0
         self.body: dict[str, Any] | None = None
+        self.found: dict[str, DiscoveredPortal] = {}  # by id, for joining
         self.lock = asyncio.Lock()
+
+
+def portal_id(portal: DiscoveredPortal) -> str:
+    """A short id for a path (instance names hold spaces and dots), the same on every browse."""
+    text = f"{portal.instance}|{portal.url}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cache_of(settings: dict[str, Any]) -> _Cache:
+    return settings.setdefault("grid_portal_discovered", _Cache())
 
 
 async def discovered_body(cache: _Cache, refresh: bool = False) -> dict[str, Any]:
@@ -68,9 +83,10 @@ async def discovered_body(cache: _Cache, refresh: bool = False) -> dict[str, Any
             return cache.body
         portals = await browse(BROWSE_SECONDS)
         await asyncio.to_thread(check_all, portals)
+        cache.found = {portal_id(p): p for p in portals}
         cache.body = {
             "configured": False,
-            "portals": [p.to_dict() for p in portals],
+            "portals": [{**p.to_dict(), "id": i} for i, p in cache.found.items()],
             "message": None if portals else nothing_found_message(BROWSE_SECONDS),
             "searched_at": time.time(),
         }
@@ -86,6 +102,6 @@ class DiscoveredHandler(GridHandler):
         if portal_configured(portal.address):
             self.write_json({"configured": True, "portals": [], "message": None})
             return
-        cache = self.settings.setdefault("grid_portal_discovered", _Cache())
+        cache = cache_of(self.settings)
         refresh = self.get_argument("refresh", "false").lower() in ("1", "true", "yes")
         self.write_json(await discovered_body(cache, refresh))

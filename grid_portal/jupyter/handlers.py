@@ -462,10 +462,10 @@ class EventsHandler(_JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jup
         self.portal.events.unsubscribe(self)
 
 
-def _discovered() -> type[web.RequestHandler]:
-    from grid_portal.jupyter.discovered import DiscoveredHandler  # it imports this module
+def _lan_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:
+    from grid_portal.jupyter.discovery_handlers import lan_routes  # it imports this module
 
-    return DiscoveredHandler
+    return lan_routes(api)
 
 
 def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
@@ -482,6 +482,6 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "whoami"), WhoamiHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),
-        (url_path_join(api, "discovered"), _discovered()),  # portals on the LAN
+        *_lan_routes(api),  # portals on the LAN, joining one, answering join requests
         (url_path_join(base_url, "grid") + "(/.*)?", NotFoundHandler),
     ]

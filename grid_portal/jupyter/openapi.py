@@ -370,6 +370,9 @@ def _job_spec_schemas() -> dict[str, Any]:
 def openapi_json(base_url: str = "/") -> str:
     """The OpenAPI document as JSON text, with the server URL under ``base_url``."""
     api = base_url.rstrip("/") + "/grid/api"
+    from grid_portal.jupyter import openapi_sidebar  # it takes this module's helpers
+
+    sidebar = openapi_sidebar.paths(_operation, _json, _path_parameter, _flag)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -535,9 +538,10 @@ def openapi_json(base_url: str = "/") -> str:
                     operationId="getOpenAPI",
                 )
             },
+            **sidebar,
         },
         "components": {
-            "schemas": {**SCHEMAS, **_job_spec_schemas()},
+            "schemas": {**SCHEMAS, **openapi_sidebar.SCHEMAS, **_job_spec_schemas()},
             "securitySchemes": {
                 "token": {
                     "type": "apiKey",

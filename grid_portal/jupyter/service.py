@@ -237,6 +237,15 @@ class GridPortal(LoggingConfigurable):
             self._grid = None
             self._executor.submit(_close_quietly, grid)
 
+    async def reconnect(self) -> None:
+        """Use the portal the configuration names now (a join request from the sidebar was
+        approved and saved a connection): drop the Grid, and the live feed starts afresh."""
+        grid, self._grid = self._grid, None
+        self._user, self._role = None, ""
+        if grid is not None:
+            self._executor.submit(_close_quietly, grid)
+        self.events.restart()
+
     async def close(self) -> None:
         """Stop the event feed, close the Grid, stop the embedded portal if we started it."""
         if self._closed:
@@ -429,6 +438,15 @@ class EventHub:
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
+
+    def restart(self) -> None:
+        """Rebuild the mirror from a new connection: every subscriber gets a new snapshot."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()  # a long poll of the old connection: its answer is of no use now
+        self._ready, self._error = False, None
+        if self._wanted():
+            self._ensure_running()
 
     async def close(self) -> None:
         self.listeners.clear()

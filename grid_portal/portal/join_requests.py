@@ -116,6 +116,9 @@ class JoinRequests:
         found = row.fetchone()
         return None if found is None else JoinRequest(*found)
 
+    def get(self, request_id: str) -> JoinRequest | None:
+        return self._row("id = ?", request_id.strip().lower())
+
     # ---- requester side (the portal's HTTP handler)
 
     def create(
@@ -363,3 +366,46 @@ def join_routes(kwargs: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]
     """The tornado rules for ``portal/http.py``'s ``make_app``."""
     join, poll = _handlers()
     return [(r"/api/join", join, kwargs), (r"/api/join/poll", poll, kwargs)]
+
+
+# -- the admin's answers over the Grid client (the sidebar) ------------------------------------
+
+
+class JoinRequestHandlers:
+    """``grid_join_requests`` and ``grid_join_decide``: the admin answers join requests through
+    the Grid client as ``grid-portal requests`` does on the portal's machine (the JupyterLab
+    sidebar, when the admin's Jupyter server is connected). Admin only (grid_portal/protocol.py).
+
+    Deciding only marks the request in the ledger: the certificate is signed by the enrolment
+    process when the requester polls next, so this process never holds the CA key.
+    """
+
+    def __init__(self, ledger_path: Path | None) -> None:
+        self.ledger_path = ledger_path
+        self._book: JoinRequests | None = None
+
+    def handlers(self) -> dict[str, Any]:
+        return {"grid_join_requests": self.handle_list, "grid_join_decide": self.handle_decide}
+
+    def book(self) -> JoinRequests:
+        if self.ledger_path is None:
+            raise UsageError("this portal keeps no ledger, so it takes no join requests")
+        if self._book is None:
+            self._book = JoinRequests(self.ledger_path)
+        return self._book
+
+    def handle_list(self, comm: Any = None, everything: bool = False) -> list[dict[str, Any]]:
+        if self.ledger_path is None:
+            return []
+        return [r.to_dict() for r in self.book().list(everything=bool(everything))]
+
+    def handle_decide(
+        self, comm: Any = None, request_id: str = "", approve: bool = False
+    ) -> dict[str, Any]:
+        from grid_portal.errors import NotFound
+
+        book = self.book()
+        wanted = str(request_id or "")
+        if book.get(wanted) is None:
+            raise NotFound(f"no join request has id {wanted!r}; the pending ones are listed")
+        return book.decide(wanted, approve=bool(approve)).to_dict()

@@ -26,6 +26,7 @@ from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard
 from grid_portal.portal.access import Access
 from grid_portal.portal.jobs import JobBook, spec_problem
+from grid_portal.portal.join_requests import JoinRequestHandlers
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
@@ -109,6 +110,7 @@ class PortalPlugin(SchedulerPlugin):
         # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
         # Issue 18: plain Dask work (no grid_job) is its client's session job.
+        self.ledger_path = ledger_path
         self.dask_sessions = DaskSessions(self.jobs)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -141,6 +143,8 @@ class PortalPlugin(SchedulerPlugin):
         )
         scheduler.handlers.update(self.scheduling.handlers())  # issue 6: workflows
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
+        # Issue 19: the admin answers join requests from the sidebar too.
+        scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)

@@ -28,6 +28,7 @@ import {
 } from './filter';
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
+import { LanSection, RequestsSection } from './lan';
 import { visibleRange } from './timing';
 import { IGridNode, IJob } from './types';
 import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, NodeRow, nodeDetailContent } from './views';
@@ -94,6 +95,8 @@ export class GridSidebar extends Widget {
     this._connection.changed.disconnect(this._scheduleRender, this);
     this._stopTick();
     this._stopPoll();
+    this._lan.stop();
+    this._requests.pause();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -102,6 +105,8 @@ export class GridSidebar extends Widget {
 
   protected onAfterShow(msg: Message): void {
     this._startTick();
+    this._lan.start();
+    this._requests.start();
     if (this._everyone) {
       this._startPoll();
     }
@@ -110,6 +115,8 @@ export class GridSidebar extends Widget {
 
   protected onAfterHide(msg: Message): void {
     this._stopTick();
+    this._lan.stop();
+    this._requests.pause();
     this._stopPoll();
   }
 
@@ -212,6 +219,8 @@ export class GridSidebar extends Widget {
         this._connStatus
       ),
       h('div', { class: 'gp-error', role: 'alert', hidden: true }, this._errorText, retry),
+      this._lan.node,
+      this._requests.node,
       this._totals,
       h(
         'section',
@@ -443,6 +452,7 @@ export class GridSidebar extends Widget {
       this._me = who.user;
       this._role = who.staff ? 'staff' : 'other';
       this._everyoneToggle.hidden = !who.staff;
+      this._requests.setAdmin(who.role === 'admin');
     } catch {
       this._role = 'unknown'; // asked again once the portal answers
     }
@@ -563,6 +573,8 @@ export class GridSidebar extends Widget {
   }
 
   private _connection: GridConnection;
+  private _lan = new LanSection();
+  private _requests = new RequestsSection();
   private _columns: ReadonlySet<Column> = new Set(ALL_COLUMNS);
   private _filter: INodeFilter = { gpuOnly: false, idleOnly: false, text: '' };
   private _sort: INodeSort = { key: 'name', descending: false };

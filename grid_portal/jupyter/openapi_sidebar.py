@@ -1,0 +1,185 @@
+"""OpenAPI paths and schemas of the sidebar's LAN and dashboard endpoints (issues 18 and 19).
+
+Kept beside ``openapi.py`` (which merges them into the one document) so that the handlers
+of ``discovery_handlers.py`` and ``dashboard_handlers.py`` are described next to nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string"}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_JOIN_REQUEST = _object(
+    {
+        "id": _STR,
+        "name": {**_STR, "description": "The name asked for."},
+        "role": {"type": "string", "enum": ["node", "client"]},
+        "code": {**_STR, "description": "The six-digit pairing code the requester shows."},
+        "address": {**_STR, "description": "Where the request came from."},
+        "created_at": {"type": "number"},
+        "expires_at": {"type": "number"},
+        "state": {
+            "type": "string",
+            "enum": ["pending", "approved", "denied", "enrolled", "expired"],
+        },
+        "decided_at": _NUM_OR_NULL,
+        "enrolled_name": _STR_OR_NULL,
+    },
+    ["id", "name", "role", "code", "address", "created_at", "expires_at", "state"],
+)
+
+SCHEMAS: dict[str, Any] = {
+    "DiscoveredPortal": _object(
+        {
+            "id": {**_STR, "description": "Use it to join: POST discovered/{id}/join."},
+            "instance": {**_STR, "description": "The DNS-SD instance name."},
+            "name": _STR,
+            "addresses": {"type": "array", "items": _STR},
+            "port": {"type": "integer"},
+            "url": {**_STR, "description": "The enrolment endpoint at the resolved address."},
+            "version": _STR,
+            "enrol_url": _STR,
+            "status_url": _STR,
+            "ca_fingerprint": _STR,
+            "nodes_online": {"type": ["integer", "null"]},
+            "verified": {
+                "type": ["boolean", "null"],
+                "description": "Whether the CA its enrolment endpoint serves matches the "
+                "announced fingerprint. Only verified portals may be joined.",
+            },
+            "problem": _STR_OR_NULL,
+        },
+        ["id", "name", "addresses", "port", "url", "verified"],
+    ),
+    "Discovered": _object(
+        {
+            "configured": {
+                "type": "boolean",
+                "description": "True when this server already has a portal: nothing is "
+                "browsed then.",
+            },
+            "portals": {"type": "array", "items": _ref("DiscoveredPortal")},
+            "message": _STR_OR_NULL,
+            "searched_at": {"type": "number"},
+        },
+        ["configured", "portals"],
+    ),
+    "JoinStatus": _object(
+        {
+            "portal": _STR,
+            "url": _STR,
+            "name": {**_STR, "description": "The name asked for."},
+            "state": {"type": "string", "enum": ["pending", "connected", "refused", "failed"]},
+            "request": _STR_OR_NULL,
+            "code": {**_STR_OR_NULL, "description": "The pairing code, as `123 456`."},
+            "expires_at": _NUM_OR_NULL,
+            "message": _STR_OR_NULL,
+            "started_at": {"type": "number"},
+        },
+        ["portal", "url", "name", "state"],
+    ),
+    "JoinState": _object({"join": {"oneOf": [_ref("JoinStatus"), {"type": "null"}]}}, ["join"]),
+    "JoinRequest": _JOIN_REQUEST,
+    "JoinRequests": _object(
+        {"requests": {"type": "array", "items": _ref("JoinRequest")}}, ["requests"]
+    ),
+}
+
+
+def paths(operation: Any, json_body: Any, path_parameter: Any, flag: Any) -> dict[str, Any]:
+    """The paths, made with ``openapi.py``'s own helpers (passed in: it imports this)."""
+    error = json_body
+    return {
+        "/discovered": {
+            "get": operation(
+                "Grid Portals announced on this server's LAN (DNS-SD), each checked",
+                {"200": json_body("Discovered", "The portals found.")},
+                description="Browsed only while this server has no portal configured; "
+                "answers are cached for 15 s.",
+                operationId="getDiscovered",
+                parameters=[flag("refresh", "Browse again now.")],
+            )
+        },
+        "/discovered/join": {
+            "get": operation(
+                "How this server's join request stands",
+                {"200": json_body("JoinState", "The request, or null before any was sent.")},
+                operationId="getJoinStatus",
+            )
+        },
+        "/discovered/{portal_id}/join": {
+            "post": operation(
+                "Ask a portal found on the LAN to let this server's user join as a researcher",
+                {
+                    "202": json_body("JoinStatus", "Sent; the admin's answer is awaited."),
+                    "400": error("Error", "The body is not valid."),
+                    "404": error("Error", "No portal of that id was found."),
+                    "409": error(
+                        "Error",
+                        "This server already has a portal, the portal cannot be trusted, "
+                        "or a request is still waiting.",
+                    ),
+                },
+                description="The CA is checked against the announcement again; the key is "
+                "made in this server and never leaves it. Once the admin approves, the "
+                "enrolment is saved as `grid-portal login` saves it and this server switches "
+                "to the new portal.",
+                operationId="joinDiscovered",
+                parameters=[path_parameter("portal_id", "The id GET discovered gave.")],
+                requestBody={
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string", "minLength": 1, "maxLength": 63}
+                                },
+                            }
+                        }
+                    },
+                },
+            )
+        },
+        "/requests": {
+            "get": operation(
+                "Join requests waiting at this server's portal (the portal's admin only)",
+                {
+                    "200": json_body("JoinRequests", "Pending requests."),
+                    "403": error("Error", "Not the portal's admin."),
+                },
+                operationId="listJoinRequests",
+                parameters=[flag("all", "Also requests answered or expired.")],
+            )
+        },
+        **{
+            f"/requests/{{request_id}}/{action}": {
+                "post": operation(
+                    f"{action.capitalize()} a join request (the portal's admin only)",
+                    {
+                        "200": json_body("JoinRequest", "The request, decided."),
+                        "403": error("Error", "Not the portal's admin."),
+                        "404": error("Error", "No request of that id."),
+                        "409": error("Error", "Already decided, or expired."),
+                    },
+                    description="Approve only a request whose pairing code is the one shown "
+                    "on the requester's screen.",
+                    operationId=f"{action}JoinRequest",
+                    parameters=[path_parameter("request_id", "The request's id.")],
+                )
+            }
+            for action in ("approve", "deny")
+        },
+    }

@@ -1,0 +1,213 @@
+"""Issue 19 in the sidebar: a portal found on the LAN, joined with a click and a pairing code
+that the portal's admin approves in their own sidebar. Real processes throughout: a portal
+that announces itself (DNS-SD), two ``jupyter lab`` servers, one headless Chromium.
+
+The network: a network namespace joined to this one by a veth pair stands for a researcher's
+laptop on the portal's LAN (tests/netns.py). The portal serves on this side's end of the pair
+and announces there only; the researcher's JupyterLab runs in the namespace with no portal
+configured, so it browses for portals (browsers cannot do mDNS) and listens on its end of the
+pair, where Chromium reaches it. The admin's JupyterLab runs here, connected to the portal as
+its admin. Skipped, saying why, without root or Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import REPO, ConsoleLog, Lab, launch_chromium, start_lab, why_no_browser_tests
+from conftest import Portal, researcher_connection, start_portal, wait_for
+from netns import GuestHost, guest_host, why_namespaces_unavailable
+
+_WHY_NOT = why_no_browser_tests() or why_namespaces_unavailable()
+if _WHY_NOT:
+    print(f"SKIP: tests/test_sidebar_lan.py: {_WHY_NOT}", file=sys.stderr)
+pytestmark = [
+    pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT or ""),
+    pytest.mark.timeout(300),
+]
+
+WAIT_MS = 30_000
+ARTIFACTS = REPO / "test-artifacts"
+SIDEBAR = "#grid-portal\\:sidebar"
+PORTAL_NAME = "Physics Lab Portal"
+
+
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> Iterator[None]:
+    """Playwright's sync API runs its own loop here (see tests/test_sidebar_e2e.py)."""
+    yield None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> Iterator[None]:
+    yield None
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sidebar-lan")
+
+
+@pytest.fixture(scope="module")
+def lan() -> Iterator[GuestHost]:
+    with guest_host() as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def portal(lan: GuestHost, tmp: Path) -> Iterator[Portal]:
+    grid = start_portal(tmp / "portal", "--announce-name", PORTAL_NAME, host=lan.host_ip)
+    yield grid
+    grid.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_lab(portal: Portal, tmp: Path) -> Iterator[Lab]:
+    server = start_lab(tmp / "admin-lab", portal.connection_file)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def guest_lab(lan: GuestHost, portal: Portal, tmp: Path) -> Iterator[Lab]:
+    """The researcher's JupyterLab, on the other machine, with no portal configured."""
+    server = start_lab(tmp / "guest-lab", None, host=lan.guest_ip, prefix=lan.prefix)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    with launch_chromium() as chromium:
+        yield chromium
+
+
+def open_sidebar(browser: Any, lab: Lab, console: ConsoleLog) -> Any:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    console.attach(page)
+    page.goto(lab.url)
+    page.locator('li[data-id="grid-portal:sidebar"]').click(timeout=90_000)
+    return page
+
+
+def call(lab: Lab, method: str, *path: str) -> tuple[int, Any]:
+    """A REST call over real HTTP with the server's token: (status, JSON body)."""
+    request = urllib.request.Request(
+        f"{lab.base}grid/api/{'/'.join(path)}",
+        method=method,
+        data=b"{}" if method == "POST" else None,
+        headers={"Authorization": f"token {lab.token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_a_researcher_joins_a_lan_portal_that_the_admin_approves_in_the_sidebar(
+    browser: Any, portal: Portal, admin_lab: Lab, guest_lab: Lab, lan: GuestHost
+) -> None:
+    from playwright.sync_api import expect
+
+    console = ConsoleLog()
+    # The researcher's sidebar lists the portal found on the LAN, its CA checked.
+    guest = open_sidebar(browser, guest_lab, console)
+    row = guest.locator(f'.gp-lan-portal[data-portal="{PORTAL_NAME}"]')
+    expect(row).to_be_visible(timeout=60_000)
+    expect(row.locator(".gp-lan-ca")).to_have_attribute("data-verified", "true")
+    expect(row.locator(".gp-lan-url")).to_have_text(portal.info["http"])
+    expect(row.locator(".gp-lan-nodes")).to_contain_text("nodes online")
+    ARTIFACTS.mkdir(exist_ok=True)
+    guest.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-on-this-network.png"))
+
+    # Join: the pairing code is shown while the admin's answer is awaited.
+    row.locator(".gp-lan-join").click()
+    status = guest.locator('.gp-lan-status[data-state="pending"]')
+    expect(status).to_be_visible()
+    code = guest.locator(".gp-lan-code").inner_text().strip()
+    assert len(code.replace(" ", "")) == 6, code
+    expect(guest.locator(".gp-lan-progress")).to_be_visible()
+    guest.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-join-pending.png"))
+
+    # The admin's sidebar lists the request with the same code, and approves it.
+    admin = open_sidebar(browser, admin_lab, console)
+    request = admin.locator(".gp-request-row").filter(has_text=code)
+    expect(request).to_be_visible(timeout=60_000)
+    expect(request.locator(".gp-request-code")).to_have_text(code)
+    admin.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-join-requests.png"))
+    request.locator(".gp-request-approve").click()
+    expect(request).to_have_count(0)
+
+    # The researcher is enrolled, and their server switched to the portal by itself.
+    expect(guest.locator('.gp-lan-status[data-state="connected"]')).to_be_visible(timeout=60_000)
+    expect(guest.locator(".gp-lan-list")).to_be_hidden()
+    expect(guest.locator(".gp-conn")).to_have_text("live", timeout=60_000)
+
+    def connected() -> dict[str, Any] | None:
+        status, body = call(guest_lab, "GET", "whoami")
+        return body if status == 200 and body.get("role") == "client" else None
+
+    who = wait_for(connected, timeout=60, what="the researcher's server on the portal")
+    with portal.grid() as grid:
+        enrolled = {r["enrolled_name"] for r in grid.join_requests(everything=True)}
+    assert who["user"] in enrolled
+    errors = console.ours()
+    assert not errors, "browser console errors from the Grid extension:\n" + "\n".join(errors)
+
+
+def test_only_the_admin_may_list_or_answer_join_requests(
+    portal: Portal, admin_lab: Lab, tmp: Path
+) -> None:
+    researcher = start_lab(
+        tmp / "rita-lab", researcher_connection(portal, tmp, "rita"), host="127.0.0.1"
+    )
+    try:
+        status, body = call(researcher, "GET", "requests")
+        assert status == 403, body
+        assert "only the portal's admin" in body["message"]
+        status, body = call(researcher, "POST", "requests", "abc123", "approve")
+        assert status == 403, body
+    finally:
+        researcher.stop()
+    status, body = call(admin_lab, "POST", "requests", "nosuch", "approve")
+    assert status == 404, body
+    assert "no join request" in body["message"]
+    # A server with a portal browses nothing and joins nothing.
+    status, body = call(admin_lab, "GET", "discovered")
+    assert (status, body["configured"]) == (200, True)
+    status, body = call(admin_lab, "POST", "discovered", "0123456789ab", "join")
+    assert status == 409, body
+    status, body = call(admin_lab, "GET", "discovered", "join")
+    assert (status, body) == (200, {"join": None})
+
+
+def test_openapi_lists_every_route() -> None:
+    """Every REST route the server extension serves is in the OpenAPI document."""
+    import re
+
+    from grid_portal.jupyter.handlers import handlers
+    from grid_portal.jupyter.openapi import openapi_document
+
+    documented = {re.sub(r"\{[^}]+\}", "{}", p) for p in openapi_document()["paths"]}
+    served = set()
+    for rule, _ in handlers("/"):
+        path = rule.removeprefix("/grid/api").replace("([^/]+)", "{}")
+        if not rule.startswith("/grid/api/") or path == "/events":  # events: under x-events
+            continue
+        either = re.search(r"\(([a-z|]+)\)", path)  # (approve|deny): one path per word
+        words = either.group(1).split("|") if either else []
+        served |= {path.replace(either.group(0), w) for w in words} if either else {path}
+    assert served <= documented, f"not in the OpenAPI document: {sorted(served - documented)}"
