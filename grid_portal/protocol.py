@@ -191,14 +191,14 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         refusal="only the portal's admin or a class's teachers may change fair-share settings",
     ),
     **_rules(ADMINS, "cut off a node", ["grid_revoke"]),
-    # Read-only views of everyone's tasks: for those who may see everyone's work.
-    **_rules(
     **_rules(
         ADMINS,
         "answer join requests from the sidebar, as `grid-portal requests` does",
         ["grid_join_requests", "grid_join_decide"],
         refusal="only the portal's admin answers join requests",
     ),
+    # Read-only views of everyone's tasks: for those who may see everyone's work.
+    **_rules(
         STAFF,
         "Dask's views of everyone's tasks",
         [
