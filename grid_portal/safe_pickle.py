@@ -123,7 +123,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 # a RemoteError with the node's traceback text. The cell task's own error type and Dask's
 # word that a worker died are plain data too.
 _EXCEPTIONS: dict[str, frozenset[str]] = {
-    "grid_portal.jobs.cell": frozenset({"CellFailed"}),
+    "grid_portal.jobs.cell_payload": frozenset({"CellFailed"}),
+    "grid_portal.jobs.cell": frozenset({"CellFailed"}),  # nodes from before the split
     "grid_portal.jobs.stage_task": frozenset({"TaskFailed"}),
     "grid_portal.jobs.workflow": frozenset({"TaskFailed"}),  # nodes from before the split
     "distributed.scheduler": frozenset({"KilledWorker"}),

@@ -30,7 +30,13 @@ def sources(sub: str) -> list[Path]:
 
 
 # The kernel side of jobs: what runs in the researcher's kernel (the portal never imports it).
-JOBS_KERNEL_SIDE = ("grid_portal.jobs.workflow", "grid_portal.jobs.cell")
+JOBS_KERNEL_SIDE = (
+    "grid_portal.jobs.workflow",
+    "grid_portal.jobs.cell",
+    "grid_portal.jobs.cell_analysis",
+    "grid_portal.jobs.cell_result",
+    "grid_portal.jobs.cell_job",
+)
 
 FORBIDDEN = [
     (
@@ -57,6 +63,9 @@ FORBIDDEN = [
     # Both the kernel and the portal submit what jobs/graph.py builds, through their own client.
     ("jobs/graph.py", ("distributed", "grid_portal.client", *JOBS_KERNEL_SIDE)),
     ("jobs/stage_task.py", ("distributed.client", "grid_portal.client", *JOBS_KERNEL_SIDE)),
+    # A cell's node side shares only jobs/cell_payload.py with the kernel.
+    ("jobs/cell_task.py", ("grid_portal.client", *JOBS_KERNEL_SIDE)),
+    ("jobs/cell_child.py", ("distributed", "grid_portal.client", *JOBS_KERNEL_SIDE)),
 ]
 
 

@@ -29,7 +29,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from grid_portal.jobs.cell import one_line
+from grid_portal.jobs.cell_payload import one_line
 from grid_portal.proctree import data_size, descendants, limit_data, set_data_limit
 
 FLUSH_INTERVAL = 0.05  # s between streamed batches: at most 20 small messages a second

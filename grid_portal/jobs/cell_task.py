@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 from grid_portal import isolation
-from grid_portal.jobs.cell import STREAM_ANNOTATION, CellFailed, stored_blob
 from grid_portal.jobs.cell_child import (
     FLUSH_INTERVAL,
     FRAME,
@@ -38,10 +37,12 @@ from grid_portal.jobs.cell_child import (
     kill_tree,
     send_frame,
 )
+from grid_portal.jobs.cell_payload import CellFailed, stored_blob
 from grid_portal.node.taskchild import loads_plain
 from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
     JOB_ANNOTATION,
     REPLICA_ANNOTATION,
+    STREAM_ANNOTATION,
 )
 
 # -- tunables -----------------------------------------------------------------------------------

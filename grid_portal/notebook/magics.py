@@ -1,7 +1,8 @@
 """``%%grid`` and ``%grid``: run a notebook cell on the grid as if it ran here.
 
-``%load_ext grid_portal`` registers them. The logic lives in :mod:`grid_portal.jobs.cell`;
-this module is the IPython face: options, the user namespace, output areas, interrupts.
+``%load_ext grid_portal`` registers them. The logic lives in ``grid_portal.jobs`` (``cell``,
+``cell_analysis``, ``cell_job``...); this module is the IPython face: options, the user
+namespace, output areas, interrupts.
 Every mistake a user can make ends as one clear line (IPython's UsageError, or a GridError
 rendered without a traceback); a traceback only ever shows the cell's own code.
 """
@@ -12,7 +13,6 @@ import argparse
 import functools
 import re
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +22,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from grid_portal.errors import GridError, Unsatisfiable, UsageError
 from grid_portal.jobs import cell as cells
+from grid_portal.jobs.cell_job import CellJob, load_kept
 from grid_portal.notebook import widgets
 from grid_portal.units import duration_arg, format_duration, size_arg
 
@@ -169,120 +170,37 @@ class _OutputSink(_CellSink):
 
 
 # -- --bg jobs ----------------------------------------------------------------------------------
-class BackgroundCell:
-    """What ``%%grid --bg`` returns: the job runs on; this fills in its output when it ends.
+class BackgroundCell(CellJob):
+    """What ``%%grid --bg`` returns: the job runs on (``grid_portal.jobs.cell_job``); this
+    shows its output where the cell ran, filled in as it comes and closed with one line.
 
-    ``%grid result ID`` (or :meth:`load`) brings its variables into the notebook; the portal
-    keeps the result, so that works after a kernel restart too.
+    ``%grid result ID`` brings its variables into the notebook; the portal keeps the result,
+    so that works after a kernel restart too.
     """
 
     def __init__(self, magics: GridMagics, run: cells.CellRun, labels: list[str] | None) -> None:
-        self.magics = magics
-        self.run = run
-        self.job_id = run.job_id
-        self.labels = labels
         self.mode = widgets.frontend(magics.shell)
         self.output: Any = None
         if self.mode == "kernel" and widgets.have_widgets():
             import ipywidgets
 
             self.output = ipywidgets.Output()
-        self.outcomes: list[dict[str, Any]] | None = None
-        self.error: BaseException | None = None
-        self.finished = threading.Event()
-        self.state = "running"
-        self._thread = threading.Thread(target=self._wait, name=f"grid-bg-{self.job_id}")
-        self._thread.daemon = True
-        self._thread.start()
+        self.out = _OutputSink(self.output, labels)
+        self.out.trusted = functools.partial(magics.grid.trusts_job, run.job_id)
+        super().__init__(magics.grid, run, labels, self.out)
 
-    def _wait(self) -> None:
-        sink = _OutputSink(self.output, self.labels)
-        sink.trusted = functools.partial(self.magics.grid.trusts_job, self.job_id)
-        try:
-            try:
-                outcomes = self.run.wait(sink)
-            except cells.CellResubmitted as exc:  # the portal restarted and ran it again
-                sink.stream(0, "stderr", f"{exc}\n")
-                outcomes = self._kept_outcomes(sink)
-            if any(o.get("cancelled") for o in outcomes):
-                raise GridError(f"job {self.job_id} was cancelled; it has no result")
-            self.outcomes = outcomes
-            if not all(o.get("kept") for o in outcomes):
-                # A --map sweep, or a portal that refused the node's store: keep it from here.
-                blob = cells.stored_blob(outcomes, self.labels)
-                try:
-                    self.magics.grid.store_result(self.job_id, blob)
-                except GridError as exc:
-                    sink.stream(0, "stderr", f"the portal did not keep this result: {exc}\n")
-            result = cells.unpack(outcomes, self.labels, sink.trusted)
-            self.state = "failed" if result.error is not None else "done"
-            note = self._summary(result)
-        except GridError as exc:
-            self.error = exc
-            self.state = "cancelled" if self.run.cancelled else "failed"
-            note = f"✗ {exc}"
-        except Exception as exc:  # noqa: BLE001 - e.g. the connection closed under us
-            self.error = GridError(
-                f"lost track of job {self.job_id} ({cells.one_line(exc)}); it goes on at the "
-                f"portal: %grid result {self.job_id} fetches its result"
-            )
-            self.state = "unknown"
-            note = f"✗ {self.error}"
-        self.finished.set()
+    def ended(self, note: str) -> None:
         if self.output is not None:
             line = {"output_type": "stream", "name": "stderr", "text": note + "\n"}
             self.output.outputs += (line,)
             return
         # A terminal: print it all now, under the prompt.
-        for kind, a, b in sink.kept:
+        for kind, a, b in self.out.kept:
             if kind == "stream":
                 (sys.stdout if a == "stdout" else sys.stderr).write(b)
             else:
                 print(a.get("text/plain", "<rich output>"))
         print(note, file=sys.stderr)
-
-    def _kept_outcomes(self, sink: _OutputSink) -> list[dict[str, Any]]:
-        """Wait for the job at the portal and load the result its node kept there."""
-        grid = self.magics.grid
-        job = grid.wait(self.job_id)
-        data = cells.fetch_kept(grid, self.job_id)
-        if data is None:
-            raise GridError(_no_result(job) if job is not None else f"no job {self.job_id}")
-        outcomes, _ = cells.load_stored(data)
-        cells.replay(outcomes, sink)
-        return outcomes
-
-    def _summary(self, result: cells.CellResult) -> str:
-        where = ", ".join(result.nodes) or "the grid"
-        ran = format_duration(result.elapsed)
-        if result.error is not None:
-            head = f"✗ job {self.job_id} failed after {ran} on {where}"
-        else:
-            head = f"✓ job {self.job_id} done in {ran} on {where}"
-        names = ", ".join(sorted(result.values))
-        load = f"`%grid result {self.job_id}` loads " + (names if names else "its result")
-        return f"{head}; {load}"
-
-    def done(self) -> bool:
-        return self.finished.is_set()
-
-    def wait(self) -> list[dict[str, Any]]:
-        """Wait for the job in the kernel's main thread (a Ctrl-C only stops the waiting)."""
-        while not self.finished.wait(0.25):
-            pass
-        if self.error is not None:
-            raise self.error
-        assert self.outcomes is not None
-        return self.outcomes
-
-    def cancel(self) -> str:
-        return self.run.cancel("cancelled by its owner", confirm=0)
-
-    def __repr__(self) -> str:
-        return (
-            f"<grid job {self.job_id}: {self.state}; `%grid result {self.job_id}` loads its "
-            "result when it is done>"
-        )
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -652,10 +570,7 @@ class GridMagics(Magics):
         else:
             if not job.state.finished:
                 job = self._wait_for_job(job_id)
-            data = cells.fetch_kept(grid, job_id)
-            if data is None:
-                raise GridError(_no_result(job))
-            outcomes, labels = cells.load_stored(data)
+            outcomes, labels = load_kept(grid, job_id, job)
         sink = _CellSink(None, labels)
         sink.trusted = functools.partial(grid.trusts_job, job_id)
         cells.replay(outcomes, sink)
@@ -761,17 +676,6 @@ def _cell_refusal(exc: Unsatisfiable, expression: Any, replicas: int) -> Unsatis
         )
     text = str(exc).split(" Ask for less")[0].split(" Change the requirement")[0]
     return Unsatisfiable(f"{text}. Ask for less with --cpus, --gpus, --memory")
-
-
-def _no_result(job: Any) -> str:
-    if job.state.value == "cancelled":
-        return f"job {job.id} was cancelled ({job.error or 'no reason given'}); it has no result"
-    if job.state.value == "interrupted":
-        return f"job {job.id} was cut short: {job.error}"
-    return (
-        f"job {job.id} kept no result at the portal: only %%grid --bg cells keep theirs (for a "
-        "week, unless the portal says otherwise)"
-    )
 
 
 def _default_name(cell: str) -> str:
