@@ -285,6 +285,14 @@ class Grid:
         """Disconnect a node now and refuse it from then on (the portal's admin only)."""
         return self._call("grid_revoke", name=name)
 
+    def join_requests(self, everything: bool = False) -> list[dict[str, Any]]:
+        """The admin's view of join requests (pending ones; ``everything``: decided too)."""
+        return list(self._call("grid_join_requests", everything=everything))
+
+    def decide_join_request(self, request_id: str, approve: bool) -> dict[str, Any]:
+        """The admin approves or denies a join request (after comparing its pairing code)."""
+        return self._call("grid_join_decide", request_id=request_id, approve=approve)
+
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
 
@@ -366,14 +374,6 @@ class Grid:
             f"{_describe(largest)}. Ask for less, or pass wait=True to wait for such a node.",
             resources=needs,
             largest=largest,
-    def join_requests(self, everything: bool = False) -> list[dict[str, Any]]:
-        """The admin's view of join requests (pending ones; ``everything``: decided too)."""
-        return list(self._call("grid_join_requests", everything=everything))
-
-    def decide_join_request(self, request_id: str, approve: bool) -> dict[str, Any]:
-        """The admin approves or denies a join request (after comparing its pairing code)."""
-        return self._call("grid_join_decide", request_id=request_id, approve=approve)
-
         )
 
     def _largest_offer(self, refresh: bool) -> dict[str, float]:

@@ -109,8 +109,8 @@ class PortalPlugin(SchedulerPlugin):
         self._client_sessions: dict[str, set[str]] = {}
         # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
-        # Issue 18: plain Dask work (no grid_job) is its client's session job.
         self.ledger_path = ledger_path
+        # Issue 18: plain Dask work (no grid_job) is its client's session job.
         self.dask_sessions = DaskSessions(self.jobs)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -142,9 +142,9 @@ class PortalPlugin(SchedulerPlugin):
             }
         )
         scheduler.handlers.update(self.scheduling.handlers())  # issue 6: workflows
-        scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         # Issue 19: the admin answers join requests from the sidebar too.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
+        scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
