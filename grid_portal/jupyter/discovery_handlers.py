@@ -1,4 +1,4 @@
-"""Joining a LAN portal from the sidebar, and the admin answering join requests (issue 19).
+"""Joining a LAN portal from the sidebar, and the admin answering join requests there.
 
 - ``POST discovered/{id}/join`` (body ``{"name": ...}``, optional): ask the portal found on
   the LAN to let this server's user join as a researcher (``jupyter/joins.py`` does it);

@@ -299,8 +299,8 @@ def describe_policy(policy: Policy | None) -> list[str]:
 def policy_needs(policy: Policy | None) -> frozenset[str]:
     """What the volunteer's rules read from the machine: "load" (the CPU of the owner and of
     the grid, which lists every process), "sensors" (battery, temperature, keyboard idle
-    time). Nothing else is read: hours need the clock alone, and no rules need nothing
-    (issue 17: an idle volunteer costs its owner next to nothing)."""
+    time). Nothing else is read: hours need the clock alone, and no rules need nothing, so an
+    idle volunteer costs its owner next to nothing."""
     if policy is None:
         return frozenset()
     needs = set()

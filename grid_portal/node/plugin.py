@@ -9,10 +9,11 @@
 - ends the process of a task the scheduler cancelled;
 - pushes the small result of a task annotated ``grid_push`` (a ``%%grid`` cell) to the portal
   with its completion, so that its client need not fetch it (``grid_portal.pushed``).
-- keeps an idle volunteer cheap (issue 17): heartbeats slow to IDLE_HEARTBEAT_INTERVAL once no
-  task has been here for IDLE_AFTER seconds and speed back up when work arrives; telemetry is
-  sampled every telemetry interval and a sample that changed (TELEMETRY_STEPS) is sent at once
-  in an early heartbeat, so the sidebar stays live while nothing else is sent.
+- keeps an idle volunteer cheap, since the machine is its owner's: heartbeats slow to
+  IDLE_HEARTBEAT_INTERVAL once no task has been here for IDLE_AFTER seconds and speed back up
+  when work arrives; telemetry is sampled every telemetry interval and a sample that changed
+  (TELEMETRY_STEPS) is sent at once in an early heartbeat, so the sidebar stays live while
+  nothing else is sent.
 
 The agent reaches these methods over the worker process's private stdin/stdout
 (``grid_portal.node.worker``), never over Dask comms: every certificate holder on the grid can
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("grid_portal.node")
 
 # Must match the keys that grid_portal.portal.plugin reads. Duplicated on purpose: node code
-# may not import portal code (DESIGN.md), and these strings are the wire contract.
+# may not import portal code (docs/architecture.md, rules), and these strings are the wire
+# contract.
 STARTUP_KEY = "grid"
 METRIC_KEY = "grid"
 
@@ -56,7 +58,8 @@ MEMORY_PAUSE_FRACTION = 0.8
 RECONCILE_INTERVAL = 0.5  # seconds; IDLE_RECONCILE_INTERVAL while no task is here
 IDLE_RECONCILE_INTERVAL = 2.0
 
-# Idle cost (issue 17). Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends
+# Idle cost: a volunteer's machine is its owner's, so an idle node must cost next to nothing.
+# Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends
 # one every IDLE_HEARTBEAT_INTERVAL seconds instead, which must stay under a third of the portal's
 # node timeout (15 s: portal/plugin.py declares a node silent after that). Work arriving (any
 # task on this worker) brings Dask's own interval back at once.
@@ -99,7 +102,7 @@ class NodePlugin(WorkerPlugin):
         self.sampler: TelemetrySampler | None = None
         self._reconcile_pc: PeriodicCallback | None = None
         self._moved = 0
-        # Heartbeat pacing and telemetry on change (issue 17).
+        # Heartbeat pacing and telemetry on change: slow while idle, prompt when work comes.
         self._heartbeat_pc: PeriodicCallback | None = None
         self._dask_heartbeat: Any = None
         self._dask_interval_ms = 500.0  # what the scheduler last asked for

@@ -21,8 +21,8 @@ and the worker forwards them to the scheduler only for the names the task came w
 ``grid_stream`` and ``grid_job`` annotations; see ``TaskProcessExecutor``). Nothing else of the
 worker or the scheduler is reachable from here.
 
-What a task process sends is read in the worker by :func:`recv_plain`, a restricted unpickler
-(issue 14): the pipe's own message shapes (tuples, dicts, strings, numbers, bytes) and
+What a task process sends is read in the worker by :func:`recv_plain`, a restricted unpickler:
+the pipe's own message shapes (tuples, dicts, strings, numbers, bytes) and
 ``grid_portal.payload.OpaqueResult``, nothing else, so no pickle a task crafts (the pipe is
 the task's to write) runs code in the worker, where the node's key is. A task's value arrives
 as an ``OpaqueResult`` (``run_opaque`` pickled it in the task) and its exception as pickled
@@ -91,7 +91,8 @@ def recv(stream: BinaryIO) -> Any:
     return pickle.loads(_read_exactly(stream, size))
 
 
-# What the worker admits from a task process (issue 14): plain data and the opaque result type.
+# What the worker admits from a task process (which a task controls): plain data and the opaque
+# result type.
 # Protocol 4/5 pickles of tuples, lists, dicts, str, bytes, numbers, None and bool name no
 # global at all; these are the few plain types that do.
 PIPE_CLASSES = frozenset(

@@ -26,14 +26,15 @@ from typing import IO, Any
 
 logger = logging.getLogger("grid_portal.node")
 
-# Dask settings that make an idle worker cheap for its owner (FIELD-NOTES: 2.35 % of a core
-# with defaults, 0.30 % with these), and let the node plugin own pausing (see plugin.py).
+# Dask settings that make an idle worker cheap for its owner (measured: 2.35 % of a core with
+# defaults, 0.30 % with these; docs/benchmarks.md, Idle cost), and let the node plugin own
+# pausing (see plugin.py).
 QUIET_WORKER_CONFIG: dict[str, Any] = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     # Dask's memory monitor (spilling, where the sandbox allows it) wakes every 100 ms; the node
-    # plugin's own memory check runs every 0.5 s (issue 17: 0.12 % of a core saved when idle).
+    # plugin's own memory check runs every 0.5 s (0.12 % of a core saved when idle).
     "distributed.worker.memory.monitor-interval": "500ms",
     # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
     "distributed.worker.daemon": False,

@@ -81,21 +81,22 @@ class PortalPlugin(SchedulerPlugin):
         self.telemetry_interval = telemetry_interval
         self.node_timeout = node_timeout
         self._timing_out: set[str] = set()
-        # Issue 17: what each live node's registry entry was last made from, so that a refresh
-        # skips the nodes that sent nothing new (most of them, on an idle grid).
+        # What each live node's registry entry was last made from, so that a refresh skips the
+        # nodes that sent nothing new (most of them, on an idle grid: it stays cheap).
         self._observed: dict[str, tuple[Any, ...]] = {}
         self._last_refresh = self._calm_since = dask_time()
         self.registry = NodeRegistry(
             sample_interval=telemetry_interval, offline_retention=offline_retention
         )
-        # Issue 13: what nodes report is cleaned (types, ranges, sizes) before it is believed.
+        # What nodes report is cleaned (types, ranges, sizes) before it is believed: a node is
+        # a stranger's machine, and the sidebar and matching trust these numbers.
         self.reports = NodeReports(logger)
         self.jobs = JobBook(
             ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
         )
         self.jobs.on_change = self.registry.notify
-        # Issue 8: jobs cut short by a restart are reopened now and resubmitted once the
-        # scheduler listens (server.py), or marked interrupted with the reason.
+        # A restart must not lose work: jobs cut short by one are reopened now and resubmitted
+        # once the scheduler listens (server.py), or marked interrupted with the reason.
         self.recovery = Recovery(self.jobs)
         self.enrolments = EnrolmentBook(ledger_path) if ledger_path is not None else None
         self.access = Access(self.jobs, self.enrolments)
@@ -107,10 +108,11 @@ class PortalPlugin(SchedulerPlugin):
         self._poll: PeriodicCallback | None = None
         self._client_identity: dict[str, Identity | None] = {}
         self._client_sessions: dict[str, set[str]] = {}
-        # Workflows (issue 6): placement, fair share, task records; see portal/scheduling.py.
+        # Workflows: placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
         self.ledger_path = ledger_path
-        # Issue 18: plain Dask work (no grid_job) is its client's session job.
+        # Plain Dask work (no grid_job) is its client's session job, so it is listed, counted
+        # and cancellable like any other.
         self.dask_sessions = DaskSessions(self.jobs)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -141,8 +143,8 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_job_result": self.handle_job_result,
             }
         )
-        scheduler.handlers.update(self.scheduling.handlers())  # issue 6: workflows
-        # Issue 19: the admin answers join requests from the sidebar too.
+        scheduler.handlers.update(self.scheduling.handlers())  # workflows
+        # The admin answers join requests from the sidebar too, not only from a terminal.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
@@ -162,12 +164,12 @@ class PortalPlugin(SchedulerPlugin):
             unlisted_to=ADMIN,
         )
         install(scheduler, self.gate)
-        quiet_work_stealing(scheduler)  # issue 17: idle grids pay nothing for it
+        quiet_work_stealing(scheduler)  # idle grids pay nothing for it
         # A revoked identity's live connections go within a second (Access.sweep).
         self._revocations = PeriodicCallback(self._sweep_revoked, 1000)
         self._revocations.start()
         self.jobs.start_expiry()  # kept results past their ttl leave the ledger
-        graph_guard.install(scheduler)  # issue 14: graphs and pickled fields read as data
+        graph_guard.install(scheduler)  # a client's graph must never run code on the portal
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
 
@@ -205,7 +207,7 @@ class PortalPlugin(SchedulerPlugin):
         **kwargs: Any,
     ) -> None:
         annotations = self.dask_sessions.annotate(scheduler, client, tasks, annotations)
-        self.scheduling.update_graph(scheduler, client, tasks, annotations)  # issue 6
+        self.scheduling.update_graph(scheduler, client, tasks, annotations)  # workflows
         for key in annotations.get(PUSH_ANNOTATION, {}):
             ts = scheduler.tasks.get(key)
             if ts is not None:  # the node pushes only what this portal will forward
@@ -263,7 +265,8 @@ class PortalPlugin(SchedulerPlugin):
                     msg=record.error or "cancelled",
                 )
                 continue
-            # Issue 17: a sweep's batch tasks count as their items (grid_portal.batching).
+            # A sweep's batch tasks count as their items (grid_portal.batching), so progress
+            # is in the researcher's items, not in batches.
             coming = max((_count(sweeps.get(k)) for k in job_keys), default=0) if sweeps else 0
             self.jobs.add_tasks(job_id, job_keys, items, coming)
             # Tasks that were already done (the same key submitted again) count at once.
@@ -275,7 +278,7 @@ class PortalPlugin(SchedulerPlugin):
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any
     ) -> None:
-        if self.scheduler is not None:  # issue 6: fair share, task records, placement
+        if self.scheduler is not None:  # workflows: fair share, task records, placement
             self.scheduling.transition(self.scheduler, key, start, finish, kwargs)
         if key not in self.jobs.task_jobs:
             return
@@ -378,12 +381,12 @@ class PortalPlugin(SchedulerPlugin):
             sandbox=info.get("sandbox"),
         )
         logger.info("node %s joined from %s", name, worker)
-        self.scheduling.add_worker(scheduler, worker)  # issue 6: waiting `where` tasks
+        self.scheduling.add_worker(scheduler, worker)  # waiting `where` tasks may now match
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self._observed.pop(worker, None)
         self.registry.leave(worker, reason="left the grid")
-        self.scheduling.remove_worker(scheduler, worker)  # issue 8: replicas, placement
+        self.scheduling.remove_worker(scheduler, worker)  # its replicas and placements
         logger.info("node at %s left", worker)
 
     # -- live telemetry -------------------------------------------------------------------
@@ -395,7 +398,7 @@ class PortalPlugin(SchedulerPlugin):
         # Heartbeats slow down as a grid grows (Dask spaces them out); never call a node
         # silent before it has missed three of them.
         timeout = max(self.node_timeout, 3 * heartbeat_interval(len(scheduler.workers)))
-        # Issue 8: when this very loop was held up (a huge graph arriving), heartbeats that
+        # When this very loop was held up (a huge graph arriving), heartbeats that
         # came meanwhile are still unread and every node would look silent: judge nodes only
         # once the loop has run freely for a heartbeat interval.
         if now - self._last_refresh > max(2.0, 2 * self.telemetry_interval):

@@ -205,7 +205,8 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     )
     plugin.jobs.result_expiry_interval = settings.result_expiry_interval
     plugin.renewals = channel.renew  # people's renewals are signed by the enrolment process
-    # Issue 9: per-volunteer contributions and capacity samples (a plugin of its own).
+    # Per-volunteer contributions and capacity samples: a plugin of its own, so credit is
+    # counted apart from the jobs.
     contributions = ContributionsPlugin(ledger, plugin)
     security = tls_security(settings.ca_file, settings.cert_file, settings.key_file)
     try:
@@ -248,8 +249,8 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     await send(channel.writer, {"op": "ready", "port": scheduler.port, "pid": os.getpid()})
 
     async def recover() -> None:
-        # Issue 8: resubmit the jobs the previous run left unfinished, once the admin's
-        # connection file names this run (portal/recovery.py).
+        # A restart must not lose work: resubmit the jobs the previous run left unfinished,
+        # once the admin's connection file names this run (portal/recovery.py).
         await channel.published.wait()
         await plugin.recovery.run(data_dir / CONNECTION_FILE)
 
