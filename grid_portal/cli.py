@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", type=Path, help="where to write the connection file (default: your config dir)"
     )
+    p.add_argument(
+        "--as",
+        dest="portal_name",
+        metavar="PORTAL_NAME",
+        help="the name this portal is kept under among yours, for Grid(portals=[...]) "
+        "(default: its host name)",
+    )
     __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # LAN joins
     p.set_defaults(func=cmd_login)
 
@@ -640,9 +647,16 @@ def cmd_login(args: argparse.Namespace) -> int:
 
     if not args.portal or not args.token:  # found on the LAN, or a join request
         return __import__("grid_portal.cli_discovery").cli_discovery.cmd_login_lan(args)
-    path = login(args.portal, args.token, name=args.name, output=args.output)
+    path = login(
+        args.portal, args.token, name=args.name, output=args.output, portal_name=args.portal_name
+    )
     print(f"Logged in. Connection file: {path}")
     print("Grid() and grid-portal commands now use this portal.")
+    if args.output is None:
+        from grid_portal.portals import name_for
+
+        named = args.portal_name or name_for(args.portal)
+        print(f"It is kept as portal {named!r}: Grid(portals=[...]) uses several portals at once.")
     return 0
 
 

@@ -9,11 +9,12 @@ only to refuse at once a request that no node could ever satisfy.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import dask
 from distributed import Client, Future
@@ -28,10 +29,14 @@ from grid_portal.errors import (
     Unsatisfiable,
 )
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement, new_job_id
+from grid_portal.portals import ENV_PORTALS
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
 from grid_portal.units import format_size, parse_size
 from grid_portal.which_portal import find_connection
+
+if TYPE_CHECKING:
+    from grid_portal.federated import Federation
 
 # The largest offer, used only to accept a request at once (a refusal always asks afresh):
 # fresh for _OFFER_FRESH s; up to _OFFER_STALE s old it still serves while a background call
@@ -54,7 +59,17 @@ class Grid:
     given as ``address`` or in ``GRID_PORTAL_ADDRESS``, the user's saved connection, a portal
     this user runs here, or else an embedded portal on loopback with one local volunteer, which
     it starts when none runs.
+
+    ``Grid(portals=["school", "uni"])`` uses several portals at once (the names
+    ``grid-portal login --as`` saved, connection files, ``"all"``, or a mapping of names to
+    either; ``GRID_PORTAL_PORTALS`` gives the same when no ``address`` is passed):
+    ``map`` spreads a sweep over them by free capacity, ``submit`` goes to a portal that has a
+    node for it, ``nodes`` and ``capacity`` name each node's portal, and everything else is the
+    first portal's (``grid_portal.federated``).
     """
+
+    # Set only on a Grid over several portals (grid_portal.federated).
+    _federation: Federation | None = None
 
     def __init__(
         self,
@@ -66,7 +81,13 @@ class Grid:
         reconnect: float = 60.0,
         trust: Iterable[str] | str | None = None,
         set_as_default: bool = True,
+        portals: str | Sequence[str] | Mapping[str, str] | None = None,
     ) -> None:
+        if portals is None and address is None and not asynchronous:
+            portals = os.environ.get(ENV_PORTALS) or None
+        if portals is not None:
+            self._use_portals(portals, address, timeout, asynchronous, reconnect, trust)
+            return
         connection = find_connection(address)
         embedded = connection is None
         if connection is None:
@@ -110,6 +131,53 @@ class Grid:
             # A person's certificate is short-lived: renew it in the background while this
             # certificate still works (grid_portal/renewal.py).
             threading.Thread(target=renewal.renew_quietly, args=(self,), daemon=True).start()
+
+    def _use_portals(
+        self,
+        portals: str | Sequence[str] | Mapping[str, str],
+        address: str | None,
+        timeout: float,
+        asynchronous: bool,
+        reconnect: float,
+        trust: Iterable[str] | str | None,
+    ) -> None:
+        """A Grid over several portals: one plain Grid per portal, connected at once; one that
+        cannot be used gives a PortalWarning and the others are used."""
+        from grid_portal import federated
+        from grid_portal.errors import UsageError
+        from grid_portal.portals import choose
+
+        if address is not None or asynchronous:
+            raise UsageError(
+                "portals= goes with neither an address nor asynchronous=True: pass the "
+                "portals' names (or connection files) alone"
+            )
+
+        def member(path: Any, first: bool) -> Grid:
+            # Only the first portal's client is Dask's default (x.compute() runs there); a
+            # portal that went away is given up on after 10 s, so the others go on.
+            return Grid(
+                str(path),
+                timeout=timeout,
+                start_embedded=False,
+                reconnect=min(reconnect, 10.0),
+                trust=trust,
+                set_as_default=first,
+            )
+
+        federation = federated.connect(choose(portals), member, stacklevel=5)
+        # What concerns one portal (jobs, results, compute, cells) is the first reachable
+        # portal's: this Grid shares that member's state, so those methods run unchanged.
+        vars(self).update(vars(federation.primary))
+        self._federation = federation
+
+    @property
+    def portals(self) -> dict[str, Grid]:
+        """Each portal this Grid uses, by name, as a single-portal Grid (one for a plain Grid,
+        under its connection's name)."""
+        if self._federation is not None:
+            return dict(self._federation.members)
+        return {self.connection.name or "portal": self}
 
     def _new_client(self, connection: Connection, timeout: float) -> Client:
         with _data_only() as data_only:  # node data is opened as data only
@@ -177,6 +245,9 @@ class Grid:
     # -- context management ---------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        if self._federation is not None:
+            self._federation.close()
+            return
         self._client.close()
         if self._set_as_default:
             _forget_default_scheduler()
@@ -188,6 +259,8 @@ class Grid:
         self.close()
 
     def __repr__(self) -> str:
+        if self._federation is not None:
+            return f"<Grid portals: {', '.join(self._federation.members)}>"
         return f"<Grid {self.connection.scheduler}>"
 
     # -- talking to the portal plugin -----------------------------------------------------
@@ -228,7 +301,10 @@ class Grid:
         Returns
         -------
         list of Node (or of dict)
+            Over several portals, grouped by portal, each with its ``portal`` name.
         """
+        if self._federation is not None:
+            return self._federation.nodes(as_dict)
         data = self._call("grid_nodes")
         return list(data) if as_dict else [Node.from_dict(d) for d in data]
 
@@ -258,7 +334,10 @@ class Grid:
         Returns
         -------
         Capacity
+            Over several portals, the sum, with each portal's own under ``portals``.
         """
+        if self._federation is not None:
+            return self._federation.capacity()
         return Capacity.from_dict(self._call("grid_capacity"))
 
     def changes(self, since: int = 0, timeout: float = 10.0, jobs_since: int = 0) -> dict[str, Any]:
@@ -417,7 +496,11 @@ class Grid:
         ``where`` is a requirement expression (docs/requirements.md) the node must meet.
         ``replicas=N`` runs N copies on different nodes and the portal compares them; the
         future's value is the agreed one (grid_portal.replication).
+        Over several portals: to the one with the most free cores that has a node for it.
         """
+        if self._federation is not None:
+            options = dict(kwargs, cpus=cpus, gpus=gpus, memory=memory, wait=wait, where=where)
+            return self._federation.submit(fn, args, dict(options, replicas=replicas))
         kwargs.setdefault("pure", False)
         if _replicas(replicas) > 1:
             return self._run(
@@ -458,7 +541,14 @@ class Grid:
         returns per-item futures (``grid_portal.batching.ItemFuture``: ``result``,
         ``exception``, ``done``, ``cancel``, ``key``, ``grid.gather``); a number fixes the
         items per batch; ``1`` sends one Dask task per item.
+
+        Over several portals the items go in chunks to the portals with free slots and move
+        from a portal that loses its nodes (``grid_portal.federated``); the item futures
+        (``federated.Item``) come back in order, each value once.
         """
+        if self._federation is not None:
+            options = dict(kwargs, cpus=cpus, gpus=gpus, memory=memory, wait=wait, where=where)
+            return self._federation.map(fn, iterables, dict(options, replicas=replicas), batch)
         kwargs.setdefault("pure", False)
         iterables = tuple(it if isinstance(it, list | tuple) else list(it) for it in iterables)
         calls = list(zip(*iterables, strict=False))
@@ -531,6 +621,8 @@ class Grid:
                 return call(resources)
 
     def gather(self, futures: Any) -> Any:
+        if self._federation is not None:
+            return self._federation.gather(futures)
         if _holds_items(futures):  # a batched sweep's item futures (grid_portal.batching)
             from grid_portal.batching import gather_items
 

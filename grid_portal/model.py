@@ -141,6 +141,9 @@ class Node:
     cpus_in_use: float = 0.0
     gpus_in_use: float = 0.0
     history: list[Telemetry] = field(default_factory=list)
+    # The portal that lists it, when one Grid uses several (grid_portal.federated); a
+    # portal's own records carry none.
+    portal: str | None = None
 
     @property
     def online(self) -> bool:
@@ -149,6 +152,8 @@ class Node:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["state"] = self.state.value
+        if self.portal is None:
+            del data["portal"]
         return data
 
     @classmethod
@@ -181,14 +186,31 @@ class Capacity:
     memory_total: int = 0
     memory_free: int = 0
     tasks_running: int = 0
+    # Each portal's own totals, when one Grid uses several (grid_portal.federated).
+    portals: dict[str, Capacity] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.portals:
+            del data["portals"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Capacity:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known and k != "portals"}
+        portals = {name: cls.from_dict(p) for name, p in (data.get("portals") or {}).items()}
+        return cls(portals=portals, **fields)
+
+    @classmethod
+    def total(cls, parts: dict[str, Capacity]) -> Capacity:
+        """The sum of several portals' totals, keeping each under ``portals``."""
+        total = cls(portals=dict(parts))
+        for part in parts.values():
+            for f in dataclasses.fields(cls):
+                if f.name != "portals":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+        return total
 
 
 @dataclass
