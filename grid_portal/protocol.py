@@ -98,6 +98,7 @@ def _rules(
 OWNED_KEYS = "every key must be one the caller's identity submitted (staff: any)"
 BOUND_WORKER = "the worker named is the caller's own connection"
 BOUND_CLIENT = "the client named is one of the caller's own connections"
+FETCHED_INPUTS = "only keys that are inputs of a task the worker runs"
 OWNED_JOB = "the job is the caller's (staff: any); else 'not found'"
 OWNED_QUEUE = "the queue is one the caller made, or (a node) a running task of its streams to it"
 
@@ -119,7 +120,9 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         refusal="only enrolled volunteer nodes may join as workers",
     ),
     **_rules(NODES, "worker upkeep", ["heartbeat_worker", "unregister"], BOUND_WORKER),
-    **_rules(NODES, "a worker fetched a dependency", ["add_keys"], BOUND_WORKER),
+    **_rules(
+        NODES, "a worker fetched a dependency", ["add_keys"], f"{BOUND_WORKER}; {FETCHED_INPUTS}"
+    ),
     **_rules(
         NODES | ADMINS,
         "a volunteer leaving gracefully hands its results on (Worker.close_gracefully)",
@@ -251,7 +254,6 @@ SCHEDULER_STREAM_OPS: dict[str, Rule] = {
         "a Dask worker's own stream",
         [
             "release-worker-data",
-            "add-keys",
             "keep-alive",
             "worker-status-change",
             "request-refresh-who-has",
@@ -264,6 +266,7 @@ SCHEDULER_STREAM_OPS: dict[str, Rule] = {
         ["task-finished", "task-erred", "long-running", "reschedule"],
         "only from the worker that runs the task",
     ),
+    **_rules(NODES, "a worker fetched a dependency", ["add-keys"], FETCHED_INPUTS),
     **_rules(NODES, "worker events", ["log-event"], "not the topics Dask prints in kernels"),
     **_rules(NODES, "a small result with its completion", [PUSH_OP], "only from the task's node"),
 }

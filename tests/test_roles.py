@@ -581,3 +581,35 @@ def test_a_persons_certificate_is_renewed_by_their_grid_while_allowed(world: Wor
 
     with pytest.raises(NotAllowed, match="revoked"):
         _run(renew_revoked())
+
+
+def test_a_node_cannot_claim_to_hold_a_result_it_never_fetched(world: World) -> None:
+    """A patched volunteer says "add-keys" for Alice's finished result, which it never had:
+    the portal drops the claim, so no other node is ever sent to fetch that result from it."""
+    from distributed import Worker
+
+    with world.grid("alice") as alice:
+        with alice.job("claimed"):
+            future = alice.submit(where_and_what, 11)
+        assert future.result(timeout=60) == ("honest", 11)
+
+        async def claim() -> tuple[list[str], list[str]]:
+            async with Worker(
+                world.portal.scheduler,
+                security=world.security("node"),
+                name="stolen-node",
+                nthreads=1,
+                dashboard=False,
+                host="127.0.0.1",
+            ) as patched:
+                patched.batched_stream.send(
+                    {"op": "add-keys", "keys": [future.key], "stimulus_id": "forged"}
+                )
+                await patched.batched_stream.comm.write([{"op": "keep-alive"}])  # a flush
+                # Wait for the portal to have read the claim: it answers a heartbeat after it.
+                await patched.heartbeat()
+                return await patched.scheduler.who_has(keys=[future.key]), [patched.address]
+
+        holders, patched_address = _run(claim())
+    assert holders, "the result has a holder"
+    assert not set(patched_address) & set(holders[future.key]), holders

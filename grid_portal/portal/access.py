@@ -138,6 +138,30 @@ class Access:
                     return True
         return False
 
+    def _narrow_to_fetched(self, identity: Identity, msg: dict[str, Any], worker: Any) -> None:
+        """Keep only the keys ``worker`` had a reason to fetch: inputs of a task it runs.
+
+        A worker says "add-keys" after it copied a task's input from another node. Taken at
+        its word, a node could claim to hold any result, and the scheduler would send other
+        nodes to fetch it from there: its own bytes in place of someone else's result. Keys
+        it had no reason to fetch are dropped (Dask then simply does not count that copy).
+        """
+        if identity.role != NODE:
+            return None
+        assert self.scheduler is not None
+        ws = self.scheduler.workers.get(worker) if isinstance(worker, str) else None
+        keys = msg.get("keys") or ()
+        if isinstance(keys, (str, bytes)):
+            keys = [keys]
+        if ws is None:
+            msg["keys"] = []
+            return None
+        wanted = set()
+        for ts in ws.processing:
+            wanted.update(dep.key for dep in ts.dependencies)
+        msg["keys"] = [k for k in keys if k in wanted]
+        return None
+
     # -- the gate's hooks -----------------------------------------------------------------
     def check_call(self, identity: Identity, op: str, msg: dict[str, Any]) -> str | None:
         if op == "register-client":
@@ -160,7 +184,7 @@ class Access:
         if op == "add_keys":
             if not self._worker_is_callers(identity, msg.get("worker")):
                 return "a node speaks only for its own worker"
-            return None
+            return self._narrow_to_fetched(identity, msg, msg.get("worker"))
         if op == "who_has" and identity.role == NODE:
             return None  # a worker finding the inputs of its task (Worker.find_missing)
         if op in ("gather", "who_has", "retry"):
@@ -226,6 +250,8 @@ class Access:
                 return None if on is not None and on.address == worker else "not this node's task"
             holders = {ws.address for ws in ts.who_has or ()}
             return None if worker in holders else "not this node's task"
+        if op == "add-keys":
+            return self._narrow_to_fetched(identity, msg, extra.get("worker"))
         if op in ("queue_release", "queue-future-release"):
             return self._check_queue(identity, op, msg)
         if op == "log-event":
