@@ -1,4 +1,9 @@
-"""Jobs: tracked by the portal from task annotations, kept in the ledger, owned by a user."""
+"""Jobs: tracked by the portal from task annotations, kept in the ledger, owned by a user.
+
+Through a real portal and volunteer: what the Grid client makes of jobs (names, owners, times),
+who may see and cancel them, and what survives a restart. How the portal plugin follows a job's
+tasks (progress, failure, cancel) is tested in-process, in tests/test_plugin_inprocess.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 from distributed import CancelledError
-from gridtasks import fail, where_and_what
+from gridtasks import where_and_what
 
 from grid_portal import Grid
 from grid_portal.errors import GridError
@@ -40,34 +45,6 @@ def test_map_is_one_job_with_progress_and_nodes(grid_with_node: Portal) -> None:
         assert job.started is not None and job.finished >= job.started
 
 
-def test_a_failing_task_fails_its_job_with_the_error(grid_with_node: Portal) -> None:
-    with grid_with_node.grid() as grid:
-        with grid.job("doomed") as job_id:
-            future = grid.submit(fail, "boom")
-        with pytest.raises(ValueError, match="boom"):
-            future.result(timeout=30)
-        job = wait_for(lambda: (j := grid.get_job(job_id)) and j.state.finished and j)
-        assert job.state is JobState.FAILED
-        assert "boom" in job.error
-
-
-def test_cancel_stops_a_job_and_its_futures(grid_with_node: Portal) -> None:
-    with grid_with_node.grid() as grid:
-        with grid.job("long sleep") as job_id:
-            futures = [grid.submit(where_and_what, i, 30.0) for i in range(4)]
-        wait_for(lambda: grid.get_job(job_id).state is JobState.RUNNING, what="job running")
-        job = grid.cancel(job_id)
-        with grid.job("ignored", job_id=job_id):  # late arrivals of a cancelled job
-            futures.append(grid.submit(where_and_what, 9, 30.0))
-        assert job.state is JobState.CANCELLED
-        for f in futures:
-            with pytest.raises(CancelledError):
-                f.result(timeout=10)
-        assert grid.get_job(job_id).state is JobState.CANCELLED
-        with pytest.raises(GridError, match="no job"):
-            grid.cancel("no-such-job")
-
-
 def test_users_see_and_cancel_only_their_own_jobs(grid_with_node: Portal, tmp_path: Path) -> None:
     alice = Grid(researcher_connection(grid_with_node, tmp_path, "alice"), start_embedded=False)
     bob = Grid(researcher_connection(grid_with_node, tmp_path, "bob"), start_embedded=False)
@@ -89,6 +66,8 @@ def test_users_see_and_cancel_only_their_own_jobs(grid_with_node: Portal, tmp_pa
         alice.cancel(job_id)
         with pytest.raises(CancelledError):
             future.result(timeout=10)
+        with pytest.raises(GridError, match="no job"):
+            alice.cancel("no-such-job")
     finally:
         alice.close()
         bob.close()

@@ -1,7 +1,8 @@
 """Placement: tasks with a ``where`` requirement run only on nodes that meet it.
 
-The grid here has two real volunteers with different labels and CPUs; a third joins during
-the test that waits for a node no one offers yet.
+The grid here has two real volunteers with different labels and CPUs. That a task waits for a
+node no one offers yet and starts when one joins is tested in-process
+(tests/test_plugin_inprocess.py).
 """
 
 from __future__ import annotations
@@ -146,15 +147,3 @@ def test_what_no_node_meets_is_refused_at_once_with_the_closest_nodes(
             g.submit(where_and_what, 1, where='label.room == "B"')
         assert isinstance(bad.value, UsageError)
         assert len(g.jobs()) == before  # nothing was submitted
-
-
-def test_a_task_waiting_for_a_matching_node_starts_when_one_joins(
-    grid: tuple[Portal, Path],
-) -> None:
-    portal, tmp = grid
-    with portal.grid() as g:
-        future = g.submit(where_and_what, 5, where='labels.room == "C"', wait=True)
-        with pytest.raises(TimeoutError):
-            future.result(timeout=1)  # nowhere to run yet (and not run anywhere else)
-        start_volunteer(portal, tmp, "late", "--cpus", "1", "--memory", "1GB", "--label", "room=C")
-        assert future.result(timeout=60) == ("late", 5)

@@ -5,7 +5,10 @@
 (``GridDaskClient``: opaque payloads, as the plugin's graph guard wants), through the
 plugin's handlers (``client.scheduler.grid_jobs(...)``). What the process-level suite still
 owns: roles and refusals over real TLS (tests/test_roles.py), the sandbox and task processes,
-and the end-to-end paths (CLI, Jupyter, restarts of a real portal process).
+and the end-to-end paths (CLI, Jupyter, restarts of a real portal process). The process-level
+tests these replace are gone: a failing task and cancelling a job (test_jobs.py), a task that
+waits for a matching node to join (test_placement.py), two users taking turns
+(test_fairshare.py).
 
 How the harness is set up, and why:
 - Every comm is ``inproc://`` (``scheduler_kwargs={"protocol": "inproc"}`` and the workers'
@@ -42,7 +45,7 @@ from distributed import Worker, get_worker
 from distributed.utils_test import gen_cluster
 
 from grid_portal.daskclient import GridDaskClient
-from grid_portal.jobs.graph import resubmit_workflow
+from grid_portal.jobs.graph import job_annotations, resubmit_workflow
 from grid_portal.payload import opened
 from grid_portal.portal.plugin import PortalPlugin
 from grid_portal.protocol import JOB_OWNER_ANNOTATION
@@ -113,9 +116,7 @@ async def job_state(client: GridDaskClient, job_id: str) -> dict[str, Any]:
 def annotations(job_id: str, **more: Any) -> Any:
     """What ``Grid.job`` and ``Grid.submit`` annotate."""
     return dask.annotate(
-        grid_job=job_id,
-        grid_job_name=f"job {job_id}",
-        grid_job_kind="task",
+        **job_annotations(job_id, f"job {job_id}", "task"),
         resources=more.pop("resources", {"CPU": 1}),
         **more,
     )
@@ -256,6 +257,9 @@ async def test_cancel_stops_running_and_queued_tasks(s, a, b):
         with annotations("job-3"):
             late = client.submit(square, 2, key="late")
         await wait_until(lambda: _true(late.status == "cancelled"))
+        # A job that is not there is refused by name (Grid.cancel shows it as one line).
+        with pytest.raises(Exception, match="no job 'no-such-job'"):
+            await client.scheduler.grid_job_cancel(job_id="no-such-job")
 
 
 async def _true(value: bool) -> bool:
