@@ -198,27 +198,12 @@ class Federation:
 
     # -- where work can go ---------------------------------------------------------------
     def eligible(self, options: dict[str, Any]) -> tuple[list[tuple[str, Capacity]], list[str]]:
-        """The portals with a node for work with these options (``cpus``, ``gpus``, ``memory``,
-        ``where``), the most free cores first, and one line for each portal without one."""
+        """The portals with a node for work with these options, the most free cores first,
+        and one line for each portal without one (``eligible`` below)."""
         capacities = self._each(lambda m: m.capacity())
-        fits: list[tuple[str, Capacity]] = []
-        refusals = [f"{n}: {why}" for n, why in self.problems.items()]
+        fits, refusals = eligible(self.members, capacities, options)
+        refusals[:0] = [f"{n}: {why}" for n, why in self.problems.items()]
         refusals += [f"{n}: did not answer" for n in self.members if n not in capacities]
-        for name, capacity in capacities.items():
-            member = self.members[name]
-            try:
-                if not options.get("wait"):
-                    requirement = member.requirement(
-                        options.get("cpus", 1), options.get("gpus", 0), options.get("memory")
-                    )
-                    member.check(requirement)
-                    if options.get("where"):
-                        member.require(options["where"], requirement.resources())
-            except Unsatisfiable as exc:
-                refusals.append(f"{name}: {exc}")
-                continue
-            fits.append((name, capacity))
-        fits.sort(key=lambda nc: -nc[1].cores_free)
         return fits, refusals
 
     def _refuse(self, refusals: list[str]) -> Unsatisfiable:
@@ -299,6 +284,32 @@ class Federation:
         if client is None:
             return None
         return next((n for n, m in self.members.items() if m.client is client), None)
+
+
+def eligible(
+    members: dict[str, Any], capacities: dict[str, Capacity], options: dict[str, Any]
+) -> tuple[list[tuple[str, Capacity]], list[str]]:
+    """Of the member Grids whose ``capacities`` are known, those with a node for work with
+    these options (``cpus``, ``gpus``, ``memory``, ``where``; ``wait`` takes every one), the
+    most free cores first, and one line for each of the others saying why not."""
+    fits: list[tuple[str, Capacity]] = []
+    refusals: list[str] = []
+    for name, capacity in capacities.items():
+        member = members[name]
+        try:
+            if not options.get("wait"):
+                requirement = member.requirement(
+                    options.get("cpus", 1), options.get("gpus", 0), options.get("memory")
+                )
+                member.check(requirement)
+                if options.get("where"):
+                    member.require(options["where"], requirement.resources())
+        except Unsatisfiable as exc:
+            refusals.append(f"{name}: {exc}")
+            continue
+        fits.append((name, capacity))
+    fits.sort(key=lambda nc: -nc[1].cores_free)
+    return fits, refusals
 
 
 # -- a federated sweep's items -------------------------------------------------------------
@@ -546,3 +557,18 @@ class _Dispatcher:
 
         # Off this thread: a portal that does not answer must not hold the others up.
         threading.Thread(target=cancel, daemon=True).start()
+
+
+def share(count: int, weights: dict[str, float]) -> dict[str, int]:
+    """``count`` items split over the names in proportion to ``weights`` (largest
+    remainders get the odd ones), in the names' order."""
+    total = sum(max(0.0, w) for w in weights.values())
+    if not weights:
+        return {}
+    if total <= 0:
+        weights, total = dict.fromkeys(weights, 1.0), float(len(weights))
+    exact = {n: count * max(0.0, w) / total for n, w in weights.items()}
+    parts = {n: int(x) for n, x in exact.items()}
+    for n in sorted(exact, key=lambda n: parts[n] - exact[n])[: count - sum(parts.values())]:
+        parts[n] += 1
+    return parts

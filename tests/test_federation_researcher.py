@@ -200,13 +200,55 @@ def test_all_portals_unusable_is_one_error(two_portals: dict[str, Any], tmp_path
         Grid(portals={"down": down}, timeout=2)
 
 
+def test_a_map_cell_in_a_real_kernel_runs_over_both_portals(two_portals: dict[str, Any]) -> None:
+    import os
+
+    from jupyter_client.manager import KernelManager
+
+    env = dict(os.environ, GRID_PORTAL_PORTALS="fed-a,fed-b")  # every Grid() in it: both
+    env.pop("GRID_PORTAL_ADDRESS", None)
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    shown: list[str] = []
+
+    def hook(msg: dict) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            shown.append(content["text"])
+        elif msg["msg_type"] == "error":
+            shown.append("\n".join(content["traceback"]))
+
+    try:
+        kc.wait_for_ready(timeout=60)
+        for code in (
+            "%load_ext grid_portal",
+            "%%grid --map x in range(12)\nsquare = x * x\nprint('ran', x)",
+            "print('squares', square)",
+        ):
+            reply = kc.execute_interactive(code, timeout=180, output_hook=hook)
+            assert reply["content"]["status"] == "ok", "".join(shown)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    text = "".join(shown)
+    assert f"squares {[x * x for x in range(12)]}" in text, text
+    assert all(f"ran {x}" in text for x in range(12)), text
+    with Grid(portals=["fed-a", "fed-b"], timeout=20) as grid:
+        cells = {
+            name: {j.id for j in member.jobs() if j.kind == "cell" and j.tasks_done}
+            for name, member in grid.portals.items()
+        }
+    assert cells["fed-a"] & cells["fed-b"], cells  # one job id, a part at each portal
+
+
 def test_a_sweep_moves_off_a_portal_whose_volunteer_stopped(
     two_portals: dict[str, Any], tmp_path: Path
 ) -> None:
     """Last: it stops portal b's volunteer."""
     from gridtasks import slow_square
 
-    b = two_portals["portals"]["fed-b"]
     with Grid(portals=["fed-a", "fed-b"], timeout=20) as grid:
         n = 40
         sweep = grid.map(slow_square, range(n), [0.25] * n, batch=2)

@@ -22,6 +22,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from grid_portal.errors import GridError, Unsatisfiable, UsageError
 from grid_portal.jobs import cell as cells
+from grid_portal.jobs.cell_federated import cell_run
 from grid_portal.jobs.cell_job import CellJob, load_kept
 from grid_portal.notebook import widgets
 from grid_portal.units import duration_arg, format_duration, size_arg
@@ -397,7 +398,7 @@ class GridMagics(Magics):
             replicas=args.replicas,
             where=expression.text if expression is not None else None,
         )
-        run = cells.CellRun(grid, payload, options, map_values, labels)
+        run = cell_run(grid, payload, options, map_values, labels)  # over portals: split
         try:
             run.submit()
         except Unsatisfiable as exc:
