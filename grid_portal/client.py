@@ -27,9 +27,11 @@ from grid_portal.errors import (
     GridError,
     NotAllowed,
     Unsatisfiable,
+    UsageError,
 )
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement, new_job_id
 from grid_portal.portals import ENV_PORTALS
+from grid_portal.protocol import RETRIES_ANNOTATION
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
 from grid_portal.units import format_size, parse_size
@@ -511,6 +513,7 @@ class Grid:
                 wait,
                 where,
                 {"name": "interactive session", "session": True, "job_id": self._session_job},
+                kwargs.get("retries"),
             )
         return self._run(
             lambda resources: self.client.submit(fn, *args, resources=resources, **kwargs),
@@ -519,6 +522,7 @@ class Grid:
             where,
             # Plain submit() calls of this client form one interactive-session job.
             {"name": "interactive session", "session": True, "job_id": self._session_job},
+            kwargs.get("retries"),
         )
 
     def map(
@@ -560,6 +564,7 @@ class Grid:
                 wait,
                 where,
                 {"name": f"map {_name_of(fn)}"},
+                kwargs.get("retries"),
             )
         if _replicas(replicas) > 1:  # as submit's replicas, per item
             calls = [(args, {}) for args in zip(*iterables, strict=False)]
@@ -571,6 +576,7 @@ class Grid:
                 wait,
                 where,
                 {"name": f"map {_name_of(fn)}"},
+                kwargs.get("retries"),
             )
         return self._run(
             lambda resources: self.client.map(fn, *iterables, resources=resources, **kwargs),
@@ -578,6 +584,7 @@ class Grid:
             wait,
             where,
             {"name": f"map {_name_of(fn)}"},
+            kwargs.get("retries"),
         )
 
     def compute(
@@ -598,6 +605,7 @@ class Grid:
             wait,
             where,
             {"name": f"compute {_name_of(collection)}", "kind": "graph"},
+            kwargs.get("retries"),
         )
 
     def _run(
@@ -607,14 +615,17 @@ class Grid:
         wait: bool,
         where: str | None,
         job: dict[str, Any],
+        retries: Any = None,
     ) -> Any:
         """What submit, map and compute share: refuse at once what no node could run (unless
-        ``wait``), keep to the nodes that meet ``where``, and make the work a job of its own
-        unless the caller is inside ``with grid.job(...)`` already."""
+        ``wait``), keep to the nodes that meet ``where``, count lost nodes against
+        ``retries`` when given, and make the work a job of its own unless the caller is inside
+        ``with grid.job(...)`` already."""
         if not wait:
             self.check(requirement)
         resources = requirement.resources()
-        with self._placed(where, requirement, wait):  # `where`: only nodes that meet it
+        # `where`: only nodes that meet it; retries: the portal counts a lost node as a try
+        with self._placed(where, requirement, wait), _retries_given(retries):
             if dask.get_annotations().get("grid_job"):
                 return call(resources)
             with self.job(**job):
@@ -1081,6 +1092,20 @@ def _is_embedded(connection: Connection) -> bool:
         return path.exists() and Connection.load(path).scheduler == connection.scheduler
     except GridError:
         return False
+
+
+@contextlib.contextmanager
+def _retries_given(retries: Any) -> Iterator[None]:
+    """Work submitted inside says how many retries it has (``retries=N``, 0 included): the
+    portal then counts a lost node as one of its tries (grid_portal/portal/retries.py); work
+    that says nothing keeps Dask's rule (run again elsewhere when a node is lost)."""
+    if retries is None:
+        yield
+        return
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise UsageError(f"retries={retries!r}: retries is a whole number, 0 or more")
+    with dask.annotate(**{RETRIES_ANNOTATION: retries}):
+        yield
 
 
 def _replicas(replicas: Any) -> int:

@@ -75,6 +75,15 @@ class NotFound(GridError, LookupError):
     the two are one answer, so that nobody learns of others' work by asking."""
 
 
+class NodeLost(GridError):
+    """A task's node left the grid while running it and the task had no retries left (it said
+    how many it had: ``retries=N``). ``node`` names the node."""
+
+    def __init__(self, message: str, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+
+
 class UntrustedResult(GridError):
     """A result from a node the researcher does not trust carried something other than data
     (a function, a class, an object of another type); it was not opened. The message names

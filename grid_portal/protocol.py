@@ -56,6 +56,7 @@ REPLICA_ANNOTATION = "grid_replica"  # on copy j >= 1: which copy it is
 AGREED_ANNOTATION = "grid_agreed"  # the task that hands on the copies' agreed value
 ITEMS_ANNOTATION = "grid_items"  # a batch task of a sweep: how many items it runs
 SWEEP_ANNOTATION = "grid_sweep_items"  # a sweep's probe tasks: how many items are still to come
+RETRIES_ANNOTATION = "grid_retries"  # retries given: a lost node counts as a try too
 
 # -- messages the grid adds to Dask's streams -------------------------------------------------
 PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result

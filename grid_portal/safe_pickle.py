@@ -128,6 +128,7 @@ _EXCEPTIONS: dict[str, frozenset[str]] = {
     "grid_portal.jobs.stage_task": frozenset({"TaskFailed"}),
     "grid_portal.jobs.workflow": frozenset({"TaskFailed"}),  # nodes from before the split
     "distributed.scheduler": frozenset({"KilledWorker"}),
+    "grid_portal.errors": frozenset({"NodeLost"}),  # the portal's word that a node was lost
     # How Dask pickles exceptions (tblib): the exception class still comes through find_class
     # and the node's frames are dropped (``_no_traceback``); its text travels separately.
     "tblib.pickling_support": frozenset(

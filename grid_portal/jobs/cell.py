@@ -140,7 +140,7 @@ class RunOptions:
     gpus: float = 0
     memory: int | None = None
     where: str | None = None  # --where: the portal places the cell, and re-matches as nodes join
-    retries: int = 0
+    retries: int | None = None  # given (0 too): a lost node counts as a try
     timeout: float | None = None
     keep: bool = False  # --bg: the node keeps the result at the portal
     stream: bool = True
@@ -224,7 +224,7 @@ class CellRun:
         requests = self.requests()
         keys = [f"grid-cell-{self.job_id}-{i}" for i in range(self.count)]
         extra: dict[str, Any] = {}
-        if self.options.retries:
+        if self.options.retries is not None:
             extra["retries"] = int(self.options.retries)
         self.submitted_at = time.monotonic()
         resources = {

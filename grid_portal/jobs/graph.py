@@ -25,6 +25,7 @@ from grid_portal.protocol import (
     JOB_OPEN_ANNOTATION,
     REPLICA_ANNOTATION,
     REPLICAS_ANNOTATION,
+    RETRIES_ANNOTATION,
     STAGE_ANNOTATION,
     WHERE_ANNOTATION,
 )
@@ -253,6 +254,8 @@ def submit_stages(
                 annotations[EACH_ANNOTATION] = f"{each}-{job_id}"
             if stage.fail == "job":
                 annotations[FAIL_ANNOTATION] = "job"
+            if stage.retries is not None:  # given: a lost node counts as a try too
+                annotations[RETRIES_ANNOTATION] = stage.retries
             ids = [TaskId(str(k), i if stage.map else None) for i, k in enumerate(keys)]
             with dask.annotate(**annotations):
                 futures[stage.name] = client.map(
@@ -274,6 +277,8 @@ def submit_stages(
                 marks = {STAGE_ANNOTATION: f"{stage.name}-replica{j}", REPLICA_ANNOTATION: j}
                 if where:
                     marks[WHERE_ANNOTATION] = where
+                if stage.retries is not None:
+                    marks[RETRIES_ANNOTATION] = stage.retries
                 with dask.annotate(**marks):
                     client.map(
                         run_task,
@@ -365,8 +370,9 @@ def resubmit_kept_cell(client: Any, job_id: str, name: str, kept: Mapping[str, A
         annotations[WHERE_ANNOTATION] = compile_requirement(options["where"]).text
     elif options.get("workers") is not None:  # kept before cells were placed by the portal
         extra.update(workers=list(options["workers"]), allow_other_workers=False)
-    if options.get("retries"):
+    if options.get("retries") is not None:  # given (0 too): a lost node counts as a try
         extra["retries"] = int(options["retries"])
+        annotations[RETRIES_ANNOTATION] = int(options["retries"])
     with dask.annotate(**annotations):
         return client.submit(
             run_cell_task,

@@ -290,7 +290,7 @@ class GridMagics(Magics):
     @argument(
         "--retries",
         type=_retries,
-        default=0,
+        default=None,  # not given: Dask's rule, a lost node's cell runs again elsewhere
         metavar="N",
         help="run it again up to N times if it fails or its node is lost",
     )

@@ -23,7 +23,7 @@ from grid_portal.errors import NotAllowed, NotFound, UsageError
 from grid_portal.guard import Gate, caller_identity, install
 from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
-from grid_portal.portal import graph_guard
+from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
@@ -170,6 +170,7 @@ class PortalPlugin(SchedulerPlugin):
         self._revocations.start()
         self.jobs.start_expiry()  # kept results past their ttl leave the ledger
         graph_guard.install(scheduler)  # a client's graph must never run code on the portal
+        retries.install(scheduler)  # a lost node counts against the retries work was given
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
 

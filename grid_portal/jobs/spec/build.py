@@ -208,7 +208,7 @@ def _build_stage(
         + ([each] if each and each not in raw.get("needs", []) else []),
         resources=resources,
         where=raw.get("where"),
-        retries=raw.get("retries", 0),
+        retries=raw.get("retries"),
         timeout=timeout,
         priority=raw.get("priority", job_priority),
         outputs=outputs,

@@ -283,7 +283,7 @@ class StageSpec:
     needs: list[str] = field(default_factory=list)
     resources: Resources = field(default_factory=Resources)
     where: str | None = None
-    retries: int = 0
+    retries: int | None = None  # given (0 too): a lost node counts as a try (portal/retries.py)
     timeout: float | None = None  # seconds
     priority: int = 0
     outputs: list[str] = field(default_factory=list)
@@ -317,7 +317,8 @@ class StageSpec:
         out["resources"] = self.resources.to_dict()
         if self.where is not None:
             out["where"] = self.where
-        out["retries"] = self.retries
+        if self.retries is not None:
+            out["retries"] = self.retries
         if self.timeout is not None:
             out["timeout"] = self.timeout
         out["priority"] = self.priority

@@ -134,11 +134,10 @@ _SCHEMA: dict[str, Any] = {
                     "maxLength": 2000,
                 },
                 "retries": {
-                    "description": "How many times a failed task is tried again (on any node) before the stage fails.",
+                    "description": "How many times a task is tried again (on any node) before it fails, whether it failed or its node was lost while running it. Not given: a failed task is not tried again, and a task whose node is lost runs again elsewhere (Dask's rule).",
                     "type": "integer",
                     "minimum": 0,
                     "maximum": 100,
-                    "default": 0,
                 },
                 "timeout": {
                     "description": "Longest time one task may run, as seconds or a duration such as '90s', '10m' or '1h30m'.",
