@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from grid_portal import __version__
 from grid_portal.errors import GridError, UsageError
 from grid_portal.portal.jobs import RESULT_EXPIRY_INTERVAL
+from grid_portal.process_logging import setup_logging
 from grid_portal.units import duration_arg, size_arg
 
 EPILOG = """\
@@ -340,17 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ------------------------------------------------------------------------------
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not verbose:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        logging.getLogger("tornado").setLevel(logging.WARNING)
-
-
 def _data_dir(args: argparse.Namespace) -> Path:
     from grid_portal.connection import default_data_dir
 
@@ -358,7 +347,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from grid_portal.portal.server import PortalConfig, describe, run_portal
 
     if args.embedded:
@@ -475,7 +464,7 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_volunteer(args: argparse.Namespace) -> int:
     if args.portal in VOLUNTEER_CONTROL:
         return _volunteer_control(args)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from grid_portal.envcheck import check_portal
     from grid_portal.node.agent import (
         Volunteer,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import subprocess
@@ -25,6 +24,7 @@ from grid_portal.connection import (
     pid_alive,
 )
 from grid_portal.errors import ConnectionFailed
+from grid_portal.keys import file_lock
 from grid_portal.portal.server import PortalConfig, PortalInfo
 
 logger = logging.getLogger("grid_portal.embedded")
@@ -109,9 +109,7 @@ def ensure_embedded_portal(
     path = embedded_connection_path()
     lock_path = embedded_data_dir() / "start.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        # Two kernels starting at once must not start two portals.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):  # two kernels starting at once must not start two portals
         existing = _alive_connection(path)
         if existing is not None:
             return existing

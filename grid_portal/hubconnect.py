@@ -26,7 +26,7 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -217,19 +217,10 @@ def _post_json(
     return post_json(url, ca_pem, body, what, headers={"Authorization": f"token {token}"})
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    from grid_portal.keys import make_private_dirs
+def _locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """One enrolment at a time for this folder (not POSIX: no lock, and the worst case is one
+    enrolment too many)."""
+    from grid_portal.keys import file_lock, make_private_dirs
 
     make_private_dirs(directory)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; the worst case is one enrolment too many
-        yield
-        return
-    fd = os.open(directory / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return file_lock(directory / ".lock")

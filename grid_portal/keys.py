@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -83,6 +84,27 @@ def _write_atomic(path: Path, data: bytes | str, mode: int) -> None:
 def write_private(path: Path, data: bytes | str) -> None:
     """Create or replace `path` atomically with mode 0600 (keys, tokens); parents get 0700."""
     _write_atomic(Path(path), data, 0o600)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made, mode 0600, if missing) in the block, so
+    that two processes never make the same key material or start the same portal at once.
+
+    POSIX only (``fcntl``); elsewhere nothing is locked, and each caller says what the worst
+    case is then.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class MalformedToken(UsageError, EnrolmentRefused):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.errors import GridError, NotAllowed
+from grid_portal.process_logging import setup_logging
 
 logger = logging.getLogger("grid_portal.portal.scheduler_process")
 
@@ -154,24 +155,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not verbose:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        logging.getLogger("tornado").setLevel(logging.WARNING)
-
-
 async def run(channel_sock: socket.socket) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=channel_sock, limit=MAX_MESSAGE)
     first = await receive(reader)
     if first is None:
         return 1
     settings = ProcessSettings(**first)
-    _setup_logging(settings.verbose)
+    setup_logging(settings.verbose)
     channel = EnrolmentChannel(reader, writer)
     try:
         return await _serve(settings, channel)

@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from grid_portal.identity import (  # noqa: F401 - re-exported for portal code
 from grid_portal.keys import (  # noqa: F401 - re-exported for portal code
     PIN_HEX_CHARS,
     _write_atomic,
+    file_lock,
     make_key_and_csr,
     make_private_dirs,
     write_private,
@@ -94,24 +95,13 @@ class CertificateRequestRefused(EnrolmentRefused, UsageError):
 # Files
 
 
-@contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
+def _directory_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive lock on `directory` so two processes never create two CAs at once.
 
-    POSIX only (``fcntl``); elsewhere the lock is skipped and the key/certificate match check
-    on load still catches a torn pair.
+    Where there is no lock (not POSIX), the key/certificate match check on load still catches
+    a torn pair.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    fd = os.open(directory / ".ca.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    return file_lock(directory / ".ca.lock")
 
 
 # --------------------------------------------------------------------------------------------
