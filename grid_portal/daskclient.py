@@ -34,7 +34,7 @@ from distributed import Client
 
 from grid_portal.isolation import is_self_isolating
 from grid_portal.joblib_compat import is_joblib_batch, run_joblib_batch
-from grid_portal.payload import opaque_graph
+from grid_portal.payload import OpaqueResult, is_plain, opaque_graph
 from grid_portal.protocol import (
     JOB_ANNOTATION,
     JOB_KIND_ANNOTATION,
@@ -65,6 +65,26 @@ def _grid_methods() -> Iterator[None]:
         return
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         yield
+
+
+def _closed(data: Any) -> Any:
+    """What ``scatter`` is given, with each value that is not plain data pickled here into an
+    ``OpaqueResult`` (the shape of ``data`` kept: Dask scatters a dict's, list's, tuple's or
+    set's items one by one)."""
+    kind = type(data)
+    if kind is dict:
+        return {k: _closed_value(v) for k, v in data.items()}
+    if kind in (list, tuple, set, frozenset):
+        return kind(_closed_value(v) for v in data)
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # a namedtuple: its items
+        return kind(*(_closed_value(v) for v in data))
+    if isinstance(data, (Iterator, range)):
+        return [_closed_value(v) for v in data]
+    return _closed_value(data)
+
+
+def _closed_value(value: Any) -> Any:
+    return value if is_plain(value) or type(value) is OpaqueResult else OpaqueResult.wrap(value)
 
 
 class GridDaskClient(Client):
@@ -100,6 +120,11 @@ class GridDaskClient(Client):
             kwargs.setdefault("key", f"{type(func).__name__}-{uuid.uuid4().hex}")
             func = functools.partial(run_joblib_batch, func)
         return super().submit(func, *args, **kwargs)
+
+    async def _scatter(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        # A node's worker opens only plain data and grid results (grid_portal.node.inbound):
+        # anything else travels closed, opened by the task that uses it, like a task's value.
+        return await super()._scatter(_closed(data), *args, **kwargs)
 
     def compute(self, *args: Any, **kwargs: Any) -> Any:
         with _grid_methods():

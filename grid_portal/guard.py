@@ -261,6 +261,34 @@ class _FilteredComm:
         return kept
 
 
+class _MessagePickle:
+    """Stands for ``distributed.protocol.pickle`` inside ``distributed.protocol.core``: the same
+    module, except that ``loads`` (of ``__Pickled__`` sub-frames, which Dask opens while it
+    reads a message, before any handler or gate has seen its op) is a restricted one."""
+
+    def __init__(self, real: Any, loads: Callable[..., Any]) -> None:
+        self.real = real
+        self._loads = loads
+
+    def loads(self, data: Any, *, buffers: Any = ()) -> Any:
+        return self._loads(data, buffers=buffers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def restrict_message_pickles(loads: Callable[..., Any]) -> None:
+    """Every ``ToPickle`` field of every message this process reads goes through ``loads``
+    (``loads(data, buffers=...)``, raising to refuse; Dask then drops that connection).
+    Explicit ``pickle.loads`` calls of Dask's handlers, and what this process sends, are as
+    before."""
+    import distributed.protocol.core as core
+
+    current = core.pickle
+    real = current.real if isinstance(current, _MessagePickle) else current
+    core.pickle = _MessagePickle(real, loads)  # type: ignore[assignment]
+
+
 def install(server: Any, gate: Gate) -> None:
     """Put ``server`` (a Dask Scheduler or Worker) behind ``gate``. Idempotent."""
     if isinstance(server.handlers, GuardedHandlers):

@@ -36,6 +36,32 @@ from dask._task_spec import Alias, DataNode, GraphNode, Task, TaskRef
 # Values a DataNode may carry in the clear: the scheduler reads them, and they run nothing.
 PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
+# What a grid graph may name (module, qualified name): the portal reads graphs with these
+# (grid_portal.portal.graph_guard), a node's worker the task records the portal sends it
+# (grid_portal.node.inbound). Functions listed are also the only ones a task may call
+# (ENTRY_POINTS: plain arguments; run_opaque: a payload).
+RUN_OPAQUE = ("grid_portal.payload", "run_opaque")
+ENTRY_POINTS = frozenset(
+    {
+        ("grid_portal.jobs.cell_task", "run_cell_task"),  # a %%grid cell: bytes and plain data
+    }
+)
+GRAPH_CLASSES = frozenset(
+    {
+        ("dask._task_spec", "Task"),
+        ("dask._task_spec", "TaskRef"),
+        ("dask._task_spec", "Alias"),
+        ("dask._task_spec", "DataNode"),
+        ("grid_portal.payload", "OpaqueGraph"),
+        ("grid_portal.payload", "OpaquePayload"),
+        RUN_OPAQUE,
+        *ENTRY_POINTS,
+        ("builtins", "frozenset"),
+        ("builtins", "set"),
+        ("builtins", "complex"),
+    }
+)
+
 
 class OpaquePayload:
     """A task's function and arguments, pickled; opened only by :func:`run_opaque`.
@@ -120,6 +146,9 @@ class OpaqueResult:
     def __sizeof__(self) -> int:
         return len(self.data) + 48
 
+    def __dask_tokenize__(self) -> str:
+        return hashlib.sha1(self.data, usedforsecurity=False).hexdigest()
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, OpaqueResult) and other.data == self.data
 
@@ -130,10 +159,36 @@ class OpaqueResult:
         return f"<OpaqueResult {len(self.data)} bytes>"
 
 
+class RefusedData:
+    """What a node's worker keeps in place of a value it refused to open (data from another
+    node, or relayed by the portal, that was neither a grid result nor plain data:
+    ``grid_portal.node.inbound``). A task that needs it fails with ``reason``; nothing of the
+    refused bytes is kept, so nothing of them can run later."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = str(reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RefusedData, (self.reason,))
+
+    def __sizeof__(self) -> int:
+        return len(self.reason) + 48
+
+    def __repr__(self) -> str:
+        return f"<RefusedData: {self.reason}>"
+
+
 def opened(value: Any) -> Any:
     """A dependency's value as a task sees it: an :class:`OpaqueResult` opened, else as is
-    (scattered data, plain literals)."""
-    return value.open() if type(value) is OpaqueResult else value
+    (scattered data, plain literals); a :class:`RefusedData` fails the task."""
+    kind = type(value)
+    if kind is OpaqueResult:
+        return value.open()
+    if kind is RefusedData:
+        raise PermissionError(value.reason)
+    return value
 
 
 def run_opaque(payload: OpaquePayload, *values: Any) -> Any:
@@ -309,6 +364,7 @@ __all__ = [
     "OpaqueGraph",
     "OpaquePayload",
     "OpaqueResult",
+    "RefusedData",
     "is_plain",
     "opaque_graph",
     "opened",

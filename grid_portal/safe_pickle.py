@@ -209,13 +209,12 @@ def loads_exception(data: bytes | memoryview) -> BaseException:
     return exc
 
 
+class _ExceptionUnpickler(_DataUnpickler):
+    exceptions = True
+
+
 def _load(data: Any, buffers: Iterable[Any] | None, exceptions: bool) -> Any:
-    unpickler = _DataUnpickler(io.BytesIO(data), buffers=buffers)
-    unpickler.exceptions = exceptions
-    try:
-        value = unpickler.load()
-    except _Refused as refused:
-        raise untrusted(refused.name) from None
+    value = load_with(_ExceptionUnpickler if exceptions else _DataUnpickler, data, buffers)
     _check(value)
     return value
 
@@ -374,51 +373,71 @@ def _install_families() -> None:
 
 
 def _data_family_loads(family: str, header: dict[str, Any], frames: list[Any]) -> Any:
-    from distributed.protocol.serialize import dask_deserialize
-
     try:
-        if family == "pickle":
-            return _load_result(frames[0], frames[1:])
-        kind = loads_data(header["type-serialized"])
-        if not isinstance(kind, type):
-            raise untrusted(_name_of(kind))
-        sub = header.get("sub-header") or {}
-        name = f"{kind.__module__}.{kind.__name__}"
-        if name == "numpy.ndarray" and sub.get("pickle"):
-            return loads_data(frames[0], buffers=frames[1:])  # Dask's path for object arrays
-        if name in ("numpy.ndarray", "builtins.bytes", "builtins.bytearray"):
-            return dask_deserialize.dispatch(kind)(sub, frames)
-        raise untrusted(name)
+        return load_family(family, header, frames)
     except UntrustedResult as exc:
         return UntrustedData(family, header, frames, exc.type_name)
 
 
-class _ResultUnpickler(_DataUnpickler):
-    """Data, and the grid's opaque result type (bytes; its constructor takes nothing else)."""
+def load_family(
+    family: str, header: dict[str, Any], frames: list[Any], *, open_results: bool = True
+) -> Any:
+    """A value Dask's ``pickle`` or ``dask`` family sent, read as data only (UntrustedResult
+    naming anything else). ``open_results``: a grid task's ``OpaqueResult`` is opened too
+    (a kernel); else it stays closed (a node's worker, which never opens results)."""
+    from distributed.protocol.serialize import dask_deserialize
+
+    if family == "pickle":
+        return _load_result(frames[0], frames[1:], open_results=open_results)
+    kind = loads_data(header["type-serialized"])
+    if not isinstance(kind, type):
+        raise untrusted(_name_of(kind))
+    sub = header.get("sub-header") or {}
+    name = f"{kind.__module__}.{kind.__name__}"
+    if name == "numpy.ndarray" and sub.get("pickle"):
+        return loads_data(frames[0], buffers=frames[1:])  # Dask's path for object arrays
+    if name in ("numpy.ndarray", "builtins.bytes", "builtins.bytearray"):
+        return dask_deserialize.dispatch(kind)(sub, frames)
+    raise untrusted(name)
+
+
+class ResultUnpickler(_DataUnpickler):
+    """Data, and the grid's opaque result type (bytes; its constructor takes nothing else).
+    ``extra``: further (module, name) pairs a subclass admits."""
+
+    extra: frozenset[tuple[str, str]] = frozenset()
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("grid_portal.payload", "OpaqueResult"):
             from grid_portal.payload import OpaqueResult
 
             return OpaqueResult
+        if (module, name) in self.extra:
+            return getattr(importlib.import_module(module), name)
         return super().find_class(module, name)
 
 
-def _load_result(data: Any, buffers: Iterable[Any]) -> Any:
+def _load_result(data: Any, buffers: Iterable[Any], *, open_results: bool = True) -> Any:
     """A value a node holds, as Dask's pickle family sent it. A grid task's value is an
-    ``OpaqueResult`` (the node's worker never opened it): its bytes are opened here,
-    as data only; UntrustedResult for anything else, as for any value."""
-    unpickler = _ResultUnpickler(io.BytesIO(data), buffers=buffers)
-    try:
-        value = unpickler.load()
-    except _Refused as refused:
-        raise untrusted(refused.name) from None
+    ``OpaqueResult`` (the node's worker never opened it): with ``open_results`` its bytes are
+    opened here, as data only; UntrustedResult for anything else, as for any value."""
+    value = load_with(ResultUnpickler, data, buffers)
     from grid_portal.payload import OpaqueResult
 
     if type(value) is OpaqueResult:
-        return loads_data(value.data)
+        return loads_data(value.data) if open_results else value
     _check(value)
     return value
+
+
+def load_with(
+    unpickler: type[pickle.Unpickler], data: Any, buffers: Iterable[Any] | None = ()
+) -> Any:
+    """``data`` read by ``unpickler`` (one of this module's); UntrustedResult on a refusal."""
+    try:
+        return unpickler(io.BytesIO(data), buffers=buffers).load()
+    except _Refused as refused:
+        raise untrusted(refused.name) from None
 
 
 def _data_client_kwargs() -> dict[str, Any]:

@@ -126,6 +126,7 @@ class WorkerProcess:
         from distributed import Security, Worker
 
         from grid_portal import guard
+        from grid_portal.node import inbound
         from grid_portal.node.plugin import NodePlugin
         from grid_portal.protocol import WORKER_HANDLERS, WORKER_STREAM_OPS
 
@@ -162,6 +163,8 @@ class WorkerProcess:
             settings.update(SANDBOXED_WORKER_CONFIG)
         if c.get("local_directory"):
             settings["temporary-directory"] = c["local_directory"]
+        # Other nodes' data, and anything a peer sends, is read as data (inbound.py).
+        inbound.install()
         with dask.config.set(settings):
             executors = {"default": executor, "offload": executor} if executor else None
             self.worker = Worker(
@@ -177,6 +180,7 @@ class WorkerProcess:
                 local_directory=c.get("local_directory"),
                 dashboard=False,
                 dashboard_address="127.0.0.1:0",
+                deserializers=inbound.NODE_DESERIALIZERS,
             )
             worker = self.worker
             # Default deny (grid_portal/protocol.py): the worker answers the portal's

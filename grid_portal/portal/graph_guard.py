@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from grid_portal.payload import ENTRY_POINTS, GRAPH_CLASSES, RUN_OPAQUE
+
 if TYPE_CHECKING:
     from distributed import Scheduler
 
@@ -51,30 +53,6 @@ logger = logging.getLogger("grid_portal.portal.graph_guard")
 # For developers: a file to which every global a pickle names is appended ("kind module name
 # verdict"), to find what a new Dask version sends. Nothing is refused while it is set.
 AUDIT_ENV = "GRID_PORTAL_PICKLE_AUDIT"
-
-# What a graph may name (module, qualified name). Functions listed here are also the only
-# functions a task may call (ENTRY_POINTS: plain arguments; run_opaque: a payload).
-RUN_OPAQUE = ("grid_portal.payload", "run_opaque")
-ENTRY_POINTS = frozenset(
-    {
-        ("grid_portal.jobs.cell_task", "run_cell_task"),  # a %%grid cell: bytes and plain data
-    }
-)
-GRAPH_CLASSES = frozenset(
-    {
-        ("dask._task_spec", "Task"),
-        ("dask._task_spec", "TaskRef"),
-        ("dask._task_spec", "Alias"),
-        ("dask._task_spec", "DataNode"),
-        ("grid_portal.payload", "OpaqueGraph"),
-        ("grid_portal.payload", "OpaquePayload"),
-        RUN_OPAQUE,
-        *ENTRY_POINTS,
-        ("builtins", "frozenset"),
-        ("builtins", "set"),
-        ("builtins", "complex"),
-    }
-)
 
 # What a pickled message field may name: plain data.
 DATA_CLASSES = frozenset(
@@ -342,32 +320,23 @@ def _refuse(scheduler: Scheduler, client: Any, keys: Any, what: str) -> None:
 
 
 # -- reading pickled message fields ----------------------------------------------------------------
-class _MessagePickle:
-    """Stands for ``distributed.protocol.pickle`` inside ``distributed.protocol.core``: the same
-    module, except that ``loads`` (of ``__Pickled__`` sub-frames) reads plain data only."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-
-    def loads(self, data: Any, *, buffers: Any = ()) -> Any:
-        try:
-            return loads_data(data, buffers=buffers)
-        except Refused as exc:
-            logger.warning("refused a message field that names %s", exc)
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+def _message_loads(data: Any, *, buffers: Any = ()) -> Any:
+    """A pickled message field, as plain data only (see the module docstring)."""
+    try:
+        return loads_data(data, buffers=buffers)
+    except Refused as exc:
+        logger.warning("refused a message field that names %s", exc)
+        raise
 
 
 def install(scheduler: Scheduler) -> None:
     """Put both guards in place in this (the portal's) process; see the module docstring."""
-    import distributed.protocol.core as core
     from distributed.protocol.serialize import register_serialization_family
 
+    from grid_portal.guard import restrict_message_pickles
+
     register_serialization_family(CHECKED_FAMILY, None, _checked_loads)
-    if not isinstance(core.pickle, _MessagePickle):
-        core.pickle = _MessagePickle(core.pickle)  # type: ignore[assignment]
+    restrict_message_pickles(_message_loads)
     handler = scheduler.stream_handlers["update-graph"]
     if not hasattr(handler, "_grid_graph_guard"):
         scheduler.stream_handlers["update-graph"] = guard_update_graph(scheduler, handler)
