@@ -9,7 +9,7 @@ enrolment instead, and say what to install.
 
 The portal reports its versions in ``GET /api/ping`` (``"versions": {...}``); a portal that does
 not yet do so is not checked (a warning says so). Light on purpose (metadata only, no Dask
-import): the portal may use :func:`incompatibilities` for its own check in ``POST /api/enrol``.
+import): the portal uses :func:`refusal_for` for its own check of an enrolment or a join request.
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def check_versions(theirs: Mapping[str, str], mine: Mapping[str, str] | None = N
             + "; ".join(problems)
             + f". To match the portal, {install_hint(theirs, mine)}; then run this command again"
         )
+
+
+def refusal_for(sent: Any) -> str | None:
+    """The portal's side: why a machine that sent these versions (the ``versions`` field of an
+    enrolment or a join request) cannot work here, worded for that machine; None when it can,
+    or when it sent none (an agent from before the check)."""
+    if not isinstance(sent, dict):
+        return None
+    try:  # the message speaks to the machine: "theirs" is the portal's
+        check_versions(theirs=local_versions(), mine={str(k): str(v) for k, v in sent.items()})
+    except IncompatibleEnvironment as exc:
+        return str(exc)
+    return None
 
 
 def portal_versions(base_url: str, context: ssl.SSLContext, timeout: float = 10) -> dict[str, str]:

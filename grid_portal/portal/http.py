@@ -18,7 +18,7 @@ from typing import Any
 import tornado.web
 
 from grid_portal import __version__
-from grid_portal.envcheck import IncompatibleEnvironment, check_versions, local_versions
+from grid_portal.envcheck import local_versions, refusal_for
 from grid_portal.errors import EnrolmentRefused, GridError
 from grid_portal.portal.join_requests import join_routes  # joins with no token
 from grid_portal.portal.ledger import EnrolmentBook
@@ -115,15 +115,11 @@ class EnrolHandler(BaseHandler):
         except (ValueError, KeyError, TypeError):
             self.write_json({"error": "send JSON with 'token', 'csr' and 'name'"}, 400)
             return
-        theirs = body.get("versions")
-        if isinstance(theirs, dict):
-            try:  # before the token is spent: a machine that cannot work must not use it up
-                check_versions(
-                    theirs=local_versions(), mine={str(k): str(v) for k, v in theirs.items()}
-                )
-            except IncompatibleEnvironment as exc:
-                self.write_json({"error": str(exc)}, 403)
-                return
+        # Before the token is spent: a machine that cannot work must not use it up.
+        refusal = refusal_for(body.get("versions"))
+        if refusal is not None:
+            self.write_json({"error": refusal}, 403)
+            return
         try:
             check_csr(csr)  # before the token is spent: a garbled CSR must not use it up
             record = self.portal.tokens.redeem(token)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.discovery import csr_public_key_der, pairing_code
-from grid_portal.envcheck import IncompatibleEnvironment, check_versions, local_versions
+from grid_portal.envcheck import refusal_for
 from grid_portal.errors import EnrolmentRefused, GridError, UsageError
 from grid_portal.portal.ledger import connect, transaction
 from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
@@ -274,15 +274,10 @@ def _handlers() -> tuple[type, type]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 self.write_json({"error": "send JSON with 'csr', 'name' and 'role'"}, 400)
                 return
-            theirs = body.get("versions")
-            if isinstance(theirs, dict):
-                try:
-                    check_versions(
-                        theirs=local_versions(), mine={str(k): str(v) for k, v in theirs.items()}
-                    )
-                except IncompatibleEnvironment as exc:
-                    self.write_json({"error": str(exc)}, 403)
-                    return
+            refusal = refusal_for(body.get("versions"))
+            if refusal is not None:
+                self.write_json({"error": refusal}, 403)
+                return
             try:
                 check_csr(csr)
                 record, secret = store(self).create(wanted, role, csr, self.portal.ca.cert_pem, ip)
