@@ -191,6 +191,36 @@ def test_a_background_result_survives_a_kernel_restart(kernel: Kernel, portal: P
     assert "bg done True" in shown and "result is 45" in shown
 
 
+def test_a_background_sweep_survives_its_kernel_dying(kernel: Kernel, portal: Portal) -> None:
+    """The kernel is killed while its --bg --map sweep runs: the portal holds every item's
+    result, and a new kernel loads them all, in order, with each item's output."""
+    from test_magics import Gate
+
+    gate = Gate()
+    reply, shown = kernel.run(
+        f"%%grid --bg --map v in [1, 2, 3]\n{gate.code}square = v * v\nprint('item', v, passed)\n"
+    )
+    assert reply["status"] == "ok", shown
+    job_id = shown.split("grid job ")[1].split(":")[0]
+    with portal.grid() as admin:  # the portal's admin may look at anyone's job
+        wait_for(lambda: admin.get_job(job_id).state.value == "running", what="the sweep")
+        kernel.restart()  # the kernel process is killed (now=True) and a new one started
+        gate.open()
+        done = wait_for(
+            lambda: (job := admin.get_job(job_id)).state.finished and job, what="the sweep"
+        )
+        assert done.state.value == "done" and done.tasks_done == 3, done
+    kernel.run("%load_ext grid_portal")
+    reply, shown = kernel.run(f"%grid result {job_id}\nprint('squares are', square)")
+    assert reply["status"] == "ok", shown
+    assert "squares are [1, 4, 9]" in shown
+    for v in (1, 2, 3):
+        assert f"[v={v}] item {v} True" in shown, shown
+    # Loaded once, kept in the ledger: the portal holds nothing more for it.
+    with portal.grid() as admin:
+        assert admin.get_job(job_id).has_result
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

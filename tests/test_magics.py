@@ -132,10 +132,14 @@ class Gate:
 
     def _serve(self) -> None:
         with self.server, contextlib.suppress(OSError):
-            conn, _ = self.server.accept()
-            with conn:
-                if self.opened.wait(60):
-                    conn.sendall(b"open")
+            while True:  # every cell (every --map item) that waits on it; ends after 60 s idle
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            if self.opened.wait(60):
+                conn.sendall(b"open")
 
     def open(self) -> None:
         self.opened.set()

@@ -59,7 +59,7 @@ from grid_portal.jobs.cell_result import (
     rebuild_error,
     unpack,
 )
-from grid_portal.protocol import STREAM_ANNOTATION
+from grid_portal.protocol import HOLD_ANNOTATION, STAGE_ANNOTATION, STREAM_ANNOTATION
 from grid_portal.pushed import PUSH_ANNOTATION
 
 # Importable from here as before the split (the magic, tests and older callers use them).
@@ -212,7 +212,12 @@ class CellRun:
             base["compare"] = True  # the node returns only the data (cell_task.COMPARED_FIELDS)
         if self.map_values is None:
             return [{**base, "index": 0, "map_value": None}]
-        return [{**base, "index": i, "map_value": v} for i, v in enumerate(self.map_values)]
+        # The label comes back in the outcome: a kernel that loads a kept sweep knows its items.
+        labels = self.labels or [str(i) for i in range(self.count)]
+        return [
+            {**base, "index": i, "map_value": v, "label": labels[i]}
+            for i, v in enumerate(self.map_values)
+        ]
 
     def submit(self) -> CellRun:
         check_cell_size({}, len(self.payload) + sum(len(v) for v in self.map_values or ()))
@@ -249,6 +254,14 @@ class CellRun:
             )
         import dask
 
+        held: dict[str, Any] = {}
+        if self.options.keep and self.map_values is not None:
+            # A --bg sweep: the portal holds each item's result for its owner (as a workflow's
+            # outputs), so a kernel that dies mid-sweep loses nothing (fetch_kept). The job
+            # must be known before its tasks arrive for the portal to hold them.
+            self.grid.register_job(self.job_id, self.options.name, "cell")
+            held = {HOLD_ANNOTATION: True, STAGE_ANNOTATION: "cell"}
+
         from grid_portal.jobs.cell_task import run_cell_task  # the node's side
 
         for index, key in enumerate(keys):
@@ -256,7 +269,7 @@ class CellRun:
         with (
             grid.job(self.options.name, kind="cell", job_id=self.job_id),
             _stream_to(self.channel),
-            dask.annotate(**{PUSH_ANNOTATION: True}),
+            dask.annotate(**{PUSH_ANNOTATION: True}, **held),
         ):
             if self.map_values is None:
                 future = grid.submit(
@@ -588,7 +601,7 @@ def fetch_kept(grid: Any, job_id: str) -> bytes | None:
         held = grid.held_keys(job_id)
     except GridError:  # NotFound: nothing held; UsageError: replicas still compared
         return None
-    keys = [k for ks in held.values() for k in ks]
+    keys = sorted((k for ks in held.values() for k in ks), key=_run_index)
     if not keys:
         return None
     futures = grid.futures_for(keys)
@@ -598,10 +611,18 @@ def fetch_kept(grid: Any, job_id: str) -> bytes | None:
             outcomes.append(future.result())
         except CellFailed as exc:  # the cell's own error: its outcome says what happened
             outcomes.append(exc.outcome)
-    data = stored_blob(outcomes, None)
+    # A --bg sweep's items carry their labels (CellRun.requests); a single cell's none.
+    labels = [str(o["label"]) for o in outcomes if isinstance(o, dict) and "label" in o]
+    data = stored_blob(outcomes, labels if len(labels) == len(outcomes) else None)
     grid.store_result(job_id, data)
     grid.release_held(job_id)
     return data
+
+
+def _run_index(key: Any) -> int:
+    """Which run of its cell a task is: the ``i`` of its key ``grid-cell-<job>-<i>``."""
+    tail = str(key).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _stream_to(channel: str | None) -> Any:

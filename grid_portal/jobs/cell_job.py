@@ -62,6 +62,8 @@ class CellJob:
                 blob = stored_blob(outcomes, self.labels)
                 try:
                     self.grid.store_result(self.job_id, blob)
+                    if self.labels is not None:  # a sweep's items, held till now: kept instead
+                        self.grid.release_held(self.job_id)
                 except GridError as exc:
                     sink.stream(0, "stderr", f"the portal did not keep this result: {exc}\n")
             result = unpack(outcomes, self.labels, self.trusted)

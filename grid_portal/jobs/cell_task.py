@@ -124,6 +124,8 @@ def run_cell_task(payload: bytes, request: dict[str, Any]) -> dict[str, Any]:
         execution.add({"k": "end"})
         relay.send_all(execution.events)
         return {k: outcome[k] for k in COMPARED_FIELDS if k in outcome}
+    if isinstance(request.get("label"), str):  # a --map item's label, for a kernel reloading it
+        outcome["label"] = request["label"]
     if keep and not outcome.get("cancelled"):
         outcome["kept"] = emit is not None and _keep_result(emit, request["job_id"], outcome)
     if outcome.get("error"):
