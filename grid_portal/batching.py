@@ -597,11 +597,17 @@ def _probe(sweep: Sweep, probes: list[Any]) -> float | None:
 
 
 def _wait(tasks: list[Any], **kwargs: Any) -> None:
-    """``distributed.wait``, for which a cancelled task is an answer too, not an error."""
+    """``distributed.wait``, for which a cancelled task is an answer too, not an error.
+
+    ``wait`` runs on Dask's current client, not on the tasks' own: with several Grids in one
+    process (one per portal) another Grid's client waited for these tasks, and saw them end
+    only on its own next wake-up, up to seconds later. The tasks' client is made current."""
     from distributed import wait
     from distributed.client import FuturesCancelledError
 
-    with contextlib.suppress(FuturesCancelledError):
+    if not tasks:
+        return
+    with contextlib.suppress(FuturesCancelledError), tasks[0].client.as_current():
         wait(tasks, **kwargs)
 
 

@@ -243,6 +243,29 @@ def test_a_map_cell_in_a_real_kernel_runs_over_both_portals(two_portals: dict[st
     assert cells["fed-a"] & cells["fed-b"], cells  # one job id, a part at each portal
 
 
+def test_a_plain_grid_beside_one_over_portals_keeps_its_speed(
+    two_portals: dict[str, Any],
+) -> None:
+    """Dask's ``wait`` ran on the process's default client: once a Grid over portals had made
+    its first portal's client the default, a plain Grid's sweep waited for its probe through
+    that other client and saw it end up to 4 s late, each time."""
+    import time
+
+    from gridtasks import plus_one
+
+    a = two_portals["portals"]["fed-a"]
+    with (
+        Grid(a.connection_file, start_embedded=False) as plain,
+        Grid(portals=["fed-a", "fed-b"], timeout=20),  # its first client is the default
+    ):
+        plain.gather(plain.map(plus_one, range(100)))  # warm
+        started = time.monotonic()
+        for _ in range(3):
+            assert plain.gather(plain.map(plus_one, range(100))) == list(range(1, 101))
+        took = time.monotonic() - started
+    assert took < 4.0, f"three sweeps of 100 tiny items took {took:.1f} s"
+
+
 def test_a_sweep_moves_off_a_portal_whose_volunteer_stopped(
     two_portals: dict[str, Any], tmp_path: Path
 ) -> None:
