@@ -6,6 +6,7 @@ portal, embedded portal or saved connections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,45 @@ def portal(tmp_path: Path) -> Iterator[Portal]:
     p = start_portal(tmp_path)
     yield p
     p.stop()
+
+
+@contextlib.contextmanager
+def portal_with(tmp: Path, *volunteers: Sequence[str]) -> Iterator[Portal]:
+    """A portal and these volunteers (each its name, then its ``grid-portal volunteer``
+    options), all online; stopped at the end, also when one of them fails to start."""
+    portal = start_portal(tmp)
+    try:
+        for name, *options in volunteers:
+            start_volunteer(portal, tmp, name, *options)
+        yield portal
+    finally:
+        portal.stop()
+
+
+@contextlib.contextmanager
+def magic_shell(portal: Portal) -> Iterator[Any]:
+    """IPython with ``%load_ext grid_portal``, connected to ``portal`` as its admin: where the
+    magic tests run their cells. The extension is unloaded at the end."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "grid_portal")
+    try:
+        with capture_output():
+            ip.run_line_magic("grid", f"connect {portal.connection_file}")
+        yield ip
+    finally:
+        ip.run_line_magic("unload_ext", "grid_portal")
+
+
+def grid_of(shell: Any) -> Any:
+    """The Grid that the magics of ``shell`` use."""
+    from grid_portal.notebook.magics import magics_for
+
+    magics = magics_for(shell)
+    assert magics is not None
+    return magics.grid
 
 
 def researcher_connection(portal: Portal, tmp: Path, user: str, role: str = "client") -> str:

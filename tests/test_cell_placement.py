@@ -5,15 +5,13 @@ used to be pinned to the nodes that matched when it was sent)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer
+from conftest import Portal, grid_of, magic_shell, start_portal, start_volunteer
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from grid_portal.errors import Unsatisfiable
-from grid_portal.notebook.magics import magics_for
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +27,8 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
 
 @pytest.fixture(scope="module")
 def shell(portal: Portal) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "grid_portal")
-    with capture_output():
-        ip.run_line_magic("grid", f"connect {portal.connection_file}")
-    yield ip
-    ip.run_line_magic("unload_ext", "grid_portal")
-
-
-def grid_of(shell: InteractiveShell) -> Any:
-    magics = magics_for(shell)
-    assert magics is not None
-    return magics.grid
+    with magic_shell(portal) as ip:
+        yield ip
 
 
 def test_a_refused_where_names_the_closest_node(shell: InteractiveShell) -> None:

@@ -20,9 +20,8 @@ import pytest
 from conftest import (
     Portal,
     grid_portal_command,
+    portal_with,
     researcher_connection,
-    start_portal,
-    start_volunteer,
     wait_for,
 )
 from distributed import Client, LocalCluster, as_completed, default_client
@@ -127,12 +126,8 @@ def reference() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def grid_portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Portal, str]]:
     tmp = tmp_path_factory.mktemp("at-home")
-    portal = start_portal(tmp)
-    try:
-        start_volunteer(portal, tmp, "v1")
+    with portal_with(tmp, ("v1",)) as portal:
         yield portal, researcher_connection(portal, tmp, "alice")
-    finally:
-        portal.stop()
 
 
 def cli_jobs(connection: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Portal, researcher_connection, start_portal, start_volunteer
+from conftest import Portal, portal_with, researcher_connection
 from gridtasks import wf_timed
 
 from grid_portal import Grid
@@ -130,13 +130,9 @@ GRID_CORES = 4
 @pytest.fixture(scope="module")
 def grid4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     tmp = tmp_path_factory.mktemp("fairshare")
-    portal = start_portal(tmp)
-    try:
-        for name in ("v1", "v2"):
-            start_volunteer(portal, tmp, name, "--cpus", "2", "--memory", "1GB", "--oversubscribe")
+    nodes = [(name, "--cpus", "2", "--memory", "1GB", "--oversubscribe") for name in ("v1", "v2")]
+    with portal_with(tmp, *nodes) as portal:
         yield portal
-    finally:
-        portal.stop()
 
 
 def _user(portal: Portal, tmp: Path, name: str) -> Grid:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, grid_of, magic_shell, start_portal, start_volunteer, wait_for
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -24,7 +24,6 @@ from IPython.utils.capture import capture_output
 from grid_portal.errors import GridError
 from grid_portal.jobs.cell import CellInterrupted, CellTimedOut, analyse_cell
 from grid_portal.model import JobState
-from grid_portal.notebook.magics import magics_for
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +61,8 @@ def unboxed(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def shell(portal: Portal) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "grid_portal")
-    with capture_output():
-        ip.run_line_magic("grid", f"connect {portal.connection_file}")
-    yield ip
-    ip.run_line_magic("unload_ext", "grid_portal")
-
-
-def grid_of(shell: InteractiveShell) -> Any:
-    magics = magics_for(shell)
-    assert magics is not None
-    return magics.grid
+    with magic_shell(portal) as ip:
+        yield ip
 
 
 def cell(shell: InteractiveShell, source: str, line: str = "") -> Any:

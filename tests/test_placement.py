@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer
+from conftest import Portal, portal_with
 from gridtasks import where_and_what
 from test_matching import make_node
 
@@ -69,16 +69,11 @@ def test_a_bad_requirement_is_refused_before_matching() -> None:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Portal, Path]]:
     tmp = tmp_path_factory.mktemp("placement")
-    portal = start_portal(tmp)
-    try:
-        start_volunteer(portal, tmp, "small", "--cpus", "1", "--memory", "1GB", "--label", "room=A")
-        start_volunteer(
-            portal, tmp, "big", "--cpus", "2", "--memory", "1GB", "--label", "room=B",
-            "--label", "tier=fast", "--oversubscribe",
-        )  # fmt: skip
+    small = ("small", "--cpus", "1", "--memory", "1GB", "--label", "room=A")
+    big = ("big", "--cpus", "2", "--memory", "1GB", "--label", "room=B", "--label", "tier=fast",
+           "--oversubscribe")  # fmt: skip
+    with portal_with(tmp, small, big) as portal:
         yield portal, tmp
-    finally:
-        portal.stop()
 
 
 @pytest.mark.parametrize(

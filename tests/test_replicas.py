@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, portal_with, wait_for
 
 from grid_portal import Grid
 from grid_portal.jobs.spec import MAX_REPLICAS, SpecError, load_spec
@@ -21,13 +21,9 @@ from grid_portal.model import Job, JobState
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     tmp = tmp_path_factory.mktemp("replicas")
-    portal = start_portal(tmp)
-    try:
-        for name in ("honest", "liar"):
-            start_volunteer(portal, tmp, name, "--cpus", "1", "--memory", "1GB")
+    nodes = [(name, "--cpus", "1", "--memory", "1GB") for name in ("honest", "liar")]
+    with portal_with(tmp, *nodes) as portal:
         yield portal
-    finally:
-        portal.stop()
 
 
 def two_stages(run: str, items: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, magic_shell, start_portal, start_volunteer, wait_for
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
@@ -128,12 +128,8 @@ answer + 1
 
 @pytest.fixture(scope="module")
 def shell(trio: Portal) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "grid_portal")
-    with capture_output():
-        ip.run_line_magic("grid", f"connect {trio.connection_file}")
-    yield ip
-    ip.run_line_magic("unload_ext", "grid_portal")
+    with magic_shell(trio) as ip:
+        yield ip
 
 
 def test_cell_majority_wins_and_output_is_shown(shell: InteractiveShell) -> None:

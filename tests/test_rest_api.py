@@ -21,8 +21,8 @@ import pytest
 from conftest import (
     Portal,
     grid_portal_command,
+    portal_with,
     researcher_connection,
-    start_portal,
     start_volunteer,
     wait_for,
 )
@@ -56,12 +56,8 @@ _REGISTRY = Registry().with_resource("urn:grid-api", DRAFT202012.create_resource
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     """One real portal with one real volunteer for the whole module."""
     tmp = tmp_path_factory.mktemp("rest-api")
-    portal = start_portal(tmp)
-    try:
-        start_volunteer(portal, tmp, "alpha", "--cpus", "1", "--memory", "1GB")
+    with portal_with(tmp, ("alpha", "--cpus", "1", "--memory", "1GB")) as portal:
         yield portal
-    finally:
-        portal.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Portal, start_portal, start_volunteer, wait_for
+from conftest import Portal, magic_shell, portal_with, wait_for
 from gridtasks import where_and_what
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -26,13 +26,9 @@ TASK_SECONDS = 6.0  # long enough to be killed mid-task, short enough to run twi
 
 @pytest.fixture
 def two_nodes(tmp_path: Path) -> Iterator[Portal]:
-    portal = start_portal(tmp_path)
-    try:
-        for name in ("alpha", "beta"):
-            start_volunteer(portal, tmp_path, name, "--cpus", "1", "--memory", "1GB")
+    nodes = [(name, "--cpus", "1", "--memory", "1GB") for name in ("alpha", "beta")]
+    with portal_with(tmp_path, *nodes) as portal:
         yield portal
-    finally:
-        portal.stop()
 
 
 def kill_the_busy_node(portal: Portal) -> str:
@@ -115,12 +111,8 @@ def test_a_workflow_stage_with_no_retries_fails_naming_the_lost_node(two_nodes: 
 
 @pytest.fixture
 def shell(two_nodes: Portal) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "grid_portal")
-    with capture_output():
-        ip.run_line_magic("grid", f"connect {two_nodes.connection_file}")
-    yield ip
-    ip.run_line_magic("unload_ext", "grid_portal")
+    with magic_shell(two_nodes) as ip:
+        yield ip
 
 
 def _cell_with_a_killed_node(shell: InteractiveShell, portal: Portal, retries: int) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from browser import REPO, ConsoleLog, Lab, launch_chromium, start_lab, why_no_browser_tests
-from conftest import Portal, start_portal, start_volunteer
+from conftest import Portal, portal_with, start_volunteer
 from gridtasks import where_and_what
 
 from grid_portal.model import JobState
@@ -59,12 +59,8 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def grid(tmp: Path) -> Iterator[Portal]:
-    portal = start_portal(tmp)
-    try:
-        start_volunteer(portal, tmp, "alpha", "--cpus", "1", "--memory", "1GB")
+    with portal_with(tmp, ("alpha", "--cpus", "1", "--memory", "1GB")) as portal:
         yield portal
-    finally:
-        portal.stop()
 
 
 @pytest.fixture(scope="module")

@@ -315,16 +315,11 @@ def grid_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def shell(grid_site: Any) -> Iterator[Any]:
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
+    from conftest import magic_shell
 
     portal, _ = grid_site
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "grid_portal")
-    with capture_output():
-        ip.run_line_magic("grid", f"connect {portal.connection_file}")
-    yield ip
-    ip.run_line_magic("unload_ext", "grid_portal")
+    with magic_shell(portal) as ip:
+        yield ip
 
 
 def run(shell: Any, source: str) -> tuple[Any, Any]:
