@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grid_portal.errors import ConnectionFailed, GridError, NotAllowed, Unsatisfiable
+from grid_portal.errors import ConnectionFailed, GridError, NotAllowed, Unsatisfiable, UsageError
 from grid_portal.model import Capacity, Node
 
 CHUNKS_PER_SLOT = 4  # a sweep is cut into about this many chunks per CPU slot of all portals
 HEALTH_EVERY = 1.0  # seconds between looks at the portals that hold chunks
 GONE_AFTER = 2.0  # seconds a portal may show no online node before its chunks move
+CAPACITY_FRESH = 1.0  # seconds the portals' capacities serve for choosing where a task goes
 
 
 class PortalWarning(UserWarning):
@@ -160,6 +161,7 @@ class Federation:
     def __init__(self, members: dict[str, Any], problems: dict[str, str] | None = None) -> None:
         self.members = members
         self.problems = dict(problems or {})  # portals that could not be used, and why
+        self._capacities: tuple[float, dict[str, Capacity]] | None = None  # (when, by portal)
 
     @property
     def primary(self) -> Any:
@@ -197,11 +199,18 @@ class Federation:
         return Capacity.total(self._each(lambda m: m.capacity()))
 
     # -- where work can go ---------------------------------------------------------------
-    def eligible(self, options: dict[str, Any]) -> tuple[list[tuple[str, Capacity]], list[str]]:
-        """The portals with a node for work with these options, the most free cores first,
-        and one line for each portal without one (``eligible`` below)."""
-        capacities = self._each(lambda m: m.capacity())
-        fits, refusals = eligible(self.members, capacities, options)
+    def eligible(
+        self, options: dict[str, Any], first: bool = False
+    ) -> tuple[list[tuple[str, Capacity]], list[str]]:
+        """The portals with a node for work with these options, the most free cores first
+        (with ``first``, only the first of them), and one line for each portal without one
+        (``eligible`` below). Capacities up to CAPACITY_FRESH s old serve: a task submitted
+        right after another pays no round trip to each portal for them."""
+        now = time.monotonic()
+        if self._capacities is None or now - self._capacities[0] > CAPACITY_FRESH:
+            self._capacities = (now, self._each(lambda m: m.capacity()))
+        capacities = self._capacities[1]
+        fits, refusals = eligible(self.members, capacities, options, first)
         refusals[:0] = [f"{n}: {why}" for n, why in self.problems.items()]
         refusals += [f"{n}: did not answer" for n in self.members if n not in capacities]
         return fits, refusals
@@ -216,7 +225,7 @@ class Federation:
     # -- one task -----------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]) -> Any:
         """To the portal with the most free cores among those with a node for it."""
-        fits, refusals = self.eligible(options)
+        fits, refusals = self.eligible(options, first=True)
         if not fits:
             raise self._refuse(refusals)
         member = self.members[fits[0][0]]
@@ -232,6 +241,12 @@ class Federation:
     ) -> Sweep:
         """``fn`` over the items, spread over the portals by their free slots (see the module
         docstring); returns one item future per item, in order, at once."""
+        if "key" in options:
+            raise UsageError(
+                "key= does not go with a Grid over several portals (its items are sent in "
+                "chunks, wherever there is room); leave key out, or use one portal's Grid: "
+                "grid.portals[NAME].map(...)"
+            )
         columns = [list(it) for it in iterables]
         calls = list(zip(*columns, strict=False))
         cpus = float(options.get("cpus", 1) or 1)
@@ -287,14 +302,21 @@ class Federation:
 
 
 def eligible(
-    members: dict[str, Any], capacities: dict[str, Capacity], options: dict[str, Any]
+    members: dict[str, Any],
+    capacities: dict[str, Capacity],
+    options: dict[str, Any],
+    first: bool = False,
 ) -> tuple[list[tuple[str, Capacity]], list[str]]:
     """Of the member Grids whose ``capacities`` are known, those with a node for work with
     these options (``cpus``, ``gpus``, ``memory``, ``where``; ``wait`` takes every one), the
-    most free cores first, and one line for each of the others saying why not."""
+    most free cores first, and one line for each of the others saying why not. With
+    ``first``, the portals are asked in that order and only until one has a node."""
     fits: list[tuple[str, Capacity]] = []
     refusals: list[str] = []
-    for name, capacity in capacities.items():
+    # sorted() keeps the portals' own order among equals.
+    for name, capacity in sorted(capacities.items(), key=lambda nc: -nc[1].cores_free):
+        if first and fits:
+            break
         member = members[name]
         try:
             if not options.get("wait"):
@@ -308,7 +330,6 @@ def eligible(
             refusals.append(f"{name}: {exc}")
             continue
         fits.append((name, capacity))
-    fits.sort(key=lambda nc: -nc[1].cores_free)
     return fits, refusals
 
 
@@ -378,6 +399,7 @@ class Sweep(list):
         self.token = uuid.uuid4().hex[:12]
         self.federation = federation
         self.failure: str | None = None
+        self.moved = 0  # chunks taken back from a portal that stopped serving, sent elsewhere
         self.dispatcher: _Dispatcher | None = None
         self.extend(Item(self, i) for i in range(count))
 
@@ -540,6 +562,7 @@ class _Dispatcher:
         self._cancel(chunk)
         chunk.portal, chunk.futures = None, []
         chunk.sent += 1  # anything the old sending still reports is ignored
+        self.sweep.moved += 1
         self.pending.appendleft(chunk)
 
     def _cancel(self, chunk: _Chunk) -> None:

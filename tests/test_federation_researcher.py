@@ -108,6 +108,19 @@ def test_submit_goes_to_a_portal_that_fits(two_portals: dict[str, Any]) -> None:
         assert "fed-a" in text and "fed-b" in text and "no portal has a node" in text
 
 
+def test_key_names_per_item_are_refused_over_portals(two_portals: dict[str, Any]) -> None:
+    from gridtasks import plus_one
+
+    from grid_portal.errors import UsageError
+
+    with Grid(portals=["fed-a", "fed-b"], timeout=20) as grid:
+        with pytest.raises(UsageError, match=r"key= does not go with a Grid over several"):
+            grid.map(plus_one, [1, 2], key=["k1", "k2"])
+        # One portal's own Grid still takes them.
+        futures = grid.portals["fed-a"].map(plus_one, [1, 2], key=["fed-k1", "fed-k2"])
+        assert grid.portals["fed-a"].gather(futures) == [2, 3]
+
+
 def test_a_missing_portal_name_says_how_to_log_in() -> None:
     with pytest.raises(Exception, match="no portal is saved as 'nosuch'.*grid-portal login"):
         Grid(portals=["nosuch"])
@@ -284,5 +297,6 @@ def test_a_sweep_moves_off_a_portal_whose_volunteer_stopped(
         two_portals["volunteers"]["fed-b"].kill(signal.SIGKILL)
         assert grid.gather(sweep) == [i * i for i in range(n)]
         assert sum(sweep.by_portal().values()) == n
+        assert sweep.moved >= 1  # what portal b held when it lost its node ran on a
         assert sweep.by_portal().get("fed-a", 0) > n // 2
     shutil.rmtree(tmp_path, ignore_errors=True)
