@@ -102,6 +102,25 @@ class Portal:
 
         return Grid(self.connection_file, start_embedded=False)
 
+    def enrol(self, body: bytes) -> tuple[int, Any]:
+        """``POST /api/enrol`` with these bytes as they are: (HTTP status, JSON reply)."""
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.data_dir / "ca" / "ca.pem"))
+        request = urllib.request.Request(
+            f"{self.http}/api/enrol",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
     def stop(self) -> None:
         for v in self.volunteers:
             v.kill()

@@ -8,11 +8,8 @@ enrolment flood gets a portal of its own, as its rate limit is per portal proces
 from __future__ import annotations
 
 import json
-import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,32 +153,17 @@ def test_a_huge_cell_is_refused_before_anything_is_sent(target: Portal, no_new_j
 # -- enrolment ----------------------------------------------------------------------------------
 
 
-def enrol(portal: Portal, body: bytes) -> tuple[int, dict]:
-    context = ssl.create_default_context(cafile=str(portal.data_dir / "ca" / "ca.pem"))
-    request = urllib.request.Request(
-        f"{portal.http}/api/enrol",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_an_oversized_enrolment_is_refused(target: Portal) -> None:
-    status, body = enrol(target, b"{" + b" " * (MAX_BODY + 1) + b"}")
+    status, body = target.enrol(b"{" + b" " * (MAX_BODY + 1) + b"}")
     assert (status, body) == (413, {"error": "request too large"})
 
 
 def test_enrolment_is_rate_limited_and_spends_no_token(portal: Portal) -> None:
     token = portal.token("--uses", "1")
-    statuses = [enrol(portal, b"not json")[0] for _ in range(30)]
+    statuses = [portal.enrol(b"not json")[0] for _ in range(30)]
     assert statuses == [400] * 30
     _, csr = make_key_and_csr("flood")
-    status, body = enrol(portal, json.dumps({"token": token, "csr": csr, "name": "x"}).encode())
+    status, body = portal.enrol(json.dumps({"token": token, "csr": csr, "name": "x"}).encode())
     assert status == 429 and "too many enrolment attempts" in body["error"]
     (record,) = TokenStore(portal.data_dir / "ledger.sqlite").list()
     assert record.uses_left == 1  # refused before the token was looked at

@@ -663,21 +663,6 @@ def test_a_hostile_node_breaks_nothing_for_anyone_else(
 
 
 # -- enrolment bodies -----------------------------------------------------------------------------
-def _enrol(portal: Portal, body: bytes) -> tuple[int, Any]:
-    context = ssl.create_default_context(cafile=str(portal.data_dir / "ca" / "ca.pem"))
-    request = urllib.request.Request(
-        f"{portal.http}/api/enrol",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | _text(50),
     lambda children: (
@@ -716,7 +701,7 @@ def test_fuzzed_enrolment_bodies_are_refused_with_4xx_and_spend_no_token(
     )
     @given(body=bodies)
     def fuzz(body: bytes) -> None:
-        status, reply = _enrol(portal, body)
+        status, reply = portal.enrol(body)
         seen.append(status)
         assert 400 <= status < 500, (status, reply, body[:200])
         assert isinstance(reply, dict) and isinstance(reply.get("error"), str)

@@ -23,37 +23,15 @@ import dask
 import pytest
 from conftest import Portal, researcher_connection, start_portal, start_volunteer, wait_for
 from distributed import Client, LocalCluster, as_completed, wait
+from probes import Probe, probes_opened
 
 from grid_portal import Grid
 from grid_portal.connection import Connection
 from grid_portal.payload import OpaqueGraph, OpaquePayload, opaque_graph, opened, run_opaque
 from grid_portal.portal import graph_guard
 
+
 # -- the probe ------------------------------------------------------------------------------------
-_MARK = """
-import os, uuid
-for _d in {dirs!r}:
-    try:
-        os.makedirs(_d, exist_ok=True)
-        with open(os.path.join(_d, "probe-%d-%s" % (os.getpid(), uuid.uuid4().hex)), "wb") as _f:
-            _f.write(open("/proc/self/cmdline", "rb").read())
-        break
-    except OSError:
-        pass
-"""
-
-
-class Probe:
-    """Unpickling this writes a marker naming the process that unpickled it, into the first
-    of ``dirs`` it may write (a sandboxed task may write only to its node's scratch dir)."""
-
-    def __init__(self, *dirs: Path) -> None:
-        self.dirs = [str(d) for d in dirs]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (exec, (_MARK.format(dirs=self.dirs),))
-
-
 def probe_task(value: Any) -> str:
     return "ran"
 
@@ -61,14 +39,7 @@ def probe_task(value: Any) -> str:
 def markers(*dirs: Path) -> list[str]:
     """The command lines the probe left, from every place it may have written, except this
     test's own process (Dask's tokenizing on the client side unpickles arguments here)."""
-    found = []
-    for d in dirs:
-        if d.exists():
-            for path in sorted(d.rglob("probe-*")):
-                if path.name.startswith(f"probe-{os.getpid()}-"):
-                    continue
-                found.append(path.read_bytes().replace(b"\0", b" ").decode().strip())
-    return found
+    return [cmdline for pid, cmdline in probes_opened(*dirs) if pid != os.getpid()]
 
 
 def _raw_client(portal: Portal, tmp: Path, user: str) -> Client:

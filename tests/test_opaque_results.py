@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import Portal, researcher_connection, start_portal, start_volunteer
+from probes import Probe, probes_opened
 
 from grid_portal import Grid
 from grid_portal.errors import UntrustedResult
@@ -31,43 +32,8 @@ from grid_portal.node import taskchild
 from grid_portal.node.taskproc import _reply_problem
 from grid_portal.payload import OpaqueResult, opaque_graph, opened
 
+
 # -- the probe ------------------------------------------------------------------------------------
-_MARK = """
-import os, uuid
-for _d in {dirs!r}:
-    try:
-        os.makedirs(_d, exist_ok=True)
-        with open(os.path.join(_d, "mark-%d-%s" % (os.getpid(), uuid.uuid4().hex)), "wb") as _f:
-            _f.write(open("/proc/self/cmdline", "rb").read())
-        break
-    except OSError:
-        pass
-"""
-
-
-class Probe:
-    """Unpickling this writes a marker naming the process that unpickled it, into the first
-    of ``dirs`` it may write (a sandboxed task may write only to its node's scratch dir)."""
-
-    def __init__(self, *dirs: Path | str) -> None:
-        self.dirs = [str(d) for d in dirs]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (exec, (_MARK.format(dirs=self.dirs),))
-
-
-def marks(*dirs: Path) -> list[tuple[int, str]]:
-    """(pid, command line) of every process that opened a probe, from every place it may have
-    written."""
-    found = []
-    for d in dirs:
-        if d.exists():
-            for path in sorted(d.rglob("mark-*")):
-                pid = int(path.name.split("-")[1])
-                found.append((pid, path.read_bytes().replace(b"\0", b" ").decode().strip()))
-    return found
-
-
 def make_probe(*dirs: str) -> Any:
     """A task whose value is the probe: returned, it is pickled in the task, opened nowhere."""
     return Probe(*dirs)
@@ -177,7 +143,7 @@ def test_the_worker_reads_a_task_process_with_a_restricted_unpickler(tmp_path: P
     stream.seek(0)
     with pytest.raises(taskchild.PipeRefused, match="builtins.exec"):
         taskchild.recv_plain(stream)
-    assert marks(tmp_path) == []
+    assert probes_opened(tmp_path) == []
 
 
 def test_the_task_process_sends_only_what_the_worker_admits() -> None:
@@ -219,9 +185,9 @@ def test_the_kernel_opens_an_opaque_result_as_data_and_refuses_the_rest(tmp_path
     header, frames = serialize(OpaqueResult.wrap(Probe(tmp_path)))
     held = _data_family_loads("pickle", header, frames)
     assert isinstance(held, UntrustedData) and held.type_name == "builtins.exec"
-    assert marks(tmp_path) == []
+    assert probes_opened(tmp_path) == []
     assert held.open() is None  # what a trusted node's result gets: plain pickle
-    assert [pid for pid, _ in marks(tmp_path)] == [os.getpid()]
+    assert [pid for pid, _ in probes_opened(tmp_path)] == [os.getpid()]
 
 
 # -- on a real portal ---------------------------------------------------------------------------------
@@ -256,16 +222,16 @@ def test_a_crafted_value_is_opened_by_no_worker(
         with pytest.raises(UntrustedResult):
             grid.client.gather([future])
         # The worker held it and moved it without opening it.
-        assert marks(scratch / "value", where) == []
+        assert probes_opened(scratch / "value", where) == []
         # A downstream task opens it, in its own task process.
         assert grid.client.submit(describe, future).result(timeout=60) == "got None"
-        found = marks(scratch / "value", where)
+        found = probes_opened(scratch / "value", where)
         assert len(found) == 1 and "grid_portal.node.taskchild" in found[0][1], found
     # From a node the researcher trusts, the kernel opens it as code, as before.
     with _grid(portal, tmp, "bob", trust=["v1"]) as grid:
         assert grid.client.submit(make_probe, *dirs, pure=False).result(timeout=60) is None
         assert grid.submit(make_probe, *dirs).result(timeout=60) is None
-    found = marks(scratch / "value", where)
+    found = probes_opened(scratch / "value", where)
     kernel = [cmd for pid, cmd in found if pid == os.getpid()]
     others = [cmd for pid, cmd in found if pid != os.getpid()]
     assert len(kernel) == 2 and len(others) == 1 and "taskchild" in others[0], found
@@ -314,7 +280,7 @@ def test_a_crafted_message_from_a_task_process_is_refused(
                 future.result(timeout=60)
         # The node goes on working.
         assert grid.client.submit(use_data, make_data(3), 0).result(timeout=60)[0] == 5
-    assert marks(scratch / "pipe", where) == []
+    assert probes_opened(scratch / "pipe", where) == []
     log = "\n".join(v.output() for v in portal.volunteers)
     assert "its task process was ended" in log
 
@@ -364,10 +330,10 @@ def test_on_an_unsandboxed_node_the_worker_is_the_task_process(tmp_path: Path) -
             future = grid.client.submit(make_probe, str(where))
             with pytest.raises(UntrustedResult):
                 future.result(timeout=60)
-            assert marks(where) == []
+            assert probes_opened(where) == []
             assert grid.client.submit(use_data, make_data(3), 1).result(timeout=60)[0] == 6
             assert grid.client.submit(describe, future).result(timeout=60) == "got None"
-        ((_, cmdline),) = marks(where)
+        ((_, cmdline),) = probes_opened(where)
         assert "grid_portal.node.worker" in cmdline and "taskchild" not in cmdline, cmdline
     finally:
         portal.stop()
