@@ -16,7 +16,6 @@ from typing import Any
 
 from grid_portal import __version__
 from grid_portal.errors import GridError, UsageError
-from grid_portal.portal.jobs import RESULT_EXPIRY_INTERVAL
 from grid_portal.process_logging import setup_logging
 from grid_portal.units import duration_arg, size_arg
 
@@ -51,6 +50,33 @@ def _label(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+class _ConfigDefaults(argparse.HelpFormatter):
+    """Help that shows a configured option's default (``action.config_key``, a key of
+    grid_portal/settings.py) as the configuration has it, looked up only when help is shown
+    (reading the configuration imports Dask)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        key = getattr(action, "config_key", None)
+        if key is None:
+            return action.help
+        from grid_portal import settings
+
+        try:
+            shown = settings.get(key)
+        except GridError:
+            shown = "(invalid: see grid-portal's error when it starts)"
+        return f"{action.help} (default {shown}; setting {settings.ROOT}.{key})"
+
+
+class _RawConfigDefaults(_ConfigDefaults, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _configured(action: argparse.Action, key: str) -> None:
+    """The option's default is the setting ``key`` (None here: settings.merged fills it in)."""
+    action.config_key = key  # type: ignore[attr-defined]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grid-portal",
@@ -68,29 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a portal: a Dask scheduler (mutual TLS) and the enrolment endpoint",
         description="Run a portal on this machine. On first start it creates the portal's own "
         "certificate authority in the data dir; every connection to the scheduler is mutual "
-        "TLS against it, also on loopback.",
+        "TLS against it, also on loopback. Options left out take their value from the "
+        "configuration (docs/configuration.md).",
+        formatter_class=_ConfigDefaults,
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
-    p.add_argument("--port", type=int, default=8786, help="scheduler port (default 8786; 0: any)")
-    p.add_argument(
-        "--http-port", type=int, default=8788, help="enrolment HTTPS port (default 8788; 0: any)"
+    # Defaults are settings (grid_portal/grid-portal.yaml), filled in by cmd_serve.
+    _configured(p.add_argument("--host", help="address to listen on (0.0.0.0: all)"), "portal.host")
+    _configured(p.add_argument("--port", type=int, help="scheduler port (0: any)"), "portal.port")
+    _configured(
+        p.add_argument("--http-port", type=int, help="enrolment HTTPS port (0: any)"),
+        "portal.http-port",
     )
     p.add_argument("--data-dir", type=Path, help="where the CA, ledger and keys live")
     p.add_argument("--contact-host", help="the host name volunteers use to reach this portal")
-    p.add_argument(
-        "--telemetry-interval", type=duration_arg, default=2.0, help="seconds between node samples"
+    _configured(
+        p.add_argument("--telemetry-interval", type=duration_arg, help="time between node samples"),
+        "portal.telemetry-interval",
     )
-    p.add_argument(
-        "--node-timeout",
-        type=duration_arg,
-        default=15.0,
-        help="how soon a node that vanished is declared offline and its tasks rerun (default 15s)",
+    _configured(
+        p.add_argument(
+            "--node-timeout",
+            type=duration_arg,
+            help="how soon a node that vanished is declared offline and its tasks rerun",
+        ),
+        "portal.node-timeout",
     )
-    p.add_argument(
-        "--result-expiry-interval",
-        type=duration_arg,
-        default=RESULT_EXPIRY_INTERVAL,
-        help="how often expired kept results are deleted from the ledger (default 1h)",
+    _configured(
+        p.add_argument(
+            "--result-expiry-interval",
+            type=duration_arg,
+            help="how often expired kept results are deleted from the ledger",
+        ),
+        "portal.result-expiry-interval",
     )
     p.add_argument(
         "--embedded",
@@ -159,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  grid-portal volunteer resume    undo pause (your rules still apply)\n"
         "  grid-portal volunteer drain     finish running tasks, take no new ones, then leave\n"
         "  grid-portal volunteer status    state, reason, tasks, sandbox",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawConfigDefaults,
     )
     p.add_argument(
         "portal",
@@ -242,23 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the one directory grid work may write to (default: in the state dir)",
     )
     p.add_argument("--state-dir", type=Path, help="where this volunteer keeps its certificate")
-    p.add_argument(
-        "--drain-timeout",
-        type=duration_arg,
-        default=120.0,
-        help="on stop, how long running tasks may take to finish (default 2m)",
+    # Defaults are settings (grid_portal/grid-portal.yaml); the --config file overrides them.
+    _configured(
+        p.add_argument(
+            "--drain-timeout",
+            type=duration_arg,
+            help="on stop, how long running tasks may take to finish",
+        ),
+        "volunteer.drain-timeout",
     )
-    p.add_argument(
-        "--reconnect-max",
-        type=duration_arg,
-        default=30.0,
-        help="longest wait between attempts to rejoin (default 30s)",
+    _configured(
+        p.add_argument(
+            "--reconnect-max", type=duration_arg, help="longest wait between attempts to rejoin"
+        ),
+        "volunteer.reconnect-max",
     )
-    p.add_argument(
-        "--network-refresh",
-        type=duration_arg,
-        default=1800.0,
-        help="how often to re-measure bandwidth and round trip to the portal (default 30m)",
+    _configured(
+        p.add_argument(
+            "--network-refresh",
+            type=duration_arg,
+            help="how often to re-measure bandwidth and round trip to the portal",
+        ),
+        "volunteer.network-refresh",
     )
     ctl = p.add_argument_group("pause, resume, drain, status")
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
@@ -348,7 +388,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    from grid_portal import settings
     from grid_portal.portal.server import PortalConfig, describe, run_portal
+
+    settings.check()  # a wrong setting is one line naming it, before anything starts
 
     if args.embedded:
         from grid_portal.embedded import embedded_config
@@ -362,14 +405,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         config = PortalConfig(
             data_dir=_data_dir(args),
-            host=args.host,
-            port=args.port,
-            http_port=args.http_port,
             contact_host=args.contact_host,
-            telemetry_interval=args.telemetry_interval,
-            node_timeout=args.node_timeout,
-            result_expiry_interval=args.result_expiry_interval,
             jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
+            # The flags given, over the configuration (grid-portal.portal.*).
+            **settings.merged("portal", vars(args)),
         )
         __import__("grid_portal.cli_discovery").cli_discovery.serve_companions(args, config)
 
@@ -380,8 +419,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run_portal(config, on_ready=ready))
     except OSError as exc:
         raise GridError(
-            f"cannot start the portal: {exc}. Is another portal using port {args.port} or "
-            f"{args.http_port}? Choose others with --port and --http-port."
+            f"cannot start the portal: {exc}. Is another portal using port {config.port} or "
+            f"{config.http_port}? Choose others with --port and --http-port."
         ) from None
     return 0
 
@@ -424,9 +463,18 @@ VOLUNTEER_CONTROL = ("pause", "resume", "drain", "status")
 
 
 def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The volunteer's settings: the command line over the --config file over the defaults."""
-    from grid_portal.node.policy import POLICY_OPTIONS, load_policy_config, policy_from_options
+    """The volunteer's settings: the command line over the --config file over the defaults
+    (the agent's timings: the configuration, grid-portal.volunteer.*)."""
+    from grid_portal import settings
+    from grid_portal.node.policy import (
+        POLICY_OPTIONS,
+        SETTING_KEYS,
+        load_policy_config,
+        policy_from_options,
+    )
     from grid_portal.units import parse_size
+
+    settings.check()  # a wrong setting is one line naming it, before anything starts
 
     config = load_policy_config(args.config) if args.config else {}
 
@@ -458,6 +506,7 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": gpus or "none",
         "labels": {**config.get("labels", {}), **dict(args.label)},
         "policy": policy,
+        "timings": settings.merged("volunteer", {k: pick(k) for k in SETTING_KEYS}),
     }
 
 
@@ -505,14 +554,12 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         memory=offer.memory,
         gpus=offer.gpus,
         labels=settings["labels"],
-        drain_timeout=args.drain_timeout,
-        reconnect_max=args.reconnect_max,
         local_directory=str(plan.scratch / "work"),
         policy=settings["policy"],
         control=True,
         verbose=args.verbose,
         portal_url=settings["portal"],
-        network_refresh=args.network_refresh,
+        **settings["timings"],  # drain_timeout, reconnect_max, ...: flags, file, configuration
     )
     volunteer = Volunteer(creds, options, static, sandbox=plan)
 

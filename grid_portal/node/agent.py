@@ -61,6 +61,7 @@ from grid_portal.node.sandbox import (
     prepare_scratch,
 )
 from grid_portal.node.worker import QUIET_WORKER_CONFIG  # noqa: F401 - its old home
+from grid_portal.settings import field_from
 from grid_portal.units import format_duration, format_size
 
 logger = logging.getLogger("grid_portal.volunteer")
@@ -108,16 +109,17 @@ class VolunteerOptions:
     memory: int
     gpus: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
-    death_timeout: float = 30.0  # how long a worker waits for an unreachable portal
-    reconnect_max: float = 30.0  # longest wait between attempts to rejoin
-    drain_timeout: float = 120.0  # on SIGTERM: how long running tasks may take to finish
-    telemetry_interval: float = 2.0
+    # Seconds; left out: the configured ones (grid-portal.volunteer.*, grid_portal/settings.py).
+    death_timeout: float = field_from("volunteer.death-timeout")  # unreachable portal: give up
+    reconnect_max: float = field_from("volunteer.reconnect-max")  # longest wait to rejoin
+    drain_timeout: float = field_from("volunteer.drain-timeout")  # on SIGTERM: tasks may finish
+    telemetry_interval: float = field_from("volunteer.telemetry-interval")
     local_directory: str | None = None  # the worker's scratch directory (sandboxed: required)
     policy: Policy | None = None  # the volunteer's rules; None: always run
     control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
     verbose: bool = False
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
-    network_refresh: float = 1800.0  # seconds between measurements of bandwidth and RTT
+    network_refresh: float = field_from("volunteer.network-refresh")  # bandwidth and RTT again
 
 
 def default_state_dir() -> Path:

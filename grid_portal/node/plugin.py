@@ -37,6 +37,7 @@ from tornado.ioloop import PeriodicCallback
 
 from grid_portal.node.probe import TelemetrySampler
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
+from grid_portal.settings import given_or
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -85,13 +86,13 @@ class NodePlugin(WorkerPlugin):
         self,
         info: dict[str, Any],
         gpus: list[int],
-        telemetry_interval: float = 2.0,
+        telemetry_interval: float | None = None,  # seconds; None: the configured one
         executor: TaskProcessExecutor | None = None,
         memory_pause_fraction: float | None = MEMORY_PAUSE_FRACTION,
     ):
         self.info = info  # {"capacity": ..., "offer": ..., "labels": ..., "sandbox": ...}
         self.gpus = list(gpus)
-        self.telemetry_interval = telemetry_interval
+        self.telemetry_interval = given_or(telemetry_interval, "volunteer.telemetry-interval")
         self.executor = executor
         self.memory_pause_fraction = memory_pause_fraction
         self.network: dict[str, Any] | None = None

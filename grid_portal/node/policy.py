@@ -527,6 +527,17 @@ _CONFIG_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "idle_input_seconds": (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "5m"'),
     "suspend_limit": (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "10m"'),
 }
+# The agent's settings (grid-portal.volunteer.* in grid_portal/grid-portal.yaml, durations all),
+# which the file overrides; tests/test_settings.py checks that this list names every one.
+SETTING_KEYS = (
+    "telemetry_interval",
+    "death_timeout",
+    "reconnect_max",
+    "drain_timeout",
+    "network_refresh",
+)
+for _key in SETTING_KEYS:
+    _CONFIG_KEYS[_key] = (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "2m"')
 CONFIG_KEYS = tuple(_CONFIG_KEYS)
 
 
@@ -589,6 +600,9 @@ def load_policy_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             parse_size(result["memory"])
         if "cpus" in result and result["cpus"] < 1:
             raise UsageError(f"invalid cpus {result['cpus']!r}: give at least 1")
+        for key in SETTING_KEYS:
+            if key in result and parse_duration(result[key]) <= 0:
+                raise UsageError(f"invalid {key} {result[key]!r}: give a duration like 2m")
         policy_from_options(**{k: v for k, v in result.items() if k in _POLICY_OPTIONS})
     except UsageError as e:
         raise UsageError(f"{p}: {e}") from None

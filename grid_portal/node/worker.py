@@ -146,7 +146,7 @@ class WorkerProcess:
         self.plugin = NodePlugin(
             c["info"],
             gpus=c.get("gpus", []),
-            telemetry_interval=c.get("telemetry_interval", 2.0),
+            telemetry_interval=c["telemetry_interval"],  # the agent's settings, always sent
             executor=executor,
         )
         tls = _in_memory(c["tls"])
@@ -176,7 +176,7 @@ class WorkerProcess:
                 name=c["name"],
                 plugins={self.plugin},
                 executor=executors,
-                death_timeout=c.get("death_timeout", 30.0),
+                death_timeout=c["death_timeout"],
                 local_directory=c.get("local_directory"),
                 dashboard=False,
                 dashboard_address="127.0.0.1:0",
@@ -224,7 +224,7 @@ class WorkerProcess:
                 # node draining, so the status in the reply says so).
                 self._drain = asyncio.ensure_future(
                     plugin.drain(
-                        float(command.get("drain_timeout", 300.0)),
+                        float(command["drain_timeout"]),  # the agent's setting, always sent
                         command.get("reason") or "draining",
                     )
                 )

@@ -21,8 +21,8 @@ from typing import Any
 
 from grid_portal.model import JobState
 from grid_portal.portal.ledger import connect, transaction, write_later
+from grid_portal.settings import given_or
 
-DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured otherwise
 # A job's birth, start and end are written this soon after they happen: not in the middle of
 # the scheduler's handling of a graph, where a write would delay the task's dispatch, and
 # once for all the changes of that moment (20 jobs arriving together: one transaction). Any
@@ -30,11 +30,11 @@ DEFAULT_RESULT_TTL = 7 * 86400.0  # kept results live a week unless configured o
 # told about a job survives a kill -9 of the portal.
 FLUSH_DELAY = 0.02  # seconds
 MAX_RESULT_BYTES = 64 * 2**20
-# How often the portal deletes kept results whose ttl has passed from the ledger (PortalConfig.
-# result_expiry_interval, ``grid-portal serve --result-expiry-interval``). An expired result is
-# never served (fetch_result checks its expiry); this only bounds how long its bytes (up to
-# MAX_RESULT_BYTES each) stay in the ledger file afterwards. Also run once at each start.
-RESULT_EXPIRY_INTERVAL = 3600.0  # seconds
+# How long kept results live (grid-portal.portal.result-ttl) and how often those whose ttl has
+# passed are deleted from the ledger (grid-portal.portal.result-expiry-interval, ``grid-portal
+# serve --result-expiry-interval``) are settings (grid_portal/settings.py). An expired result is
+# never served (fetch_result checks its expiry); the interval only bounds how long its bytes
+# (up to MAX_RESULT_BYTES each) stay in the ledger file afterwards. Also run once at each start.
 # A job's kept spec (a workflow's, or a --bg cell's payload in base64): what the portal needs
 # to resubmit it after a restart, and no more.
 MAX_SPEC_BYTES = 16 * 2**20
@@ -130,14 +130,17 @@ class JobBook:
     def __init__(
         self,
         ledger_path: Path | None,
-        result_ttl: float = DEFAULT_RESULT_TTL,
-        result_expiry_interval: float = RESULT_EXPIRY_INTERVAL,
+        result_ttl: float | None = None,
+        result_expiry_interval: float | None = None,
     ) -> None:
         self.jobs: dict[str, JobRecord] = {}
         self.task_jobs: dict[Any, str] = {}  # task key -> job id, for tasks still wanted
         self.version = 0
-        self.result_ttl = result_ttl
-        self.result_expiry_interval = result_expiry_interval
+        # Seconds; left out: the configured ones (grid-portal.portal.*).
+        self.result_ttl = given_or(result_ttl, "portal.result-ttl")
+        self.result_expiry_interval = given_or(
+            result_expiry_interval, "portal.result-expiry-interval"
+        )
         self._expiry: Any = None  # the PeriodicCallback of start_expiry
         self.conn = None
         self.on_change: Any = None  # called after every change, to wake long polls

@@ -49,6 +49,7 @@ from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported 
     SWEEP_ANNOTATION,
 )
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
+from grid_portal.settings import given_or
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -72,14 +73,16 @@ class PortalPlugin(SchedulerPlugin):
 
     def __init__(
         self,
-        telemetry_interval: float = 2.0,
-        offline_retention: float = 3600.0,
+        telemetry_interval: float | None = None,
+        offline_retention: float | None = None,
         ledger_path: Path | None = None,
         result_ttl: float | None = None,
-        node_timeout: float = 15.0,
+        node_timeout: float | None = None,
     ):
+        # Seconds; left out: the configured ones (grid-portal.portal.*, grid_portal/settings.py).
+        telemetry_interval = given_or(telemetry_interval, "portal.telemetry-interval")
         self.telemetry_interval = telemetry_interval
-        self.node_timeout = node_timeout
+        self.node_timeout = given_or(node_timeout, "portal.node-timeout")
         self._timing_out: set[str] = set()
         # What each live node's registry entry was last made from, so that a refresh skips the
         # nodes that sent nothing new (most of them, on an idle grid: it stays cheap).
@@ -91,9 +94,7 @@ class PortalPlugin(SchedulerPlugin):
         # What nodes report is cleaned (types, ranges, sizes) before it is believed: a node is
         # a stranger's machine, and the sidebar and matching trust these numbers.
         self.reports = NodeReports(logger)
-        self.jobs = JobBook(
-            ledger_path, **({} if result_ttl is None else {"result_ttl": result_ttl})
-        )
+        self.jobs = JobBook(ledger_path, result_ttl=result_ttl)
         self.jobs.on_change = self.registry.notify
         # A restart must not lose work: jobs cut short by one are reopened now and resubmitted
         # once the scheduler listens (server.py), or marked interrupted with the reason.

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grid_portal.model import CPU, GPU, MEMORY, NodeState
+from grid_portal.settings import given_or
 
 HISTORY_SECONDS = 600.0  # sparklines show the last 10 minutes
-DEFAULT_SAMPLE_INTERVAL = 2.0  # one history point per telemetry interval
-DEFAULT_OFFLINE_RETENTION = 3600.0  # an offline node stays listed this long
 
 
 @dataclass
@@ -67,11 +66,14 @@ class NodeRegistry:
 
     def __init__(
         self,
-        sample_interval: float = DEFAULT_SAMPLE_INTERVAL,
-        offline_retention: float = DEFAULT_OFFLINE_RETENTION,
+        sample_interval: float | None = None,
+        offline_retention: float | None = None,
     ) -> None:
+        # One history point per telemetry interval; an offline node stays listed this long.
+        # Left out: the configured ones (grid-portal.portal.*, grid_portal/settings.py).
+        sample_interval = given_or(sample_interval, "portal.telemetry-interval")
         self.sample_interval = sample_interval
-        self.offline_retention = offline_retention
+        self.offline_retention = given_or(offline_retention, "portal.offline-retention")
         self.nodes: dict[str, NodeRecord] = {}
         self.version = 0
         self.removed: dict[str, int] = {}  # name -> version at which it was forgotten

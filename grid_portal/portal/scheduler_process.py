@@ -45,15 +45,6 @@ logger = logging.getLogger("grid_portal.portal.scheduler_process")
 
 MAX_MESSAGE = 2**20  # a message is a certificate or a CSR, a few KB
 RENEW_TIMEOUT = 30.0
-# Issue 17: an idle portal's own timers. Dask measures event-loop health every 20 ms and reads
-# the process's figures (CPU, memory, open files: one per node connection, network) every
-# 0.5 s, for a dashboard the portal does not serve; the loop profiler (off on Python 3.11
-# anyway) samples every 10 ms.
-QUIET_SCHEDULER_CONFIG = {
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "5s",
-    "distributed.worker.profile.enabled": False,
-}
 
 
 @dataclass
@@ -67,11 +58,14 @@ class ProcessSettings:
     cert_file: str  # the scheduler's own certificate and key, issued by the enrolment process
     key_file: str
     status_socket: str  # the status page, served over HTTP on this Unix socket
-    telemetry_interval: float = 2.0
-    offline_retention: float = 3600.0
-    node_timeout: float = 15.0
-    result_ttl: float = 7 * 86400.0
-    result_expiry_interval: float = 3600.0
+    # Seconds, from the enrolment process's configuration (grid_portal/settings.py).
+    telemetry_interval: float
+    offline_retention: float
+    node_timeout: float
+    result_ttl: float
+    result_expiry_interval: float
+    # Dask settings for this process's scheduler: grid-portal.portal.scheduler-dask.
+    scheduler_dask: dict[str, Any]
     verbose: bool = False
 
 
@@ -182,6 +176,7 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     from grid_portal.portal.plugin import PortalPlugin
     from grid_portal.portal.security import tls_security
     from grid_portal.portal.status_page import status_routes
+    from grid_portal.settings import apply_dask_settings
 
     data_dir = Path(settings.data_dir)
     ledger = data_dir / LEDGER_FILE
@@ -199,11 +194,15 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     # counted apart from the jobs.
     contributions = ContributionsPlugin(ledger, plugin)
     security = tls_security(settings.ca_file, settings.cert_file, settings.key_file)
+    # This process exists to run one scheduler, so the portal's Dask settings (an idle portal's
+    # quieter timers, faster work stealing: grid-portal.portal.scheduler-dask) are set here for
+    # the whole process, once, where the enrolment process's configuration put them.
+    apply_dask_settings(settings.scheduler_dask)
     try:
         # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that
         # would show the grid's workers to anyone: give it no routes, on loopback, on a spare
         # port.
-        with dask.config.set({"distributed.scheduler.http.routes": [], **QUIET_SCHEDULER_CONFIG}):
+        with dask.config.set({"distributed.scheduler.http.routes": []}):
             scheduler = Scheduler(
                 host=settings.host,
                 port=settings.port,

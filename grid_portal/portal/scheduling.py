@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask
 from dask.utils import key_split
 
 from grid_portal.errors import NotFound, UsageError
@@ -48,9 +47,9 @@ logger = logging.getLogger("grid_portal.portal")
 # Dask's default work-stealing interval (1 s in distributed 2026.8) leaves fast nodes idle
 # while slow ones hold a queue: volunteers differ in speed far more than a cluster's machines.
 # 50 ms brought a 200-task sweep on nodes of speeds 2, 1 and 0.5 from 1.26x to about 1.11x its
-# lower bound (bench/bench_makespan.py). Set only where nobody configured another value.
-STEAL_INTERVAL_KEY = "distributed.scheduler.work-stealing-interval"
-STEAL_INTERVAL = "50ms"
+# lower bound (bench/bench_makespan.py). The portal's scheduler process sets it at start
+# (grid-portal.portal.scheduler-dask in grid-portal.yaml), not this class: a plugin must not
+# change Dask's settings for every scheduler and client of the process it is made in.
 SAMPLE_WORKERS = 16  # nodes Dask scores for an independent task on a large grid (sample_workers)
 
 OUTPUT_FORWARDER = "grid-task-output"  # grid_portal.jobs.task_output.TaskOutputForwarder.name
@@ -69,10 +68,6 @@ class Scheduling:
         self.holds = OutputHolds()
         # Copies of a task on different nodes, compared before use (replicas: N).
         self.replicas = Replicas(plugin, self.placement)
-        # The plugin is made before the Scheduler, which reads this when it starts stealing.
-        current = dask.config.get(STEAL_INTERVAL_KEY, None)
-        if current is None or current == _packaged_default(STEAL_INTERVAL_KEY):
-            dask.config.set({STEAL_INTERVAL_KEY: STEAL_INTERVAL})
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -402,15 +397,3 @@ def sample_workers(scheduler: Scheduler, keys: Iterable[Any], k: int = SAMPLE_WO
         if len(pool) > 2 * k:
             ts.worker_restrictions = set(random.sample(pool, k))
             ts.loose_restrictions = True
-
-
-def _packaged_default(key: str) -> Any:
-    """The value Dask's own configuration files give ``key`` (what nobody changed)."""
-    value = None
-    for defaults in dask.config.defaults:
-        node: Any = defaults
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            value = node
-    return value

@@ -27,29 +27,32 @@ from typing import Any
 
 from grid_portal.connection import CONNECTION_FILE, PORTAL_FILE, Connection
 from grid_portal.portal.http import PortalContext, make_app
-from grid_portal.portal.jobs import RESULT_EXPIRY_INTERVAL
 from grid_portal.portal.ledger import LEDGER_FILE, EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, ca_pin, write_private
 from grid_portal.portal.tokens import TokenStore
+from grid_portal.settings import field_from
 
 logger = logging.getLogger("grid_portal.portal")
 
 
 @dataclass
 class PortalConfig:
+    """What ``grid-portal serve`` runs with. Unset fields take their value from the
+    configuration, ``grid-portal.portal.*`` (grid_portal/settings.py; durations in seconds),
+    when the PortalConfig is made; each is described in grid-portal-schema.yaml."""
+
     data_dir: Path
-    host: str = "0.0.0.0"
-    port: int = 8786
-    http_port: int = 8788
+    host: str = field_from("portal.host")
+    port: int = field_from("portal.port")
+    http_port: int = field_from("portal.http-port")
     contact_host: str | None = None  # the name volunteers use to reach us, if not the default
-    telemetry_interval: float = 2.0
-    offline_retention: float = 3600.0
-    # How soon a node that vanished without a word (power cut, cable pulled) is declared
-    # offline and its tasks rerun elsewhere.
-    node_timeout: float = 15.0
-    result_ttl: float = 7 * 86400.0  # how long kept results (%%grid --bg) stay retrievable
-    # How often kept results past their ttl are deleted from the ledger (portal/jobs.py).
-    result_expiry_interval: float = RESULT_EXPIRY_INTERVAL
+    telemetry_interval: float = field_from("portal.telemetry-interval")
+    offline_retention: float = field_from("portal.offline-retention")
+    node_timeout: float = field_from("portal.node-timeout")
+    result_ttl: float = field_from("portal.result-ttl")
+    result_expiry_interval: float = field_from("portal.result-expiry-interval")
+    # Dask settings the scheduler process applies at start (settings.apply_dask_settings).
+    scheduler_dask: dict[str, Any] = field_from("portal.scheduler-dask")
     # A grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
     jupyterhub: Any = None
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
@@ -164,6 +167,7 @@ async def run_portal(
                 node_timeout=config.node_timeout,
                 result_ttl=config.result_ttl,
                 result_expiry_interval=config.result_expiry_interval,
+                scheduler_dask=dict(config.scheduler_dask),
                 verbose=logging.getLogger().isEnabledFor(logging.DEBUG),
             )
         )
