@@ -962,6 +962,48 @@ class Grid:
         """
         return bool((self._call("grid_workflow_release", job_id=job_id) or {}).get("released"))
 
+    def held_results(
+        self, job_id: str, *, data_only: bool = False, timeout: float = 60.0
+    ) -> dict[str, list[tuple[int | None, Any, BaseException | None]]]:
+        """The results the portal holds for a finished job (a workflow's kept outputs), by
+        stage in map order, each as ``(item, value, None)`` or, for an item that failed or
+        was cancelled, ``(item, None, error)``; ``item`` is the map item (None for a stage
+        of one task). The items that succeeded come back even when others did not. They
+        stay held (``release_held`` lets them go).
+
+        ``data_only``: a value that is not plain data stays unopened (a
+        ``safe_pickle.UntrustedData``, its bytes never read) whatever this Grid trusts, for a
+        process that must never run what a node made (the Jupyter server).
+
+        Raises NotFound when nothing is held for it, as ``held_keys``.
+        """
+        from distributed import wait
+        from distributed.client import FuturesCancelledError
+
+        out: dict[str, list[tuple[int | None, Any, BaseException | None]]] = {}
+        for stage, keys in self.held_keys(job_id).items():
+            futures = self.futures_for(keys)
+            # On this Grid's own client (Dask's wait uses the process's current one); a
+            # cancelled item is an answer here, not an error.
+            try:
+                with self.client.as_current(), contextlib.suppress(FuturesCancelledError):
+                    wait(futures, timeout=timeout)
+            except TimeoutError:
+                raise GridError(
+                    f"the outputs of job {job_id} did not arrive within {timeout:.0f} s (a node "
+                    "that held them may have left: they are being made again); try again"
+                ) from None
+            done = [f for f in futures if f.status == "finished"]
+            values = iter(self.client.sync(self.client._gather, done, data_only=data_only))
+            out[stage] = [
+                (
+                    k[1] if isinstance(k, tuple) else None,
+                    *((next(values), None) if f.status == "finished" else (None, _error_of(f))),
+                )
+                for k, f in zip(keys, futures, strict=True)
+            ]
+        return out
+
     def futures_for(self, keys: Iterable[Any]) -> list[Future]:
         """Futures of this client for results the scheduler already holds, by key.
 
@@ -1106,6 +1148,14 @@ def _retries_given(retries: Any) -> Iterator[None]:
         raise UsageError(f"retries={retries!r}: retries is a whole number, 0 or more")
     with dask.annotate(**{RETRIES_ANNOTATION: retries}):
         yield
+
+
+def _error_of(future: Future) -> BaseException:
+    """Why a finished future holds no value: its task's error (opened as data only by this
+    client's handlers), or that it was cancelled."""
+    if future.status == "cancelled":
+        return GridError(f"cancelled before it finished ({future.key!r})")
+    return future.exception()
 
 
 def _replicas(replicas: Any) -> int:

@@ -479,10 +479,10 @@ def attach(
     """
     original_gather = client._gather
 
-    async def gather(futures: Any, *args: Any, **kwargs: Any) -> Any:
+    async def gather(futures: Any, *args: Any, data_only: bool = False, **kwargs: Any) -> Any:
         result = await original_gather(futures, *args, **kwargs)
-        if not _holds_unopened(result):
-            return result
+        if data_only or not _holds_unopened(result):
+            return result  # data_only: what is not plain data stays unopened, whoever is trusted
         from distributed.client import futures_of
 
         keys = [f.key for f in futures_of(futures)]

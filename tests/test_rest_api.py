@@ -335,6 +335,18 @@ def test_submitting_a_spec_checks_it_then_runs_it(api: Api) -> None:
     assert finished["nodes"] == ["alpha"]
 
 
+def run_to_the_end(api: Api, spec: dict[str, Any], state: str = "done") -> dict[str, Any]:
+    """Submit a workflow through the API and wait until it ends in ``state``; its Job."""
+    status, job = api("jobs", method="POST", body=spec)
+    assert status == 201, job
+
+    def ended() -> Any:
+        status, body = api("jobs", job["id"])
+        return body if status == 200 and body["state"] == state else None
+
+    return wait_for(ended, timeout=60, what=f"the workflow to be {state}")
+
+
 def test_a_workflows_logs_as_the_cli_shows_them(api: Api, grid: Portal) -> None:
     spec = {
         "name": "says",
@@ -346,14 +358,7 @@ def test_a_workflows_logs_as_the_cli_shows_them(api: Api, grid: Portal) -> None:
             }
         ],
     }
-    status, job = api("jobs", method="POST", body=spec)
-    assert status == 201, job
-
-    def done() -> Any:
-        status, body = api("jobs", job["id"])
-        return body if status == 200 and body["state"] == "done" else None
-
-    wait_for(done, timeout=30, what="the workflow to finish")
+    job = run_to_the_end(api, spec)
     status, body = api("jobs", job["id"], "logs")
     conforms("/jobs/{job_id}/logs", "GET", status, body)
     assert sorted(t["item"] for t in body["tasks"]) == [0, 1, 2]
@@ -370,16 +375,101 @@ def test_a_workflows_logs_as_the_cli_shows_them(api: Api, grid: Portal) -> None:
     conforms("/jobs/{job_id}/logs", "GET", status, body)
     assert status == 400 and "whole number" in body["message"]
 
-    # Another user's job is as unknown as a job that does not exist: 404, never 500.
+    not_yours_is_unknown(api, grid, "logs")
+
+
+def not_yours_is_unknown(api: Api, grid: Portal, what: str) -> None:
+    """Another user's job is as unknown as a job that does not exist: 404, never 500."""
     with grid.grid() as client:
-        client._call("grid_job_create", job_id="mallory-logs", name="theirs", owner="mallory")
+        client._call("grid_job_create", job_id=f"mallory-{what}", name="theirs", owner="mallory")
         try:
-            for job_id in ("mallory-logs", "no-such-job"):
-                status, body = api("jobs", job_id, "logs")
-                conforms("/jobs/{job_id}/logs", "GET", status, body)
+            for job_id in (f"mallory-{what}", "no-such-job"):
+                status, body = api("jobs", job_id, what)
+                conforms(f"/jobs/{{job_id}}/{what}", "GET", status, body)
                 assert status == 404, body
         finally:
-            client.cancel("mallory-logs")
+            client.cancel(f"mallory-{what}")
+
+
+def test_a_workflows_outputs_as_the_cli_brings_them(
+    api: Api, grid: Portal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files, values and an unopened object, each by name, as data: even a server whose Grid
+    trusts every node never unpickles what a node made (the probe would leave a mark)."""
+    monkeypatch.setenv("GRID_PORTAL_TRUST", "*")  # the server's Grid, made on first use
+    marks_dir = tmp_path / "marks"
+    spec = {
+        "name": "brings",
+        "stages": [
+            {
+                "name": "pages",
+                "run": {
+                    "shell": "mkdir -p out && echo hello {n} > out/f{n}.txt && "
+                    "echo '<script>alert(1)</script>' > out/p{n}.html"
+                },
+                "map": {"over": [0, 1], "as": "n"},
+                "outputs": ["out/*"],
+            },
+            {"name": "total", "run": "gridtasks:wf_seed", "params": {"base": 7}},
+            {"name": "probe", "run": "test_opaque_results:make_probe", "args": [str(marks_dir)]},
+        ],
+    }
+    job = run_to_the_end(api, spec)
+    status, body = api("jobs", job["id"], "outputs")
+    conforms("/jobs/{job_id}/outputs", "GET", status, body)
+    by_name = {o["name"]: o for o in body["outputs"]}
+    for n in (0, 1):
+        entry = by_name[f"out/f{n}.txt"]
+        assert (entry["kind"], entry["stage"], entry["item"]) == ("file", "pages", n)
+        assert entry["content_type"] == "text/plain" and entry["size"] == len(f"hello {n}\n")
+        assert by_name[f"pages[{n}]"]["kind"] == "value"  # the item's value: its files' names
+    assert (by_name["total"]["kind"], by_name["total"]["item"]) == ("value", None)
+    assert by_name["probe"]["kind"] == "unopened" and by_name["probe"]["type"] == "builtins.exec"
+
+    def raw(name: str) -> HTTPResponse:
+        return api.run(
+            api.fetch("grid", "api", "jobs", job["id"], "outputs", name, raise_error=False)
+        )
+
+    response = raw("out/f1.txt")
+    assert (response.code, response.body) == (200, b"hello 1\n")
+    assert response.headers["Content-Type"] == "text/plain"
+    assert response.headers["X-Grid-SHA256"] == by_name["out/f1.txt"]["sha256"]
+    page = raw("out/p0.html")  # a page a node made is a download, never rendered here
+    assert page.code == 200 and page.headers["Content-Type"] == "text/html"
+    assert page.headers["Content-Disposition"] == 'attachment; filename="p0.html"'
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert page.headers["Content-Security-Policy"].startswith("sandbox")
+    value = raw("total")
+    assert value.code == 200 and value.headers["Content-Type"] == "application/json"
+    assert json.loads(value.body) == 7
+    assert json.loads(raw("pages[1]").body) == ["out/f1.txt", "out/p1.html"]
+    for name, expected in (("probe", 409), ("nothing", 404)):
+        status, body = api("jobs", job["id"], "outputs", name)
+        conforms("/jobs/{job_id}/outputs/{name}", "GET", status, body)
+        assert status == expected, body
+    assert "not plain data" in api("jobs", job["id"], "outputs", "probe")[1]["message"]
+    assert not marks_dir.exists(), "the Jupyter server unpickled what a node sent"
+    # Reading them keeps them held: the CLI can still fetch them.
+    fetched = subprocess.run(
+        grid_portal_command(
+            "job", job["id"], "--fetch", str(tmp_path / "got"), "--portal", grid.connection_file
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (tmp_path / "got" / "out" / "f0.txt").read_text() == "hello 0\n", fetched.stderr
+
+    not_yours_is_unknown(api, grid, "outputs")
+    with grid.grid() as client:  # a job still running has no outputs yet
+        client.register_job("mine-running", "mine", "workflow")
+        try:
+            status, body = api("jobs", "mine-running", "outputs")
+            conforms("/jobs/{job_id}/outputs", "GET", status, body)
+            assert status == 409 and "once it is done" in body["message"], body
+        finally:
+            client.cancel("mine-running")
 
 
 # -- authentication ------------------------------------------------------------------------------
@@ -393,6 +483,8 @@ ENDPOINTS = [
     ("GET", "jobs/x"),
     ("DELETE", "jobs/x"),
     ("GET", "jobs/x/logs"),
+    ("GET", "jobs/x/outputs"),
+    ("GET", "jobs/x/outputs/out/a.txt"),
     ("GET", "version"),
     ("GET", "whoami"),
     ("GET", "openapi.json"),

@@ -82,6 +82,16 @@ class _Placer:
         self.written: dict[str, str] = {}  # relative path -> sha256
 
     def place(self, staged: StagedFile) -> str:
+        candidate, new = self.name(staged)
+        if new:
+            target = self.root / candidate
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(staged.data)
+        return candidate
+
+    def name(self, staged: StagedFile) -> tuple[str, bool]:
+        """The relative path ``staged`` has among the files named so far, and whether it is
+        new there (the same content under the same path is one file). Checks it first."""
         staged.verify()
         rel = _safe_relative(staged.path)
         n = 1
@@ -89,12 +99,9 @@ class _Placer:
         while candidate in self.written and self.written[candidate] != staged.sha256:
             n += 1
             candidate = str(PurePosixPath(f"_{n}") / rel)
-        if candidate not in self.written:
-            target = self.root / candidate
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(staged.data)
-            self.written[candidate] = staged.sha256
-        return candidate
+        new = candidate not in self.written
+        self.written[candidate] = staged.sha256
+        return candidate, new
 
 
 def _replace_files(value: Any, placer: _Placer, absolute: bool) -> Any:

@@ -337,11 +337,8 @@ class JobHandler(GridHandler):
 
 
 class JobLogsHandler(GridHandler):
-    """What a job's shell and script tasks printed, as ``grid-portal logs`` shows it.
-
-    A workflow's kept outputs are not served: they come back through the Dask client, which
-    would open node-made bytes inside the Jupyter server, and fetching them releases them.
-    """
+    """What a job's shell and script tasks printed, as ``grid-portal logs`` shows it. (Its
+    outputs: ``output_handlers.py``.)"""
 
     @web.authenticated
     @authorized
@@ -468,6 +465,12 @@ def _lan_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:
     return lan_routes(api)
 
 
+def _output_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:
+    from grid_portal.jupyter.output_handlers import output_routes  # it imports this module
+
+    return output_routes(api)
+
+
 def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
     """The URL rules, under ``{base_url}grid/api/``."""
     api = url_path_join(base_url, "grid", "api")
@@ -478,6 +481,7 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "jobs"), JobsHandler),
         (url_path_join(api, "jobs", "([^/]+)"), JobHandler),
         (url_path_join(api, "jobs", "([^/]+)", "logs"), JobLogsHandler),
+        *_output_routes(api),
         (url_path_join(api, "version"), VersionHandler),
         (url_path_join(api, "whoami"), WhoamiHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),

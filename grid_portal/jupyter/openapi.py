@@ -373,6 +373,9 @@ def openapi_json(base_url: str = "/") -> str:
     from grid_portal.jupyter import openapi_sidebar  # it takes this module's helpers
 
     sidebar = openapi_sidebar.paths(_operation, _json, _path_parameter, _flag)
+    from grid_portal.jupyter import output_handlers  # it takes this module's helpers too
+
+    outputs = output_handlers.openapi_paths(_operation, _json, _path_parameter)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -489,9 +492,7 @@ def openapi_json(base_url: str = "/") -> str:
                         "400": _json("Error", "item is not a whole number."),
                         "404": _json("Error", "No such job, or not yours."),
                     },
-                    description="A workflow's kept outputs are not served here: they would be "
-                    "opened inside the Jupyter server, and fetching them releases them. Fetch "
-                    "them with `grid-portal job ID --fetch DIR`.",
+                    description="A workflow's outputs: GET jobs/{job_id}/outputs.",
                     operationId="getJobLogs",
                     parameters=[
                         _path_parameter("job_id", "The job's id."),
@@ -538,10 +539,16 @@ def openapi_json(base_url: str = "/") -> str:
                     operationId="getOpenAPI",
                 )
             },
+            **outputs,
             **sidebar,
         },
         "components": {
-            "schemas": {**SCHEMAS, **openapi_sidebar.SCHEMAS, **_job_spec_schemas()},
+            "schemas": {
+                **SCHEMAS,
+                **openapi_sidebar.SCHEMAS,
+                **output_handlers.SCHEMAS,
+                **_job_spec_schemas(),
+            },
             "securitySchemes": {
                 "token": {
                     "type": "apiKey",
