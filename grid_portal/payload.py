@@ -44,6 +44,7 @@ RUN_OPAQUE = ("grid_portal.payload", "run_opaque")
 ENTRY_POINTS = frozenset(
     {
         ("grid_portal.jobs.cell_task", "run_cell_task"),  # a %%grid cell: bytes and plain data
+        ("grid_portal.jobs.cell_lease_task", "run_cell_lease"),  # a cell session's lease
     }
 )
 GRAPH_CLASSES = frozenset(

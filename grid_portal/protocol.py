@@ -61,6 +61,13 @@ RETRIES_ANNOTATION = "grid_retries"  # retries given: a lost node counts as a tr
 # -- messages the grid adds to Dask's streams -------------------------------------------------
 PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result
 PUSH_LIMIT = 256 * 1024  # bytes of pickled result; larger ones are gathered as usual
+# A kernel's cell session (jobs/cell_session.py): a task that holds a slot for the kernel's
+# cells, which then go to it as stream messages instead of one Dask graph each.
+LEASE_ANNOTATION = "grid_cell_lease"  # the lease task of a kernel's cell session
+CELL_SEND_OP = "grid-cell-send"  # kernel -> portal: a cell for the kernel's own lease
+CELL_RUN_OP = "grid-cell-run"  # portal -> node: a cell for a lease task running there
+CELL_STOP_OP = "grid-cell-stop"  # portal -> node: stop that cell (cancel, interrupt)
+CELL_OUT_OP = "grid-cell-out"  # node -> portal -> kernel: lease ready, a cell's output, result
 
 # -- shared limits ---------------------------------------------------------------------------
 MAX_REPORT_BYTES = 64 * 1024  # a node's startup report or one heartbeat's grid metrics
@@ -270,6 +277,18 @@ SCHEDULER_STREAM_OPS: dict[str, Rule] = {
     **_rules(NODES, "a worker fetched a dependency", ["add-keys"], FETCHED_INPUTS),
     **_rules(NODES, "worker events", ["log-event"], "not the topics Dask prints in kernels"),
     **_rules(NODES, "a small result with its completion", [PUSH_OP], "only from the task's node"),
+    **_rules(
+        PEOPLE,
+        "a cell sent to one's own cell session's lease (no graph per cell)",
+        [CELL_SEND_OP],
+        "the lease was submitted on this very connection; the cell's job is the caller's",
+    ),
+    **_rules(
+        NODES,
+        "a leased cell's output and result, to its kernel",
+        [CELL_OUT_OP],
+        "only from the node the portal sent that cell (or lease) to",
+    ),
 }
 
 # -- every volunteer's worker -----------------------------------------------------------------
@@ -328,6 +347,8 @@ WORKER_STREAM_OPS: dict[str, Rule] = _rules(
         "refresh-who-has",
         "worker-status-change",
         "remove-worker",
+        CELL_RUN_OP,
+        CELL_STOP_OP,
     ],
 )
 

@@ -36,6 +36,7 @@ JOBS_KERNEL_SIDE = (
     "grid_portal.jobs.cell_analysis",
     "grid_portal.jobs.cell_result",
     "grid_portal.jobs.cell_job",
+    "grid_portal.jobs.cell_session",
 )
 
 FORBIDDEN = [
@@ -66,6 +67,7 @@ FORBIDDEN = [
     # A cell's node side shares only jobs/cell_payload.py with the kernel.
     ("jobs/cell_task.py", ("grid_portal.client", *JOBS_KERNEL_SIDE)),
     ("jobs/cell_child.py", ("distributed", "grid_portal.client", *JOBS_KERNEL_SIDE)),
+    ("jobs/cell_lease_task.py", ("grid_portal.client", *JOBS_KERNEL_SIDE)),
 ]
 
 

@@ -53,9 +53,13 @@ def test_every_handler_the_portal_adds_is_in_the_contract() -> None:
 def test_worker_rules_name_real_worker_handlers() -> None:
     from distributed import Worker
 
+    from grid_portal.node.cell_lease import install_handlers
+
     async def build() -> tuple[set[str], set[str]]:
         worker = Worker("tcp://127.0.0.1:9", dashboard=False)
-        # grid_node_status is the NodePlugin's own (grid_portal/node/plugin.py).
+        # What the NodePlugin adds (grid_portal/node/plugin.py): grid_node_status, and the
+        # stream handlers for leased cells, installed by the same function it calls.
+        install_handlers(worker)
         return set(worker.handlers) | {"grid_node_status"}, set(worker.stream_handlers)
 
     handlers, stream_ops = asyncio.run(build())

@@ -28,6 +28,8 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
 def alice(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     path = researcher_connection(portal, tmp_path_factory.mktemp("alice"), "alice")
     with Grid(path, start_embedded=False) as grid:
+        # Pushes of cells sent as Dask tasks: no cell session (tests/test_cell_session.py).
+        grid.cells.idle = 0
         yield grid
 
 

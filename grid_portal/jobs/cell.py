@@ -59,6 +59,7 @@ from grid_portal.jobs.cell_result import (
     rebuild_error,
     unpack,
 )
+from grid_portal.jobs.cell_session import LeaseSpec
 from grid_portal.protocol import HOLD_ANNOTATION, STAGE_ANNOTATION, STREAM_ANNOTATION
 from grid_portal.pushed import PUSH_ANNOTATION
 
@@ -199,6 +200,7 @@ class CellRun:
         self.cancelled = False
         self._pushed: set[int] = set()  # runs whose result the portal pushed (grid_portal.pushed)
         self.ended: set[int] = set()  # --replicas: runs whose copy 0 sent all its output
+        self.leased: Any = None  # the lease's future while the cell runs in a leased slot
 
     # -- submit ---------------------------------------------------------------------------------
     def requests(self) -> list[dict[str, Any]]:
@@ -220,6 +222,64 @@ class CellRun:
         ]
 
     def submit(self) -> CellRun:
+        """Send the cell: to this kernel's leased slot when one is ready for it
+        (``grid_portal.jobs.cell_session``), else the usual way, as Dask tasks."""
+        session = getattr(self.grid, "cells", None)
+        if session is not None and self._send_leased(session):
+            return self
+        self._submit_tasks()
+        if session is not None:
+            session.went_usual_way(self._lease_spec())
+        return self
+
+    def _lease_spec(self) -> LeaseSpec | None:
+        """The lease this cell could use; None for cells that always go the usual way."""
+        options = self.options
+        if self.map_values is not None or options.keep or options.replicas > 1:
+            return None
+        return LeaseSpec(options.cpus, options.gpus, options.memory, options.where)
+
+    def _send_leased(self, session: Any) -> bool:
+        spec = self._lease_spec()
+        if spec is None:
+            return False
+        check_cell_size({}, len(self.payload))
+        request = {**self.requests()[0], "channel": None}
+        key = f"grid-cell-{self.job_id}-0"
+        self.submitted_at = time.monotonic()
+        lease = session.lease
+        if not session.send(
+            spec, key, self.job_id, self.options.name, self.payload, request, self._on_leased
+        ):
+            return False
+        self.leased = lease.future
+        self._pump_due = False  # output comes with the lease's messages, not a queue
+        return True
+
+    def _on_leased(self, kind: str, data: Any) -> None:
+        """In the client's event loop: what the leased cell's node sent (via the portal)."""
+        if kind == "result" and isinstance(data, bytes):
+            self._on_pushed(0, data)
+        elif kind == "events" and isinstance(data, bytes):
+            from grid_portal.safe_pickle import loads_data
+
+            with contextlib.suppress(Exception):  # output only: the outcome has it all too
+                events = loads_data(data)
+                if isinstance(events, list):
+                    self.inbox.put(("events", 0, [e for e in events if isinstance(e, dict)]))
+        else:
+            self.inbox.put(("lapsed", 0))
+
+    def _lapsed(self) -> None:
+        """The lease could not run the cell (it ended, moved, or was refused): send it the
+        usual way now. Never shown to the user."""
+        if self.leased is None or self.outcomes[0] is not None:
+            return
+        self.leased = None
+        self._pump_due = self.options.stream
+        self._submit_tasks()
+
+    def _submit_tasks(self) -> CellRun:
         check_cell_size({}, len(self.payload) + sum(len(v) for v in self.map_values or ()))
         grid = self.grid
         payload: Any = self.payload
@@ -406,6 +466,8 @@ class CellRun:
                 item = self.inbox.get(timeout=STREAM_AFTER if self._pump_due else tick)
             except queue.Empty:
                 now = time.monotonic()
+                if self.leased is not None and self.leased.done() and not self._pushed:
+                    self._lapsed()  # the lease ended with no word of this cell (a lost node)
                 if status_every is not None and not self.nodes and now - polled >= status_every:
                     polled = now
                     self._poll_nodes(sink)
@@ -458,6 +520,9 @@ class CellRun:
 
     def _handle(self, item: tuple[Any, ...], sink: Sink) -> None:
         kind, index = item[0], item[1]
+        if kind == "lapsed":
+            self._lapsed()
+            return
         if kind == "events":
             self._deliver(index, item[2], sink)
             return

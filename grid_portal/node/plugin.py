@@ -35,6 +35,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
+from grid_portal.node import cell_lease
 from grid_portal.node.probe import TelemetrySampler
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 from grid_portal.settings import given_or
@@ -126,6 +127,7 @@ class NodePlugin(WorkerPlugin):
         worker.startup_information[STARTUP_KEY] = _static_info(self.info)
         worker.metrics[METRIC_KEY] = self.telemetry
         worker.handlers["grid_node_status"] = self.handle_status
+        cell_lease.install_handlers(worker)  # kernels' cells, forwarded to their leases here
         if self.executor is not None:
             self.executor.attach(worker)
         self._reconcile_pc = PeriodicCallback(self.reconcile, RECONCILE_INTERVAL * 1000)

@@ -25,6 +25,7 @@ from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
+from grid_portal.portal.cell_lease import CellLeases
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
 from grid_portal.portal.ledger import EnrolmentBook
@@ -115,6 +116,8 @@ class PortalPlugin(SchedulerPlugin):
         # Plain Dask work (no grid_job) is its client's session job, so it is listed, counted
         # and cancellable like any other.
         self.dask_sessions = DaskSessions(self.jobs)
+        # Kernels' cell sessions: cells forwarded to a leased slot, no graph per cell.
+        self.leases = CellLeases(self.jobs, self._identity_of_client)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
@@ -148,6 +151,7 @@ class PortalPlugin(SchedulerPlugin):
         # The admin answers join requests from the sidebar too, not only from a terminal.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
+        self.leases.install(scheduler)
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
         # telemetry interval keeps the registry at most one interval behind the volunteers.
         self._poll = PeriodicCallback(self.refresh, self.telemetry_interval * 1000 / 2)
@@ -210,6 +214,7 @@ class PortalPlugin(SchedulerPlugin):
     ) -> None:
         annotations = self.dask_sessions.annotate(scheduler, client, tasks, annotations)
         self.scheduling.update_graph(scheduler, client, tasks, annotations)  # workflows
+        self.leases.update_graph(client, annotations)
         for key in annotations.get(PUSH_ANNOTATION, {}):
             ts = scheduler.tasks.get(key)
             if ts is not None:  # the node pushes only what this portal will forward
@@ -282,6 +287,7 @@ class PortalPlugin(SchedulerPlugin):
     ) -> None:
         if self.scheduler is not None:  # workflows: fair share, task records, placement
             self.scheduling.transition(self.scheduler, key, start, finish, kwargs)
+        self.leases.transition(key, start, finish)
         if key not in self.jobs.task_jobs:
             return
         if finish == "processing":
@@ -564,6 +570,7 @@ class PortalPlugin(SchedulerPlugin):
         if record is None or not self._may_see(comm, record.owner):
             raise NotFound(f"no job {job_id!r} that you may cancel; see grid.jobs()")
         keys = self.jobs.cancel(job_id, reason=reason)
+        self.leases.stop(keys)  # leased cells stop on their nodes
         scheduler = self.scheduler
         assert scheduler is not None
         wanted = [k for k in keys if k in scheduler.tasks and scheduler.tasks[k].who_wants]
