@@ -29,7 +29,7 @@ from typing import Any
 
 from grid_portal.errors import GridError, NotAllowed
 from grid_portal.identity import Identity, is_in_process, peer_identity
-from grid_portal.protocol import ADMIN, SCHEDULER, Rule, allowed
+from grid_portal.protocol import ADMIN, DELEGATE, SCHEDULER, Rule, allowed
 
 logger = logging.getLogger("grid_portal.guard")
 
@@ -109,7 +109,10 @@ class Gate:
             reason = "the peer presented no certificate of this grid"
         elif self.is_revoked is not None and self.is_revoked(identity):
             reason = (
-                f"the certificate of {identity.role} {identity.name!r} was revoked by the "
+                f"the credential {identity.name!r} works only while its job runs, and that job "
+                "has ended"
+                if identity.role == DELEGATE
+                else f"the certificate of {identity.role} {identity.name!r} was revoked by the "
                 "portal's admin"
             )
         elif (

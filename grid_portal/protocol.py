@@ -14,6 +14,10 @@ session, never from a message:
 - ``teacher``: a class's teacher: a client who may also see and cancel everyone's jobs and set
   quotas, but runs no code on the portal or outside tasks.
 - ``admin``: the portal's owner (who runs ``grid-portal serve``): everything.
+- ``delegate``: a credential the portal gives one running job of a researcher, named
+  ``<owner>/job/<job id>`` (`delegate_name`), so that the job's own tasks can be Dask clients
+  (``get_client()``): it submits into that job only, as its owner, sees only that job's keys,
+  and dies with the job.
 
 There is no certificate for "the Hub": a Hub user's server enrols as that user (``client`` or
 ``teacher``) through the portal's HTTPS endpoint and is checked like anyone else.
@@ -32,9 +36,11 @@ NODE = "node"
 CLIENT = "client"
 TEACHER = "teacher"
 ADMIN = "admin"
-ROLES = (SCHEDULER, NODE, CLIENT, TEACHER, ADMIN)
+DELEGATE = "delegate"
+ROLES = (SCHEDULER, NODE, CLIENT, TEACHER, ADMIN, DELEGATE)
 
-PEOPLE = frozenset({CLIENT, TEACHER, ADMIN})  # who may be a Dask client
+PEOPLE = frozenset({CLIENT, TEACHER, ADMIN})  # who may use the grid's own handlers
+CLIENTS = PEOPLE | {DELEGATE}  # who may be a Dask client
 STAFF = frozenset({TEACHER, ADMIN})  # who may see everyone's work
 NODES = frozenset({NODE})
 ADMINS = frozenset({ADMIN})
@@ -109,12 +115,25 @@ BOUND_CLIENT = "the client named is one of the caller's own connections"
 FETCHED_INPUTS = "only keys that are inputs of a task the worker runs"
 OWNED_JOB = "the job is the caller's (staff: any); else 'not found'"
 OWNED_QUEUE = "the queue is one the caller made, or (a node) a running task of its streams to it"
+DELEGATED = "; a delegate: only its job's keys, while the job runs"
+
+
+def delegate_name(owner: str, job_id: str) -> str:
+    """The name in a delegated credential: whose job, and which."""
+    return f"{owner}/job/{job_id}"
+
+
+def delegation(name: str) -> tuple[str, str] | None:
+    """(owner, job id) of a delegate's name, or None if it is not one."""
+    owner, sep, job_id = name.rpartition("/job/")
+    return (owner, job_id) if sep and owner and job_id else None
+
 
 # -- the portal's scheduler: request/reply handlers --------------------------------------------
 SCHEDULER_HANDLERS: dict[str, Rule] = {
     # Connecting.
     **_rules(
-        PEOPLE,
+        CLIENTS,
         "connect as a Dask client",
         ["register-client"],
         BOUND_CLIENT,
@@ -137,15 +156,15 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         ["retire_workers"],
         "a node names only its own worker",
     ),
-    **_rules(PEOPLE | NODES, "what a Dask peer asks on connecting", ["identity", "versions"]),
+    **_rules(CLIENTS | NODES, "what a Dask peer asks on connecting", ["identity", "versions"]),
     **_rules(PEOPLE, "client.ncores()", ["ncores", "ncores_running"]),
     # Results of one's own work.
-    **_rules(PEOPLE, "fetch results of one's own tasks", ["gather"], OWNED_KEYS),
+    **_rules(CLIENTS, "fetch results of one's own tasks", ["gather"], OWNED_KEYS + DELEGATED),
     **_rules(
-        PEOPLE | NODES,
+        CLIENTS | NODES,
         "where one's own results are; a node, where its tasks' inputs are",
         ["who_has"],
-        OWNED_KEYS + "; a node: any key it names",
+        OWNED_KEYS + DELEGATED + "; a node: any key it names",
     ),
     **_rules(PEOPLE, "retry one's own erred tasks", ["retry"], OWNED_KEYS),
     **_rules(PEOPLE, "client.scatter", ["scatter"], BOUND_CLIENT + "; keys not others'"),
@@ -235,7 +254,7 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
 # apart, and ``worker`` / ``client`` fields always come from the connection, never the message.
 SCHEDULER_STREAM_OPS: dict[str, Rule] = {
     **_rules(
-        PEOPLE,
+        CLIENTS,
         "a Dask client's own stream",
         [
             "update-graph",
@@ -248,7 +267,10 @@ SCHEDULER_STREAM_OPS: dict[str, Rule] = {
         ],
     ),
     **_rules(
-        PEOPLE, "cancel or ask about one's own tasks", ["cancel-keys", "report-key"], OWNED_KEYS
+        CLIENTS,
+        "cancel or ask about one's own tasks",
+        ["cancel-keys", "report-key"],
+        OWNED_KEYS + DELEGATED,
     ),
     **_rules(PEOPLE, "a %%grid cell's output stream, closed", ["queue_release"], OWNED_QUEUE),
     **_rules(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.metrics import time as dask_time
 
 from grid_portal.identity import Identity
+from grid_portal.portal.delegation import delegation_of, ended
 from grid_portal.protocol import NODE, STAFF, STREAM_ANNOTATION
 
 if TYPE_CHECKING:
@@ -67,9 +68,20 @@ class Access:
         self._refreshed = dask_time()
         revoked = self.enrolments.revoked()
         changed, self.revoked = revoked != self.revoked, revoked
-        return changed
+        return changed or self._delegates_spent()
+
+    def _delegates_spent(self) -> bool:
+        """Whether a connected delegate's job has ended (its connections are to be dropped)."""
+        for role, name in self.client_owner.values():
+            delegated = delegation_of(Identity(role, name, 0))
+            if delegated is not None and ended(self.jobs, delegated, self.revoked):
+                return True
+        return False
 
     def is_revoked(self, identity: Identity) -> bool:
+        delegated = delegation_of(identity)
+        if delegated is not None:  # a job's credential lives only as long as the job runs
+            return ended(self.jobs, delegated, self.revoked)
         if self.enrolments is None:
             return False
         if dask_time() - self._refreshed > 3 * REVOCATION_REFRESH:
@@ -101,6 +113,9 @@ class Access:
 
     # -- ownership ----------------------------------------------------------------------------
     def owns(self, identity: Identity, key: Any) -> bool:
+        delegated = delegation_of(identity)
+        if delegated is not None:  # only its own job's keys, whoever asked for them
+            return self.jobs.task_jobs.get(key) == delegated.job_id
         if identity.role in STAFF:
             return True
         assert self.scheduler is not None

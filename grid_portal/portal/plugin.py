@@ -26,6 +26,7 @@ from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
 from grid_portal.portal.cell_lease import CellLeases
+from grid_portal.portal.delegation import confine, delegation_of
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
 from grid_portal.portal.ledger import EnrolmentBook
@@ -212,6 +213,9 @@ class PortalPlugin(SchedulerPlugin):
         annotations: dict[str, dict[Any, Any]],
         **kwargs: Any,
     ) -> None:
+        delegated = delegation_of(self._identity_of_client(client))
+        if delegated is not None:  # a job's own client: everything it sends is that job's
+            annotations = confine(scheduler, self.jobs, tasks, annotations, delegated)
         annotations = self.dask_sessions.annotate(scheduler, client, tasks, annotations)
         self.scheduling.update_graph(scheduler, client, tasks, annotations)  # workflows
         self.leases.update_graph(client, annotations)
@@ -224,6 +228,8 @@ class PortalPlugin(SchedulerPlugin):
             return
         identity = self._identity_of_client(client)
         default_owner = identity.name if identity is not None else "unknown"
+        if delegated is not None:
+            default_owner = delegated.owner
         # Only the admin (the portal resubmitting after a restart) may name another owner.
         trusted = identity is not None and identity.role == ADMIN
         names = annotations.get(JOB_NAME_ANNOTATION, {})

@@ -1,0 +1,145 @@
+"""Issue 14 point 2: a job's delegated credential, confined to that job, over real TLS.
+
+A real portal and volunteer; researchers Alice and Bob with their own certificates. Alice's
+job ``parent`` runs a long task; a credential of role ``delegate`` for that job (made here with
+the portal's CA, as the portal makes one for a running job) connects as a Dask client: what
+it submits lands in Alice's job, it gathers that job's results only, may use none of the
+grid's own handlers (job lists, cancel), cannot touch Alice's other jobs or Bob's, and stops
+working the moment the job is cancelled or ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import researcher_connection, start_portal, start_volunteer, wait_for
+from gridtasks import plus_one, slow_square
+
+from grid_portal import Grid
+from grid_portal.connection import Connection
+from grid_portal.errors import NotAllowed
+from grid_portal.payload import opened
+from grid_portal.protocol import JOB_ANNOTATION, delegate_name
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("delegation")
+    portal = start_portal(tmp)
+    start_volunteer(portal, tmp, "node-1", "--cpus", "2", "--memory", "2GB")
+    alice = Grid(researcher_connection(portal, tmp, "alice"), start_embedded=False)
+    bob = Grid(researcher_connection(portal, tmp, "bob"), start_embedded=False)
+    yield portal, tmp, alice, bob
+    alice.close()
+    bob.close()
+    portal.stop()
+
+
+def delegate_security(portal: Any, tmp: Path, owner: str, job_id: str) -> Any:
+    """A delegated credential for ``owner``'s job ``job_id``, as the portal's CA signs one."""
+    from grid_portal.portal.security import CertificateAuthority, write_private
+
+    ca = CertificateAuthority.load_or_create(portal.data_dir / "ca")
+    cert, key = ca.issue(delegate_name(owner, job_id), role="delegate", days=1)
+    (tmp / f"delegate-{job_id}.pem").write_text(cert)
+    write_private(tmp / f"delegate-{job_id}-key.pem", key)
+    return Connection(
+        scheduler=portal.scheduler,
+        http=portal.http,
+        ca=str(portal.data_dir / "ca" / "ca.pem"),
+        cert=str(tmp / f"delegate-{job_id}.pem"),
+        key=str(tmp / f"delegate-{job_id}-key.pem"),
+        name=delegate_name(owner, job_id),
+    ).security()
+
+
+def connect(portal: Any, security: Any) -> Any:
+    from grid_portal.daskclient import GridDaskClient
+
+    return GridDaskClient(portal.scheduler, security=security, set_as_default=False, timeout=20)
+
+
+def test_a_delegate_works_inside_its_job_only(site: Any) -> None:
+    import dask
+
+    portal, tmp, alice, bob = site
+    with alice.job("parent", job_id="parent-1") as job_id:
+        running = alice.submit(slow_square, 1, 120)
+    other = alice.submit(plus_one, 1)  # Alice's other job
+    bobs = bob.submit(plus_one, 2)
+    assert (other.result(timeout=60), bobs.result(timeout=60)) == (2, 3)
+    wait_for(lambda: alice.get_job(job_id).state.value == "running", what="the parent job")
+
+    client = connect(portal, delegate_security(portal, tmp, "alice", job_id))
+    try:
+        # Its work runs, in Alice's job, whatever job it names.
+        first = client.submit(plus_one, 41, key="sub-1")
+        with dask.annotate(**{JOB_ANNOTATION: other_job(alice, other.key)}):
+            second = client.submit(plus_one, first, key="sub-2")
+        assert [opened(v) for v in client.gather([first, second])] == [42, 43]
+        tasks = alice.job_tasks(job_id) or {}
+        assert alice.get_job(job_id).owner == "alice"
+        assert {"sub-1", "sub-2"} <= {t["key"] for t in tasks.get("tasks", [])}, tasks
+
+        # Not Alice's other job, not Bob's, not the grid's own handlers.
+        for key in (other.key, bobs.key):
+            with pytest.raises(NotAllowed):
+                client.sync(client.scheduler.gather, keys=[key])
+            with pytest.raises(NotAllowed):
+                client.sync(client.scheduler.who_has, keys=[key])
+        for op, args in (
+            ("grid_jobs", {}),
+            ("grid_job_cancel", {"job_id": job_id}),
+            ("grid_job_result", {"job_id": job_id}),
+            ("grid_nodes", {}),
+        ):
+            with pytest.raises(NotAllowed):
+                client.sync(getattr(client.scheduler, op), **args)
+    finally:
+        client.close()
+    running.cancel()
+
+
+def other_job(grid: Grid, key: str) -> str:
+    """The job id of one of ``grid``'s own keys."""
+    for job in grid.jobs():
+        tasks = grid.job_tasks(job.id) or {}
+        if any(t["key"] == key for t in tasks.get("tasks", [])):
+            return job.id
+    raise AssertionError(f"no job of {key}")
+
+
+def test_a_delegate_dies_with_its_job(site: Any) -> None:
+    from distributed.core import Status
+
+    portal, tmp, alice, _ = site
+    with alice.job("parent", job_id="parent-2") as job_id:
+        running = alice.submit(slow_square, 1, 120)
+    wait_for(lambda: alice.get_job(job_id).state.value == "running", what="the parent job")
+    security = delegate_security(portal, tmp, "alice", job_id)
+    client = connect(portal, security)
+    try:
+        assert opened(client.submit(plus_one, 1, key="before-cancel").result(timeout=60)) == 2
+        alice.cancel(job_id)
+        # Its live connection is dropped, and it is refused from then on.
+        wait_for(lambda: client.status != Status.running, timeout=20, what="the drop")
+    finally:
+        client.close()
+    with pytest.raises(ImportError, match="works only while its job runs"):
+        connect(portal, security).close()  # Dask raises the refusal of its connection so
+    running.cancel()
+
+    # A credential for a job that is over (finished) is refused too.
+    with alice.job("short", job_id="short-1") as finished:
+        done = alice.submit(plus_one, 5)
+    assert done.result(timeout=60) == 6
+    wait_for(lambda: alice.get_job(finished).state.value == "done", what="the job to end")
+    with pytest.raises(ImportError, match="works only while its job runs"):
+        connect(portal, delegate_security(portal, tmp, "alice", finished)).close()
+    # And one naming a job that is someone else's, or none.
+    for owner, job in (("bob", job_id), ("alice", "no-such-job")):
+        with pytest.raises(ImportError, match="works only while its job runs"):
+            connect(portal, delegate_security(portal, tmp, owner, job)).close()
