@@ -103,6 +103,20 @@ def test_faces_use_the_public_client() -> None:
     assert not offenders, "use a public Grid method instead:\n" + "\n".join(offenders)
 
 
+# A comment says why, not which ticket asked for it (the tracker is not in the repository, and
+# a reason outlives it); nor does it send the reader to design notes kept elsewhere.
+TICKET_OR_OUTSIDE_NOTES = re.compile(r"\b[Ii]ssues? \d+|\bDESIGN\.md\b|\bFIELD-NOTES\b")
+
+
+def test_comments_give_reasons_not_ticket_numbers() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if TICKET_OR_OUTSIDE_NOTES.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "say why instead (or name a doc in docs/):\n" + "\n".join(offenders)
+
+
 def test_every_module_is_on_the_architecture_page() -> None:
     page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     missing = [

@@ -1,4 +1,4 @@
-"""OpenAPI paths and schemas of the sidebar's LAN and dashboard endpoints (issues 18 and 19).
+"""OpenAPI paths and schemas of the sidebar's LAN and dashboard endpoints.
 
 Kept beside ``openapi.py`` (which merges them into the one document) so that the handlers
 of ``discovery_handlers.py`` and ``dashboard_handlers.py`` are described next to nothing else.
