@@ -29,6 +29,7 @@ from grid_portal.errors import (
     Unsatisfiable,
     UsageError,
 )
+from grid_portal.jobs.cell_session import CellSession
 from grid_portal.model import CPU, GPU, MEMORY, Capacity, Job, Node, Requirement, new_job_id
 from grid_portal.portals import ENV_PORTALS
 from grid_portal.protocol import RETRIES_ANNOTATION
@@ -122,6 +123,8 @@ class Grid:
         self._reconnect_lock = threading.Lock()
         # Small results of grid_push tasks (%%grid cells) that arrive with their completion.
         self.pushed = PushedResults()
+        # %%grid cells after the first go to a slot leased for this kernel (jobs/cell_session.py).
+        self.cells = CellSession(self)
         try:
             self._client = self._new_client(connection, timeout)
         except (OSError, TimeoutError) as exc:
@@ -201,6 +204,7 @@ class Grid:
                     "new token and log in again (`grid-portal login`)"
                 ) from None
         self.pushed.attach(client)
+        self.cells.attach(client)
         _attach_data_only(client, self.trust)
         client.session_job = self._session_job  # its plain Dask work: this session's job
         return client
@@ -376,6 +380,11 @@ class Grid:
 
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
+
+    def send_to_portal(self, message: dict[str, Any]) -> None:
+        """One message on this client's own stream to the portal, with no reply (a cell for
+        the cell session's lease, grid_portal.jobs.cell_session); the portal checks its op."""
+        self.client._send_to_scheduler(message)
 
     # -- jobs -------------------------------------------------------------------------------
     @contextlib.contextmanager
