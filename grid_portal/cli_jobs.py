@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grid_portal.errors import GridError
+from grid_portal.errors import GridError, NotFound
 from grid_portal.units import duration_arg
 
 LEDGER_FILE = "ledger.sqlite"  # grid_portal.portal.ledger.LEDGER_FILE, without importing it
@@ -190,9 +190,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _finish(grid: Any, job: Any, dest: Path, as_json: bool, console: Any) -> int:
-    """Report a finished workflow; bring its outputs back when it succeeded."""
+    """Report a finished workflow; bring its outputs back: all of them when it succeeded,
+    those of the items that succeeded when some failed."""
     from grid_portal.jobs.workflow import (
         describe_outputs,
+        failed_items,
         release_outputs,
         save_outputs,
         workflow_outputs,
@@ -201,11 +203,23 @@ def _finish(grid: Any, job: Any, dest: Path, as_json: bool, console: Any) -> int
 
     written: list[Path] = []
     lines: list[str] = []
-    if job.state is JobState.DONE:
-        outputs = workflow_outputs(grid, job.id)
+    if job.state in (JobState.DONE, JobState.FAILED):
+        try:
+            outputs = workflow_outputs(grid, job.id, partial=True)
+        except NotFound:  # a job that failed as a whole (fail: job) keeps nothing
+            outputs = {}
+        failed = failed_items(outputs)
         written = save_outputs(outputs, dest)
-        lines = describe_outputs(outputs)
-        release_outputs(grid, job.id)
+        lines = describe_outputs(
+            {s: v for s, v in outputs.items() if not isinstance(v, BaseException)}
+        )
+        lines += [
+            f"{stage}{'' if item is None else f'[{item}]'}: failed: {type(e).__name__}: {e}"
+            for stage, errors in failed.items()
+            for item, e in errors.items()
+        ]
+        if outputs:
+            release_outputs(grid, job.id)
     if as_json:
         data = job.to_dict()
         data["files"] = [str(p) for p in written]

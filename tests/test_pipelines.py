@@ -18,6 +18,7 @@ import pytest
 from conftest import Portal, grid_portal_command, start_portal, start_volunteer, wait_for
 
 from grid_portal.jobs.spec import load_spec
+from grid_portal.jobs.workflow import failed_items, workflow_outputs
 from grid_portal.model import JobState
 
 CPU_NODES = {"cpu-a", "cpu-b"}
@@ -88,7 +89,9 @@ def run(grid: Any, spec: dict[str, Any], timeout: float = 60) -> Any:
     return grid.get_job(job.id)
 
 
-def test_items_stream_through_stages_placed_by_where_and_fail_alone(portal: Portal) -> None:
+def test_items_stream_through_stages_placed_by_where_and_fail_alone(
+    portal: Portal, tmp_path: Path
+) -> None:
     # Decoding spans about 1.5 s: longer than a job's first task processes take to start on
     # the mid node (a fresh sandbox per job), so "no barrier" is what the test measures.
     spec = three_stages(
@@ -131,6 +134,25 @@ def test_items_stream_through_stages_placed_by_where_and_fail_alone(portal: Port
         timeout=60,
     ).stdout
     assert "items: the stage each is in" in shown and "encode@mid" in shown
+    # The 39 items that got through are kept and reachable; the broken one says why.
+    with portal.grid() as grid:
+        outputs = workflow_outputs(grid, job.id, partial=True)
+    verify = outputs["verify"]
+    assert [v["item"] for i, v in enumerate(verify) if i != 7] == [i for i in range(40) if i != 7]
+    assert [verify[i]["path"][1] for i in (0, 39)] == ["mid", "mid"]
+    (broken,) = failed_items(outputs)["verify"].items()
+    assert broken[0] == 7 and "item 7 is broken" in str(broken[1])
+    fetched = subprocess.run(
+        grid_portal_command(
+            "job", job.id, "--fetch", str(tmp_path / "out"), "--portal", portal.connection_file
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fetched.returncode != 0, fetched.stdout + fetched.stderr  # the job failed...
+    assert "verify[7]: failed: ValueError: item 7 is broken" in fetched.stdout  # ...this item
+    assert "verify: [{" in fetched.stdout  # and the others came back
 
 
 def test_the_next_stage_runs_where_its_input_is_when_it_fits_there(portal: Portal) -> None:

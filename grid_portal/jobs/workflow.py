@@ -157,21 +157,36 @@ def held_outputs(grid: Grid, job_id: str) -> dict[str, list[Any]]:
     return grid.held_keys(job_id)  # NotFound, UsageError
 
 
-def workflow_outputs(grid: Grid, job_id: str) -> dict[str, Any]:
+def workflow_outputs(grid: Grid, job_id: str, *, partial: bool = False) -> dict[str, Any]:
     """A workflow's kept outputs (last stages, stages with output files), by stage; a map
     stage's as a list in map order.
 
-    Raises the task's error when one failed, GridError when the job has no held outputs
-    (not a workflow, not yours, already fetched and released, or expired).
+    Raises the task's error when one failed, unless ``partial``: then the items that
+    succeeded are there and a failed item's place holds its error (an exception; see
+    :func:`failed_items`). GridError when the job has no held outputs (not a workflow, not
+    yours, already fetched and released, or expired).
     """
-    held = held_outputs(grid, job_id)
     out: dict[str, Any] = {}
-    futures = {stage: grid.futures_for(keys) for stage, keys in held.items()}
-    for stage, keys in held.items():
-        values = grid.client.gather(futures[stage])
-        mapped = all(isinstance(k, tuple) for k in keys)
-        out[stage] = values if mapped else values[0]
+    for stage, items in grid.held_results(job_id).items():
+        values = []
+        for _, value, error in items:
+            if error is not None and not partial:
+                raise error
+            values.append(value if error is None else error)
+        out[stage] = values if items and items[0][0] is not None else values[0]
     return out
+
+
+def failed_items(outputs: Mapping[str, Any]) -> dict[str, dict[int | None, BaseException]]:
+    """In ``workflow_outputs(..., partial=True)``: each stage's failed items and their
+    errors (item None: the stage's one task)."""
+    failed: dict[str, dict[int | None, BaseException]] = {}
+    for stage, value in outputs.items():
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for item, v in items:
+            if isinstance(v, BaseException):
+                failed.setdefault(stage, {})[item] = v
+    return failed
 
 
 def release_outputs(grid: Grid, job_id: str) -> bool:
