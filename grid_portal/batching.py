@@ -27,8 +27,9 @@ Progress per item: a batch task carries the ``grid_items`` annotation (how many 
 holds), and the probes carry ``grid_sweep_items`` (how many items are still to come), so the
 portal's job counts items, knows the sweep's total from its first task and does not call the
 job done between the probe and the rest (``grid_portal.portal.jobs``). An item that raised
-inside a batch that finished counts as done in the job's counters (the portal sees tasks, not
-what is inside their results); its error is the item's own in the kernel.
+inside a batch that finished counts as failed: the batch task says how many of its items raised
+(``note_failed_items``: Dask's task metadata, sent with its completion; the portal never opens
+the results themselves), and the job ends failed; the error is the item's own in the kernel.
 
 What comes back from a node is plain data (floats, strings, bytes): each item's value is
 pickled on its own on the node and opened here as data only (``grid_portal.safe_pickle``),
@@ -52,6 +53,7 @@ from typing import Any
 
 from grid_portal.errors import RemoteError, UntrustedResult, UsageError
 from grid_portal.model import CPU
+from grid_portal.protocol import FAILED_ITEMS_METADATA
 
 TARGET_SECONDS = 0.1  # how long one batch task should run
 PROBE_ITEMS = 2  # items sent as tasks of their own to time the function
@@ -88,7 +90,38 @@ def run_batch(calls: Sequence[tuple[Any, ...]], fn: bytes, kwargs: dict[str, Any
         except Exception as exc:  # noqa: BLE001 - the item's own error, kept for it
             seconds = clock() - started
             out.append((seconds, None, *_error_entry(exc)))
+    _say_failed(sum(1 for entry in out if entry[1] is None))
     return out
+
+
+def _say_failed(count: int) -> None:
+    """Tell the portal, through this task's worker, how many items raised: the task itself
+    finished, and the portal counts the items inside it as done unless told. Outside a grid
+    worker (a test, a plain Dask worker) there is no one to tell."""
+    if not count:
+        return
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return
+    emit = getattr(worker, "grid_emit", None)
+    with contextlib.suppress(Exception):  # the items' own errors still reach the researcher
+        if emit is not None:  # a sandboxed task process: its channel to the worker
+            emit("failed_items", {"count": count})
+        else:  # in the worker itself
+            note_failed_items(worker, thread_state.key, count)
+
+
+def note_failed_items(worker: Any, key: Any, count: int) -> None:
+    """Record in the worker's state of a batch task how many of its items raised: Dask sends a
+    task's ``metadata`` with its completion, and the portal counts those items as failed
+    (they are inside the task's opaque value, which nothing on the way opens)."""
+    ts = worker.state.tasks.get(key)
+    if ts is not None:
+        ts.metadata[FAILED_ITEMS_METADATA] = count
 
 
 def _run_awaitable(value: Any) -> Any:

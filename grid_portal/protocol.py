@@ -63,6 +63,8 @@ AGREED_ANNOTATION = "grid_agreed"  # the task that hands on the copies' agreed v
 ITEMS_ANNOTATION = "grid_items"  # a batch task of a sweep: how many items it runs
 SWEEP_ANNOTATION = "grid_sweep_items"  # a sweep's probe tasks: how many items are still to come
 RETRIES_ANNOTATION = "grid_retries"  # retries given: a lost node counts as a try too
+# Task metadata a node sends with a task's completion (Dask's task-finished ``metadata``).
+FAILED_ITEMS_METADATA = "grid_failed_items"  # a batch task: how many of its items raised
 
 # -- messages the grid adds to Dask's streams -------------------------------------------------
 PUSH_OP = "grid-pushed-result"  # node -> portal -> client: a small finished result

@@ -57,9 +57,22 @@ def test_a_sweep_is_batched_with_per_item_results_errors_and_order(
         assert all(f.seconds is not None and f.seconds >= 0 for f in items)
         job = _job(grid, job_id)
         # The job counts items, not batch tasks; an item that raised inside a batch that
-        # finished counts as done (its error is the item's own, in the kernel).
-        assert (job.tasks_total, job.tasks_done + job.tasks_failed) == (300, 300)
-        assert job.state is JobState.DONE
+        # finished counts as failed (its node says how many did), not as done.
+        assert (job.tasks_total, job.tasks_done, job.tasks_failed) == (300, 298, 2)
+        assert job.state is JobState.FAILED and "items of a batch raised" in job.error
+
+
+def test_items_that_raise_in_a_batch_run_in_the_worker_count_as_failed(
+    portal: Portal, tmp_path: Path
+) -> None:
+    """The same on a node without a sandbox, where a batch runs in the worker itself."""
+    start_volunteer(portal, tmp_path, "bare", "--cpus", "2", "--memory", "1GB", "--sandbox", "none")
+    with portal.grid() as grid:
+        with grid.job("sweep") as job_id:
+            items = grid.map(square_or_fail, range(100), bad=(50, 51, 52))
+        assert sum(f.exception() is not None for f in items) == 3
+        job = _job(grid, job_id)
+        assert (job.tasks_done, job.tasks_failed, job.state) == (97, 3, JobState.FAILED)
 
 
 def test_an_error_that_is_not_builtin_arrives_as_remote_error_for_that_item_only(

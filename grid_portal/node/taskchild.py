@@ -16,6 +16,8 @@ task runs it may send the worker two kinds of message, each answered before it r
 
 - ``("queue_put", {"name": ..., "data": ...})``: put plain data into a Dask ``Queue``;
 - ``("store_result", {"job_id": ..., "data": bytes})``: keep a job's result at the portal;
+- ``("failed_items", {"count": n})``: a batch task's items that raised, which its worker sends
+  with the task's completion (the worker answers it itself);
 
 and the worker forwards them to the scheduler only for the names the task came with (its
 ``grid_stream`` and ``grid_job`` annotations; see ``TaskProcessExecutor``). Nothing else of the
@@ -190,7 +192,7 @@ class WorkerView:
 
 
 # -- the task's channel to its worker ------------------------------------------------------------
-EMIT_KINDS = ("queue_put", "store_result")
+EMIT_KINDS = ("queue_put", "store_result", "failed_items")
 
 
 class TaskChannel:

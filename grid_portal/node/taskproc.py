@@ -80,7 +80,11 @@ from grid_portal.isolation import Confinement, confined, is_self_isolating
 from grid_portal.node.taskchild import BOOT, PipeRefused, memory_error_text, recv_plain, send
 from grid_portal.node.taskzygote import ForkedProcess, ForkServer, can_fork
 from grid_portal.proctree import tree_rss
-from grid_portal.protocol import JOB_ANNOTATION, STREAM_ANNOTATION  # noqa: F401 - names of the wire contract
+from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
+    ITEMS_ANNOTATION,
+    JOB_ANNOTATION,
+    STREAM_ANNOTATION,
+)
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -179,6 +183,7 @@ class _Grant:
 
     job: str | None = None  # may keep this job's result at the portal
     stream: str | None = None  # may put into this Dask Queue
+    items: int = 0  # a batch task of this many items may say how many of them raised
 
     def refusal(self, kind: Any, payload: Any) -> str | None:
         """Why this message may not go out; None if it may."""
@@ -198,6 +203,11 @@ class _Grant:
                 return "this task may only keep the result of its own job (grid_job)"
             if not isinstance(payload.get("data"), bytes):
                 return "a result to keep is bytes"
+            return None
+        if kind == "failed_items":
+            count = payload.get("count")
+            if not self.items or type(count) is not int or not 0 <= count <= self.items:
+                return "only a batch task says how many of its items raised (0 to its items)"
             return None
         return f"unknown message kind {kind!r}"
 
@@ -727,9 +737,11 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         ts = worker.state.tasks.get(key) if worker is not None else None
         annotations = (ts.annotations if ts is not None else None) or {}
         job, stream = annotations.get(JOB_ANNOTATION), annotations.get(STREAM_ANNOTATION)
+        items = annotations.get(ITEMS_ANNOTATION)
         return _Grant(
             job=job if isinstance(job, str) else None,
             stream=stream if isinstance(stream, str) else None,
+            items=items if type(items) is int and items > 0 else 0,
         )
 
     def _forward(self, key: Any, grant: _Grant, message: Any) -> dict[str, Any]:
@@ -746,6 +758,11 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             logger.warning("refused a message from grid task %r: %s", key, problem)
             return {"ok": False, "refused": True, "error": problem}
         assert worker is not None and isinstance(payload, dict)
+        if kind == "failed_items":  # the worker's own: it goes with the task's completion
+            from grid_portal.batching import note_failed_items
+
+            note_failed_items(worker, key, payload["count"])
+            return {"ok": True, "reply": None}
 
         async def call() -> Any:
             scheduler = worker.scheduler  # the worker's pooled rpc, on its node certificate

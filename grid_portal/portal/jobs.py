@@ -320,7 +320,11 @@ class JobBook:
             record.nodes.append(node)
         self._touch(record)
 
-    def task_finished(self, key: str, ok: bool, error: str | None = None) -> None:
+    def task_finished(
+        self, key: str, ok: bool, error: str | None = None, failed_items: int = 0
+    ) -> None:
+        """``failed_items``: of a batch task that finished, how many items raised inside it
+        (its node says so; at most the items it runs)."""
         job_id = self.task_jobs.get(key)
         record = self.jobs.get(job_id) if job_id else None
         if record is None or key in record.counted:
@@ -328,7 +332,14 @@ class JobBook:
         record.counted.add(key)
         weight = record.weights.get(key, 1)
         if ok:
-            record.tasks_done += weight
+            failed = min(max(0, failed_items), weight)
+            record.tasks_done += weight - failed
+            if failed:
+                record.tasks_failed += failed
+                record.error = record.error or (
+                    f"{failed} of the {weight} items of a batch raised; each item's "
+                    "exception() says why"
+                )
         else:
             record.tasks_failed += weight
             record.error = record.error or error

@@ -37,6 +37,7 @@ from grid_portal.portal.scheduling import Scheduling
 from grid_portal.portal.sessions import DaskSessions
 from grid_portal.protocol import (  # noqa: F401 - annotation names re-exported for portal code
     ADMIN,
+    FAILED_ITEMS_METADATA,
     ITEMS_ANNOTATION,
     JOB_ANNOTATION,
     JOB_KIND_ANNOTATION,
@@ -301,7 +302,9 @@ class PortalPlugin(SchedulerPlugin):
             ws = ts.processing_on if ts is not None else None
             self.jobs.task_started(key, str(ws.name) if ws is not None else None)
         elif finish == "memory":
-            self.jobs.task_finished(key, ok=True)
+            # A batch task whose items raised says how many (grid_portal.batching).
+            failed = (kwargs.get("metadata") or {}).get(FAILED_ITEMS_METADATA)
+            self.jobs.task_finished(key, ok=True, failed_items=_count(failed))
         elif finish == "erred":
             ts = self.scheduler.tasks.get(key) if self.scheduler else None
             text = getattr(ts, "exception_text", None) or "the task failed"
