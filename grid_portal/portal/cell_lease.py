@@ -136,22 +136,23 @@ class CellLeases:
             self._to_client(client, lapsed)
             return
         existing = self.jobs.jobs.get(job)
-        if existing is not None and existing.owner != held.owner:
+        if existing is not None and (
+            existing.owner != held.owner or existing.state is JobState.CANCELLED
+        ):
             self._to_client(client, lapsed)  # the usual way refuses it, and says why
             return
-        record = self.jobs.ensure(
-            job, owner=held.owner, name=name if isinstance(name, str) else None, kind="cell"
-        )
-        if record.state is JobState.CANCELLED:
-            self._to_client(client, lapsed)
-            return
-        self.jobs.add_tasks(job, [cell])
-        self.jobs.task_started(cell, held.node)
-        self.cells[cell] = _Cell(lease, held.worker, client)
         message = {"op": CELL_RUN_OP, "lease": lease, "cell": cell}
         if not self._to_worker(held.worker, {**message, "payload": payload, "request": request}):
-            del self.cells[cell]
             self._to_client(client, lapsed)
+            return
+        # Recorded once on its way (one event-loop turn, before any answer can be read):
+        # the cell is the task of its own job, as a cell sent the usual way is.
+        self.cells[cell] = _Cell(lease, held.worker, client)
+        self.jobs.ensure(
+            job, owner=held.owner, name=name if isinstance(name, str) else None, kind="cell"
+        )
+        self.jobs.add_tasks(job, [cell])
+        self.jobs.task_started(cell, held.node)
 
     def handle_out(
         self,
@@ -184,10 +185,10 @@ class CellLeases:
             self._to_client(running.client, out)
         elif kind == "result" and isinstance(data, bytes):
             del self.cells[cell]
+            self._to_client(running.client, {**out, "data": data})
             if state != "cancelled":
                 text = error[:MAX_REASON_LENGTH] if isinstance(error, str) else "the cell failed"
                 self.jobs.task_finished(cell, ok=state == "ok", error=text)
-            self._to_client(running.client, {**out, "data": data})
 
     # -- sending --------------------------------------------------------------------------------
     def _runs_on(self, lease: str, worker: str) -> bool:
