@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a private portal on loopback with this machine as its volunteer (what Grid() "
         "starts when nothing is configured)",
     )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="run Dask's dashboard, on loopback only, for the admin's JupyterLab on this "
+        "machine (Grid sidebar; needs bokeh): it shows everyone's work",
+    )
     p.add_argument("--cpus", type=int, help="with --embedded: CPUs the local volunteer lends")
     p.add_argument(
         "--memory",
@@ -410,6 +416,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # The flags given, over the configuration (grid-portal.portal.*).
             **settings.merged("portal", vars(args)),
         )
+        config.dashboard = args.dashboard
         __import__("grid_portal.cli_discovery").cli_discovery.serve_companions(args, config)
 
         def ready(info: Any) -> None:

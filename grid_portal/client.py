@@ -378,6 +378,10 @@ class Grid:
         """The admin approves or denies a join request (after comparing its pairing code)."""
         return self._call("grid_join_decide", request_id=request_id, approve=approve)
 
+    def dashboard_url(self) -> str | None:
+        """The admin only: the loopback URL of the portal's Dask dashboard; None when off."""
+        return (self._call("grid_dashboard") or {}).get("url")
+
     def whoami(self) -> dict[str, Any] | None:
         return self._call("grid_whoami")
 

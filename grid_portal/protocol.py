@@ -229,6 +229,12 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         ["grid_join_requests", "grid_join_decide"],
         refusal="only the portal's admin answers join requests",
     ),
+    **_rules(
+        ADMINS,
+        "where the portal's own Dask dashboard listens (loopback), for the admin's proxy",
+        ["grid_dashboard"],
+        refusal="only the portal's admin may see the Dask dashboard: it shows everyone's work",
+    ),
     # Read-only views of everyone's tasks: for those who may see everyone's work.
     **_rules(
         STAFF,

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BUILT_EXTENSION = REPO / "grid_portal" / "labextension"
 CHROMIUM = Path("/usr/bin/chromium")
+WAIT_MS = 30_000  # what a page expectation waits: the machine has 2 cores, shared
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -213,6 +216,22 @@ def start_lab(
     return lab
 
 
+def http(lab: Lab, method: str, path: str, token: bool = True) -> tuple[int, str]:
+    """A request to ``path`` (under the server's base URL) over real HTTP, with the server's
+    token unless ``token`` is False: (status, body text). Errors are answers, not raised."""
+    request = urllib.request.Request(
+        f"{lab.base}{path}",
+        method=method,
+        data=b"{}" if method == "POST" else None,
+        headers={"Authorization": f"token {lab.token}"} if token else {},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
 # -- the browser --------------------------------------------------------------------------------
 
 # Console errors that are not ours and say nothing about the sidebar. Each entry is a regular
@@ -250,6 +269,34 @@ class ConsoleLog:
             for e in self.errors[since:]
             if _OURS.search(e) and not any(re.search(n, e) for n in CONSOLE_NOISE)
         ]
+
+
+# -- fixtures for modules that drive their own servers and browser -----------------------------
+# Import them by name into a test module (pytest finds fixtures in its namespace).
+
+
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop() -> Iterator[None]:
+    """Override pytest-jupyter's autouse event-loop fixture (the REST API tests load that
+    plugin, and pytest then applies it to every later test): Playwright's sync API runs its
+    own loop for the whole module, which that fixture would try to close after each test."""
+    yield None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup() -> Iterator[None]:
+    """Likewise: such a module runs its own `jupyter lab` processes, not pytest-jupyter's."""
+    yield None
+
+
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[Any]:
+    """One headless Chromium for the module; page expectations wait up to WAIT_MS."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 @contextmanager

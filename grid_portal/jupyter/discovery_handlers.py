@@ -21,9 +21,8 @@ from tornado import web
 
 from grid_portal.errors import GridError, NotFound, UsageError
 from grid_portal.jupyter.discovered import DiscoveredHandler, cache_of, portal_configured
-from grid_portal.jupyter.handlers import ApiError, GridHandler, api_error
+from grid_portal.jupyter.handlers import ApiError, GridHandler, api_error, require_admin
 from grid_portal.jupyter.joins import LanJoins
-from grid_portal.protocol import ADMIN
 
 MAX_NAME = 63  # a DNS label, as the portal allows
 
@@ -99,16 +98,11 @@ class JoinStatusHandler(GridHandler):
 
 class _AdminHandler(GridHandler):
     async def require_admin(self) -> None:
-        try:
-            role = await self.portal.role()
-        except GridError as exc:
-            raise api_error(exc) from None
-        if role != ADMIN:
-            raise ApiError(
-                403,
-                "only the portal's admin answers join requests; this server is connected as "
-                f"{role or 'nobody'}. Ask the admin (who runs `grid-portal requests`).",
-            )
+        await require_admin(
+            self.portal,
+            "only the portal's admin answers join requests (with `grid-portal requests`, or "
+            "in the sidebar)",
+        )
 
 
 class JoinRequestsHandler(_AdminHandler):

@@ -29,7 +29,7 @@ from grid_portal import __version__
 from grid_portal.errors import ConnectionFailed, GridError, Unsatisfiable
 from grid_portal.jupyter.openapi import API_VERSION, openapi_json
 from grid_portal.jupyter.service import GridPortal
-from grid_portal.protocol import STAFF
+from grid_portal.protocol import ADMIN, STAFF
 
 if TYPE_CHECKING:
     from grid_portal.client import Grid
@@ -138,6 +138,16 @@ class GridHandler(_JsonErrors, APIHandler):
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(_dumps(data))
+
+
+async def require_admin(portal: GridPortal, refusal: str) -> None:
+    """403 with ``refusal`` unless this server's portal certificate is the portal's admin's."""
+    try:
+        role = await portal.role()
+    except GridError as exc:
+        raise api_error(exc) from None
+    if role != ADMIN:
+        raise ApiError(403, f"{refusal}; this server is connected as {role or 'nobody'}")
 
 
 def _dumps(data: Any) -> str:
@@ -459,10 +469,15 @@ class EventsHandler(_JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jup
         self.portal.events.unsubscribe(self)
 
 
-def _lan_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:
-    from grid_portal.jupyter.discovery_handlers import lan_routes  # it imports this module
+def _sidebar_routes(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
+    """Portals on the LAN and joining them, a job's task stream, the admin's Dask dashboard."""
+    from grid_portal.jupyter.dashboard_proxy import dashboard_routes  # they import this module
+    from grid_portal.jupyter.discovery_handlers import lan_routes
+    from grid_portal.jupyter.taskstream import JobTasksHandler
 
-    return lan_routes(api)
+    api = url_path_join(base_url, "grid", "api")
+    tasks = (url_path_join(api, "jobs", "([^/]+)", "tasks"), JobTasksHandler)
+    return [*lan_routes(api), tasks, *dashboard_routes(base_url)]
 
 
 def _output_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:
@@ -486,6 +501,6 @@ def handlers(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
         (url_path_join(api, "whoami"), WhoamiHandler),
         (url_path_join(api, "openapi.json"), OpenAPIHandler),
         (url_path_join(api, "events"), EventsHandler),
-        *_lan_routes(api),  # portals on the LAN, joining one, answering join requests
+        *_sidebar_routes(base_url),
         (url_path_join(base_url, "grid") + "(/.*)?", NotFoundHandler),
     ]

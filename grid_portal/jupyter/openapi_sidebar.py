@@ -92,6 +92,52 @@ SCHEMAS: dict[str, Any] = {
     ),
     "JoinState": _object({"join": {"oneOf": [_ref("JoinStatus"), {"type": "null"}]}}, ["join"]),
     "JoinRequest": _JOIN_REQUEST,
+    "JobTaskStream": _object(
+        {
+            "job": _ref("Job"),
+            "now": {"type": "number", "description": "The server's clock, for running bars."},
+            "stages": {
+                "type": "array",
+                "description": "Per stage: tasks in all and by state, and the nodes used.",
+                "items": _object(
+                    {
+                        "stage": _STR,
+                        "tasks": {"type": "integer"},
+                        "queued": {"type": "integer"},
+                        "running": {"type": "integer"},
+                        "done": {"type": "integer"},
+                        "failed": {"type": "integer"},
+                        "cancelled": {"type": "integer"},
+                        "nodes": {"type": "array", "items": _STR},
+                    },
+                    ["stage", "tasks", "nodes"],
+                ),
+            },
+            "tasks": {
+                "type": "array",
+                "description": "Each task: where it ran and when (started: given to its node, "
+                "then when it computed; finished: null while it runs).",
+                "items": _object(
+                    {
+                        "key": _STR,
+                        "stage": _STR,
+                        "item": {"type": ["integer", "null"]},
+                        "node": _STR_OR_NULL,
+                        "state": {
+                            "type": "string",
+                            "enum": ["queued", "running", "done", "failed", "cancelled"],
+                        },
+                        "started": _NUM_OR_NULL,
+                        "finished": _NUM_OR_NULL,
+                        "attempts": {"type": "integer"},
+                    },
+                    ["key", "stage", "node", "state", "started", "finished"],
+                ),
+            },
+            "truncated": {"type": "boolean", "description": "Only the latest tasks are listed."},
+        },
+        ["job", "now", "stages", "tasks", "truncated"],
+    ),
     "JoinRequests": _object(
         {"requests": {"type": "array", "items": _ref("JoinRequest")}}, ["requests"]
     ),
@@ -151,6 +197,19 @@ def paths(operation: Any, json_body: Any, path_parameter: Any, flag: Any) -> dic
                         }
                     },
                 },
+            )
+        },
+        "/jobs/{job_id}/tasks": {
+            "get": operation(
+                "One of your jobs as a task stream: each task's node, stage, state and times",
+                {
+                    "200": json_body("JobTaskStream", "The job, its stages and its tasks."),
+                    "404": error("Error", "No such job, or not yours."),
+                },
+                description="What Dask's dashboard shows as its task stream, limited to your "
+                "own job (the sidebar polls it while a job's view is open).",
+                operationId="getJobTasks",
+                parameters=[path_parameter("job_id", "The job's id.")],
             )
         },
         "/requests": {

@@ -25,6 +25,7 @@ from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
+from grid_portal.portal.dashboard import DashboardAddress
 from grid_portal.portal.cell_lease import CellLeases
 from grid_portal.portal.delegation import confine, delegation_of
 from grid_portal.portal.jobs import JobBook, spec_problem
@@ -115,6 +116,8 @@ class PortalPlugin(SchedulerPlugin):
         # Workflows: placement, fair share, task records; see portal/scheduling.py.
         self.scheduling = Scheduling(self, ledger_path)
         self.ledger_path = ledger_path
+        # Where Dask's dashboard listens, for the admin's proxy (`serve --dashboard`).
+        self.dashboard = DashboardAddress()
         # Plain Dask work (no grid_job) is its client's session job, so it is listed, counted
         # and cancellable like any other.
         self.dask_sessions = DaskSessions(self.jobs)
@@ -152,6 +155,7 @@ class PortalPlugin(SchedulerPlugin):
         scheduler.handlers.update(self.scheduling.handlers())  # workflows
         # The admin answers join requests from the sidebar too, not only from a terminal.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
+        scheduler.handlers.update(self.dashboard.handlers())
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         self.leases.install(scheduler)
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the

@@ -67,6 +67,7 @@ class ProcessSettings:
     # Dask settings for this process's scheduler: grid-portal.portal.scheduler-dask.
     scheduler_dask: dict[str, Any]
     verbose: bool = False
+    dashboard: bool = False  # Dask's dashboard on loopback, for the admin (portal/dashboard.py)
 
 
 # -- the channel ------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
 
     from grid_portal.connection import CONNECTION_FILE
     from grid_portal.portal.contributions import ContributionsPlugin
+    from grid_portal.portal.dashboard import LOOPBACK, http_routes
     from grid_portal.portal.ledger import LEDGER_FILE
     from grid_portal.portal.plugin import PortalPlugin
     from grid_portal.portal.security import tls_security
@@ -198,18 +200,19 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     # quieter timers, faster work stealing: grid-portal.portal.scheduler-dask) are set here for
     # the whole process, once, where the enrolment process's configuration put them.
     apply_dask_settings(settings.scheduler_dask)
+    routes = http_routes(settings.dashboard)
     try:
         # Dask's scheduler always runs a plain-HTTP server (dashboard, /info, metrics) that
-        # would show the grid's workers to anyone: give it no routes, on loopback, on a spare
-        # port.
-        with dask.config.set({"distributed.scheduler.http.routes": []}):
+        # would show the grid's workers to anyone: give it no routes (unless --dashboard), on
+        # loopback, on a spare port.
+        with dask.config.set({"distributed.scheduler.http.routes": routes}):
             scheduler = Scheduler(
                 host=settings.host,
                 port=settings.port,
                 protocol="tls",
                 security=security,
-                dashboard=False,
-                dashboard_address="127.0.0.1:0",
+                dashboard=settings.dashboard,
+                dashboard_address=LOOPBACK,  # never another interface
                 plugins=[plugin, contributions],
                 # Our plugin declares silent nodes offline after node_timeout; Dask's own
                 # check stays as a backstop.
@@ -227,6 +230,8 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
         return 1
     # The public status page reads the plugin's live registry, so it is served here, on a Unix
     # socket in the 0700 data dir; the enrolment process relays it on the public HTTPS port.
+    if settings.dashboard:
+        plugin.dashboard.started(scheduler)
     status_server = tornado.httpserver.HTTPServer(
         tornado.web.Application(status_routes(plugin, contributions))
     )

@@ -55,6 +55,8 @@ class PortalConfig:
     scheduler_dask: dict[str, Any] = field_from("portal.scheduler-dask")
     # A grid_portal.portal.hub.HubSettings when run as a JupyterHub service.
     jupyterhub: Any = None
+    # Dask's dashboard on loopback, for the admin's JupyterLab (portal/dashboard.py).
+    dashboard: bool = False
     # Extra things to run in the portal's event loop once it is up (the embedded volunteer).
     companions: list[Callable[[PortalInfo], Awaitable[Any]]] = field(default_factory=list)
 
@@ -162,6 +164,7 @@ async def run_portal(
                 cert_file=str(cert_path),
                 key_file=str(key_path),
                 status_socket=str(status_socket),
+                dashboard=config.dashboard,
                 telemetry_interval=config.telemetry_interval,
                 offline_retention=config.offline_retention,
                 node_timeout=config.node_timeout,

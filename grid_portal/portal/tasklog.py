@@ -151,6 +151,9 @@ class TaskLog:
         if record is None:
             return
         record.state, record.node = RUNNING, node or record.node
+        # When it went to its node, so a live task stream can draw it; replaced by when it
+        # really computed once it finishes (Dask's startstops).
+        record.started = time.time()
         record.attempts += 1
         self._touch(record)
 

@@ -1,5 +1,5 @@
 /**
- * Portals on this network, and join requests for the admin (issue 19).
+ * Portals on this network, and join requests for the admin.
  *
  * - "On this network" (`.gp-lan`): while this Jupyter server has no portal configured, the
  *   portals it found on the LAN (browsers cannot do mDNS; the server browses), each with
@@ -78,8 +78,13 @@ export function formatCode(code: string): string {
 export class LanSection {
   readonly node = h('section', { class: 'gp-lan', hidden: true });
 
-  constructor(settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {
+  /** `onChange` runs when whether this server has a portal is learnt, and after a join. */
+  constructor(
+    onChange: () => void = () => undefined,
+    settings: ServerConnection.ISettings = ServerConnection.makeSettings()
+  ) {
     this._settings = settings;
+    this._onChange = onChange;
     const refresh = h('button', { class: 'gp-lan-refresh jp-Button', type: 'button', title: 'Look again' }, '↻');
     refresh.addEventListener('click', () => void this._fetch(true));
     this.node.append(
@@ -120,8 +125,12 @@ export class LanSection {
       // sidebar's banner already tells what is wrong with the server.
       return;
     }
+    const changed = this._configured !== data.configured;
     this._configured = data.configured;
     this._render(data);
+    if (changed) {
+      this._onChange();
+    }
   }
 
   private _render(data: IDiscovered): void {
@@ -212,6 +221,7 @@ export class LanSection {
       } else {
         this._stopJoinPoll();
         if (status.state === 'connected') {
+          this._onChange(); // another portal, another role
           void this._fetch(false); // the server has its portal now: the list goes
         }
       }
@@ -272,6 +282,7 @@ export class LanSection {
   }
 
   private _settings: ServerConnection.ISettings;
+  private _onChange: () => void;
   private _timer: number | null = null;
   private _joinTimer: number | null = null;
   private _configured: boolean | null = null;
@@ -281,7 +292,11 @@ export class LanSection {
   private _list = h('div', { class: 'gp-lan-list' });
 }
 
-/** The admin's "Join requests" section: shown only when this server is the portal's admin. */
+/**
+ * The admin's "Join requests" section: only when this server is connected to a portal it is
+ * configured for (not the embedded one, which takes no join requests) as that portal's admin,
+ * and only while requests wait.
+ */
 export class RequestsSection {
   readonly node = h('section', { class: 'gp-requests', hidden: true });
 
@@ -333,11 +348,7 @@ export class RequestsSection {
       }
       return;
     }
-    this.node.hidden = false;
-    if (!requests.length) {
-      replaceChildren(this._list, h('div', { class: 'gp-empty' }, 'No join requests waiting.'));
-      return;
-    }
+    this.node.hidden = !requests.length;
     replaceChildren(this._list, ...requests.map(r => this._row(r)));
   }
 

@@ -29,6 +29,7 @@ import {
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { LanSection, RequestsSection } from './lan';
+import { JobDetail } from './taskstream';
 import { visibleRange } from './timing';
 import { IGridNode, IJob } from './types';
 import { ALL_COLUMNS, Column, JobRow, NODE_ROW_HEIGHT, NodeRow, nodeDetailContent } from './views';
@@ -97,6 +98,7 @@ export class GridSidebar extends Widget {
     this._stopPoll();
     this._lan.stop();
     this._requests.pause();
+    this._jobDetail.pause();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -107,6 +109,7 @@ export class GridSidebar extends Widget {
     this._startTick();
     this._lan.start();
     this._requests.start();
+    this._jobDetail.resume();
     if (this._everyone) {
       this._startPoll();
     }
@@ -117,6 +120,7 @@ export class GridSidebar extends Widget {
     this._stopTick();
     this._lan.stop();
     this._requests.pause();
+    this._jobDetail.pause();
     this._stopPoll();
   }
 
@@ -207,6 +211,15 @@ export class GridSidebar extends Widget {
     );
 
     this._everyoneBox.addEventListener('change', () => this._setEveryone(this._everyoneBox.checked));
+    // A click on one of your jobs (not on its Cancel button) opens its task stream.
+    this._jobList.addEventListener('click', event => {
+      const target = event.target as Element;
+      const row = target.closest<HTMLElement>('.gp-job-row');
+      if (row?.dataset.job && !target.closest('button') && row.dataset.mine !== 'false') {
+        this._jobList.hidden = true;
+        this._jobDetail.open(row.dataset.job);
+      }
+    });
 
     const retry = this._retry;
     retry.addEventListener('click', () => this._connection.reconnectNow());
@@ -233,7 +246,8 @@ export class GridSidebar extends Widget {
         'section',
         { class: 'gp-jobs' },
         h('h3', { class: 'gp-subtitle' }, this._jobsTitle, this._others, this._everyoneToggle),
-        this._jobList
+        this._jobList,
+        this._jobDetail.node
       )
     );
   }
@@ -452,10 +466,16 @@ export class GridSidebar extends Widget {
       this._me = who.user;
       this._role = who.staff ? 'staff' : 'other';
       this._everyoneToggle.hidden = !who.staff;
-      this._requests.setAdmin(who.role === 'admin');
+      this._admin = who.role === 'admin';
+      this._updateRequests();
     } catch {
       this._role = 'unknown'; // asked again once the portal answers
     }
+  }
+
+  /** Join requests are the admin's, of a portal this server is configured for. */
+  private _updateRequests(): void {
+    this._requests.setAdmin(this._admin && this._lan.configured === true);
   }
 
   private _setEveryone(on: boolean): void {
@@ -573,7 +593,17 @@ export class GridSidebar extends Widget {
   }
 
   private _connection: GridConnection;
-  private _lan = new LanSection();
+  private _lan = new LanSection(() => {
+    this._role = 'unknown'; // asked again: a join changes who this server is at the portal
+    this._admin = false;
+    this._updateRequests();
+    this._scheduleRender();
+  });
+  private _admin = false;
+  private _jobDetail = new JobDetail(() => {
+    this._jobDetail.close();
+    this._jobList.hidden = false;
+  });
   private _requests = new RequestsSection();
   private _columns: ReadonlySet<Column> = new Set(ALL_COLUMNS);
   private _filter: INodeFilter = { gpuOnly: false, idleOnly: false, text: '' };

@@ -363,6 +363,9 @@ export class JobRow {
     if (this.node.dataset.state !== job.state) {
       this.node.dataset.state = job.state;
     }
+    if (this.node.dataset.mine !== String(mine)) {
+      this.node.dataset.mine = String(mine); // only your own jobs open their task stream
+    }
     const active = isActive(job) && mine;
     if (this._cancel.hidden !== !active) {
       this._cancel.hidden = !active;
