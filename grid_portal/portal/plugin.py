@@ -25,8 +25,8 @@ from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
-from grid_portal.portal.dashboard import DashboardAddress
 from grid_portal.portal.cell_lease import CellLeases
+from grid_portal.portal.dashboard import DashboardAddress
 from grid_portal.portal.delegation import confine, delegation_of
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
