@@ -237,6 +237,10 @@ class CellRun:
         options = self.options
         if self.map_values is not None or options.keep or options.replicas > 1:
             return None
+        if options.retries is not None:
+            # --retries counts a lost node as a try at the portal (portal/retries.py), which
+            # sees Dask tasks; a leased cell whose node is lost would just run again.
+            return None
         return LeaseSpec(options.cpus, options.gpus, options.memory, options.where)
 
     def _send_leased(self, session: Any) -> bool:
