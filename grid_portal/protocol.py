@@ -86,6 +86,9 @@ MAX_GPUS = 64
 # the admin's lives with the CA, a node's is revoked by name.
 PERSON_CERT_DAYS = 14
 PERSON_ROLES_RENEWED = frozenset({CLIENT, TEACHER})
+# A job's delegated credential (portal/delegation.py) lives at most this long; a task that
+# needs longer asks again, and none works once its job has ended.
+DELEGATE_CERT_HOURS = 1.0
 # What a node reports is cleaned against these by grid_portal/portal/reports.py.
 MAX_REPORT_DEPTH = 16  # an honest report nests 4 deep
 MAX_REPORT_TEXT = 256  # any other string a node reports (CPU model, GPU name, versions)
@@ -216,6 +219,13 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         OWNED_JOB + "; a node: only a job it ran",
     ),
     **_rules(NODES, "what a shell task printed", ["grid_task_output"], "only the task's node"),
+    **_rules(
+        NODES,
+        "a credential for the job of a task the node runs (the task called get_client())",
+        ["grid_delegate"],
+        "the task runs on the caller's worker now and its job runs; signed for the job's owner "
+        "by the enrolment process",
+    ),
     **_rules(
         STAFF,
         "quotas and the fair-share half-life",

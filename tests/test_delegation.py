@@ -30,6 +30,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("delegation")
     portal = start_portal(tmp)
     start_volunteer(portal, tmp, "node-1", "--cpus", "2", "--memory", "2GB")
+    common = ("--cpus", "1", "--memory", "1GB", "--label", "who=two", "--sandbox", "none")
+    start_volunteer(portal, tmp, "node-2", *common)
     alice = Grid(researcher_connection(portal, tmp, "alice"), start_embedded=False)
     bob = Grid(researcher_connection(portal, tmp, "bob"), start_embedded=False)
     yield portal, tmp, alice, bob
@@ -100,6 +102,7 @@ def test_a_delegate_works_inside_its_job_only(site: Any) -> None:
                 client.sync(getattr(client.scheduler, op), **args)
     finally:
         client.close()
+    alice.cancel(job_id)  # its task process ends at once, and its slot is free again
     running.cancel()
 
 
@@ -143,3 +146,86 @@ def test_a_delegate_dies_with_its_job(site: Any) -> None:
     for owner, job in (("bob", job_id), ("alice", "no-such-job")):
         with pytest.raises(ImportError, match="works only while its job runs"):
             connect(portal, delegate_security(portal, tmp, owner, job)).close()
+
+
+def node_security(portal: Any, tmp: Path, name: str) -> Any:
+    """A volunteer's own certificate and key, as its state directory holds them."""
+    [cert] = (tmp / f"state-{name}").rglob("node.pem")
+    return Connection(
+        scheduler=portal.scheduler,
+        http=portal.http,
+        ca=str(portal.data_dir / "ca" / "ca.pem"),
+        cert=str(cert),
+        key=str(cert.with_name("node-key.pem")),
+        name=name,
+    ).security()
+
+
+async def ask_for_delegation(portal: Any, security: Any, key: str, csr: str) -> Any:
+    """``grid_delegate`` over a fresh mutual-TLS connection, as a node's worker asks."""
+    from distributed.comm import connect as dask_connect
+    from distributed.core import send_recv
+
+    comm = await dask_connect(portal.scheduler, **security.get_connection_args("worker"))
+    try:
+        return await send_recv(comm, op="grid_delegate", key=key, csr=csr)
+    finally:
+        await comm.close()
+
+
+def test_only_the_node_running_a_task_gets_its_jobs_credential(site: Any) -> None:
+    import asyncio
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from grid_portal.keys import make_key_and_csr, write_private
+
+    portal, tmp, alice, _ = site
+    with alice.job("parent", job_id="parent-3") as job_id:
+        running = alice.submit(slow_square, 1, 120, where='labels.who == "two"')
+    wait_for(lambda: alice.get_job(job_id).state.value == "running", what="the parent job")
+    key_pem, csr = make_key_and_csr("task")
+
+    # Not the node that runs it, not a person, not a task that is not running.
+    for who in (node_security(portal, tmp, "node-1"), alice_security(portal, tmp)):
+        with pytest.raises(NotAllowed):
+            asyncio.run(ask_for_delegation(portal, who, running.key, csr))
+    node_2 = node_security(portal, tmp, "node-2")
+    with pytest.raises(NotAllowed, match="not running on this node"):
+        asyncio.run(ask_for_delegation(portal, node_2, "no-such-task", csr))
+
+    # The node that runs it: a short-lived credential for Alice's job, signed by the portal.
+    cert_pem = wait_for(
+        lambda: asyncio.run(ask_for_delegation(portal, node_2, running.key, csr))["cert"],
+        what="the task to be running on node-2",
+    )
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    subject = {a.oid: a.value for a in cert.subject}
+    assert subject[NameOID.COMMON_NAME] == f"alice/job/{job_id}"
+    assert subject[NameOID.ORGANIZATIONAL_UNIT_NAME] == "delegate"
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime.total_seconds() <= 3600 + 600
+    (tmp / "issued.pem").write_text(cert_pem)
+    write_private(tmp / "issued-key.pem", key_pem)
+    security = Connection(
+        scheduler=portal.scheduler,
+        http=portal.http,
+        ca=str(portal.data_dir / "ca" / "ca.pem"),
+        cert=str(tmp / "issued.pem"),
+        key=str(tmp / "issued-key.pem"),
+        name=f"alice/job/{job_id}",
+    ).security()
+    client = connect(portal, security)
+    try:
+        assert opened(client.submit(plus_one, 9, key="issued-1").result(timeout=60)) == 10
+    finally:
+        client.close()
+    alice.cancel(job_id)
+    running.cancel()
+    with pytest.raises(NotAllowed):
+        asyncio.run(ask_for_delegation(portal, node_2, running.key, csr))
+
+
+def alice_security(portal: Any, tmp: Path) -> Any:
+    return Connection.load(tmp / "alice.json").security()

@@ -28,6 +28,7 @@ from grid_portal.portal.access import Access
 from grid_portal.portal.cell_lease import CellLeases
 from grid_portal.portal.dashboard import DashboardAddress
 from grid_portal.portal.delegation import confine, delegation_of
+from grid_portal.portal.delegation import issue as issue_delegation
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
 from grid_portal.portal.ledger import EnrolmentBook
@@ -108,6 +109,8 @@ class PortalPlugin(SchedulerPlugin):
         # Signs people's renewals: an async (csr, name, role) -> certificate PEM that asks the
         # enrolment process (portal/scheduler_process.py); this process never holds the CA.
         self.renewals: Callable[[str, str, str], Awaitable[str]] | None = None
+        # Signs jobs' delegated credentials, the same way: (csr, name) -> certificate PEM.
+        self.delegations: Callable[[str, str], Awaitable[str]] | None = None
         self._revocations: PeriodicCallback | None = None
         self.scheduler: Scheduler | None = None
         self._poll: PeriodicCallback | None = None
@@ -143,6 +146,7 @@ class PortalPlugin(SchedulerPlugin):
                 "grid_largest_offer": self.handle_largest_offer,
                 "grid_whoami": self.handle_whoami,
                 "grid_renew": self.handle_renew,
+                "grid_delegate": self.handle_delegate,
                 "grid_revoke": self.handle_revoke,
                 "grid_jobs": self.handle_jobs,
                 "grid_job": self.handle_job,
@@ -524,6 +528,17 @@ class PortalPlugin(SchedulerPlugin):
         cert = await self.renewals(csr, identity.name, identity.role)
         logger.info("renewed the certificate of %s %s", identity.role, identity.name)
         return {"cert": cert}
+
+    async def handle_delegate(
+        self, comm: Any = None, key: Any = None, csr: str = ""
+    ) -> dict[str, Any]:
+        """A delegated credential for the job of a task the calling node runs (its task
+        called ``get_client()``): portal/delegation.py."""
+        assert self.scheduler is not None
+        identity = self._caller(comm)
+        return await issue_delegation(
+            self.scheduler, self.jobs, self.delegations, identity, key, csr
+        )
 
     # -- job handlers -------------------------------------------------------------------------
     def _caller(self, comm: Any) -> Identity | None:

@@ -65,7 +65,15 @@ from grid_portal.errors import GridError
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.scheduler_process import MAX_MESSAGE, ProcessSettings, receive, send
 from grid_portal.portal.security import CertificateAuthority, check_csr
-from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
+from grid_portal.protocol import (
+    CLIENT,
+    DELEGATE,
+    DELEGATE_CERT_HOURS,
+    PERSON_CERT_DAYS,
+    PERSON_ROLES_RENEWED,
+    TEACHER,
+    delegation,
+)
 
 logger = logging.getLogger("grid_portal.portal.scheduler_link")
 
@@ -142,6 +150,29 @@ def answer_renewal(
     return {"cert": cert}
 
 
+def answer_delegation(
+    ca: CertificateAuthority, book: EnrolmentBook, message: dict[str, Any]
+) -> dict[str, Any]:
+    """``{"cert": PEM}``: a job's delegated credential (role ``delegate``, short-lived), for an
+    owner whose enrolment stands; which job may have one is the scheduler's to decide (it
+    knows which node runs what)."""
+    csr, name = message.get("csr"), message.get("name")
+    parsed = delegation(name) if isinstance(name, str) else None
+    if not isinstance(csr, str) or not isinstance(name, str) or parsed is None:
+        return {"error": "a delegation names a csr and <owner>/job/<job id>"}
+    owner = parsed[0]
+    enrolments = [book.get(owner, role) for role in (CLIENT, TEACHER)]
+    if not any(e is not None and not e.revoked for e in enrolments):
+        logger.warning("refused a delegated credential for %r: no standing enrolment", owner)
+        return {"error": f"{owner!r} holds no standing enrolment here", "refused": True}
+    try:
+        cert = ca.sign_csr(csr, name=name, role=DELEGATE, days=DELEGATE_CERT_HOURS / 24)
+    except GridError as exc:
+        return {"error": str(exc)}
+    logger.info("signed a delegated credential for %s", name)
+    return {"cert": cert}
+
+
 # -- the scheduler process -----------------------------------------------------------------
 class SchedulerProcess:
     """The child process that runs the scheduler, seen from the enrolment process."""
@@ -206,10 +237,12 @@ class SchedulerProcess:
         try:
             while (message := await receive(reader)) is not None:
                 request_id, op = message.get("id"), message.get("op")
-                if op == "renew" and self._over_rate():
-                    answer = {"error": "too many renewals at once; try again in a minute"}
+                if op in ("renew", "delegate") and self._over_rate():
+                    answer = {"error": "too many certificates at once; try again in a minute"}
                 elif op == "renew":
                     answer = answer_renewal(self.ca, self.book, message)
+                elif op == "delegate":
+                    answer = answer_delegation(self.ca, self.book, message)
                 else:
                     answer = {"error": f"unknown request {op!r}"}
                 assert self._writer is not None

@@ -130,11 +130,19 @@ class EnrolmentChannel:
     async def renew(self, csr: str, name: str, role: str) -> str:
         """A person's new certificate, signed by the enrolment process (which checks again
         that the enrolment stands and that the role is a person's)."""
-        reply = await self.request("renew", csr=csr, name=name, role=role)
-        if "cert" in reply and isinstance(reply["cert"], str):
-            return reply["cert"]
-        error = str(reply.get("error") or "the portal could not renew the certificate")
-        raise NotAllowed(error) if reply.get("refused") else GridError(error)
+        return _signed(await self.request("renew", csr=csr, name=name, role=role))
+
+    async def delegate(self, csr: str, name: str) -> str:
+        """A job's delegated credential (``name``: ``<owner>/job/<job id>``), signed by the
+        enrolment process (which checks that the owner's enrolment stands)."""
+        return _signed(await self.request("delegate", csr=csr, name=name))
+
+
+def _signed(reply: dict[str, Any]) -> str:
+    if "cert" in reply and isinstance(reply["cert"], str):
+        return reply["cert"]
+    error = str(reply.get("error") or "the portal could not sign the certificate")
+    raise NotAllowed(error) if reply.get("refused") else GridError(error)
 
 
 # -- the process ----------------------------------------------------------------------------
@@ -192,6 +200,7 @@ async def _serve(settings: ProcessSettings, channel: EnrolmentChannel) -> int:
     )
     plugin.jobs.result_expiry_interval = settings.result_expiry_interval
     plugin.renewals = channel.renew  # people's renewals are signed by the enrolment process
+    plugin.delegations = channel.delegate  # and jobs' delegated credentials
     # Per-volunteer contributions and capacity samples: a plugin of its own, so credit is
     # counted apart from the jobs.
     contributions = ContributionsPlugin(ledger, plugin)
