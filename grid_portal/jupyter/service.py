@@ -122,7 +122,8 @@ class GridPortal(LoggingConfigurable):
         from grid_portal.which_portal import find_connection
 
         address = self.address or os.environ.get(ENV_ADDRESS) or None
-        if find_connection(address) is None:
+        found = find_connection(address)
+        if found is None:
             from grid_portal.embedded import ensure_embedded_portal
 
             memory = parse_size(self.embedded_memory) if self.embedded_memory else None
@@ -133,6 +134,10 @@ class GridPortal(LoggingConfigurable):
                 self.embedded_pid = conn.pid
                 self.log.info("Grid Portal: started the embedded portal (pid %s)", conn.pid)
             address = str(embedded_connection_path())
+        elif address is None and found.source:
+            # The sidebar shows one portal: named, the connection found is not taken for
+            # GRID_PORTAL_PORTALS (several portals are for kernels and scripts).
+            address = found.source
         # reconnect=0: a call cut by a lost portal fails at once instead of waiting for the
         # portal to come back. The event feed reconnects by itself (a fresh Grid, then a
         # snapshot), and meanwhile the sidebar shows the error rather than stale data as live.
