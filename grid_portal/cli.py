@@ -187,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "volunteer",
         help="lend this machine to a portal; pause, resume, drain or show it",
-        usage="grid-portal volunteer PORTAL_URL --token TOKEN [options]\n"
+        usage="grid-portal volunteer PORTAL_URL --token TOKEN [--share N] [options]\n"
+        "       grid-portal volunteer --portal URL --token T --share N [--portal URL ...]\n"
         "       grid-portal volunteer [--yes | --portal NAME] [options]  (found on the LAN, "
         "no token: the admin approves)\n"
-        "       grid-portal volunteer {pause,resume,drain,status} [--name NAME]",
+        "       grid-portal volunteer {pause,resume,drain,status} [--name NAME]\n"
+        "       grid-portal volunteer attach URL --token T [--share N] | detach URL|NAME",
         description="Enrol this machine with a portal and run grid work on it until stopped, "
         "under your rules (hours, idle-only, owner load, battery, temperature) and in a "
         "sandbox. It rejoins by itself when the portal or the network comes back. Ctrl-C or "
@@ -199,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  grid-portal volunteer pause     no new tasks; running ones are suspended\n"
         "  grid-portal volunteer resume    undo pause (your rules still apply)\n"
         "  grid-portal volunteer drain     finish running tasks, take no new ones, then leave\n"
-        "  grid-portal volunteer status    state, reason, tasks, sandbox",
+        "  grid-portal volunteer status    state, reason, tasks, sandbox, each portal\n"
+        "  grid-portal volunteer attach URL --token T --share N   serve one more portal\n"
+        "  grid-portal volunteer detach URL|NAME                  stop serving one\n\n"
+        "Several portals (docs/federation.md): one agent, one set of rules and one pause for "
+        "all; when more than one has work, the lent CPUs are split by --share, and one with "
+        "no work leaves them all to the others.",
         formatter_class=_RawConfigDefaults,
     )
     p.add_argument(
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORTAL_URL",
         help="the portal's https:// address (or pause, resume, drain, status: see above)",
     )
-    p.add_argument("--token", help="a join token from `grid-portal token create`")
+    __import__("grid_portal.cli_volunteer").cli_volunteer.add_options(p)  # --token, --share
     p.add_argument("--token-file", type=Path, help="read the join token from this file")
     p.add_argument("--config", type=Path, help="read options from a TOML file (volunteer.toml)")
     p.add_argument("--name", help="this machine's name on the grid (default: host name)")
@@ -310,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
     ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
     ctl.add_argument("--json", action="store_true", help="status: machine-readable")
-    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # LAN joins
+    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(
+        p,
+        portal_action=__import__("grid_portal.cli_volunteer").cli_volunteer._PortalOption,
+        portal_help="; --portal https://... --token T --share N: one more portal to serve",
+    )  # LAN joins, and further portals
     p.set_defaults(func=cmd_volunteer)
 
     # login
@@ -512,6 +523,7 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
         "memory": parse_size(memory) if memory is not None else None,
         "gpus": gpus or "none",
         "labels": {**config.get("labels", {}), **dict(args.label)},
+        "config": config,  # further portals: its `portals` list (cli_volunteer.py)
         "policy": policy,
         "timings": settings.merged("volunteer", {k: pick(k) for k in SETTING_KEYS}),
     }
@@ -520,6 +532,9 @@ def _volunteer_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_volunteer(args: argparse.Namespace) -> int:
     if args.portal in VOLUNTEER_CONTROL:
         return _volunteer_control(args)
+    if args.portal in ("attach", "detach"):
+        federation = __import__("grid_portal.cli_volunteer").cli_volunteer
+        return (federation.cmd_attach if args.portal == "attach" else federation.cmd_detach)(args)
     setup_logging(args.verbose)
     from grid_portal.envcheck import check_portal
     from grid_portal.node.agent import (
@@ -551,11 +566,29 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         sandbox_user=args.sandbox_user,
         user_scratch=args.scratch or Path("/var/lib/grid-portal/scratch") / safe,
     )
-    creds = __import__("grid_portal.cli_discovery").cli_discovery.volunteer_credentials(
-        args, settings, name, state_dir, check=check_portal, name_given=settings["name"] is not None
+    federation = __import__("grid_portal.cli_volunteer").cli_volunteer
+    main_request, further = federation.requested_portals(
+        args, settings, settings["config"], state_dir
     )
+    name_given = settings["name"] is not None
+
+    def enrol_one(request: Any) -> Any:
+        if request is main_request and request.pin is None:
+            # URL or LAN, token or join request (cli_discovery.py); sets settings["portal"].
+            settings["portal"], settings["token"] = request.url, request.token
+            creds = __import__("grid_portal.cli_discovery").cli_discovery.volunteer_credentials(
+                args, settings, name, state_dir, check=check_portal, name_given=name_given
+            )
+            request.url = settings["portal"]
+            return creds
+        return federation.enrol_request(request, name, state_dir, check_portal, name_given)
+
+    enrolled = federation.enrol_all(
+        [main_request, *further], enrol_one, lambda text: print(text, flush=True)
+    )
+    creds = enrolled[0][1]
     # No certificate file is bound into the sandbox: the agent hands them over in memory.
-    static.network = measure_network(settings["portal"], Path(creds.ca).read_text())
+    static.network = measure_network(enrolled[0][0].url, Path(creds.ca).read_text())
     options = VolunteerOptions(
         cpus=offer.cpus,
         memory=offer.memory,
@@ -565,10 +598,29 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         policy=settings["policy"],
         control=True,
         verbose=args.verbose,
-        portal_url=settings["portal"],
+        portal_url=enrolled[0][0].url,
         **settings["timings"],  # drain_timeout, reconnect_max, ...: flags, file, configuration
     )
-    volunteer = Volunteer(creds, options, static, sandbox=plan)
+
+    def plan_for(label: str) -> Any:
+        """A further portal's sandbox: a scratch directory of its own, beside the first's."""
+        suffix = "-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        base = args.scratch or state_dir / "scratch" / safe
+        user = args.scratch or Path("/var/lib/grid-portal/scratch") / safe
+        return plan_sandbox(
+            args.sandbox,
+            base.with_name(base.name + suffix),
+            gpus=gpus,
+            sandbox_user=args.sandbox_user,
+            user_scratch=user.with_name(user.name + suffix),
+        )
+
+    volunteer = Volunteer(
+        None, options, static, sandbox=plan, name=creds.name, plan_for=plan_for, state_dir=state_dir
+    )
+    labels = federation.add_links(
+        volunteer, enrolled, state_dir if further else None, lambda text: print(text, flush=True)
+    )
 
     async def main() -> None:
         import signal
@@ -580,7 +632,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
 
     rules = describe_policy(settings["policy"])
     print(
-        f"Volunteering as {creds.name} for {creds.scheduler}.\n"
+        f"Volunteering as {creds.name} for {', '.join(labels)}.\n"
         f"  sandbox: {plan.describe()}\n"
         f"  rules:   {'; '.join(rules) if rules else 'none: grid work always runs'}\n"
         "Ctrl-C to leave (running tasks finish first); `grid-portal volunteer status` to see "
@@ -637,7 +689,11 @@ def _volunteer_status_text(status: dict[str, Any], full: bool) -> str:
             f"  lends    {offer.get('cpus')} CPUs, {format_size(offer.get('memory'))}, "
             + (f"GPUs {', '.join(map(str, gpus))}" if gpus else "no GPU")
         )
-    lines.append(f"  portal   {status.get('portal')}")
+    if len(status.get("portals") or []) > 1:
+        lines.append("  portals")
+        lines.append(__import__("grid_portal.cli_volunteer").cli_volunteer.portals_text(status))
+    else:
+        lines.append(f"  portal   {status.get('portal')}")
     lines.append(f"  sandbox  {status.get('sandbox_description') or status.get('sandbox')}")
     rules = status.get("rules") or []
     lines.append(f"  rules    {'; '.join(rules) if rules else 'none: grid work always runs'}")

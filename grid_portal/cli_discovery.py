@@ -40,14 +40,19 @@ def serve_companions(args: argparse.Namespace, config: Any) -> None:
     config.companions.append(announcer(config.host, args.announce_name))
 
 
-def add_join_options(p: argparse.ArgumentParser) -> None:
-    """For ``volunteer`` and ``login``: choosing among the portals found on the LAN."""
+def add_join_options(
+    p: argparse.ArgumentParser, portal_action: Any = "store", portal_help: str = ""
+) -> None:
+    """For ``volunteer`` and ``login``: choosing among the portals found on the LAN.
+    (``volunteer`` passes an action that also takes ``--portal https://...``: cli_volunteer.)"""
     g = p.add_argument_group("with no PORTAL_URL: portals found on the LAN")
     g.add_argument(
         "--portal",
         dest="portal_choice",
+        action=portal_action,
         metavar="NAME",
-        help="join the discovered portal of this name (as `grid-portal discover` lists it)",
+        help="join the discovered portal of this name (as `grid-portal discover` lists it)"
+        + portal_help,
     )
     g.add_argument("--yes", action="store_true", help="join the one portal found without asking")
     g.add_argument(

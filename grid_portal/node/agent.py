@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
-import signal
 import socket
 import ssl
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -53,13 +50,9 @@ from grid_portal.enrolment import (
 from grid_portal.errors import GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
 from grid_portal.node.policy import Decision, Observation, Policy, PolicyEngine, observe
-from grid_portal.node.sandbox import (
-    SHARED_PLACES,
-    SandboxPlan,
-    import_path,
-    plan_sandbox,
-    prepare_scratch,
-)
+from grid_portal.node.portal_link import WORKER_BOOT, PortalLink  # noqa: F401 - WORKER_BOOT's old home
+from grid_portal.node.sandbox import SandboxPlan, plan_sandbox
+from grid_portal.node.shares import SlotArbiter
 from grid_portal.node.worker import QUIET_WORKER_CONFIG  # noqa: F401 - its old home
 from grid_portal.settings import field_from
 from grid_portal.units import format_duration, format_size
@@ -68,13 +61,6 @@ logger = logging.getLogger("grid_portal.volunteer")
 
 # A pause longer than this hands running tasks back to the grid, unless the policy says otherwise.
 DEFAULT_SUSPEND_LIMIT = Policy().suspend_limit
-# How a sandboxed worker starts: ``python -I -c WORKER_BOOT grid_portal.node.worker PATH_JSON``
-# (isolated mode ignores PYTHONPATH, so the agent passes the import path the worker needs; the
-# module's name is there for `ps` and whoever looks for the worker by its command line).
-WORKER_BOOT = (
-    "import json, sys; sys.path[:0] = [p for p in json.loads(sys.argv[2]) if p not in sys.path]; "
-    "from grid_portal.node.worker import main; sys.exit(main())"
-)
 
 
 @dataclass
@@ -321,17 +307,21 @@ def policy_interval(policy: Policy | None) -> float:
 
 
 class Volunteer:
-    """Keeps one sandboxed worker connected to the portal, under the volunteer's rules."""
+    """The agent: one set of rules, one pause and one arbiter for every portal it serves,
+    and one ``PortalLink`` (one sandboxed worker) per portal."""
 
     def __init__(
         self,
-        creds: Credentials,
+        creds: Credentials | None,
         options: VolunteerOptions,
         capacity: StaticCapacity,
         sandbox: SandboxPlan | None = None,
+        name: str | None = None,
+        plan_for: Callable[[str], SandboxPlan] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
-        self.creds = creds
         self.options = options
+        self.state_dir = state_dir  # where the enrolments are (attach names one of them)
         self.capacity = capacity
         # No plan: plain Dask (tasks in the worker's threads), as the embedded portal wants.
         self.plan = sandbox or SandboxPlan(
@@ -339,30 +329,43 @@ class Volunteer:
             scratch=Path(options.local_directory or "."),
             env=plan_sandbox("none", Path("."), gpus=options.gpus).env,
         )
+        # Each further portal's worker gets a sandbox and scratch directory of its own: two
+        # portals' tasks must not reach each other's job directories.
+        self.plan_for = plan_for
+        self.name = name or (creds.name if creds is not None else hostname())
         self.stop_requested = asyncio.Event()
-        self.force_requested = asyncio.Event()  # a second stop: do not wait for tasks
-        self.joined = asyncio.Event()
+        self.joined = asyncio.Event()  # set while any portal's worker is joined
         self.stop_reason = "stopped by the volunteer"
         self.engine = PolicyEngine(options.policy) if options.policy is not None else None
         self.decision: Decision | None = None
         self.manual_pause: str | None = None
         self.paused_since: float | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.address: str | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._ids = itertools.count(1)
-        self._pushed: tuple[str | None, str | None, bool] | None = None
-        self._push_lock: asyncio.Lock | None = None
-        self._stops = 0
+        self.arbiter = SlotArbiter(options.cpus)
+        self.links: dict[str, PortalLink] = {}
+        self._tasks: dict[str, asyncio.Future[None]] = {}  # each portal's link, running
+        self._changed = asyncio.Event()  # a link ended
+        self._said: tuple[str | None, str | None, bool] | None = None
+        self._pending_links: list[PortalLink] = []  # added before run() started them
+        self._running = False
+        if creds is not None:
+            self._pending_links.append(
+                PortalLink(self, creds, self.plan, url=options.portal_url, label=_label(options))
+            )
 
     @property
     def sandbox(self) -> str:
         return self.plan.level
 
+    @property
+    def creds(self) -> Credentials:
+        """The first portal's enrolment (callers that know one portal only)."""
+        links = list(self.links.values()) or self._pending_links
+        return links[0].creds
+
     def offer(self) -> Offer:
         return Offer(cpus=self.options.cpus, memory=self.options.memory, gpus=self.options.gpus)
 
-    def _info(self) -> dict[str, Any]:
+    def node_info(self) -> dict[str, Any]:
         return {
             "capacity": asdict(self.capacity),
             "offer": asdict(self.offer()),
@@ -370,240 +373,162 @@ class Volunteer:
             "sandbox": self.plan.level,
         }
 
+    # -- the set of portals -----------------------------------------------------------------
+    def add_link(self, creds: Credentials, share: float, url: str | None, label: str) -> PortalLink:
+        """Serve one more portal (before or while running); its worker starts at once."""
+        problem = self._duplicate(creds, url, label)
+        if problem is not None:
+            raise UsageError(problem)
+        first = not self.links and not self._pending_links
+        plan = self.plan if first or self.plan_for is None else self.plan_for(label)
+        link = PortalLink(self, creds, plan, share=share, url=url, label=label)
+        if self._running:
+            self._start(link)
+        else:
+            self._pending_links.append(link)
+        return link
+
+    def _duplicate(self, creds: Credentials, url: str | None, label: str) -> str | None:
+        for other in [*self.links.values(), *self._pending_links]:
+            same = (
+                other.label == label
+                or other.creds.ca == creds.ca
+                or other.creds.scheduler == creds.scheduler
+                or (url is not None and other.url == url)
+            )
+            if same:
+                return (
+                    f"this volunteer already serves {other.label} (as {other.creds.name}); a "
+                    "portal is attached once. To change its share, detach it and attach it "
+                    "again with --share"
+                )
+        return None
+
+    def _start(self, link: PortalLink) -> None:
+        self.links[link.key] = link
+        self.arbiter.add(link.key, link.share)
+        link.arbitrated = len(self.links) > 1
+        self._tasks[f"{link.key}#{id(link)}"] = asyncio.ensure_future(self._serve(link))
+        asyncio.ensure_future(self._arbitrate_all())
+
+    async def _serve(self, link: PortalLink) -> None:
+        try:
+            await link.run()
+        except GridError as exc:
+            link.problem = str(exc)
+            logger.error("%s: %s", link.label, exc)
+        finally:
+            self._changed.set()
+
+    def detach(self, which: str) -> PortalLink:
+        """Stop serving one portal: its worker drains (running tasks finish) and leaves, in
+        the background; its slots go to the other portals at once."""
+        link = self.find_link(which)
+        link.request_stop("detached by the volunteer", repeat_forces=False)
+        self.links.pop(link.key, None)
+        self._grant(self.arbiter.remove(link.key))
+        asyncio.ensure_future(self._arbitrate_all())
+        logger.info("detached %s", link.label)
+        return link
+
+    def find_link(self, which: str) -> PortalLink:
+        wanted = which.strip().rstrip("/")
+        for link in self.links.values():
+            if wanted in (link.label, link.url, link.creds.scheduler, link.creds.name):
+                return link
+        served = ", ".join(self.links) or "none"
+        raise UsageError(f"this volunteer does not serve {which!r} (it serves: {served})")
+
+    async def _arbitrate_all(self) -> None:
+        """One portal: tasks run at once; several: each asks the arbiter for a slot."""
+        on = len(self.links) > 1
+        for link in list(self.links.values()):
+            if link.arbitrated != on:
+                await link.set_arbitrated(on)
+
+    # -- events from the links ----------------------------------------------------------------
+    def link_joined(self, link: PortalLink) -> None:
+        self.joined.set()
+
+    def link_left(self, link: PortalLink) -> None:
+        if not any(other.joined.is_set() for other in self.links.values()):
+            self.joined.clear()
+        if self.links.get(link.key) is link:
+            self._grant(self.arbiter.forget_tasks(link.key))
+
+    def slot_event(self, link: PortalLink, message: dict[str, Any]) -> None:
+        """A worker's task wants a slot, or ended: ask the arbiter, send its grants."""
+        try:
+            ticket = int(message["ticket"])
+            if self.links.get(link.key) is not link:
+                if message["event"] == "want":
+                    link.grant(ticket)  # detached, finishing what it has: not arbitrated
+                return
+            if message["event"] == "want":
+                grants = self.arbiter.want(link.key, ticket)
+            else:
+                grants = self.arbiter.done(link.key, ticket, float(message.get("seconds", 0)))
+        except (KeyError, TypeError, ValueError):
+            return  # not from our worker code; nothing to do
+        self._grant(grants)
+
+    def _grant(self, grants: list[tuple[Any, int]]) -> None:
+        for key, ticket in grants:
+            link = self.links.get(key)
+            if link is not None:
+                link.grant(ticket)
+
     # -- the main loop ----------------------------------------------------------------------
     async def run(self) -> None:
         from grid_portal.node.control import ControlServer
 
-        self._push_lock = asyncio.Lock()
         control = None
         if self.options.control:
-            control = ControlServer(self.creds.name, self.control)
+            control = ControlServer(self.name, self.control)
             await control.start()
+        self._running = True
+        for link in self._pending_links:
+            self._start(link)
+        self._pending_links.clear()
         watcher = asyncio.ensure_future(self._policy_loop())
-        network = asyncio.ensure_future(self._network_loop())
         try:
-            delay = 1.0
+            # Up while any portal is served: a portal that refused this machine stays listed
+            # with its problem, a detached one goes; with none left, the agent ends.
             while not self.stop_requested.is_set():
-                started = time.monotonic()
-                await self._run_worker_once()
-                if self.stop_requested.is_set():
+                if not any(not task.done() for task in self._tasks.values()):
+                    if any(link.problem for link in self.links.values()):
+                        logger.error("no portal is served any more: %s", self._problems())
                     break
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-                logger.info("rejoining in %.0f s", delay)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stop_requested.wait(), delay)
-                delay = min(delay * 2, self.options.reconnect_max)
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                stop = asyncio.ensure_future(self.stop_requested.wait())
+                await asyncio.wait({changed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                stop.cancel()
         finally:
+            for link in self.links.values():
+                link.request_stop(self.stop_reason, repeat_forces=False)
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             watcher.cancel()
-            network.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            with contextlib.suppress(asyncio.CancelledError):
-                await network
             if control is not None:
                 await control.close()
-            await self._kill_worker()
 
-    async def _network_loop(self) -> None:
-        """Re-measure bandwidth and round trip to the portal now and then; the worker sends
-        the figures in its telemetry, and the portal updates the node's capacity."""
-        url = self.options.portal_url
-        if not url:
-            return
-        while True:
-            await asyncio.sleep(self.options.network_refresh)
-            ca_pem = Path(self.creds.ca).read_text()
-            measured = await asyncio.to_thread(measure_network, url, ca_pem)
-            if measured.measured_at is not None:
-                self.capacity.network = measured
-                self._tell("network", network=asdict(measured))
-
-    def _worker_command(self) -> list[str]:
-        if self.plan.level == "none":
-            flags = ["-P"] if sys.version_info >= (3, 11) else []  # the scratch dir is not code
-            return [*self.plan.prefix, sys.executable, *flags, "-m", "grid_portal.node.worker"]
-        # Isolated (-I): no user site, no PYTHON* variables, no current directory on sys.path;
-        # the import path the worker needs comes on its command line, from us.
-        path = json.dumps(import_path())
-        return [
-            *(*self.plan.prefix, sys.executable, "-I", "-c", WORKER_BOOT),
-            *("grid_portal.node.worker", path),
-        ]
-
-    def _worker_config(self, files: dict[str, str]) -> dict[str, Any]:
-        local = str(self.plan.scratch / "work") if self.plan.level != "none" else None
-        sandboxed, c = self.plan.level != "none", self.creds
-        return {
-            "scheduler": self.creds.scheduler,
-            # Sandboxed, the certificates and the key go to the worker as PEM text, in memory:
-            # no file of them is reachable from the sandbox, so tasks cannot read the key.
-            "tls": {
-                k: Path(path).read_text() if sandboxed else files[path]
-                for k, path in (("ca", c.ca), ("cert", c.cert), ("key", c.key))
-            },
-            "jobs_directory": str(self.plan.scratch / "jobs") if sandboxed else None,
-            "shared_places": list(SHARED_PLACES) if self.plan.level == "bubblewrap" else [],
-            "name": self.creds.name,
-            "nthreads": self.options.cpus,
-            "memory_limit": self.options.memory,
-            "resources": self.offer().resources(),
-            "info": self._info(),
-            "gpus": self.options.gpus,
-            "telemetry_interval": self.options.telemetry_interval,
-            "death_timeout": self.options.death_timeout,
-            "local_directory": local or self.options.local_directory,
-            "isolate_tasks": self.plan.isolates_tasks,
-            "verbose": self.options.verbose,
-        }
-
-    async def _run_worker_once(self) -> None:
-        """Start the worker process and stay with it until it ends or we are asked to stop."""
-        cert_files = [self.creds.ca, self.creds.cert, self.creds.key]
-        files = {f: f for f in cert_files}
-        if self.plan.level != "none":
-            prepare_scratch(self.plan)
-        extra: dict[str, Any] = {}
-        if self.plan.user is not None:
-            extra = {"user": self.plan.user[0], "group": self.plan.user[1], "extra_groups": []}
-        try:
-            self.proc = proc = await asyncio.create_subprocess_exec(
-                *self._worker_command(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=dict(self.plan.env),
-                cwd=str(self.plan.scratch) if self.plan.level != "none" else None,
-                limit=2**20,
-                **extra,
-            )
-        except OSError as exc:
-            raise GridError(f"cannot start the worker process: {exc}") from None
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write((json.dumps(self._worker_config(files)) + "\n").encode())
-        ready = asyncio.get_running_loop().create_future()
-        reader = asyncio.ensure_future(self._read_events(proc, ready))
-        exited = asyncio.ensure_future(proc.wait())
-        stop = asyncio.ensure_future(self.stop_requested.wait())
-        try:
-            await asyncio.wait({ready, exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if ready.done():
-                logger.info(
-                    "joined %s as %s, offering %d CPUs, %s memory, %s",
-                    self.creds.scheduler,
-                    self.creds.name,
-                    self.options.cpus,
-                    format_size(self.options.memory),
-                    f"GPUs {self.options.gpus}" if self.options.gpus else "no GPU",
-                )
-                self.joined.set()
-                await self._push_quietly(force=True)
-                await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
-                await self._leave_gracefully(exited)
-            elif not self.stop_requested.is_set():
-                logger.warning("lost the portal; the worker closed (exit code %s)", proc.returncode)
-        finally:
-            self.joined.clear()
-            self.address = None
-            self._pushed = None
-            for task in (stop, reader):
-                task.cancel()
-            await self._kill_worker()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("the worker process has ended"))
-            self._pending.clear()
-
-    async def _read_events(
-        self, proc: asyncio.subprocess.Process, ready: asyncio.Future[Any]
-    ) -> None:
-        assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                return
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if message.get("event") == "ready":
-                self.address = message.get("address")
-                if not ready.done():
-                    ready.set_result(message)
-            elif "id" in message:
-                future = self._pending.pop(message["id"], None)
-                if future is not None and not future.done():
-                    future.set_result(message.get("reply") or {})
-
-    async def _ask(self, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
-        """Send a command to the worker process and wait for its reply."""
-        proc = self.proc
-        if proc is None or proc.stdin is None or proc.returncode is not None:
-            raise ConnectionError("no worker process")
-        ident = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[ident] = future
-        proc.stdin.write((json.dumps({"id": ident, "op": op, **fields}) + "\n").encode())
-        await proc.stdin.drain()
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self._pending.pop(ident, None)
-
-    def _tell(self, op: str, **fields: Any) -> None:
-        """Send a command that has no reply (``close``); nothing if the worker has gone."""
-        proc = self.proc
-        if proc is not None and proc.stdin is not None and proc.returncode is None:
-            with contextlib.suppress(ConnectionError, OSError):
-                proc.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
-
-    async def _leave_gracefully(self, exited: asyncio.Future[Any]) -> None:
-        """Drain: let running tasks finish, then retire (results move to other nodes)."""
-        timeout = self.options.drain_timeout
-        if self._stops < 2 and self.joined.is_set():
-            logger.info(
-                "leaving the grid (%s): finishing running tasks first (Ctrl-C again to force)",
-                self.stop_reason,
-            )
-            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
-                await self._ask("drain", reason=self.stop_reason, drain_timeout=timeout)
-            force = asyncio.ensure_future(self.force_requested.wait())
-            try:
-                await asyncio.wait(
-                    {exited, force}, timeout=timeout + 30, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                force.cancel()
-        if not exited.done():
-            self._tell("close", reason="volunteer-stopped")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), 10)
-
-    async def _kill_worker(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+    def _problems(self) -> str:
+        return "; ".join(f"{link.label}: {link.problem}" for link in self.links.values())
 
     def request_stop(
         self, reason: str = "stopped by the volunteer", repeat_forces: bool = True
     ) -> None:
-        """Drain and leave; asked a second time (a second Ctrl-C), stop at once."""
+        """Drain and leave every portal; asked a second time (a second Ctrl-C), stop at once."""
         if not repeat_forces and self.stop_requested.is_set():
             return
-        self._stops += 1
         if not self.stop_requested.is_set():
             self.stop_reason = reason
         self.stop_requested.set()
-        if self._stops > 1:
-            self.force_requested.set()
+        for link in self.links.values():
+            link.request_stop(reason, repeat_forces=repeat_forces)
 
     # -- rules ------------------------------------------------------------------------------
     async def _policy_loop(self) -> None:
@@ -644,8 +569,8 @@ class Volunteer:
             await self._push_quietly()
             await asyncio.sleep(interval)
 
-    def _desired(self) -> tuple[str | None, str | None, bool]:
-        """What the worker should be doing now: (None or "paused", reason, move tasks)."""
+    def desired(self) -> tuple[str | None, str | None, bool]:
+        """What every worker should be doing now: (None or "paused", reason, move tasks)."""
         state: str | None = None
         reason: str | None = None
         if self.manual_pause:
@@ -662,30 +587,28 @@ class Volunteer:
         limit = policy.suspend_limit if policy is not None else DEFAULT_SUSPEND_LIMIT
         return state, reason, now - self.paused_since >= limit
 
-    async def _push(self, force: bool = False) -> None:
-        """Tell the worker the state it should be in, when that changed."""
-        if self._push_lock is None or self.stop_requested.is_set():
+    async def _push_quietly(self, force: bool = False) -> None:
+        """Tell every worker the state the rules want; say so when it changed."""
+        if self.stop_requested.is_set():
             return
-        async with self._push_lock:
-            if not self.joined.is_set():
-                return
-            desired = self._desired()
-            if desired == self._pushed and not force:
-                return
-            state, reason, move = desired
-            await self._ask("policy", state=state, reason=reason, move=move)
-            before = self._pushed[:2] if self._pushed is not None else None
-            if state is not None and desired[:2] != before:
-                logger.info("paused: %s", reason)
-            elif state is None and before is not None and before[0] is not None:
-                logger.info("running grid tasks again")
-            if move and (self._pushed is None or not self._pushed[2]):
-                logger.info("paused for long: running tasks move to other machines")
-            self._pushed = desired
+        for link in list(self.links.values()):
+            await link.push_quietly(force=force)
+        desired = self.desired()
+        before = self._said
+        if desired == before:
+            return
+        state, reason, move = desired
+        if state is not None and (before is None or desired[:2] != before[:2]):
+            logger.info("paused: %s", reason)
+        elif state is None and before is not None and before[0] is not None:
+            logger.info("running grid tasks again")
+        if move and (before is None or not before[2]):
+            logger.info("paused for long: running tasks move to other machines")
+        self._said = desired
 
     # -- the control socket -----------------------------------------------------------------
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Handle ``grid-portal volunteer pause|resume|drain|status``."""
+        """Handle ``grid-portal volunteer pause|resume|drain|status|attach|detach``."""
         op = request.get("op")
         if op == "pause":
             self.manual_pause = str(request.get("reason") or "paused by the volunteer")[:200]
@@ -695,24 +618,42 @@ class Volunteer:
             await self._push_quietly()
         elif op == "drain":
             self.request_stop("drain asked by the volunteer", repeat_forces=False)
+        elif op == "attach":
+            await self._attach_request(request)
+        elif op == "detach":
+            self.detach(str(request.get("portal") or ""))
         return await self.status()
 
-    async def _push_quietly(self, force: bool = False) -> None:
-        """Push, leaving a failure to the next round of the rules loop (every few seconds)."""
-        with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
-            await self._push(force=force)
+    async def _attach_request(self, request: dict[str, Any]) -> None:
+        """Attach an enrolment the CLI made (``volunteer attach``): it names the saved files
+        in this agent's state dir, never sends keys over the socket."""
+        from grid_portal.node.portals import load_enrolment
+
+        if self.state_dir is None or Path(str(request.get("state_dir"))) != self.state_dir:
+            raise UsageError(
+                f"attach an enrolment of this volunteer's state dir ({self.state_dir}): give "
+                "`volunteer attach` the same --state-dir"
+            )
+        creds = await asyncio.to_thread(load_enrolment, request)
+        self.add_link(
+            creds,
+            float(request.get("share") or 1.0),
+            request.get("url"),
+            str(request.get("label") or creds.scheduler),
+        )
 
     async def status(self) -> dict[str, Any]:
-        state, reason, moving = self._desired()
+        state, reason, moving = self.desired()
         if self.stop_requested.is_set():
             word, reason = "draining", self.stop_reason
         elif not self.joined.is_set():
             word = "connecting"
         else:
             word = state or "running"
+        first = self.creds if (self.links or self._pending_links) else None
         result: dict[str, Any] = {
-            "name": self.creds.name,
-            "portal": self.creds.scheduler,
+            "name": self.name,
+            "portal": first.scheduler if first is not None else None,
             "pid": os.getpid(),
             "state": word,
             "reason": reason,
@@ -723,21 +664,25 @@ class Volunteer:
             "sandbox_description": self.plan.describe(),
             "rules": describe_policy(self.options.policy),
             "offer": asdict(self.offer()),
+            "state_dir": str(self.state_dir) if self.state_dir is not None else None,
         }
-        if self.joined.is_set():
-            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
-                worker = await self._ask("status", timeout=5)
-                for key in (
-                    "running_tasks",
-                    "suspended_tasks",
-                    "in_process_tasks",
-                    "moved_tasks",
-                    "address",
-                ):
-                    result[key] = worker.get(key)
-                if word == "running" and worker.get("memory_pressure"):
-                    result["state"], result["reason"] = "paused", "memory pressure"
+        portals = [await link.status(word, self.arbiter.received) for link in self.links.values()]
+        result["portals"] = portals
+        for key in ("running_tasks", "suspended_tasks", "in_process_tasks", "moved_tasks"):
+            values = [p[key] for p in portals if p.get(key) is not None]
+            if values:
+                result[key] = sum(values)
+        if portals and portals[0].get("address") is not None:
+            result["address"] = portals[0]["address"]
+        if word == "running" and any(p.get("memory_pressure") for p in portals):
+            result["state"], result["reason"] = "paused", "memory pressure"
         return result
+
+
+def _label(options: VolunteerOptions) -> str | None:
+    from grid_portal.node.portals import portal_label
+
+    return portal_label(options.portal_url) if options.portal_url else None
 
 
 def hostname() -> str:

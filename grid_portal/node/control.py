@@ -9,7 +9,9 @@ Only the machine's owner (the user running the agent) may use it:
 
 Protocol: one JSON object per line. The client sends one request and reads one reply, then
 both close. Requests: ``{"op": "pause", "reason": str?}``, ``{"op": "resume"}``,
-``{"op": "drain"}``, ``{"op": "status"}``. Replies: ``{"ok": true, "status": {...}}`` or
+``{"op": "drain"}``, ``{"op": "status"}``, ``{"op": "attach", "state_dir": str, "pin": str,
+"url": str, "share": float, "label": str}`` (an enrolment the CLI saved in the agent's state
+dir: no key travels here), ``{"op": "detach", "portal": str}``. Replies: ``{"ok": true, "status": {...}}`` or
 ``{"ok": false, "error": "..."}``. Requests and replies are small; anything over 64 KiB is
 refused.
 
@@ -37,7 +39,7 @@ from grid_portal.errors import GridError, UsageError
 
 logger = logging.getLogger("grid_portal.volunteer")
 
-OPS = ("pause", "resume", "drain", "status")
+OPS = ("pause", "resume", "drain", "status", "attach", "detach")
 MAX_MESSAGE = 64 * 1024
 MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes, depending on the OS
 

@@ -43,6 +43,7 @@ from grid_portal.settings import given_or
 if TYPE_CHECKING:
     from distributed import Worker
 
+    from grid_portal.node.slotgate import SlotGate
     from grid_portal.node.taskproc import TaskProcessExecutor
 
 logger = logging.getLogger("grid_portal.node")
@@ -90,12 +91,14 @@ class NodePlugin(WorkerPlugin):
         telemetry_interval: float | None = None,  # seconds; None: the configured one
         executor: TaskProcessExecutor | None = None,
         memory_pause_fraction: float | None = MEMORY_PAUSE_FRACTION,
+        gate: SlotGate | None = None,
     ):
         self.info = info  # {"capacity": ..., "offer": ..., "labels": ..., "sandbox": ...}
         self.gpus = list(gpus)
         self.telemetry_interval = given_or(telemetry_interval, "volunteer.telemetry-interval")
         self.executor = executor
         self.memory_pause_fraction = memory_pause_fraction
+        self.gate = gate  # counts what this portal received (tasks, core-seconds)
         self.network: dict[str, Any] | None = None
         self.state: str | None = None  # None (running), "paused" or "draining"
         self.reason: str | None = None
@@ -165,7 +168,14 @@ class NodePlugin(WorkerPlugin):
         data["policy"] = {"state": self.state, "reason": self.reason}
         if self.network is not None:  # re-measured by the agent now and then
             data["network"] = self.network
+        if self.gate is not None:
+            data["received"] = self._received()
         return data
+
+    def _received(self) -> dict[str, Any]:
+        assert self.gate is not None
+        counts = self.gate.counts()
+        return {"tasks": counts["tasks"], "core_seconds": counts["core_seconds"]}
 
     def watch_telemetry(self) -> None:
         """Sample now; if the sample changed from the one last sent, send it at once."""
@@ -400,6 +410,7 @@ class NodePlugin(WorkerPlugin):
             "memory_pressure": self.memory_pressure,
             "address": None if worker is None else worker.address,
             "sandbox": self.info.get("sandbox"),
+            "received": self._received() if self.gate is not None else None,
         }
 
     def handle_status(self, comm: Any = None) -> dict[str, Any]:

@@ -526,6 +526,15 @@ _CONFIG_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_temperature": (_is_number, "degrees C, like 85"),
     "idle_input_seconds": (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "5m"'),
     "suspend_limit": (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "10m"'),
+    # Further portals to serve (docs/federation.md); cli_volunteer.py checks each share.
+    "portals": (
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(e, dict) and isinstance(e.get("url"), str) for e in v)
+            and all(set(e) <= {"url", "token", "token_file", "share"} for e in v)
+        ),
+        '[[portals]] tables of url, token_file (or token) and share, like url = "https://..."',
+    ),
 }
 # The agent's settings (grid-portal.volunteer.* in grid_portal/grid-portal.yaml, durations all),
 # which the file overrides; tests/test_settings.py checks that this list names every one.

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from grid_portal.isolation import Confinement, confined, is_self_isolating
+from grid_portal.node.slotgate import SlotGate, is_task_call
 from grid_portal.node.taskchild import BOOT, PipeRefused, memory_error_text, recv_plain, send
 from grid_portal.node.taskzygote import ForkedProcess, ForkServer, can_fork
 from grid_portal.proctree import tree_rss
@@ -347,8 +348,11 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         jobs_dir: str | None = None,
         shared_places: tuple[str, ...] | list[str] = (),
         fork_server: bool = True,
+        gate: SlotGate | None = None,
     ) -> None:
         self.slots = max(1, int(slots))
+        # Tasks wait here for the agent's grant when the volunteer serves several portals.
+        self.gate = gate
         self.memory_limit = int(memory_limit) if memory_limit else None
         self.env = env
         self.nice = nice
@@ -497,6 +501,8 @@ class TaskProcessExecutor(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[Any]:
         if self._shutdown:
             raise RuntimeError("cannot run tasks after the executor was shut down")
+        if self.gate is not None and is_task_call(fn, args):
+            return self._threads.submit(self.gate.run, self._call, fn, args, kwargs)
         return self._threads.submit(self._call, fn, args, kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -8,8 +8,11 @@ prints or reads can get mixed into them.
 
 Commands: ``{"id": N, "op": "policy", "state": null|"paused", "reason": str, "move": bool}``,
 ``{"id": N, "op": "status"}``, ``{"id": N, "op": "drain", "timeout": s, "reason": str}``,
+``{"id": N, "op": "arbitrate", "on": bool}``, ``{"op": "grant", "ticket": N}``,
 ``{"op": "close"}``. Replies: ``{"id": N, "reply": {...}}``. Events: ``{"event": "ready",
-"address": ...}`` once registered with the scheduler, ``{"event": "closed"}`` at the end.
+"address": ...}`` once registered with the scheduler, ``{"event": "refused", "reason": str}``
+when the portal refused it, ``{"event": "want"|"done", "ticket": N, ...}`` for each task
+(slotgate.py), ``{"event": "closed"}`` at the end.
 End of input (the agent is gone) closes the worker.
 """
 
@@ -111,6 +114,7 @@ class WorkerProcess:
         self._write_lock = threading.Lock()
         self.worker: Any = None
         self.plugin: Any = None
+        self.gate: Any = None
         self._drain: asyncio.Future[Any] | None = None
 
     def emit(self, message: dict[str, Any]) -> None:
@@ -128,9 +132,13 @@ class WorkerProcess:
         from grid_portal import guard
         from grid_portal.node import inbound
         from grid_portal.node.plugin import NodePlugin
+        from grid_portal.node.slotgate import GatedThreadPoolExecutor, SlotGate
         from grid_portal.protocol import WORKER_HANDLERS, WORKER_STREAM_OPS
 
         c = self.config
+        # Every task passes the gate: it counts what this portal received and, when the
+        # volunteer serves several portals, waits for the agent's grant (slotgate.py).
+        self.gate = gate = SlotGate(self.emit, arbitrated=bool(c.get("arbitrated")))
         executor = None
         if c.get("isolate_tasks"):
             from grid_portal.node.taskproc import TaskProcessExecutor
@@ -142,12 +150,14 @@ class WorkerProcess:
                 cwd=c.get("local_directory"),
                 jobs_dir=c.get("jobs_directory"),
                 shared_places=c.get("shared_places") or (),
+                gate=gate,
             )
         self.plugin = NodePlugin(
             c["info"],
             gpus=c.get("gpus", []),
             telemetry_interval=c["telemetry_interval"],  # the agent's settings, always sent
             executor=executor,
+            gate=gate,
         )
         tls = _in_memory(c["tls"])
         security = Security(
@@ -166,7 +176,11 @@ class WorkerProcess:
         # Other nodes' data, and anything a peer sends, is read as data (inbound.py).
         inbound.install()
         with dask.config.set(settings):
-            executors = {"default": executor, "offload": executor} if executor else None
+            executors: dict[str, Any] = (
+                {"default": executor, "offload": executor}
+                if executor
+                else {"default": GatedThreadPoolExecutor(gate, c["nthreads"])}
+            )
             self.worker = Worker(
                 c["scheduler"],
                 security=security,
@@ -186,11 +200,20 @@ class WorkerProcess:
             # Default deny (grid_portal/protocol.py): the worker answers the portal's
             # scheduler, and other nodes only for data transfer; never a researcher.
             guard.install(worker, guard.Gate("node", WORKER_HANDLERS, WORKER_STREAM_OPS))
-            await worker
+            try:
+                await worker
+            except Exception as exc:  # noqa: BLE001 - the portal refused us: tell the agent why
+                reason = refusal_text(exc)
+                if reason is None:
+                    raise
+                logger.warning("the portal refused this worker: %s", reason)
+                self.emit({"event": "refused", "reason": reason})
+                return 4
             loop = asyncio.get_running_loop()
             self.emit({"event": "ready", "address": worker.address, "name": str(worker.name)})
             threading.Thread(target=self._read_commands, args=(loop,), daemon=True).start()
             await worker.finished()
+        gate.open()
         self.emit({"event": "closed", "reason": str(getattr(worker, "close_reason", "") or "")})
         return 0
 
@@ -202,8 +225,12 @@ class WorkerProcess:
             except ValueError:
                 logger.warning("ignoring a malformed command from the agent")
                 continue
+            if command.get("op") == "grant":  # here, not on the loop: a task thread waits
+                self.gate.grant(int(command.get("ticket", 0)))
+                continue
             asyncio.run_coroutine_threadsafe(self._handle(command), loop)
         # End of input: the agent has gone, so must we.
+        self.gate.open()
         asyncio.run_coroutine_threadsafe(self._close("the volunteer agent has gone"), loop)
 
     async def _handle(self, command: dict[str, Any]) -> None:
@@ -216,6 +243,9 @@ class WorkerProcess:
                 )
             elif op == "status":
                 reply = plugin.status()
+            elif op == "arbitrate":
+                self.gate.arbitrate(bool(command.get("on")))
+                reply = {"ok": True}
             elif op == "network":
                 plugin.network = command.get("network")
                 reply = {"ok": True}
@@ -248,6 +278,22 @@ class WorkerProcess:
         ending = (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
         if worker is not None and worker.status not in ending:
             await worker.close(reason=reason)
+
+
+def refusal_text(exc: BaseException) -> str | None:
+    """The portal's own words when it refused the worker's registration (a revoked
+    certificate), from Dask's ``Unexpected response from register: {..., 'message': ...}``
+    at the bottom of the exception's causes; None for any other failure."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if text.startswith("Unexpected response from register"):
+            found = re.search(r"'message': (['\"])(.*?)\1", text)
+            return found.group(2) if found else text[:300]
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def main() -> int:

@@ -1,0 +1,152 @@
+"""The agent's slot arbiter: how one volunteer's cores are split among the portals it serves.
+
+A Dask worker serves one scheduler and its thread count is fixed at registration, so a volunteer
+serving several portals runs one worker per portal, each offering every lent core, and gates
+its tasks here: before a task starts, its worker asks the agent for a slot (``want``); the
+agent grants at most ``slots`` at a time over all portals (``done`` gives one back).
+
+Among portals with tasks waiting, the next free slot goes to the one that has received the
+least core time for its share (start-time fair queueing): its charged seconds, plus the time
+its running tasks have run so far (at least one mean task each), divided by its share.
+So under load from all, core time is split by share, and a portal with nothing queued takes
+nothing: the others use every slot (work-conserving). A portal that comes back from idle starts
+level with the busiest-served active portal, not with the credit of its idle hours.
+
+Pure logic: no I/O, a clock that can be given; the agent (agent.py) feeds it the workers'
+events and sends the grants it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+# Running tasks are charged at least the mean task time (seconds), this until one finished.
+FIRST_TASK_ESTIMATE = 1.0
+# How fast the mean task time follows new tasks (exponential moving average weight).
+MEAN_WEIGHT = 0.2
+
+Grant = tuple[Hashable, int]  # (portal key, ticket)
+
+
+@dataclass
+class _Portal:
+    share: float
+    waiting: deque[int] = field(default_factory=deque)
+    running: dict[int, float] = field(default_factory=dict)  # ticket -> granted at
+    charged: float = 0.0  # slot-seconds of finished tasks, for fairness
+    tasks: int = 0  # received: tasks finished and their core-seconds
+    core_seconds: float = 0.0
+
+    def active(self) -> bool:
+        return bool(self.waiting or self.running)
+
+
+class SlotArbiter:
+    """Grants ``slots`` task slots among portals by share; see the module docstring."""
+
+    def __init__(self, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots = max(1, int(slots))
+        self.clock = clock
+        self._portals: dict[Hashable, _Portal] = {}
+        # One mean over all portals: a portal that just came has no tasks of its own to go by.
+        self.mean = FIRST_TASK_ESTIMATE
+        self._measured = False
+
+    # -- the set of portals -----------------------------------------------------------------
+    def add(self, key: Hashable, share: float) -> None:
+        if share <= 0:
+            raise ValueError(f"a share must be more than 0, not {share!r}")
+        portal = self._portals.get(key)
+        if portal is None:
+            self._portals[key] = _Portal(share=float(share))
+        else:
+            portal.share = float(share)
+
+    def remove(self, key: Hashable) -> list[Grant]:
+        """Forget a portal (detached): its slots go to the others' waiting tasks."""
+        self._portals.pop(key, None)
+        return self._dispatch()
+
+    def forget_tasks(self, key: Hashable) -> list[Grant]:
+        """A portal's worker ended: its waiting and running tasks are gone with it."""
+        portal = self._portals.get(key)
+        if portal is not None:
+            portal.waiting.clear()
+            portal.running.clear()
+        return self._dispatch()
+
+    # -- a worker's events -------------------------------------------------------------------
+    def want(self, key: Hashable, ticket: int) -> list[Grant]:
+        """A task of ``key`` waits for a slot; returns the grants this makes possible."""
+        portal = self._portals.get(key)
+        if portal is None:
+            return [(key, ticket)]  # not arbitrated (detaching): let it run
+        if not portal.active():
+            # Back from idle: level with the least-served active portal, no credit for idling.
+            now = self.clock()
+            others = [self._vtime(p, now, 0.0) for p in self._portals.values() if p.active()]
+            if others:
+                portal.charged = max(portal.charged, min(others) * portal.share)
+        portal.waiting.append(ticket)
+        return self._dispatch()
+
+    def done(self, key: Hashable, ticket: int, seconds: float) -> list[Grant]:
+        """A task of ``key`` ended after ``seconds`` of running; its slot is free again."""
+        portal = self._portals.get(key)
+        if portal is None:
+            return self._dispatch()
+        seconds = max(0.0, float(seconds))
+        portal.tasks += 1
+        portal.core_seconds += seconds
+        if ticket in portal.running:
+            del portal.running[ticket]
+            portal.charged += seconds
+            weight = MEAN_WEIGHT if self._measured else 1.0  # the first one replaces the guess
+            self.mean += weight * (seconds - self.mean)
+            self._measured = True
+        return self._dispatch()
+
+    # -- what each received ------------------------------------------------------------------
+    def received(self, key: Hashable) -> dict[str, float]:
+        portal = self._portals.get(key)
+        if portal is None:
+            return {"tasks": 0, "core_seconds": 0.0, "running": 0, "waiting": 0}
+        return {
+            "tasks": portal.tasks,
+            "core_seconds": round(portal.core_seconds, 3),
+            "running": len(portal.running),
+            "waiting": len(portal.waiting),
+        }
+
+    # -- granting ----------------------------------------------------------------------------
+    def _vtime(self, portal: _Portal, now: float, least: float | None = None) -> float:
+        """Core time received per share, running tasks counted at least ``least`` each (the
+        mean task: so that one round of grants spreads; leveling counts only what ran)."""
+        least = self.mean if least is None else least
+        running = sum(max(least, now - t) for t in portal.running.values())
+        return (portal.charged + running) / portal.share
+
+    def _dispatch(self) -> list[Grant]:
+        grants: list[Grant] = []
+        now = self.clock()
+        free = self.slots - sum(len(p.running) for p in self._portals.values())
+        while free > 0:
+            candidates = [(k, p) for k, p in self._portals.items() if p.waiting]
+            if not candidates:
+                break
+            # Ties (frequent with tasks of one length) go to the one furthest below its share.
+            key, portal = min(
+                candidates,
+                key=lambda kp: (self._vtime(kp[1], now), (len(kp[1].running) + 1) / kp[1].share),
+            )
+            ticket = portal.waiting.popleft()
+            portal.running[ticket] = now
+            grants.append((key, ticket))
+            free -= 1
+        return grants
+
+
+__all__ = ["FIRST_TASK_ESTIMATE", "Grant", "SlotArbiter"]
