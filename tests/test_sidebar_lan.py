@@ -141,7 +141,11 @@ def test_a_researcher_joins_a_lan_portal_that_the_admin_approves_in_the_sidebar(
         assert status in (200, 503), body  # 503: still connecting
         return body if status == 200 and body.get("role") == "client" else None
 
-    who = wait_for(connected, timeout=60, what="the researcher's server on the portal")
+    try:
+        who = wait_for(connected, timeout=60, what="the researcher's server on the portal")
+    except AssertionError as exc:
+        last = call(guest_lab, "GET", "whoami")
+        raise AssertionError(f"{exc}; whoami: {last}\n{guest_lab.output()[-4000:]}") from None
     with portal.grid() as grid:
         enrolled = {r["enrolled_name"] for r in grid.join_requests(everything=True)}
     assert who["user"] in enrolled

@@ -107,6 +107,7 @@ class GridPortal(LoggingConfigurable):
         self._user: str | None = None
         self._role = ""  # this server's role at the portal: client, admin (a teacher)...
         self._connecting: asyncio.Future[Grid] | None = None
+        self._generation = 0  # bumped by reconnect(): a connect begun before it is stale
         self._closed = False
         self.embedded_pid: int | None = None  # set when this server started the embedded portal
         # Grid.job() marks submissions with dask.annotate, which sets Dask's global config:
@@ -181,6 +182,7 @@ class GridPortal(LoggingConfigurable):
 
     async def _connect_in_thread(self) -> Grid:
         loop = asyncio.get_running_loop()
+        generation = self._generation
         try:
             grid, user, role = await _in_daemon_thread(self._connect)
         except (OSError, TimeoutError) as exc:
@@ -190,6 +192,11 @@ class GridPortal(LoggingConfigurable):
         if self._closed:
             await loop.run_in_executor(None, _close_quietly, grid)
             raise ConnectionFailed("the Jupyter server is shutting down")
+        if generation != self._generation:
+            # reconnect() ran while this connect was under way (a join approved while the
+            # embedded portal was still starting): this Grid is to the old portal.
+            await loop.run_in_executor(None, _close_quietly, grid)
+            return await self.grid()  # the connect reconnect() wants, begun or to begin
         self._grid, self._user, self._role = grid, user, role
         return grid
 
@@ -247,6 +254,8 @@ class GridPortal(LoggingConfigurable):
         approved and saved a connection): drop the Grid, and the live feed starts afresh."""
         grid, self._grid = self._grid, None
         self._user, self._role = None, ""
+        self._generation += 1
+        self._connecting = None  # a connect under way finds out it is stale, and connects anew
         if grid is not None:
             self._executor.submit(_close_quietly, grid)
         self.events.restart()
