@@ -424,8 +424,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             data_dir=_data_dir(args),
             contact_host=args.contact_host,
             jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
-            # The flags given, over the configuration (grid-portal.portal.*).
-            **settings.merged("portal", vars(args)),
+            # The flags given, over the configuration (grid-portal.portal.*). Settings with no
+            # field here (no flag either) the scheduler process reads from the configuration.
+            **settings.merged("portal", vars(args), only=PortalConfig.__dataclass_fields__),
         )
         config.dashboard = args.dashboard
         __import__("grid_portal.cli_discovery").cli_discovery.serve_companions(args, config)

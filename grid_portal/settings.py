@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +74,18 @@ def given_or(given: Any, key: str) -> Any:
     return value(key) if given is None else given
 
 
-def merged(section: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Every setting of ``grid-portal.<section>`` by its Python name (``node_timeout``): the
-    value in ``given`` where it is not None (command-line flags over a volunteer's file, as
-    the caller layered them), else the configured one. Durations come back in seconds, also
-    when given as text ("5m")."""
+def merged(
+    section: str, given: dict[str, Any], only: Container[str] | None = None
+) -> dict[str, Any]:
+    """Every setting of ``grid-portal.<section>`` by its Python name (``node_timeout``), or
+    those named in ``only`` (the fields of what the caller makes): the value in ``given`` where
+    it is not None (command-line flags over a volunteer's file, as the caller layered them),
+    else the configured one. Durations come back in seconds, also when given as text ("5m")."""
     result = {}
     for key, node in leaf_keys():
         head, _, name = key.partition(".")
-        if head == section:
-            python_name = name.replace("-", "_")
+        python_name = name.replace("-", "_")
+        if head == section and (only is None or python_name in only):
             chosen = given.get(python_name)
             if chosen is None:
                 result[python_name] = value(key)

@@ -306,6 +306,7 @@ MOVED_NAMES = {
     "result_ttl",
     "result_expiry_interval",
     "sample_interval",
+    "sample_retention",
     "death_timeout",
     "reconnect_max",
     "drain_timeout",
@@ -319,6 +320,9 @@ MOVED_CONSTANTS = {
     "QUIET_SCHEDULER_CONFIG",
     "STEAL_INTERVAL",
     "STEAL_INTERVAL_KEY",
+    "OUTPUT_TTL",
+    "SAMPLE_INTERVAL",
+    "SAMPLE_RETENTION",
 }
 
 
@@ -391,3 +395,21 @@ def test_the_check_above_can_fail(tmp_path: Path) -> None:
         "p.add_argument('--drain-timeout', default=120.0)\n"
     )
     assert len(_hard_coded_defaults(bad)) == 5
+
+
+# -- the Jupyter side: traitlets, with the environment as the trait's default -------------------
+def test_the_jupyter_server_reads_its_address_from_a_trait_whose_default_is_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from traitlets.config import Config
+
+    from grid_portal.jupyter.discovered import portal_configured
+    from grid_portal.jupyter.service import GridPortal
+
+    monkeypatch.setenv("GRID_PORTAL_ADDRESS", str(tmp_path / "from-env.json"))
+    assert GridPortal().address == str(tmp_path / "from-env.json")
+    assert portal_configured(GridPortal().address)
+    configured = Config({"GridPortal": {"address": str(tmp_path / "configured.json")}})
+    assert GridPortal(config=configured).address == str(tmp_path / "configured.json")
+    monkeypatch.delenv("GRID_PORTAL_ADDRESS")
+    assert GridPortal().address is None

@@ -33,16 +33,16 @@ BROWSE_SECONDS = 2.0
 
 
 def portal_configured(address: str | None) -> bool:
-    """Whether this server has a portal of its own (the embedded one does not count)."""
+    """Whether this server has a portal of its own (the embedded one does not count).
+    ``address`` is ``GridPortal.address``, whose default is GRID_PORTAL_ADDRESS."""
     from grid_portal.connection import (
         CONNECTION_FILE,
-        ENV_ADDRESS,
         default_data_dir,
         pid_alive,
         user_connection_path,
     )
 
-    if address or os.environ.get(ENV_ADDRESS) or os.environ.get("JUPYTERHUB_USER"):
+    if address or os.environ.get("JUPYTERHUB_USER"):
         return True
     if user_connection_path().exists():
         return True

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from traitlets import Float, Int, TraitError, Unicode, Union, validate
+from traitlets import Float, Int, TraitError, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from grid_portal.errors import ConnectionFailed, GridError, UsageError
@@ -46,10 +46,17 @@ class GridPortal(LoggingConfigurable):
         allow_none=True,
         config=True,
         help="""Connection file of the portal to use (what `grid-portal serve` or
-        `grid-portal login` wrote). Unset: GRID_PORTAL_ADDRESS, then a saved login or a portal
-        this user runs, else the embedded portal on loopback, started on first use and stopped
-        with this server.""",
+        `grid-portal login` wrote). Default: GRID_PORTAL_ADDRESS; unset, a saved login or a
+        portal this user runs, else the embedded portal on loopback, started on first use and
+        stopped with this server.""",
     )
+
+    @default("address")
+    def _address_from_environment(self) -> str | None:
+        # The environment is the trait's default, so `c.GridPortal.address` wins over it and
+        # everything here reads one value (docs/configuration.md).
+        return os.environ.get(ENV_ADDRESS) or None
+
     embedded_cpus = Int(
         None,
         allow_none=True,
@@ -122,7 +129,7 @@ class GridPortal(LoggingConfigurable):
         from grid_portal.connection import embedded_connection_path
         from grid_portal.which_portal import find_connection
 
-        address = self.address or os.environ.get(ENV_ADDRESS) or None
+        address = self.address or None
         found = find_connection(address)
         if found is None:
             from grid_portal.embedded import ensure_embedded_portal

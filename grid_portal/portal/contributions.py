@@ -41,6 +41,7 @@ from tornado.ioloop import PeriodicCallback
 from grid_portal.benchmark import BENCHMARK_FIELD, clamp_score
 from grid_portal.model import CPU, GPU
 from grid_portal.portal.ledger import connect, transaction
+from grid_portal.settings import given_or
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -55,8 +56,8 @@ CREDIT_PER_GPU_HOUR = 10.0
 SITE_LABEL = "site"  # a volunteer's --label site=NAME groups it on the status page
 PUBLIC_LABEL = "public"  # --label public=yes shows the volunteer's name; hidden otherwise
 _YES = ("yes", "true", "1", "on")
-SAMPLE_INTERVAL = 60.0  # capacity samples: one a minute
-SAMPLE_RETENTION = 7 * 86400.0  # kept a week; the page shows the last day
+# Capacity samples are taken every grid-portal.portal.capacity-sample-interval and kept for
+# capacity-sample-retention (the status page shows the last day): grid_portal/settings.py.
 FLUSH_INTERVAL = 5.0  # contribution counters reach the ledger within this many seconds
 
 _SCHEMA = """
@@ -149,8 +150,14 @@ class ContributionLedger:
     (creating the tables if an old ledger lacks them).
     """
 
-    def __init__(self, path: Path | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        clock: Callable[[], float] = time.time,
+        sample_retention: float | None = None,
+    ) -> None:
         self.clock = clock
+        self.sample_retention = given_or(sample_retention, "portal.capacity-sample-retention")
         self.conn: sqlite3.Connection | None = None
         self.volunteers: dict[str, Volunteer] = {}
         self.tallies: dict[tuple[str, str], Tally] = {}
@@ -176,7 +183,7 @@ class ContributionLedger:
             "FROM contributions"
         ):
             self.tallies[(name, day)] = Tally(cpu, gpu, tasks, failed, credit)
-        since = self.clock() - SAMPLE_RETENTION
+        since = self.clock() - self.sample_retention
         columns = ", ".join(("time", *SAMPLE_FIELDS))
         for row in self.conn.execute(
             f"SELECT {columns} FROM capacity_samples WHERE time >= ? ORDER BY time", (since,)
@@ -278,7 +285,7 @@ class ContributionLedger:
         now = self.clock() if now is None else now
         row = {"time": now, **{k: capacity.get(k, 0) or 0 for k in SAMPLE_FIELDS}}
         self.samples.append(row)
-        cutoff = now - SAMPLE_RETENTION
+        cutoff = now - self.sample_retention
         while self.samples and self.samples[0]["time"] < cutoff:
             self.samples.popleft()
         if self.conn is not None:
@@ -435,12 +442,12 @@ class ContributionsPlugin(SchedulerPlugin):
         self,
         ledger_path: Path | None,
         portal: PortalPlugin,
-        sample_interval: float = SAMPLE_INTERVAL,
+        sample_interval: float | None = None,
         flush_interval: float = FLUSH_INTERVAL,
     ) -> None:
         self.ledger = ContributionLedger(ledger_path)
         self.portal = portal
-        self.sample_interval = sample_interval
+        self.sample_interval = given_or(sample_interval, "portal.capacity-sample-interval")
         self.flush_interval = flush_interval
         self.scheduler: Scheduler | None = None
         self._last_sample = 0.0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from grid_portal.portal.ledger import connect, transaction
 from grid_portal.protocol import HOLD_ANNOTATION, STAGE_ANNOTATION  # noqa: F401 - names of the wire contract
+from grid_portal.settings import given_or
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 MAX_LOG_CHARS = 64 * 1024  # per stream and task: the tail is what people read
 MAX_ROWS = 10_000  # one query answers at most this many tasks
 RECENT = 10_000  # finished task records kept in memory for output that arrives late
-OUTPUT_TTL = 86400.0  # held workflow outputs are dropped a day after the job finished
 FLUSH_INTERVAL = 1.0
 
 
@@ -405,8 +405,10 @@ class _Hold:
 class OutputHolds:
     """Results the portal keeps (in the nodes' memory, through Dask) until their owner fetches them."""
 
-    def __init__(self, ttl: float = OUTPUT_TTL) -> None:
-        self.ttl = ttl
+    def __init__(self, ttl: float | None = None) -> None:
+        # Held outputs are dropped this long after their job finished (grid-portal.portal.
+        # held-output-ttl, grid_portal/settings.py, unless given).
+        self.ttl = given_or(ttl, "portal.held-output-ttl")
         self.holds: dict[str, _Hold] = {}
         self._last_expiry = 0.0
 
