@@ -262,6 +262,19 @@ def _patch():
 
     cell_task.run_cell_task = run_cell_task
 
+    # A cell sent to this node's lease (a kernel's cell session): crafted bytes as its result.
+    from grid_portal.jobs import cell_lease_task
+
+    honest_run_one = cell_lease_task._run_one
+
+    def _run_one(worker, lease, node, item, *args):
+        if "EVIL_LEASED" not in pickle.loads(item["payload"])["source"]:
+            return honest_run_one(worker, lease, node, item, *args)
+        crafted = {{"lease": lease.key, "cell": item["cell"], "kind": "result", "state": "ok"}}
+        cell_lease_task.send(worker, {{**crafted, "data": pickle.dumps(Crafted())}})
+
+    cell_lease_task._run_one = _run_one
+
     # Dask's worker pickles a task's exception (and checks that it loads back); this node
     # sends its own bytes instead.
     import distributed.worker
@@ -317,8 +330,13 @@ def grid_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def shell(grid_site: Any) -> Iterator[Any]:
     from conftest import magic_shell
 
+    from grid_portal.notebook.magics import magics_for
+
     portal, _ = grid_site
     with magic_shell(portal) as ip:
+        # Cells as Dask tasks, which the node's patched cell task answers; its lease is
+        # attacked by a test of its own, which turns the kernel's cell session on.
+        magics_for(ip).grid.cells.idle = 0
         yield ip
 
 
@@ -338,6 +356,31 @@ def kernel_ran(marker: Path) -> bool:
 
 def cell_on(node: str, body: str, options: str = "") -> str:
     return f'%%grid --where labels.who == "{node}" {options}\n{body}\n'
+
+
+def test_a_leased_cell_from_an_untrusted_node_runs_nothing_in_the_kernel(
+    grid_site: Any, shell: Any
+) -> None:
+    from conftest import wait_for
+
+    from grid_portal.notebook.magics import magics_for
+
+    _, markers = grid_site
+    session = magics_for(shell).grid.cells
+    session.idle = 60.0
+    try:
+        run(shell, cell_on("evil", "1"))  # the usual way; the kernel asks for a lease there
+        wait_for(lambda: session.lease is not None and session.lease.ready, what="the lease")
+        sent = session.cells_sent
+        result, captured = run(shell, cell_on("evil", "EVIL_LEASED = 1"))
+        assert session.cells_sent == sent + 1, "the cell did not go to the lease"
+        assert isinstance(result.error_in_exec, UntrustedResult), captured.stdout
+        shown = captured.stdout + captured.stderr
+        assert "builtins.exec" in shown and "GRID_PORTAL_TRUST" in shown, shown
+    finally:
+        session.idle = 0
+        session.release()
+    assert not kernel_ran(markers["evil"])
 
 
 def test_an_untrusted_node_runs_nothing_in_the_kernel_and_gets_a_clear_refusal(
