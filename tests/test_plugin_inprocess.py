@@ -85,7 +85,7 @@ def grid_cluster(*nodes: dict[str, Any], threads: int = 2) -> Any:
 def _restore_process() -> Any:
     pickle_module = dask_core.pickle
     config = dask.config.config
-    dask.config.config = dask.config.merge(config)  # a copy: Scheduling sets stealing
+    dask.config.config = dask.config.merge(config)  # a copy, put back after each test
     yield
     dask_core.pickle = pickle_module
     dask.config.config = config
