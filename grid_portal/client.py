@@ -89,7 +89,9 @@ class Grid:
         if portals is None and address is None and not asynchronous:
             portals = os.environ.get(ENV_PORTALS) or None
         if portals is not None:
-            self._use_portals(portals, address, timeout, asynchronous, reconnect, trust)
+            self._use_portals(
+                portals, address, timeout, asynchronous, reconnect, trust, set_as_default
+            )
             return
         connection = find_connection(address)
         embedded = connection is None
@@ -142,6 +144,7 @@ class Grid:
         portals: str | Sequence[str] | Mapping[str, str],
         address: str | None,
         timeout: float,
+        set_as_default: bool,
         asynchronous: bool,
         reconnect: float,
         trust: Iterable[str] | str | None,
@@ -159,7 +162,7 @@ class Grid:
             )
 
         def member(path: Any, first: bool) -> Grid:
-            # Only the first portal's client is Dask's default (x.compute() runs there); a
+            # Only the first portal's client may be Dask's default (x.compute() runs there); a
             # portal that went away is given up on after 10 s, so the others go on.
             return Grid(
                 str(path),
@@ -167,7 +170,7 @@ class Grid:
                 start_embedded=False,
                 reconnect=min(reconnect, 10.0),
                 trust=trust,
-                set_as_default=first,
+                set_as_default=set_as_default and first,
             )
 
         federation = federated.connect(choose(portals), member, stacklevel=5)

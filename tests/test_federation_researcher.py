@@ -279,6 +279,30 @@ def test_a_plain_grid_beside_one_over_portals_keeps_its_speed(
     assert took < 4.0, f"three sweeps of 100 tiny items took {took:.1f} s"
 
 
+def test_the_jupyter_servers_grid_stays_on_one_portal(
+    two_portals: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sidebar shows one portal, so GRID_PORTAL_PORTALS (for kernels) leaves the Jupyter
+    server's own Grid on the portal logged in to last."""
+    import asyncio
+
+    from grid_portal.jupyter.service import GridPortal
+
+    monkeypatch.setenv("GRID_PORTAL_PORTALS", "fed-a,fed-b")
+
+    async def listed() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        service = GridPortal()
+        try:
+            return await service.run(lambda grid: (grid.portals, grid.nodes(as_dict=True)))
+        finally:
+            await service.close()
+
+    portals, nodes = asyncio.run(listed())
+    assert len(portals) == 1
+    assert [n["name"] for n in nodes if n["state"] != "offline"] == ["fed-b-vol"]
+    assert all("portal" not in n for n in nodes)
+
+
 def test_a_sweep_moves_off_a_portal_whose_volunteer_stopped(
     two_portals: dict[str, Any], tmp_path: Path
 ) -> None:
