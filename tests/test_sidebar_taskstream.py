@@ -121,6 +121,7 @@ def test_the_sidebar_shows_a_running_jobs_task_stream(
         # Side by side as they ran: alpha lends 2 cores, so its 8 tasks fill 2 rows or more.
         assert detail.locator('.gp-ts-lane[data-node="alpha"]').count() >= 2
         expect(stage.locator(".gp-stage-count")).to_have_text("8/8 done")
+        page.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-task-stream-done.png"))
         detail.locator(".gp-job-back").click()
         expect(page.locator(".gp-job-list")).to_be_visible()
     errors = console.ours()
