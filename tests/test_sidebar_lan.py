@@ -196,3 +196,50 @@ def test_openapi_lists_every_route() -> None:
         words = either.group(1).split("|") if either else []
         served |= {path.replace(either.group(0), w) for w in words} if either else {path}
     assert served <= documented, f"not in the OpenAPI document: {sorted(served - documented)}"
+
+
+def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -> None:
+    """What the sidebar shows after a denial comes from the server's join, as here: refused,
+    with the way in by typing the URL (and nothing enrolled)."""
+    import asyncio
+    import time
+    from urllib.parse import urlsplit
+
+    from grid_portal.discovery import DiscoveredPortal
+    from grid_portal.enrolment import fingerprint
+    from grid_portal.jupyter.joins import PENDING, REFUSED, LanJoins
+    from grid_portal.jupyter.service import GridPortal
+
+    ca = (portal.data_dir / "ca" / "ca.pem").read_text()
+    where = urlsplit(portal.info["http"])
+    found = DiscoveredPortal(
+        instance=f"{PORTAL_NAME}._gridportal._tcp.local.",
+        name=PORTAL_NAME,
+        addresses=[str(where.hostname)],
+        port=int(where.port or 0),
+        ca_fingerprint=fingerprint(ca),
+    )
+
+    def deny(request_id: str) -> None:
+        with portal.grid() as grid:
+            grid.decide_join_request(request_id, approve=False)
+
+    async def scenario() -> Any:
+        joins = LanJoins(GridPortal())
+        status = await joins.start(found, "dora")
+        assert status.state == PENDING and status.code, status
+        await asyncio.to_thread(deny, str(status.request))
+        deadline = time.monotonic() + 30
+        while status.state == PENDING and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # the server's poll of the portal answers within 0.5 s
+        return status
+
+    status = asyncio.run(scenario())
+    assert status.state == REFUSED, status
+    assert "denied" in (status.message or "") and "grid-portal login https://" in (
+        status.message or ""
+    )
+    with portal.grid() as grid:
+        decided = {r["id"]: r for r in grid.join_requests(everything=True)}
+    assert decided[status.request]["state"] == "denied"
+    assert decided[status.request]["enrolled_name"] is None
