@@ -261,9 +261,7 @@ os._exit(0)  # the kernel dies: no goodbye to the portal
 def test_a_dead_kernels_lease_is_given_back(shell, portal: Portal) -> None:
     grid = grid_of(shell)
     grid.cells.release()
-    wait_for(
-        lambda: grid.node(VOLUNTEER).state is NodeState.ONLINE, timeout=30, what="a free node"
-    )
+    wait_for(lambda: grid.node(VOLUNTEER).state is NodeState.ONLINE, timeout=30, what="a free node")
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(KERNEL), portal.connection_file],
         capture_output=True,
@@ -303,9 +301,7 @@ def test_draining_the_volunteer_ends_the_lease_and_it_leaves(shell, portal: Port
     assert drained.returncode == 0, drained.stderr
     wait_for(lambda: lease.ended, timeout=15, what="the drain to end the lease")
     grid = grid_of(shell)
-    wait_for(
-        lambda: not grid.node(VOLUNTEER).online, timeout=30, what="the drained node to leave"
-    )
+    wait_for(lambda: not grid.node(VOLUNTEER).online, timeout=30, what="the drained node to leave")
 
 
 def test_a_killed_volunteer_holding_a_lease_goes_offline_within_the_node_timeout(
