@@ -137,3 +137,18 @@ def pipe_work(work: float, speeds: dict, item: int | None = None, **inputs: dict
     if previous is None:
         return {"item": item, "path": [step]}
     return {"item": previous["item"], "path": [*previous["path"], step]}
+
+
+def fib_evolving(n: int) -> int:
+    """Dask's evolving-workflow example: a task that submits its own sub-tasks through
+    get_client(), leaves its slot while it waits for them (secede) and comes back (rejoin)."""
+    from distributed import get_client, rejoin, secede
+
+    if n < 2:
+        return n
+    client = get_client()
+    first, second = client.submit(fib_evolving, n - 1), client.submit(fib_evolving, n - 2)
+    secede()
+    a, b = client.gather([first, second])
+    rejoin()
+    return a + b

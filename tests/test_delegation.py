@@ -29,8 +29,8 @@ from grid_portal.protocol import JOB_ANNOTATION, delegate_name
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("delegation")
     portal = start_portal(tmp)
-    start_volunteer(portal, tmp, "node-1", "--cpus", "2", "--memory", "2GB")
-    common = ("--cpus", "1", "--memory", "1GB", "--label", "who=two", "--sandbox", "none")
+    start_volunteer(portal, tmp, "node-1", "--cpus", "2", "--memory", "2GB", "--label", "who=one")
+    common = ("--cpus", "1", "--memory", "1GB", "--label", "who=two")
     start_volunteer(portal, tmp, "node-2", *common)
     alice = Grid(researcher_connection(portal, tmp, "alice"), start_embedded=False)
     bob = Grid(researcher_connection(portal, tmp, "bob"), start_embedded=False)
@@ -229,3 +229,29 @@ def test_only_the_node_running_a_task_gets_its_jobs_credential(site: Any) -> Non
 
 def alice_security(portal: Any, tmp: Path) -> Any:
     return Connection.load(tmp / "alice.json").security()
+
+
+def test_an_evolving_workflow_runs_on_the_grid_as_on_a_local_cluster(site: Any) -> None:
+    """Dask's tutorial pattern: tasks call get_client(), submit sub-tasks, secede while they
+    gather, rejoin. Through Grid and through Client(GridCluster()), the same as a LocalCluster,
+    every task in one job of the researcher's."""
+    from distributed import Client, LocalCluster
+    from gridtasks import fib_evolving
+
+    from grid_portal.cluster import GridCluster
+
+    portal, tmp, alice, _ = site
+    local = LocalCluster(n_workers=1, threads_per_worker=2, processes=False)
+    with local, Client(local, set_as_default=False) as client:
+        expected = client.submit(fib_evolving, 5).result(timeout=60)
+    assert expected == 5
+
+    with alice.job("evolving", job_id="evolving-1") as job_id:
+        top = alice.submit(fib_evolving, 5, where='labels.who == "one"')
+    assert top.result(timeout=120) == expected
+    tasks = (alice.job_tasks(job_id) or {}).get("tasks", [])
+    assert len(tasks) > 1 and alice.get_job(job_id).owner == "alice", tasks
+
+    connection = str(tmp / "alice.json")
+    with GridCluster(connection, start_embedded=False) as cluster, Client(cluster) as client:
+        assert client.submit(fib_evolving, 5).result(timeout=120) == expected

@@ -8,16 +8,22 @@ worker's. Each task process is its own process group, so the worker can suspend 
 resume (SIGCONT) or end (SIGKILL) a task together with any processes it started.
 
 Inside, ``distributed.get_worker()`` returns a :class:`WorkerView`: the worker's name, address,
-id, nthreads, memory limit, resources and local directory; anything else (``get_client()``,
-``secede()``, P2P shuffles) needs the real worker and says so.
+id, nthreads, memory limit, resources and local directory, and what Dask's ``get_client()``,
+``secede()`` and ``rejoin()`` look for (``grid_portal.node.taskclient``: a client of the task's
+own job, on a delegated credential); anything else (P2P shuffles) needs the real worker and
+says so.
 
 The one way out to the grid is :meth:`WorkerView.grid_emit` (see :class:`TaskChannel`): while a
-task runs it may send the worker two kinds of message, each answered before it returns,
+task runs it may send the worker these messages, each answered before it returns,
 
 - ``("queue_put", {"name": ..., "data": ...})``: put plain data into a Dask ``Queue``;
 - ``("store_result", {"job_id": ..., "data": bytes})``: keep a job's result at the portal;
 - ``("failed_items", {"count": n})``: a batch task's items that raised, which its worker sends
   with the task's completion (the worker answers it itself);
+- ``("delegate", {"csr": PEM})``: a credential for the task's job, which the worker asks the
+  portal for (it answers only the node that runs the task);
+- ``("secede", {"duration": s})``, ``("rejoin", {})``: the task leaves its slot while it
+  waits for other tasks, and comes back (the worker answers them itself);
 
 and the worker forwards them to the scheduler only for the names the task came with (its
 ``grid_stream`` and ``grid_job`` annotations; see ``TaskProcessExecutor``). Nothing else of the
@@ -44,6 +50,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+from grid_portal.node.taskclient import WorkerLoop, handle_stimulus, task_client, task_thread
 from grid_portal.proctree import data_size, set_data_limit
 
 _HEADER = struct.Struct("!Q")
@@ -161,6 +168,7 @@ class WorkerView:
     """The parts of the Dask worker a task may use from its own process."""
 
     AVAILABLE = ("name", "address", "id", "nthreads", "memory_limit", "resources", "grid_emit")
+    handle_stimulus = staticmethod(handle_stimulus)  # Dask's secede() names it (taskclient)
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
@@ -168,6 +176,14 @@ class WorkerView:
     @property
     def total_resources(self) -> dict[str, float]:
         return dict(self.__dict__.get("resources") or {})
+
+    @property
+    def loop(self) -> WorkerLoop:
+        return WorkerLoop(self)
+
+    def _get_client(self, timeout: Any = None) -> Any:
+        """What Dask's ``get_client()`` asks a worker for: the task's job's own client."""
+        return task_client(self, timeout)
 
     def grid_emit(self, kind: str, payload: dict[str, Any]) -> Any:
         """Send the worker one message for the grid (see :class:`TaskChannel`); returns what
@@ -183,8 +199,9 @@ class WorkerView:
         raise AttributeError(
             f"get_worker().{attr} is not available to grid tasks: on a volunteer's node a task "
             "runs in its own sandboxed process, not inside the Dask worker. Available: "
-            f"{', '.join(self.AVAILABLE)}, local_directory. (get_client(), secede() and P2P "
-            "shuffles need the worker itself; use shuffle/rechunk method 'tasks'.)"
+            f"{', '.join(self.AVAILABLE)}, local_directory, get_client(), secede() and "
+            "rejoin(). (P2P shuffles need the worker itself; use shuffle/rechunk method "
+            "'tasks'.)"
         )
 
     def __repr__(self) -> str:
@@ -192,7 +209,7 @@ class WorkerView:
 
 
 # -- the task's channel to its worker ------------------------------------------------------------
-EMIT_KINDS = ("queue_put", "store_result", "failed_items")
+EMIT_KINDS = ("queue_put", "store_result", "failed_items", "delegate", "secede", "rejoin")
 
 
 class TaskChannel:
@@ -380,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         channel.set_open(True)
         try:
             fn, args, kwargs = pickle.loads(payload)
-            msg = fn(*args, **kwargs)
+            with task_thread(view, key):  # what Dask's secede() and rejoin() look for
+                msg = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - unpickling the call failed: report it
             from distributed.core import error_message
 

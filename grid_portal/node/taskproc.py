@@ -79,6 +79,7 @@ import cloudpickle
 from grid_portal.isolation import Confinement, confined, is_self_isolating
 from grid_portal.node.slotgate import SlotGate, is_task_call
 from grid_portal.node.taskchild import BOOT, PipeRefused, memory_error_text, recv_plain, send
+from grid_portal.node.taskclient import delegated, seceded
 from grid_portal.node.taskzygote import ForkedProcess, ForkServer, can_fork
 from grid_portal.proctree import tree_rss
 from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
@@ -99,6 +100,7 @@ MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's me
 # the Grid client (grid_job) and jobs/cell.py (grid_stream); node code imports neither.
 EMIT_TIMEOUT = 10.0  # s the executor waits for the scheduler to take a task's message
 MAX_QUEUE_ITEM = 16 * 2**20  # characters/bytes in one queue item: it lives at the portal
+MAX_CSR = 8192  # characters of a task's certificate request (taskclient.py)
 JOB_LINGER = 10.0  # s without a running task before a job's directory and processes go
 
 
@@ -209,6 +211,12 @@ class _Grant:
             count = payload.get("count")
             if not self.items or type(count) is not int or not 0 <= count <= self.items:
                 return "only a batch task says how many of its items raised (0 to its items)"
+            return None
+        if kind == "delegate":  # the portal decides whose job it is (portal/delegation.py)
+            csr = payload.get("csr")
+            ok = isinstance(csr, str) and 0 < len(csr) <= MAX_CSR
+            return None if ok else "a credential is asked for with a certificate request"
+        if kind in ("secede", "rejoin"):
             return None
         return f"unknown message kind {kind!r}"
 
@@ -374,6 +382,9 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self._threads = concurrent.futures.ThreadPoolExecutor(
             self.slots + 2, thread_name_prefix="grid-task"
         )
+        # Tasks that seceded (Dask's secede() in the task: taskclient.py) wait on other tasks
+        # in their thread here; each lends the pool one more thread until it rejoins or ends.
+        self._seceded: set[Any] = set()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # an idle task process became available
         self._idle: list[_Child] = []
@@ -622,6 +633,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         finally:
             with self._lock:
                 self._busy.pop(child.pid, None)
+            self._lend_thread(key, False)
             self._leave(workspace)
         if problem is not None:
             return self._refuse(child, problem, started)
@@ -769,11 +781,18 @@ class TaskProcessExecutor(concurrent.futures.Executor):
 
             note_failed_items(worker, key, payload["count"])
             return {"ok": True, "reply": None}
+        if kind in ("secede", "rejoin"):  # the task leaves its slot while it waits, or is back
+            self._lend_thread(key, kind == "secede")
+            if kind == "secede":
+                seceded(worker, key, float(payload.get("duration") or 0.0))
+            return {"ok": True, "reply": None}
 
         async def call() -> Any:
             scheduler = worker.scheduler  # the worker's pooled rpc, on its node certificate
             if kind == "queue_put":
                 handler = scheduler.queue_put(name=payload["name"], data=payload.get("data"))
+            elif kind == "delegate":
+                return await delegated(worker, key, payload["csr"])
             else:
                 handler = scheduler.grid_job_store_result(
                     job_id=payload["job_id"], data=payload["data"]
@@ -786,6 +805,18 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         except Exception as exc:  # noqa: BLE001 - the task hears why; it goes on regardless
             return {"ok": False, "refused": False, "error": f"{type(exc).__name__}: {exc}"}
         return {"ok": True, "reply": reply}
+
+    def _lend_thread(self, key: Any, lend: bool) -> None:
+        """One more thread for the pool while task ``key`` waits seceded (one less after)."""
+        with self._lock:
+            if lend == (key in self._seceded):
+                return
+            if lend:
+                self._seceded.add(key)
+            else:
+                self._seceded.discard(key)
+            # concurrent.futures reads _max_workers each time it decides to start a thread.
+            self._threads._max_workers += 1 if lend else -1  # type: ignore[attr-defined]
 
     def _limit_for(self, key: Any) -> int:
         limit = self.memory_limit or 0

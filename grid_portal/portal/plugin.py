@@ -275,7 +275,7 @@ class PortalPlugin(SchedulerPlugin):
                 kind=kinds.get(first, "task"),
                 open=bool(opens.get(first, False)),
             )
-            if record.open:
+            if record.open and delegated is None:  # a job's own client does not hold it open
                 self._client_sessions.setdefault(client, set()).add(job_id)
             if record.state is JobState.CANCELLED:
                 # Tasks that arrive after their job was cancelled are cancelled on arrival.
