@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ class CellSession:
                 "request": request,
             }
         )
+        # The client's event-loop thread writes it, once it holds the GIL: hand it over now
+        # rather than when this thread next blocks (measured: 0.7-0.9 ms of a trivial cell).
+        time.sleep(0)
         return True
 
     def went_usual_way(self, spec: LeaseSpec | None) -> None:
