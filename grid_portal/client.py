@@ -144,10 +144,10 @@ class Grid:
         portals: str | Sequence[str] | Mapping[str, str],
         address: str | None,
         timeout: float,
-        set_as_default: bool,
         asynchronous: bool,
         reconnect: float,
         trust: Iterable[str] | str | None,
+        set_as_default: bool,
     ) -> None:
         """A Grid over several portals: one plain Grid per portal, connected at once; one that
         cannot be used gives a PortalWarning and the others are used."""
