@@ -202,6 +202,7 @@ def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -
     """What the sidebar shows after a denial comes from the server's join, as here: refused,
     with the way in by typing the URL (and nothing enrolled)."""
     import asyncio
+    import concurrent.futures
     import time
     from urllib.parse import urlsplit
 
@@ -234,7 +235,9 @@ def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -
             await asyncio.sleep(0.2)  # the server's poll of the portal answers within 0.5 s
         return status
 
-    status = asyncio.run(scenario())
+    # A loop of its own, on a thread of its own: Playwright's sync API holds this thread's.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        status = pool.submit(asyncio.run, scenario()).result(timeout=90)
     assert status.state == REFUSED, status
     assert "denied" in (status.message or "") and "grid-portal login https://" in (
         status.message or ""
