@@ -49,6 +49,9 @@ class Confinement:
     # The job's own HOME, TMPDIR and working directory on this node (node/taskproc.py), for
     # the child to enter before it runs the user's code: {"env": {...}, "cwd": path}.
     workdir: dict[str, Any] | None = None
+    # Tell the node that child has ended, for a task that starts one after another (a cell
+    # session's lease, jobs/cell_lease_task.py): the node stops watching and signalling it.
+    ended: Callable[[int], None] | None = None
 
 
 def current() -> Confinement | None:

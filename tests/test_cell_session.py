@@ -125,6 +125,21 @@ def test_consecutive_cells_reuse_one_lease_and_keep_variables(shell) -> None:
     wait_for(lambda: lease.ended, timeout=10, what="the lease to be given back")
 
 
+def test_a_lease_keeps_the_executor_counting_one_task(shell) -> None:
+    """On a sandboxed node each leased cell's child is registered with the executor (pause,
+    move, memory watch) and let go when it ends: the lease counts as one task in process."""
+    import json
+
+    session = grid_of(shell).cells
+    cell(shell, "0")
+    for n in range(3):
+        assert leased_cell(shell, f"{n}") == n
+    status = volunteer_cli("status", "--name", VOLUNTEER, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["in_process_tasks"] <= 1
+    assert session.lease is not None and session.lease.ready
+
+
 def test_an_idle_lease_gives_its_slot_back(shell) -> None:
     session = grid_of(shell).cells
     session.release()

@@ -20,6 +20,7 @@ scheduler: nothing here opens a connection or listens.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import platform
 import queue
@@ -134,12 +135,25 @@ def _run_one(
     relay = _LeaseRelay(worker, lease.key, cell)
     confinement = isolation.current()
     detach = OWN_GROUP if confinement is not None else OWN_SESSION
+    children: list[int] = []
+    if confinement is not None:
+        # One child per cell, registered with the node while it runs and let go after.
+        register = confinement.started
+
+        def started(pid: int) -> None:
+            children.append(pid)
+            register(pid)
+
+        confinement = dataclasses.replace(confinement, started=started)
 
     def cancelled() -> bool:
         return cell in lease.stopped or not wanted()
 
     execution = _Execution(item["payload"], request, node, relay, cancelled, detach, confinement)
     outcome = execution.run()
+    if confinement is not None and confinement.ended is not None:
+        for pid in children:
+            confinement.ended(pid)
     lease.stopped.discard(cell)
     error = outcome.get("error") or {}
     if error.get("ename") == "CellProcessDied" and not taking_work():

@@ -674,6 +674,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         def started(pid: int) -> None:
             base = tree_rss(pid) if record.limit else 0
             with self._lock:
+                self._busy.pop(record.pid, None)  # the one before, if it did not say it ended
                 record.pid, record.base = pid, base
                 self._busy[pid] = record
                 if self._moves != moves:  # moved away before its child started
@@ -683,11 +684,19 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                     record.stopped = True
                     record.signal(signal.SIGSTOP)
 
+        def ended(pid: int) -> None:
+            # Reaped, its pid may be reused: no pause, move or memory check may reach it.
+            with self._lock:
+                if record.pid == pid:
+                    self._busy.pop(pid, None)
+                    record.pid, record.base, record.stopped = 0, 0, False
+
         confinement = Confinement(
             nice=self.nice,
             memory_limit=record.limit,
             started=started,
             workdir=workspace.info if workspace is not None else None,
+            ended=ended,
         )
         begun = time.time()
         try:
