@@ -152,3 +152,35 @@ def fib_evolving(n: int) -> int:
     a, b = client.gather([first, second])
     rejoin()
     return a + b
+
+
+def hold_own_client(seconds: float) -> int:
+    """A task that gets its job's own client (a delegated credential), uses it, and waits."""
+    import time as _time
+
+    from distributed import get_client
+
+    value = get_client().submit(plus_one, 1).result()
+    _time.sleep(seconds)
+    return value
+
+
+def read_task_credentials() -> list[str]:
+    """What this task can read of other task processes' delegated keys (their memory files)."""
+    import os as _os
+
+    found = []
+    for pid in filter(str.isdigit, _os.listdir("/proc")):
+        try:
+            fds = _os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if "grid-task-key" not in _os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    continue
+                with open(f"/proc/{pid}/fd/{fd}") as key:
+                    found.append(key.read())
+            except OSError:
+                continue
+    return found

@@ -255,3 +255,18 @@ def test_an_evolving_workflow_runs_on_the_grid_as_on_a_local_cluster(site: Any) 
     connection = str(tmp / "alice.json")
     with GridCluster(connection, start_embedded=False) as cluster, Client(cluster) as client:
         assert client.submit(fib_evolving, 5).result(timeout=120) == expected
+
+
+def test_another_job_on_the_node_cannot_read_a_tasks_credential(site: Any) -> None:
+    """Two jobs on one node share the sandbox's user: a task of one looks through every
+    process's memory files for the other's delegated key, and finds none it can read."""
+    from gridtasks import hold_own_client, read_task_credentials
+
+    _, _, alice, bob = site
+    with alice.job("holder", job_id="holder-1") as job_id:
+        holder = alice.submit(hold_own_client, 40, where='labels.who == "one"')
+    wait_for(lambda: (alice.get_job(job_id).tasks_done or 0) >= 1, timeout=60, what="its sub-task")
+    found = bob.submit(read_task_credentials, where='labels.who == "one"').result(timeout=60)
+    assert not [k for k in found if "PRIVATE KEY" in k], "a task read another job's key"
+    alice.cancel(job_id)
+    holder.cancel()

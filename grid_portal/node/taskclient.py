@@ -47,8 +47,12 @@ def _connect(view: Any, timeout: Any) -> Any:
     from distributed import Security
 
     from grid_portal.keys import make_key_and_csr
+    from grid_portal.node.worker import _keep_out_of_reach
 
     key_pem, csr = make_key_and_csr("task")
+    # Other jobs' tasks on this node run as the same user: from now on they can neither read
+    # this process's memory nor its memory files (/proc/PID/mem, fd/), as for the worker.
+    _keep_out_of_reach()
     granted = view.grid_emit("delegate", {"csr": csr})
     paths = _in_memory({"ca": granted["ca"], "cert": granted["cert"], "key": key_pem})
     security = Security(
