@@ -114,6 +114,10 @@ class Telemetry:
     memory_percent: float
     running_tasks: int = 0
     gpus: list[GpuTelemetry] = field(default_factory=list)
+    # What this portal received from the node since its worker started (a volunteer may serve
+    # several portals, docs/federation.md): tasks run and core-seconds they held.
+    tasks_received: int = 0
+    core_seconds_received: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Telemetry:

@@ -114,6 +114,13 @@ def test_shares_split_by_share_and_idle_portal_leaves_all(world: World) -> None:
         )
         assert world.portal_status(world.a)["running"] == 0
         grid_b.client.gather(futures)
+
+        # The portal sees what it received from the node too (its heartbeats).
+        def received() -> bool:
+            node = next(n for n in grid_b.nodes() if n.name == "fedvol")
+            return node.telemetry is not None and node.telemetry.tasks_received >= 150
+
+        wait_for(received, timeout=30, what="portal B to see the 150 tasks it received")
     # Both loaded: core-seconds follow the shares 2:1.
     portals = {"a": world.a, "b": world.b}
     with world.a.grid() as grid_a, world.b.grid() as grid_b:

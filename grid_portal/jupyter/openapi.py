@@ -161,6 +161,12 @@ SCHEMAS: dict[str, Any] = {
             "memory_percent": {"type": "number"},
             "running_tasks": {"type": "integer"},
             "gpus": {"type": "array", "items": _ref("GpuTelemetry")},
+            "tasks_received": {
+                "type": "integer",
+                "description": "Tasks this portal received from the node since its worker "
+                "started (a volunteer may serve several portals).",
+            },
+            "core_seconds_received": {"type": "number"},
         },
         ["time"],
         "A live sample from the node's heartbeat.",

@@ -168,8 +168,10 @@ class NodePlugin(WorkerPlugin):
         data["policy"] = {"state": self.state, "reason": self.reason}
         if self.network is not None:  # re-measured by the agent now and then
             data["network"] = self.network
-        if self.gate is not None:
-            data["received"] = self._received()
+        if self.gate is not None:  # what this portal received (Telemetry's *_received)
+            received = self._received()
+            data["tasks_received"] = received["tasks"]
+            data["core_seconds_received"] = received["core_seconds"]
         return data
 
     def _received(self) -> dict[str, Any]:

@@ -588,6 +588,13 @@ def clean_metrics(
     network = _network(m("network"), "network", p)
     if network is not None and any(v is not None for v in network.values()):
         out["network"] = network
+    # What this portal received from the node (a volunteer may serve several portals).
+    out["tasks_received"] = _number(
+        m("tasks_received"), "tasks_received", p, 0, 2**53, integer=True, default=0
+    )
+    out["core_seconds_received"] = _number(
+        m("core_seconds_received"), "core_seconds_received", p, 0.0, 1e15, default=0.0
+    )
     if m("grid_memory_used") is not None:
         out["grid_memory_used"] = _number(
             m("grid_memory_used"), "grid_memory_used", p, 0, MAX_MEMORY, integer=True, default=0
