@@ -11,6 +11,7 @@ clear message while the other portal keeps working.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,3 +207,35 @@ def test_an_unreachable_portal_is_said_and_skipped(tmp_path: Path, portal: Porta
     text = log.read_text()
     assert f"cannot reach the portal at {address}" in text, text
     assert "the other portals go on" in text and "Traceback" not in text
+
+
+def test_a_portal_whose_ca_changed_is_said_and_the_saved_set_goes_on(world: World) -> None:
+    # Stop the volunteer; its state dir keeps both portals. Then the address of B serves
+    # another portal (another CA): a restart from the saved set says so and serves A.
+    world.volunteer.kill(signal.SIGTERM)
+    state_dir = world.tmp / "state-fedvol"
+    saved = json.loads((state_dir / "portals.json").read_text())
+    assert sorted(e["share"] for e in saved) == [1, 2]
+    other = start_portal(world.tmp / "other")
+    try:
+        for entry in saved:
+            if entry["url"] == world.b.http:
+                entry["url"] = other.http  # B's enrolment, another portal's CA at its address
+        (state_dir / "portals.json").write_text(json.dumps(saved))
+        log = world.tmp / "volunteer-restarted.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                grid_portal_command(
+                    "volunteer", "--state-dir", str(state_dir), "--cpus", "1", "--sandbox", "none"
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        world.a.volunteers.append(Volunteer(name="fedvol", process=process, log=log))
+        wait_for(lambda: _online(world.a, "fedvol"), timeout=60, what="A served from the set")
+        text = log.read_text()
+        assert "now has another CA than the one this machine enrolled with" in text, text
+        assert "the other portals go on" in text and "Traceback" not in text
+    finally:
+        other.stop()
