@@ -7,6 +7,7 @@ tests/test_federation_volunteer.py.
 from __future__ import annotations
 
 import heapq
+from typing import Any
 
 import pytest
 
@@ -92,3 +93,46 @@ def test_a_detached_portal_frees_its_slots_at_once() -> None:
 def test_a_share_must_be_positive() -> None:
     with pytest.raises(ValueError, match="more than 0"):
         SlotArbiter(2).add("a", 0)
+
+
+def test_a_seceded_task_gives_its_slot_back_until_it_rejoins() -> None:
+    """The worker's gate (slotgate.py) with the agent's arbiter, one slot: a task that
+    secedes to wait for a task it submitted lets that task run, then asks again."""
+    import threading
+
+    from grid_portal.node.slotgate import SlotGate
+
+    arbiter = SlotArbiter(1)
+    arbiter.add("a", 1)
+    arbiter.add("b", 1)
+    gates: dict[str, SlotGate] = {}
+
+    def emit_for(key: str) -> Any:
+        def emit(message: dict[str, Any]) -> None:  # the agent's part (agent.slot_event)
+            if message["event"] == "want":
+                grants = arbiter.want(key, message["ticket"])
+            else:
+                grants = arbiter.done(key, message["ticket"], message["seconds"])
+            for portal, ticket in grants:
+                gates[str(portal)].grant(ticket)
+
+        return emit
+
+    gates.update({k: SlotGate(emit_for(k), arbitrated=True) for k in "ab"})
+    child_ran = threading.Event()
+
+    def child() -> str:
+        child_ran.set()
+        return "child"
+
+    def parent() -> str:
+        runner = threading.Thread(target=gates["a"].run, args=(child,))
+        runner.start()
+        gates["a"].secede()
+        assert child_ran.wait(10), "the sub-task never got the slot its parent held"
+        runner.join(10)
+        gates["a"].rejoin()
+        return "parent"
+
+    assert gates["a"].run(parent) == "parent"
+    assert arbiter.received("a")["running"] == 0 and gates["a"].tasks == 2

@@ -9,7 +9,8 @@ no message is sent before a task.
 
 Either way the gate counts what this portal received (tasks, core-seconds: seconds a task held
 one lent core), tells the agent of each task that ended, and the node plugin puts the counts in
-its heartbeats. Only task runs are gated: the executor also runs Dask's own offloaded work
+its heartbeats. A task that secedes (waits on tasks it submitted) gives its slot back until it
+rejoins, as it gives Dask its thread. Only task runs are gated: the executor also runs Dask's own offloaded work
 (deserialising, in a sandboxed worker), which must never wait for a slot.
 """
 
@@ -49,6 +50,7 @@ class SlotGate:
         self._tickets = itertools.count(1)
         self.tasks = 0
         self.core_seconds = 0.0
+        self._local = threading.local()  # the slot the task in this thread holds, if any
 
     # -- from the agent ----------------------------------------------------------------------
     def arbitrate(self, on: bool) -> None:
@@ -73,6 +75,30 @@ class SlotGate:
 
     # -- in an executor thread ---------------------------------------------------------------
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        self._local.held = self._acquire()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            held, self._local.held = self._local.held, None  # the one since rejoin, if any
+            if held is not None:
+                self._release(*held)
+            with self._lock:
+                self.tasks += 1
+
+    def secede(self) -> None:
+        """The task in this thread waits on other tasks (Dask's ``secede()``): its slot goes
+        back, or tasks it waits for could never get one."""
+        held, self._local.held = getattr(self._local, "held", None), None
+        if held is not None:
+            self._release(*held)
+
+    def rejoin(self) -> None:
+        """The task in this thread is back from waiting: it asks for a slot again."""
+        if getattr(self._local, "held", "none") is None:
+            self._local.held = self._acquire()
+
+    def _acquire(self) -> tuple[int, float]:
+        """Wait for a slot (when arbitrated); returns (ticket, when it started)."""
         ticket = next(self._tickets)
         event = None
         with self._lock:
@@ -81,15 +107,13 @@ class SlotGate:
         if event is not None:
             self._emit({"event": "want", "ticket": ticket})
             event.wait()
-        started = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            seconds = time.perf_counter() - started
-            with self._lock:
-                self.tasks += 1
-                self.core_seconds += seconds
-            self._emit({"event": "done", "ticket": ticket, "seconds": round(seconds, 6)})
+        return ticket, time.perf_counter()
+
+    def _release(self, ticket: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self.core_seconds += seconds
+        self._emit({"event": "done", "ticket": ticket, "seconds": round(seconds, 6)})
 
     def counts(self) -> dict[str, Any]:
         with self._lock:

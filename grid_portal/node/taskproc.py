@@ -792,6 +792,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             return {"ok": True, "reply": None}
         if kind in ("secede", "rejoin"):  # the task leaves its slot while it waits, or is back
             self._lend_thread(key, kind == "secede")
+            if self.gate is not None and kind == "secede":  # its grant from the agent too
+                self.gate.secede()
+            elif self.gate is not None:
+                self.gate.rejoin()
             if kind == "secede":
                 seceded(worker, key, float(payload.get("duration") or 0.0))
             return {"ok": True, "reply": None}
