@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grid_portal import __version__
+from grid_portal import (
+    __version__,
+    cli_certs,
+    cli_classroom,
+    cli_discovery,
+    cli_jobs,
+    cli_volunteer,
+)
 from grid_portal.errors import GridError, UsageError
 from grid_portal.process_logging import setup_logging
 from grid_portal.units import duration_arg, size_arg
@@ -145,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=size_arg,
         help="with --embedded: memory the local volunteer lends, e.g. 8GB",
     )
-    __import__("grid_portal.cli_classroom").cli_classroom.add_serve_options(p)  # --jupyterhub
-    __import__("grid_portal.cli_discovery").cli_discovery.add_serve_options(p)  # --no-announce
+    cli_classroom.add_serve_options(p)  # --jupyterhub
+    cli_discovery.add_serve_options(p)  # --no-announce
     p.set_defaults(func=cmd_serve)
 
     # token
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_token_list)
     p.set_defaults(func=lambda args: p.print_help() or 2)
     # certs list / certs revoke / token revoke: cutting anyone off (issue: zero trust)
-    __import__("grid_portal.cli_certs").cli_certs.add_parsers(sub, tsub)
+    cli_certs.add_parsers(sub, tsub)
 
     # volunteer
     p = sub.add_parser(
@@ -215,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORTAL_URL",
         help="the portal's https:// address (or pause, resume, drain, status: see above)",
     )
-    __import__("grid_portal.cli_volunteer").cli_volunteer.add_options(p)  # --token, --share
+    cli_volunteer.add_options(p)  # --token, --share
     p.add_argument("--token-file", type=Path, help="read the join token from this file")
     p.add_argument("--config", type=Path, help="read options from a TOML file (volunteer.toml)")
     p.add_argument("--name", help="this machine's name on the grid (default: host name)")
@@ -317,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--reason", help="pause: the reason shown on the grid")
     ctl.add_argument("--wait", action="store_true", help="drain: wait until the volunteer left")
     ctl.add_argument("--json", action="store_true", help="status: machine-readable")
-    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(
+    cli_discovery.add_join_options(
         p,
-        portal_action=__import__("grid_portal.cli_volunteer").cli_volunteer._PortalOption,
+        portal_action=cli_volunteer._PortalOption,
         portal_help="; --portal https://... --token T --share N: one more portal to serve",
     )  # LAN joins, and further portals
     p.set_defaults(func=cmd_volunteer)
@@ -350,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the name this portal is kept under among yours, for Grid(portals=[...]) "
         "(default: its host name)",
     )
-    __import__("grid_portal.cli_discovery").cli_discovery.add_join_options(p)  # LAN joins
+    cli_discovery.add_join_options(p)  # LAN joins
     p.set_defaults(func=cmd_login)
 
     # nodes / status
@@ -390,19 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = esub.add_parser("stop", help="stop it")
     e.set_defaults(func=cmd_embedded_stop)
     p.set_defaults(func=lambda args: p.print_help() or 2)
-    __import__("grid_portal.cli_jobs").cli_jobs.register(sub)  # submit, jobs, job, cancel, logs
-    __import__("grid_portal.cli_classroom").cli_classroom.register(sub)  # ledger, classroom
-    __import__("grid_portal.cli_discovery").cli_discovery.register(sub)  # discover, requests
+    cli_jobs.register(sub)  # submit, jobs, job, cancel, logs
+    cli_classroom.register(sub)  # ledger, classroom
+    cli_discovery.register(sub)  # discover, requests
     return parser
 
 
 # -- commands ------------------------------------------------------------------------------
-def _data_dir(args: argparse.Namespace) -> Path:
-    from grid_portal.connection import default_data_dir
-
-    return (args.data_dir or default_data_dir()).expanduser()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from grid_portal import settings
@@ -421,15 +422,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     else:
         config = PortalConfig(
-            data_dir=_data_dir(args),
+            data_dir=cli_certs.data_dir_of(args),
             contact_host=args.contact_host,
-            jupyterhub=__import__("grid_portal.cli_classroom").cli_classroom.hub_settings(args),
+            jupyterhub=cli_classroom.hub_settings(args),
             # The flags given, over the configuration (grid-portal.portal.*). Settings with no
             # field here (no flag either) the scheduler process reads from the configuration.
             **settings.merged("portal", vars(args), only=PortalConfig.__dataclass_fields__),
         )
         config.dashboard = args.dashboard
-        __import__("grid_portal.cli_discovery").cli_discovery.serve_companions(args, config)
+        cli_discovery.serve_companions(args, config)
 
         def ready(info: Any) -> None:
             print(describe(info), flush=True)
@@ -444,14 +445,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_store(args: argparse.Namespace) -> tuple[Any, str]:
-    from grid_portal.cli_certs import token_store
-
-    return token_store(args)
-
-
 def cmd_token_create(args: argparse.Namespace) -> int:
-    store, pin = _token_store(args)
+    store, pin = cli_certs.token_store(args)
     created = store.create(ttl=args.ttl, uses=args.uses, note=args.note, pin=pin, role=args.role)
     print(created.text)
     return 0
@@ -463,7 +458,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    store, _ = _token_store(args)
+    store, _ = cli_certs.token_store(args)
     table = Table("id", "for", "created", "expires", "uses left", "note")
     for t in store.list():
         table.add_row(
@@ -534,8 +529,9 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
     if args.portal in VOLUNTEER_CONTROL:
         return _volunteer_control(args)
     if args.portal in ("attach", "detach"):
-        federation = __import__("grid_portal.cli_volunteer").cli_volunteer
-        return (federation.cmd_attach if args.portal == "attach" else federation.cmd_detach)(args)
+        return (cli_volunteer.cmd_attach if args.portal == "attach" else cli_volunteer.cmd_detach)(
+            args
+        )
     setup_logging(args.verbose)
     from grid_portal.envcheck import check_portal
     from grid_portal.node.agent import (
@@ -567,8 +563,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         sandbox_user=args.sandbox_user,
         user_scratch=args.scratch or Path("/var/lib/grid-portal/scratch") / safe,
     )
-    federation = __import__("grid_portal.cli_volunteer").cli_volunteer
-    main_request, further = federation.requested_portals(
+    main_request, further = cli_volunteer.requested_portals(
         args, settings, settings["config"], state_dir
     )
     name_given = settings["name"] is not None
@@ -577,14 +572,14 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         if request is main_request and request.pin is None:
             # URL or LAN, token or join request (cli_discovery.py); sets settings["portal"].
             settings["portal"], settings["token"] = request.url, request.token
-            creds = __import__("grid_portal.cli_discovery").cli_discovery.volunteer_credentials(
+            creds = cli_discovery.volunteer_credentials(
                 args, settings, name, state_dir, check=check_portal, name_given=name_given
             )
             request.url = settings["portal"]
             return creds
-        return federation.enrol_request(request, name, state_dir, check_portal, name_given)
+        return cli_volunteer.enrol_request(request, name, state_dir, check_portal, name_given)
 
-    enrolled = federation.enrol_all(
+    enrolled = cli_volunteer.enrol_all(
         [main_request, *further], enrol_one, lambda text: print(text, flush=True)
     )
     creds = enrolled[0][1]
@@ -619,7 +614,7 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
     volunteer = Volunteer(
         None, options, static, sandbox=plan, name=creds.name, plan_for=plan_for, state_dir=state_dir
     )
-    labels = federation.add_links(
+    labels = cli_volunteer.add_links(
         volunteer, enrolled, state_dir if further else None, lambda text: print(text, flush=True)
     )
 
@@ -692,7 +687,7 @@ def _volunteer_status_text(status: dict[str, Any], full: bool) -> str:
         )
     if len(status.get("portals") or []) > 1:
         lines.append("  portals")
-        lines.append(__import__("grid_portal.cli_volunteer").cli_volunteer.portals_text(status))
+        lines.append(cli_volunteer.portals_text(status))
     else:
         lines.append(f"  portal   {status.get('portal')}")
     lines.append(f"  sandbox  {status.get('sandbox_description') or status.get('sandbox')}")
@@ -746,7 +741,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     from grid_portal.login import login
 
     if not args.portal or not args.token:  # found on the LAN, or a join request
-        return __import__("grid_portal.cli_discovery").cli_discovery.cmd_login_lan(args)
+        return cli_discovery.cmd_login_lan(args)
     path = login(
         args.portal, args.token, name=args.name, output=args.output, portal_name=args.portal_name
     )

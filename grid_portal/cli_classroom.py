@@ -96,9 +96,9 @@ def register(subparsers: Any) -> None:
 
 
 def _ledger_path(args: argparse.Namespace) -> Path:
-    from grid_portal.connection import default_data_dir
+    from grid_portal.cli_certs import data_dir_of
 
-    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    data_dir = data_dir_of(args)
     path = data_dir / LEDGER_FILE
     if not path.exists():
         raise GridError(

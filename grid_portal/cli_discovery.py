@@ -281,11 +281,11 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _requests_store(args: argparse.Namespace) -> Any:
-    from grid_portal.cli import _data_dir
+    from grid_portal.cli_certs import data_dir_of
     from grid_portal.portal.join_requests import JoinRequests
     from grid_portal.portal.ledger import LEDGER_FILE
 
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     if not (data_dir / LEDGER_FILE).exists():
         raise GridError(
             f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
