@@ -24,7 +24,7 @@ from grid_portal.envcheck import local_versions
 from grid_portal.errors import ConnectionFailed, EnrolmentRefused
 
 POLL_WAIT = 15.0  # seconds the portal holds one poll open
-GIVE_UP_AFTER = 15 * 60.0  # the portal expires requests after 10 minutes anyway
+GIVE_UP_AFTER = 15 * 60.0  # at least; the portal expires requests (ten minutes unless configured)
 
 
 @dataclass
@@ -109,9 +109,11 @@ def request_join(
         f"  pairing code: {format_code(pending.code)}\n"
         f"The portal's admin runs `grid-portal requests`, checks that request {pending.id} "
         f"shows this same code, and approves it: `grid-portal requests approve {pending.id}`.\n"
-        "Waiting for the answer (the request expires in 10 minutes; Ctrl-C to give up)..."
+        f"Waiting for the answer (the request expires in {_expires_in(pending)}; Ctrl-C to give "
+        "up)..."
     )
-    deadline = time.monotonic() + GIVE_UP_AFTER
+    left = pending.expires_at - time.time()
+    deadline = time.monotonic() + max(GIVE_UP_AFTER, min(left, 7 * 86400.0) + 5 * 60.0)
     failures = 0
     while time.monotonic() < deadline:
         try:
@@ -128,6 +130,14 @@ def request_join(
     raise EnrolmentRefused(
         f"no answer to join request {pending.id}; nothing was enrolled. {TYPE_THE_URL}"
     )
+
+
+def _expires_in(pending: PendingJoin) -> str:
+    """When the portal lets the request expire, in minutes, from its ``expires_at`` (the
+    portal's setting); an older portal's reply, or clocks far apart, give the usual ten."""
+    left = pending.expires_at - time.time()
+    minutes = max(1, round(left / 60)) if 0 < left <= 7 * 86400 else 10
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 class ResearcherJoin:

@@ -80,7 +80,8 @@ def merged(
     """Every setting of ``grid-portal.<section>`` by its Python name (``node_timeout``), or
     those named in ``only`` (the fields of what the caller makes): the value in ``given`` where
     it is not None (command-line flags over a volunteer's file, as the caller layered them),
-    else the configured one. Durations come back in seconds, also when given as text ("5m")."""
+    else the configured one. Durations come back in seconds, also when given as text ("5m");
+    a table given (Dask settings) adds to the configured one, as a Dask YAML file would."""
     result = {}
     for key, node in leaf_keys():
         head, _, name = key.partition(".")
@@ -89,8 +90,12 @@ def merged(
             chosen = given.get(python_name)
             if chosen is None:
                 result[python_name] = value(key)
+            elif _is_duration(node):
+                result[python_name] = parse_duration(chosen)
+            elif isinstance(chosen, dict):
+                result[python_name] = {**value(key), **chosen}
             else:
-                result[python_name] = parse_duration(chosen) if _is_duration(node) else chosen
+                result[python_name] = chosen
     return result
 
 

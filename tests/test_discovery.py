@@ -459,11 +459,8 @@ def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -
     from grid_portal.discovery import csr_public_key_der, pairing_code
     from grid_portal.errors import EnrolmentRefused, UsageError
     from grid_portal.keys import make_key_and_csr
-    from grid_portal.portal.join_requests import (
-        MAX_PENDING_PER_ADDRESS,
-        REQUEST_TTL,
-        JoinRequests,
-    )
+    from grid_portal import settings
+    from grid_portal.portal.join_requests import MAX_PENDING_PER_ADDRESS, JoinRequests
     from grid_portal.portal.security import CertificateAuthority
 
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
@@ -476,6 +473,7 @@ def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -
         # The code both sides show: the requester computes it from the CA it fetched.
         assert record.code == pairing_code(ca.cert_pem, csr_public_key_der(csr))
         assert len(record.code) == 6 and record.code.isdigit()
+        assert record.expires_at == now + settings.value("portal.join-request-ttl")
         made.append((record, secret))
     _, csr = make_key_and_csr("one-more")
     with pytest.raises(EnrolmentRefused, match="already has join requests waiting"):
@@ -488,7 +486,7 @@ def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -
     assert book.decide(first.id, approve=True, now=now + 1).state == "approved"
     with pytest.raises(UsageError, match="approved; nothing to decide"):
         book.decide(first.id, approve=False, now=now + 2)
-    later = now + REQUEST_TTL + 1
+    later = second.expires_at + 1
     with pytest.raises(UsageError, match="expired"):
         book.decide(second.id, approve=True, now=later)
     assert book.list(now=later) == []

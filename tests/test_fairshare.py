@@ -16,8 +16,11 @@ import pytest
 from conftest import Portal, portal_with, researcher_connection
 from gridtasks import wf_timed
 
-from grid_portal import Grid
-from grid_portal.portal.fairshare import DEFAULT_HALF_LIFE, MIN_FACTOR, FairShare
+from grid_portal import Grid, settings
+from grid_portal.portal.fairshare import MIN_FACTOR, FairShare
+
+# The packaged default (grid-portal.portal.fair-share-half-life: a day, as HTCondor's).
+DEFAULT_HALF_LIFE = settings.value("portal.fair-share-half-life")
 
 # -- unit tests -----------------------------------------------------------------------------
 

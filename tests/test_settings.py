@@ -24,13 +24,15 @@ from typing import Any
 import dask.config
 import jsonschema
 import pytest
-from conftest import Portal, grid_portal_command, wait_for
+from conftest import Portal, grid_portal_command, portal_with, wait_for
 
 from grid_portal import settings
 from grid_portal.cli import _volunteer_settings, build_parser
 from grid_portal.errors import UsageError
 from grid_portal.node.agent import VolunteerOptions
 from grid_portal.node.policy import SETTING_KEYS
+from grid_portal.portal.fairshare import FairShare
+from grid_portal.portal.join_requests import JoinRequests
 from grid_portal.portal.plugin import PortalPlugin
 from grid_portal.portal.server import PortalConfig
 
@@ -107,6 +109,59 @@ def test_a_dask_config_value_reaches_the_portal_and_volunteer_objects() -> None:
     assert VolunteerOptions(cpus=1, memory=2**30).drain_timeout == 120.0
 
 
+def test_the_fair_share_half_life_is_the_setting_unless_the_admin_set_one(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.sqlite"
+    assert FairShare(ledger).half_life == 86400.0  # the packaged 1d
+    with dask.config.set({"grid-portal.portal.fair-share-half-life": "7d"}):
+        assert FairShare(ledger).half_life == 7 * 86400.0
+        FairShare(ledger).set_half_life(3600.0)  # `grid-portal fairshare --half-life 1h`
+        assert FairShare(ledger).half_life == 3600.0  # kept in the ledger: it wins
+
+
+def test_a_join_request_expires_after_the_configured_time(tmp_path: Path) -> None:
+    from grid_portal.keys import make_key_and_csr
+    from grid_portal.portal.security import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    book = JoinRequests(tmp_path / "ledger.sqlite")
+    _, csr = make_key_and_csr("m")
+    with dask.config.set({"grid-portal.portal.join-request-ttl": "2m"}):
+        record, _ = book.create("m", "node", csr, ca.cert_pem, "10.0.0.9", now=1000.0)
+    assert record.expires_at == 1000.0 + 120.0
+    assert [r.id for r in book.list(now=1119.0)] == [record.id]
+    assert book.list(now=1121.0) == []
+
+
+def test_the_requester_is_told_when_its_join_request_expires() -> None:
+    import time
+
+    from grid_portal.joining import PendingJoin, _expires_in
+
+    def told(expires_at: float) -> str:
+        return _expires_in(PendingJoin("https://p", "", "id", "123456", "s", expires_at))
+
+    assert told(time.time() + 120) == "2 minutes"  # a portal configured for 2m
+    assert told(time.time() + 600) == "10 minutes"  # the packaged default
+    assert told(0.0) == "10 minutes"  # an older portal's reply says nothing
+
+
+def test_configure_jupyterhub_takes_the_configured_ports(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from grid_portal.portal.hub import configure_jupyterhub
+
+    c = SimpleNamespace(
+        JupyterHub=SimpleNamespace(services=[]), Spawner=SimpleNamespace(environment={})
+    )
+    with dask.config.set({"grid-portal.portal.http-port": 9443}):
+        env = configure_jupyterhub(c, data_dir=tmp_path / "p", host="10.1.2.3")
+    command = c.JupyterHub.services[0]["command"]
+    flags = {flag: command[command.index(flag) + 1] for flag in ("--host", "--port", "--http-port")}
+    assert flags["--host"] == "10.1.2.3" and flags["--port"] == "8786"
+    assert flags["--http-port"] == "9443"
+    assert env["GRID_PORTAL_URL"] == "https://10.1.2.3:9443"
+
+
 def test_an_environment_variable_is_read_as_the_setting(tmp_path: Path) -> None:
     code = (
         "import grid_portal.settings as s; "
@@ -168,6 +223,43 @@ def test_the_volunteer_file_overrides_the_yaml_and_a_flag_overrides_the_file(
     assert timings["drain_timeout"] == 300.0  # the file, over the yaml's 2m
     assert timings["reconnect_max"] == 4.0  # the flag, over the file
     assert timings["network_refresh"] == 1800.0  # neither: the yaml
+    assert timings["worker_dask"] == settings.get("volunteer.worker-dask")
+
+
+def test_the_volunteer_file_adds_to_the_workers_dask_settings(tmp_path: Path) -> None:
+    config = tmp_path / "volunteer.toml"
+    config.write_text(
+        'worker_dask = { "distributed.admin.system-monitor.interval" = "7s", '
+        '"distributed.worker.profile.cycle" = "2s" }\n'
+    )
+    args = build_parser().parse_args(["volunteer", "https://p.invalid", "--config", str(config)])
+    worker_dask = _volunteer_settings(args)["timings"]["worker_dask"]
+    assert worker_dask["distributed.admin.system-monitor.interval"] == "7s"  # the file's
+    assert worker_dask["distributed.worker.profile.cycle"] == "2s"  # added by the file
+    assert worker_dask["distributed.admin.tick.interval"] == "1s"  # the yaml's, kept
+    config.write_text('worker_dask = "quiet"\n')
+    with pytest.raises(UsageError, match="worker_dask.*a table of Dask settings"):
+        _volunteer_settings(args)
+
+
+def test_a_volunteers_worker_runs_with_its_dask_settings(tmp_path: Path) -> None:
+    """The agent sends grid-portal.volunteer.worker-dask (with the file's additions) to its
+    worker process, which runs under them; what the worker needs is not overridden."""
+    config = tmp_path / "volunteer.toml"
+    config.write_text(
+        'worker_dask = { "distributed.admin.system-monitor.interval" = "7s", '
+        '"distributed.worker.daemon" = true }\n'
+    )
+    node = ("n", "--cpus", "1", "--memory", "1GB", "--sandbox", "none", "--config", str(config))
+    keys = (
+        "distributed.admin.system-monitor.interval",  # the file's
+        "distributed.admin.tick.interval",  # the packaged yaml's
+        "distributed.worker.profile.enabled",
+        "distributed.worker.daemon",  # the worker's need: the file cannot turn it on
+    )
+    with portal_with(tmp_path, node) as portal, portal.grid() as grid:
+        seen = [grid.submit(dask.config.get, key).result(timeout=60) for key in keys]
+    assert seen == ["7s", "1s", False, False]
 
 
 def test_a_bad_duration_in_the_volunteer_file_names_the_file_and_key(tmp_path: Path) -> None:
@@ -311,6 +403,9 @@ MOVED_NAMES = {
     "reconnect_max",
     "drain_timeout",
     "network_refresh",
+    "half_life",
+    "worker_dask",
+    "http_port",
 }
 MOVED_CONSTANTS = {
     "RESULT_EXPIRY_INTERVAL",
@@ -323,6 +418,16 @@ MOVED_CONSTANTS = {
     "OUTPUT_TTL",
     "SAMPLE_INTERVAL",
     "SAMPLE_RETENTION",
+    "QUIET_WORKER_CONFIG",
+    "DEFAULT_HALF_LIFE",
+    "REQUEST_TTL",
+    "START_TIMEOUT",
+}
+# The Dask settings grid-portal.yaml gives the scheduler and the worker: written there alone.
+MOVED_DASK_KEYS = {
+    key
+    for section, name in (("portal", "scheduler-dask"), ("volunteer", "worker-dask"))
+    for key in settings.packaged_defaults()["grid-portal"][section][name]
 }
 
 
@@ -372,11 +477,8 @@ def _hard_coded_defaults(path: Path) -> list[str]:
                 for kw in node.keywords:
                     if kw.arg == "default" and _literal(kw.value):
                         found.append(f"{where} {name} default")
-        elif (
-            isinstance(node, ast.Constant)
-            and node.value == "distributed.scheduler.work-stealing-interval"
-        ):
-            found.append(f"{where} the work-stealing interval")
+        elif isinstance(node, ast.Constant) and node.value in MOVED_DASK_KEYS:
+            found.append(f"{where} the Dask setting {node.value}")
     return found
 
 
@@ -393,8 +495,10 @@ def test_the_check_above_can_fail(tmp_path: Path) -> None:
         "RESULT_EXPIRY_INTERVAL = 3600.0\n"
         "x = {}.get('death_timeout', 30.0)\n"
         "p.add_argument('--drain-timeout', default=120.0)\n"
+        "QUIET = {'distributed.admin.tick.interval': '1s'}\n"
+        "def fairness(half_life=86400.0): ...\n"
     )
-    assert len(_hard_coded_defaults(bad)) == 5
+    assert len(_hard_coded_defaults(bad)) == 7
 
 
 # -- the Jupyter side: traitlets, with the environment as the trait's default -------------------

@@ -53,7 +53,6 @@ from grid_portal.node.policy import Decision, Observation, Policy, PolicyEngine,
 from grid_portal.node.portal_link import WORKER_BOOT, PortalLink  # noqa: F401 - WORKER_BOOT's old home
 from grid_portal.node.sandbox import SandboxPlan, plan_sandbox
 from grid_portal.node.shares import SlotArbiter
-from grid_portal.node.worker import QUIET_WORKER_CONFIG  # noqa: F401 - its old home
 from grid_portal.settings import field_from
 from grid_portal.units import format_duration, format_size
 
@@ -106,6 +105,8 @@ class VolunteerOptions:
     verbose: bool = False
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
     network_refresh: float = field_from("volunteer.network-refresh")  # bandwidth and RTT again
+    # Dask settings for the worker process (its idle cost): grid-portal.volunteer.worker-dask.
+    worker_dask: dict[str, Any] = field_from("volunteer.worker-dask")
 
 
 def default_state_dir() -> Path:

@@ -536,17 +536,26 @@ _CONFIG_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
         '[[portals]] tables of url, token_file (or token) and share, like url = "https://..."',
     ),
 }
-# The agent's settings (grid-portal.volunteer.* in grid_portal/grid-portal.yaml, durations all),
-# which the file overrides; tests/test_settings.py checks that this list names every one.
-SETTING_KEYS = (
+# The agent's settings (grid-portal.volunteer.* in grid_portal/grid-portal.yaml: durations, and
+# the worker's Dask settings), which the file overrides; tests/test_settings.py checks that this
+# list names every one.
+DURATION_SETTINGS = (
     "telemetry_interval",
     "death_timeout",
     "reconnect_max",
     "drain_timeout",
     "network_refresh",
 )
-for _key in SETTING_KEYS:
+SETTING_KEYS = (*DURATION_SETTINGS, "worker_dask")
+for _key in DURATION_SETTINGS:
     _CONFIG_KEYS[_key] = (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "2m"')
+_CONFIG_KEYS["worker_dask"] = (
+    lambda v: (
+        isinstance(v, dict)
+        and all(v_ is None or isinstance(v_, (str, int, float, bool)) for v_ in v.values())
+    ),
+    'a table of Dask settings, like { "distributed.admin.tick.interval" = "5s" }',
+)
 CONFIG_KEYS = tuple(_CONFIG_KEYS)
 
 
@@ -609,7 +618,7 @@ def load_policy_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             parse_size(result["memory"])
         if "cpus" in result and result["cpus"] < 1:
             raise UsageError(f"invalid cpus {result['cpus']!r}: give at least 1")
-        for key in SETTING_KEYS:
+        for key in DURATION_SETTINGS:
             if key in result and parse_duration(result[key]) <= 0:
                 raise UsageError(f"invalid {key} {result[key]!r}: give a duration like 2m")
         policy_from_options(**{k: v for k, v in result.items() if k in _POLICY_OPTIONS})

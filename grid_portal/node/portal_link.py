@@ -174,6 +174,7 @@ class PortalLink:
             "gpus": options.gpus,
             "telemetry_interval": options.telemetry_interval,
             "death_timeout": options.death_timeout,
+            "worker_dask": options.worker_dask,
             "local_directory": local or options.local_directory,
             "isolate_tasks": self.plan.isolates_tasks,
             "verbose": options.verbose,

@@ -29,16 +29,10 @@ from typing import IO, Any
 
 logger = logging.getLogger("grid_portal.node")
 
-# Dask settings that make an idle worker cheap for its owner (measured: 2.35 % of a core with
-# defaults, 0.30 % with these; docs/benchmarks.md, Idle cost), and let the node plugin own
-# pausing (see plugin.py).
-QUIET_WORKER_CONFIG: dict[str, Any] = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "2s",
-    # Dask's memory monitor (spilling, where the sandbox allows it) wakes every 100 ms; the node
-    # plugin's own memory check runs every 0.5 s (0.12 % of a core saved when idle).
-    "distributed.worker.memory.monitor-interval": "500ms",
+# The Dask settings that make an idle worker cheap for its owner are the volunteer's
+# (grid-portal.volunteer.worker-dask, sent by the agent). These the worker needs whatever is
+# configured:
+WORKER_NEEDS: dict[str, Any] = {
     # Grid tasks may start processes of their own (multiprocessing, subprocess pools).
     "distributed.worker.daemon": False,
     # No plain-HTTP routes (metrics, health, statics) on the volunteer's LAN address: the
@@ -168,7 +162,8 @@ class WorkerProcess:
             tls_worker_key=tls["key"],
             require_encryption=True,
         )
-        settings = {**QUIET_WORKER_CONFIG, **PLUGIN_OWNS_PAUSING}
+        # The agent's settings, always sent; what the worker needs wins over them.
+        settings = {**c["worker_dask"], **WORKER_NEEDS, **PLUGIN_OWNS_PAUSING}
         if c.get("isolate_tasks"):
             settings.update(SANDBOXED_WORKER_CONFIG)
         if c.get("local_directory"):

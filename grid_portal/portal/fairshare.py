@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grid_portal import settings
 from grid_portal.model import CPU
 from grid_portal.portal.ledger import connect, transaction, write_later
 
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grid_portal.portal")
 
-DEFAULT_HALF_LIFE = 86400.0  # seconds; HTCondor's PRIORITY_HALFLIFE default
 MIN_FACTOR = 0.5  # HTCondor's floor on a user's priority: no one's share grows without bound
 FLUSH_DELAY = 1.0  # usage is written at most once a second
 
@@ -101,7 +101,9 @@ class FairShare:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock
-        self.half_life = DEFAULT_HALF_LIFE
+        # The configured half-life (grid-portal.portal.fair-share-half-life), unless the admin
+        # set one at run time: that one is kept in the ledger and read back by _load.
+        self.half_life = settings.value("portal.fair-share-half-life")
         self.quotas: dict[str, float] = {}
         self.users: dict[str, _User] = {}
         self.live: dict[Any, _Live] = {}

@@ -346,9 +346,9 @@ def configure_jupyterhub(
     c: Any,
     *,
     data_dir: str | os.PathLike[str],
-    host: str = "0.0.0.0",
-    port: int = 8786,
-    http_port: int = 8788,
+    host: str | None = None,
+    port: int | None = None,
+    http_port: int | None = None,
     portal_url: str | None = None,
     teacher_groups: Sequence[str] = ("teachers",),
     admins_are_teachers: bool = True,
@@ -366,10 +366,16 @@ def configure_jupyterhub(
     Creates the portal's CA now if it does not exist yet (so its pin can go into every
     server's environment), adds ``grid-portal serve --jupyterhub`` to
     ``c.JupyterHub.services`` and ``GRID_PORTAL_URL`` / ``GRID_PORTAL_CA_PIN`` to
-    ``c.Spawner.environment``. Returns those two variables.
+    ``c.Spawner.environment``. Returns those two variables. ``host``, ``port`` and
+    ``http_port`` left out are the configured ones (``grid-portal.portal.*``).
     """
+    from grid_portal import settings
     from grid_portal.portal.security import CertificateAuthority
     from grid_portal.portal.server import advertised_host
+
+    host = settings.given_or(host, "portal.host")
+    port = settings.given_or(port, "portal.port")
+    http_port = settings.given_or(http_port, "portal.http-port")
 
     data = Path(data_dir).expanduser().resolve()
     ca = CertificateAuthority.load_or_create(data / "ca")

@@ -3,7 +3,8 @@
 A machine that found the portal (on the LAN, or by a typed URL) but holds no token sends its
 CSR, the name it wants and the role it asks for (``node``: a volunteer; ``client``: a
 researcher) to ``POST /api/join``. The portal keeps the request, pending, in its ledger (table
-``join_requests``) for ``REQUEST_TTL`` seconds. The admin lists pending requests with
+``join_requests``) until it expires (``grid-portal.portal.join-request-ttl``, ten minutes unless
+configured). The admin lists pending requests with
 ``grid-portal requests`` and approves or denies one by its id; the requester polls
 ``POST /api/join/poll`` with the secret it was given (long-poll, a few seconds at a time) and,
 once approved, receives its certificate exactly as a token enrolment would give it.
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from grid_portal import settings
 from grid_portal.discovery import csr_public_key_der, pairing_code
 from grid_portal.envcheck import refusal_for
 from grid_portal.errors import EnrolmentRefused, GridError, UsageError
@@ -39,7 +41,6 @@ from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
 
 logger = logging.getLogger("grid_portal.portal.join_requests")
 
-REQUEST_TTL = 600.0  # a request not decided within 10 minutes expires
 MAX_PENDING = 32
 MAX_PENDING_PER_ADDRESS = 3
 REQUESTS_PER_MINUTE = 6  # new requests per address
@@ -164,7 +165,7 @@ class JoinRequests:
                             code,
                             address,
                             now,
-                            now + REQUEST_TTL,
+                            now + settings.value("portal.join-request-ttl"),
                             PENDING,
                         ),
                     )

@@ -61,6 +61,7 @@ from typing import Any
 
 import tornado.web
 
+from grid_portal import settings as configured
 from grid_portal.errors import GridError
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.scheduler_process import MAX_MESSAGE, ProcessSettings, receive, send
@@ -77,7 +78,6 @@ from grid_portal.protocol import (
 
 logger = logging.getLogger("grid_portal.portal.scheduler_link")
 
-START_TIMEOUT = 120.0  # importing distributed on a busy 2-core machine can take a while
 STOP_TIMEOUT = 20.0
 STATUS_TIMEOUT = 10.0
 MAX_STATUS_RESPONSE = 32 * 2**20
@@ -206,8 +206,10 @@ class SchedulerProcess:
         await send(self._writer, asdict(settings))
         first = asyncio.create_task(receive(reader))
         exited = asyncio.create_task(self.process.wait())
+        # Importing distributed on a busy 2-core machine can take a while (configurable).
+        start_timeout = configured.value("portal.scheduler-start-timeout")
         done, _ = await asyncio.wait(
-            {first, exited}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            {first, exited}, timeout=start_timeout, return_when=asyncio.FIRST_COMPLETED
         )
         message = first.result() if first in done else None
         if message is None or message.get("op") != "ready":
@@ -219,7 +221,7 @@ class SchedulerProcess:
             reason = (message or {}).get("error") or (
                 f"exit code {self.process.returncode}"
                 if self.process.returncode is not None
-                else f"no answer within {START_TIMEOUT:.0f} s"
+                else f"no answer within {start_timeout:.0f} s"
             )
             raise SchedulerExited(f"the scheduler process did not start: {reason}")
         exited.cancel()
