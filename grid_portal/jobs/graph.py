@@ -256,43 +256,45 @@ def submit_stages(
                 annotations[FAIL_ANNOTATION] = "job"
             if stage.retries is not None:  # given: a lost node counts as a try too
                 annotations[RETRIES_ANNOTATION] = stage.retries
-            ids = [TaskId(str(k), i if stage.map else None) for i, k in enumerate(keys)]
-            with dask.annotate(**annotations):
-                futures[stage.name] = client.map(
-                    run_task,
-                    [plans[stage.name]] * count,
-                    ids,
-                    bindings[stage.name],
-                    task_inputs,
-                    key=keys,
-                    resources=stage.requirement().resources(),
-                    retries=stage.retries or None,
-                    priority=stage.priority,
-                    pure=False,
-                )
+            task = (plans[stage.name], bindings[stage.name], task_inputs)
+            futures[stage.name] = _map_stage(client, stage, task, keys, annotations)
             # Replicas: copy j of task i is ("<stage>-<job>-replica<j>", i); the portal runs
             # the copies on different nodes and compares them before anything uses copy 0.
             for j in range(1, stage.replicas):
-                copies = [_copy_key(k, j) for k in keys]
                 marks = {STAGE_ANNOTATION: f"{stage.name}-replica{j}", REPLICA_ANNOTATION: j}
                 if where:
                     marks[WHERE_ANNOTATION] = where
                 if stage.retries is not None:
                     marks[RETRIES_ANNOTATION] = stage.retries
-                with dask.annotate(**marks):
-                    client.map(
-                        run_task,
-                        [plans[stage.name]] * count,
-                        [TaskId(str(k), i if stage.map else None) for i, k in enumerate(copies)],
-                        bindings[stage.name],
-                        task_inputs,
-                        key=copies,
-                        resources=stage.requirement().resources(),
-                        retries=stage.retries or None,
-                        priority=stage.priority,
-                        pure=False,
-                    )
+                _map_stage(client, stage, task, [_copy_key(k, j) for k in keys], marks)
     return [f for s in spec.stages if _kept(s, needed) for f in futures[s.name]]
+
+
+def _map_stage(
+    client: Any,
+    stage: StageSpec,
+    task: tuple[StagePlan, list[dict[str, Any]], list[dict[str, Any]]],
+    keys: list[Any],
+    annotations: dict[str, Any],
+) -> list[Any]:
+    """The stage's tasks (or one copy of them), under ``keys``, annotated: one future each.
+    ``task``: the stage's plan, each task's bindings and each task's inputs."""
+    import dask  # here, not at the top: importing this module stays free of Dask
+
+    plan, bindings, inputs = task
+    with dask.annotate(**annotations):
+        return client.map(
+            run_task,
+            [plan] * len(keys),
+            [TaskId(str(k), i if stage.map else None) for i, k in enumerate(keys)],
+            bindings,
+            inputs,
+            key=keys,
+            resources=stage.requirement().resources(),
+            retries=stage.retries or None,
+            priority=stage.priority,
+            pure=False,
+        )
 
 
 def _copy_key(key: Any, j: int) -> Any:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from grid_portal import settings
 from grid_portal.model import CPU
 from grid_portal.portal.ledger import connect, transaction, write_later
+from grid_portal.portal.placement import place_parked
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -346,13 +347,7 @@ class FairShare:
             scheduler.loop.add_callback(self._move_to_processing, scheduler, user, admitted)
 
     def _move_to_processing(self, scheduler: Scheduler, user: str, keys: list[Any]) -> None:
-        recs = {
-            key: "processing"
-            for key in keys
-            if (ts := scheduler.tasks.get(key)) is not None and ts.state == "no-worker"
-        }
-        if recs:
-            scheduler.transitions(recs, stimulus_id=f"grid-fairshare-admit-{time.time()}")
+        place_parked(scheduler, keys, "fairshare-admit")
         record = self.users.get(user)
         if record is None:
             return

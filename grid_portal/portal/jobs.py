@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from grid_portal.model import JobState
+from grid_portal.model import Job, JobState
 from grid_portal.portal.ledger import connect, transaction, write_later
 from grid_portal.settings import given_or
 
@@ -107,23 +107,14 @@ class JobRecord:
     reserved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "owner": self.owner,
-            "kind": self.kind,
-            "state": self.state.value,
-            "submitted": self.submitted,
-            "started": self.started,
-            "finished": self.finished,
-            "tasks_total": self.tasks_total,
-            "tasks_done": self.tasks_done,
-            "tasks_failed": self.tasks_failed,
-            "nodes": list(self.nodes),
-            "error": self.error,
-            "has_result": self.has_result,
-            "outvoted": list(self.outvoted),
-        }
+        """What a client is told: the fields of ``model.Job`` (its one definition), as plain
+        data; the rest of the record stays at the portal."""
+        data = {}
+        for f in fields(Job):
+            value = getattr(self, f.name)
+            data[f.name] = list(value) if isinstance(value, list) else value
+        data["state"] = self.state.value
+        return data
 
 
 class JobBook:

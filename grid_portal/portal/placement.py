@@ -23,6 +23,7 @@ Which nodes meet a requirement, and how to word a refusal, live in ``grid_portal
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,20 @@ logger = logging.getLogger("grid_portal.portal")
 
 # An address no worker can have: restricting a task to it parks the task in ``no-worker``.
 NOWHERE = "grid-portal://nowhere"
+
+
+def place_parked(scheduler: Scheduler, keys: Iterable[Any], why: str) -> None:
+    """Ask Dask to place those of ``keys`` still parked in ``no-worker`` whose restrictions
+    were widened (a quota let them go, a replica's copy may now run anywhere): Dask looks at
+    its ``no-worker`` tasks again only when a worker joins. Call it from the event loop, after
+    a plugin hook returned (Dask's transitions do not nest)."""
+    recs = {
+        key: "processing"
+        for key in keys
+        if (ts := scheduler.tasks.get(key)) is not None and ts.state == "no-worker"
+    }
+    if recs:
+        scheduler.transitions(recs, stimulus_id=f"grid-{why}-{time.time()}")
 
 
 class Placement:

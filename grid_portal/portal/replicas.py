@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from grid_portal.payload import OpaqueResult
-from grid_portal.portal.placement import NOWHERE, Placement
+from grid_portal.portal.placement import NOWHERE, Placement, place_parked
 from grid_portal.portal.tasklog import item_of
 from grid_portal.protocol import JOB_ANNOTATION, REPLICA_ANNOTATION, REPLICAS_ANNOTATION  # noqa: F401 - names of the wire contract
 
@@ -523,17 +523,7 @@ class Replicas:
 
     def _kick(self, scheduler: Scheduler, keys: list[Any]) -> None:
         """Ask Dask to place tasks parked in ``no-worker`` (after our hook returns)."""
-
-        def move() -> None:
-            recs = {
-                k: "processing"
-                for k in keys
-                if (ts := scheduler.tasks.get(k)) is not None and ts.state == "no-worker"
-            }
-            if recs:
-                scheduler.transitions(recs, stimulus_id=f"grid-replicas-{time.time()}")
-
-        scheduler.loop.add_callback(move)
+        scheduler.loop.add_callback(place_parked, scheduler, keys, "replicas")
 
 
 def _cancel(scheduler: Scheduler, keys: Iterable[Any], reason: str) -> None:
