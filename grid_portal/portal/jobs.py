@@ -78,29 +78,19 @@ def spec_problem(spec: Any) -> str | None:
 
 
 @dataclass
-class JobRecord:
-    id: str
-    name: str
-    owner: str
-    kind: str
+class JobRecord(Job):
+    """A job as the portal keeps it: ``model.Job`` (what clients are told), a new one queued
+    from now, and what only the portal needs."""
+
     state: JobState = JobState.QUEUED
     submitted: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    tasks_total: int = 0
-    tasks_done: int = 0
-    tasks_failed: int = 0
-    nodes: list[str] = field(default_factory=list)
-    error: str | None = None
     spec: dict[str, Any] | None = None
-    has_result: bool = False
     version: int = 0
     open: bool = True  # more tasks may still come (an interactive session)
     keys: set[Any] = field(default_factory=set)
     counted: set[Any] = field(default_factory=set)  # keys already counted done or failed
     abandoned: int = 0  # tasks whose client let go of them before they finished
     checks_pending: int = 0  # replica comparisons not yet made (portal/replicas.py)
-    outvoted: list[str] = field(default_factory=list)  # copies a majority set aside
     # Batching: a batch task of a sweep counts as the items it runs (key -> items, when > 1),
     # and a sweep's probe announces the items still to come, counted in tasks_total already.
     weights: dict[Any, int] = field(default_factory=dict)
