@@ -520,19 +520,16 @@ class Grid:
             options = dict(kwargs, cpus=cpus, gpus=gpus, memory=memory, wait=wait, where=where)
             return self._federation.submit(fn, args, dict(options, replicas=replicas))
         kwargs.setdefault("pure", False)
-        if _replicas(replicas) > 1:
-            return self._run(
-                lambda resources: _replicated(
-                    self, fn, [(args, {})], replicas, resources, wait, where, kwargs
-                )[0],
-                self.requirement(cpus, gpus, memory),
-                wait,
-                where,
-                {"name": "interactive session", "session": True, "job_id": self._session_job},
-                kwargs.get("retries"),
-            )
+        copies = _replicas(replicas)
+
+        def call(resources: dict[str, float]) -> Future:
+            if copies > 1:
+                calls = [(args, {})]
+                return _replicated(self, fn, calls, replicas, resources, wait, where, kwargs)[0]
+            return self.client.submit(fn, *args, resources=resources, **kwargs)
+
         return self._run(
-            lambda resources: self.client.submit(fn, *args, resources=resources, **kwargs),
+            call,
             self.requirement(cpus, gpus, memory),
             wait,
             where,
@@ -572,30 +569,19 @@ class Grid:
         kwargs.setdefault("pure", False)
         iterables = tuple(it if isinstance(it, list | tuple) else list(it) for it in iterables)
         calls = list(zip(*iterables, strict=False))
-        mode = _batch_mode(batch, calls, _replicas(replicas), kwargs)
-        if mode is not None:
-            return self._run(
-                lambda resources: _batched(self, fn, calls, mode, resources, kwargs),
-                self.requirement(cpus, gpus, memory),
-                wait,
-                where,
-                {"name": f"map {_name_of(fn)}"},
-                kwargs.get("retries"),
-            )
-        if _replicas(replicas) > 1:  # as submit's replicas, per item
-            calls = [(args, {}) for args in zip(*iterables, strict=False)]
-            return self._run(
-                lambda resources: _replicated(
-                    self, fn, calls, replicas, resources, wait, where, kwargs
-                ),
-                self.requirement(cpus, gpus, memory),
-                wait,
-                where,
-                {"name": f"map {_name_of(fn)}"},
-                kwargs.get("retries"),
-            )
+        copies = _replicas(replicas)
+        mode = _batch_mode(batch, calls, copies, kwargs)
+
+        def call(resources: dict[str, float]) -> list[Any]:
+            if mode is not None:
+                return _batched(self, fn, calls, mode, resources, kwargs)
+            if copies > 1:  # as submit's replicas, per item
+                items = [(args, {}) for args in calls]
+                return _replicated(self, fn, items, replicas, resources, wait, where, kwargs)
+            return self.client.map(fn, *iterables, resources=resources, **kwargs)
+
         return self._run(
-            lambda resources: self.client.map(fn, *iterables, resources=resources, **kwargs),
+            call,
             self.requirement(cpus, gpus, memory),
             wait,
             where,
