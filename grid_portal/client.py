@@ -253,6 +253,8 @@ class Grid:
 
     # -- context management ---------------------------------------------------------------
     def close(self) -> None:
+        """Close the connection to the portal (each portal's, over several); a Grid that was
+        the process's default Dask client is no longer."""
         self._closed = True
         if self._federation is not None:
             self._federation.close()
@@ -370,27 +372,94 @@ class Grid:
         return self._call("grid_changes", since=since, jobs_since=jobs_since, timeout=timeout)
 
     def revoke(self, name: str) -> dict[str, Any]:
-        """Disconnect a node now and refuse it from then on (the portal's admin only)."""
+        """Disconnect a node now and refuse it from then on (the portal's admin only).
+
+        Parameters
+        ----------
+        name : str
+            The node's name, as ``nodes()`` lists it.
+
+        Returns
+        -------
+        dict
+            ``{"revoked": name, "disconnected": n}``: how many of its workers were cut off.
+
+        Raises
+        ------
+        NotFound
+            No node of that name is enrolled or connected.
+        NotAllowed
+            The caller is not the portal's admin.
+        """
         return self._call("grid_revoke", name=name)
 
     def join_requests(self, everything: bool = False) -> list[dict[str, Any]]:
-        """The admin's view of join requests (pending ones; ``everything``: decided too)."""
+        """The admin's view of join requests (joining with no token).
+
+        Parameters
+        ----------
+        everything : bool
+            Decided and expired requests too, not only those waiting.
+
+        Returns
+        -------
+        list of dict
+            One record each: id, name, role, pairing code, address, times and state.
+        """
         return list(self._call("grid_join_requests", everything=everything))
 
     def decide_join_request(self, request_id: str, approve: bool) -> dict[str, Any]:
-        """The admin approves or denies a join request (after comparing its pairing code)."""
+        """The admin approves or denies a join request (after comparing its pairing code).
+
+        Parameters
+        ----------
+        request_id : str
+            The request's id, as ``join_requests()`` lists it.
+        approve : bool
+            True approves (the requester then receives its certificate), False denies.
+
+        Returns
+        -------
+        dict
+            The request's record after the decision.
+
+        Raises
+        ------
+        UsageError
+            No such request, or it was decided already or has expired.
+        """
         return self._call("grid_join_decide", request_id=request_id, approve=approve)
 
     def dashboard_url(self) -> str | None:
-        """The admin only: the loopback URL of the portal's Dask dashboard; None when off."""
+        """The admin only: where the portal's Dask dashboard listens.
+
+        Returns
+        -------
+        str or None
+            Its loopback URL; None when the portal runs without one.
+        """
         return (self._call("grid_dashboard") or {}).get("url")
 
     def whoami(self) -> dict[str, Any] | None:
+        """Who the portal takes this connection for, read from its certificate.
+
+        Returns
+        -------
+        dict or None
+            ``{"role": ..., "name": ...}``; None when the portal cannot tell.
+        """
         return self._call("grid_whoami")
 
     def send_to_portal(self, message: dict[str, Any]) -> None:
-        """One message on this client's own stream to the portal, with no reply (a cell for
-        the cell session's lease, grid_portal.jobs.cell_session); the portal checks its op."""
+        """One message on this client's own stream to the portal, with no reply.
+
+        Parameters
+        ----------
+        message : dict
+            A stream message with its ``op`` (a cell for the cell session's lease,
+            grid_portal.jobs.cell_session); the portal checks the op against
+            ``protocol.py`` and drops what the caller may not send.
+        """
         self.client._send_to_scheduler(message)
 
     # -- jobs -------------------------------------------------------------------------------
@@ -401,6 +470,22 @@ class Grid:
         """Everything submitted inside ``with grid.job("name") as job_id:`` is one job.
 
         Grouping rides on Dask task annotations, so it costs no extra round trip.
+
+        Parameters
+        ----------
+        name : str
+            The job's name, as ``jobs()`` and the sidebar show it.
+        kind : str
+            What it is: ``"task"``, ``"cell"``, ``"workflow"``, ``"graph"``.
+        job_id : str, optional
+            Join this job id (a new one when left out).
+        session : bool
+            The job is an open interactive session (more work may come).
+
+        Yields
+        ------
+        str
+            The job's id.
         """
         from grid_portal.jobs.graph import job_annotations  # lazy: the job format stays unloaded
 
@@ -409,39 +494,138 @@ class Grid:
             yield job_id
 
     def jobs(self, everyone: bool = False) -> list[Job]:
-        """This user's jobs (an admin may ask for everyone's), oldest first."""
+        """This user's jobs, oldest first.
+
+        Parameters
+        ----------
+        everyone : bool
+            Everyone's jobs (the admin only).
+
+        Returns
+        -------
+        list of Job
+        """
         return [Job.from_dict(j) for j in self._call("grid_jobs", everyone=everyone)["jobs"]]
 
     def jobs_overview(self, everyone: bool = False) -> dict[str, Any]:
-        """``{"jobs": [...], "others": {"running": n, "queued": n}}`` as plain data."""
+        """This user's jobs and how busy the others are, as plain data (for REST and the CLI).
+
+        Parameters
+        ----------
+        everyone : bool
+            Everyone's jobs (the admin only).
+
+        Returns
+        -------
+        dict
+            ``{"jobs": [...], "others": {"running": n, "queued": n}}``.
+        """
         return self._call("grid_jobs", everyone=everyone)
 
     def get_job(self, job_id: str) -> Job | None:
+        """One of this user's jobs.
+
+        Parameters
+        ----------
+        job_id : str
+            The job's id.
+
+        Returns
+        -------
+        Job or None
+            None when the portal has no such job (or it is someone else's).
+        """
         data = self._call("grid_job", job_id=job_id)
         return None if data is None else Job.from_dict(data)
 
     def cancel(self, job_id: str, reason: str = "cancelled by its owner") -> Job:
-        """Cancel a job: queued tasks are dropped, running ones are released."""
+        """Cancel a job: queued tasks are dropped, running ones are released.
+
+        Parameters
+        ----------
+        job_id : str
+            The job's id.
+        reason : str
+            Why, as the job's error says afterwards.
+
+        Returns
+        -------
+        Job
+            The job as cancelled.
+
+        Raises
+        ------
+        NotFound
+            No such job, or it is someone else's.
+        """
         data = self._call("grid_job_cancel", job_id=job_id, reason=reason)
         return Job.from_dict(data["job"])
 
     def register_job(
         self, job_id: str, name: str, kind: str, spec: dict[str, Any] | None = None
     ) -> Job:
-        """Create a job record up front (workflows keep their spec for resubmission)."""
+        """Create a job record up front (workflows keep their spec for resubmission).
+
+        Parameters
+        ----------
+        job_id : str
+            The new job's id.
+        name : str
+            Its name.
+        kind : str
+            What it is (``"workflow"``, ``"cell"``, ...).
+        spec : dict, optional
+            A workflow's spec as plain data: a restarted portal submits the job again.
+
+        Returns
+        -------
+        Job
+        """
         reply = self._call("grid_job_create", job_id=job_id, name=name, kind=kind, spec=spec)
         return Job.from_dict(reply)
 
     def store_result(self, job_id: str, data: bytes, ttl: float | None = None) -> None:
-        """Keep ``data`` at the portal, retrievable after a kernel restart."""
+        """Keep ``data`` at the portal, retrievable after a kernel restart.
+
+        Parameters
+        ----------
+        job_id : str
+            The job it belongs to (the caller's own).
+        data : bytes
+            What to keep (at most the portal's limit for a kept result).
+        ttl : float, optional
+            Seconds to keep it; the portal's ``result-ttl`` when left out.
+        """
         self._call("grid_job_store_result", job_id=job_id, data=data, ttl=ttl)
 
     def fetch_result(self, job_id: str) -> bytes | None:
+        """What ``store_result`` kept for a job.
+
+        Parameters
+        ----------
+        job_id : str
+            The job's id.
+
+        Returns
+        -------
+        bytes or None
+            None when nothing is kept (never stored, or expired).
+        """
         return self._call("grid_job_result", job_id=job_id)
 
     def trusts_job(self, job_id: str) -> bool:
         """Whether every node that ran the job (as the portal recorded it, not as the nodes
-        say) is in ``self.trust``: then its results open as code and its output shows as is."""
+        say) is in ``self.trust``: then its results open as code and its output shows as is.
+
+        Parameters
+        ----------
+        job_id : str
+            The job's id.
+
+        Returns
+        -------
+        bool
+        """
         if not self.trust:
             return False
         if self.trust.everyone:
@@ -453,12 +637,38 @@ class Grid:
     def requirement(
         self, cpus: float = 1, gpus: float = 0, memory: int | str | None = None
     ) -> Requirement:
+        """What one task asks of its node, as a ``Requirement``.
+
+        Parameters
+        ----------
+        cpus : float
+            Cores.
+        gpus : float
+            GPUs.
+        memory : int or str, optional
+            Bytes, or a size such as ``"8GB"``.
+
+        Returns
+        -------
+        Requirement
+        """
         return Requirement(
             cpus=cpus, gpus=gpus, memory=parse_size(memory) if memory is not None else None
         )
 
     def check(self, requirement: Requirement) -> None:
-        """Raise ``Unsatisfiable`` when no connected node could ever run this."""
+        """Raise ``Unsatisfiable`` when no connected node could ever run this.
+
+        Parameters
+        ----------
+        requirement : Requirement
+            What one task asks for (``requirement()``).
+
+        Raises
+        ------
+        Unsatisfiable
+            With the largest offer, so each face can word its advice.
+        """
         needs = requirement.resources()
         largest = self._largest_offer(refresh=False)
         if _fits(needs, largest):
@@ -509,12 +719,36 @@ class Grid:
         replicas: int = 1,
         **kwargs: Any,
     ) -> Future:
-        """Run ``fn(*args, **kwargs)`` on a node that has the resources; returns a Future.
+        """Run ``fn(*args, **kwargs)`` on a node that has the resources.
 
-        ``where`` is a requirement expression (docs/requirements.md) the node must meet.
-        ``replicas=N`` runs N copies on different nodes and the portal compares them; the
-        future's value is the agreed one (grid_portal.replication).
         Over several portals: to the one with the most free cores that has a node for it.
+
+        Parameters
+        ----------
+        fn : callable
+            What to run.
+        *args, **kwargs
+            Its arguments; Dask's own ``submit`` keywords (``retries``, ``key``, ...) pass on.
+        cpus, gpus : float
+            What one task needs of its node.
+        memory : int or str, optional
+            Bytes, or a size such as ``"8GB"``.
+        wait : bool
+            Wait for a node that could run it instead of refusing at once.
+        where : str, optional
+            A requirement expression (docs/requirements.md) the node must meet.
+        replicas : int
+            Run this many copies on different nodes; the portal compares them and the
+            future's value is the agreed one (grid_portal.replication).
+
+        Returns
+        -------
+        Future
+
+        Raises
+        ------
+        Unsatisfiable
+            No connected node could run it (unless ``wait``).
         """
         if self._federation is not None:
             options = dict(kwargs, cpus=cpus, gpus=gpus, memory=memory, wait=wait, where=where)
@@ -553,15 +787,30 @@ class Grid:
     ) -> list[Future]:
         """``fn`` over the items, one future per item, in their order, as one job.
 
-        ``batch``: ``"auto"`` (the default) runs a sweep of many items as batch
-        tasks of about 100 ms each, sized from the time the first items took on a node, and
-        returns per-item futures (``grid_portal.batching.ItemFuture``: ``result``,
-        ``exception``, ``done``, ``cancel``, ``key``, ``grid.gather``); a number fixes the
-        items per batch; ``1`` sends one Dask task per item.
-
         Over several portals the items go in chunks to the portals with free slots and move
         from a portal that loses its nodes (``grid_portal.federated``); the item futures
         (``federated.Item``) come back in order, each value once.
+
+        Parameters
+        ----------
+        fn : callable
+            What to run for each item.
+        *iterables
+            Its arguments, one iterable per positional argument.
+        cpus, gpus, memory, wait, where, replicas
+            As for ``submit``, per item.
+        batch : int or str, optional
+            ``"auto"`` (the default) runs a sweep of many items as batch tasks of about
+            100 ms each, sized from the time the first items took on a node, and returns
+            per-item futures (``grid_portal.batching.ItemFuture``: ``result``,
+            ``exception``, ``done``, ``cancel``, ``key``, ``grid.gather``); a number fixes
+            the items per batch; ``1`` sends one Dask task per item.
+        **kwargs
+            Dask's own ``map`` keywords.
+
+        Returns
+        -------
+        list of Future
         """
         if self._federation is not None:
             options = dict(kwargs, cpus=cpus, gpus=gpus, memory=memory, wait=wait, where=where)
@@ -600,7 +849,22 @@ class Grid:
         where: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run a Dask collection (array, dataframe, delayed) with every task's resources."""
+        """Run a Dask collection (array, dataframe, delayed) with every task's resources.
+
+        Parameters
+        ----------
+        collection : Dask collection
+            What to compute.
+        cpus, gpus, memory, wait, where
+            As for ``submit``, for every task of the graph.
+        **kwargs
+            Dask's own ``compute`` keywords.
+
+        Returns
+        -------
+        Future or list of Future
+            As ``distributed.Client.compute`` returns them.
+        """
         return self._run(
             lambda resources: self.client.compute(collection, resources=resources, **kwargs),
             self.requirement(cpus, gpus, memory),
@@ -634,6 +898,19 @@ class Grid:
                 return call(resources)
 
     def gather(self, futures: Any) -> Any:
+        """The values of futures from this Grid (Dask's, a batched sweep's item futures, or
+        a federated map's items).
+
+        Parameters
+        ----------
+        futures : Future or collection of futures
+            What ``submit``, ``map`` or ``compute`` returned.
+
+        Returns
+        -------
+        object
+            The values, in the same shape.
+        """
         if self._federation is not None:
             return self._federation.gather(futures)
         if _holds_items(futures):  # a batched sweep's item futures (grid_portal.batching)
@@ -672,12 +949,34 @@ class Grid:
         wait_for_nodes: bool = False,
         progress: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Check and submit a workflow (a job file path, YAML/JSON text, a dict or a JobSpec).
+        """Check and submit a workflow.
 
-        Nothing is submitted when the spec has a problem (SpecError lists each one) or when
-        no connected node could run a stage (Unsatisfiable, unless ``wait_for_nodes``).
-        Returns the Job; with ``wait``, once it finished. Its outputs:
-        ``grid_portal.jobs.workflow.workflow_outputs(grid, job.id)``.
+        Nothing is submitted when the spec has a problem or when no connected node could
+        run a stage. Its outputs: ``grid_portal.jobs.workflow.workflow_outputs(grid, job.id)``.
+
+        Parameters
+        ----------
+        spec : str, Path, dict or JobSpec
+            A job file's path, YAML/JSON text, a dict or a parsed ``JobSpec``.
+        wait : bool
+            Return once the job finished.
+        overrides : iterable of str
+            ``key=value`` changes to the spec (``--set`` on the command line).
+        wait_for_nodes : bool
+            Submit even when no connected node could run a stage yet.
+        progress : callable, optional
+            Called with the Job as it changes, while ``wait``.
+
+        Returns
+        -------
+        Job
+
+        Raises
+        ------
+        SpecError
+            Lists each problem of the spec.
+        Unsatisfiable
+            A stage no connected node could run (unless ``wait_for_nodes``).
         """
         from grid_portal.jobs.workflow import submit_workflow
 
@@ -967,17 +1266,33 @@ class Grid:
     def held_results(
         self, job_id: str, *, data_only: bool = False, timeout: float = 60.0
     ) -> dict[str, list[tuple[int | None, Any, BaseException | None]]]:
-        """The results the portal holds for a finished job (a workflow's kept outputs), by
-        stage in map order, each as ``(item, value, None)`` or, for an item that failed or
-        was cancelled, ``(item, None, error)``; ``item`` is the map item (None for a stage
-        of one task). The items that succeeded come back even when others did not. They
-        stay held (``release_held`` lets them go).
+        """The results the portal holds for a finished job (a workflow's kept outputs).
 
-        ``data_only``: a value that is not plain data stays unopened (a
-        ``safe_pickle.UntrustedData``, its bytes never read) whatever this Grid trusts, for a
-        process that must never run what a node made (the Jupyter server).
+        The items that succeeded come back even when others did not. They stay held
+        (``release_held`` lets them go).
 
-        Raises NotFound when nothing is held for it, as ``held_keys``.
+        Parameters
+        ----------
+        job_id : str
+            The job's id.
+        data_only : bool
+            A value that is not plain data stays unopened (a ``safe_pickle.UntrustedData``,
+            its bytes never read) whatever this Grid trusts, for a process that must never
+            run what a node made (the Jupyter server).
+        timeout : float
+            Seconds to wait for the held values to arrive.
+
+        Returns
+        -------
+        dict
+            By stage, in map order: ``(item, value, None)`` each or, for an item that
+            failed or was cancelled, ``(item, None, error)``; ``item`` is the map item (None
+            for a stage of one task).
+
+        Raises
+        ------
+        NotFound
+            Nothing is held for it, as ``held_keys``.
         """
         from distributed import wait
         from distributed.client import FuturesCancelledError
