@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", type=Path, help="the portal's data dir")
     t.set_defaults(func=cmd_token_list)
     p.set_defaults(func=lambda args: p.print_help() or 2)
-    # certs list / certs revoke / token revoke: cutting anyone off (issue: zero trust)
+    # certs list / certs revoke / token revoke: the admin can cut anyone off (nobody is trusted
+    # for good: a certificate or a token can be withdrawn at once)
     cli_certs.add_parsers(sub, tsub)
 
     # volunteer

@@ -121,7 +121,7 @@ def test_faces_use_the_public_client() -> None:
 
 # A comment says why, not which ticket asked for it (the tracker is not in the repository, and
 # a reason outlives it); nor does it send the reader to design notes kept elsewhere.
-TICKET_OR_OUTSIDE_NOTES = re.compile(r"\b[Ii]ssues? \d+|\bDESIGN\.md\b|\bFIELD-NOTES\b")
+TICKET_OR_OUTSIDE_NOTES = re.compile(r"\b[Ii]ssues? \d+|\b[Ii]ssue: |\bDESIGN\.md\b|\bFIELD-NOTES\b")
 
 
 def test_comments_give_reasons_not_ticket_numbers() -> None:
