@@ -45,6 +45,13 @@ TYPE_THE_URL = (
     "volunteer https://PORTAL:8788 (or `grid-portal login https://PORTAL:8788` for a "
     "researcher), with --token TOKEN if the admin gave you one"
 )
+# The same way in, worded for someone in JupyterLab (the sidebar has no address field: the
+# login a terminal saves is what the Jupyter server uses once restarted).
+TYPE_THE_URL_IN_JUPYTER = (
+    "type the portal's address instead: ask its admin for it, then in a terminal run "
+    "grid-portal login https://PORTAL:8788 (with --token TOKEN if the admin gave you one) "
+    "and restart JupyterLab"
+)
 
 
 @dataclass
@@ -193,7 +200,10 @@ def verify(portal: DiscoveredPortal, timeout: float = 5.0) -> str:
         ) from None
     actual = fingerprint(ca_pem)
     if not actual or not actual.startswith(claimed):
-        portal.verified, portal.problem = False, "CA fingerprint does not match: not trusted"
+        portal.verified, portal.problem = (
+            False,
+            "its CA does not match the fingerprint it announces",
+        )
         raise EnrolmentRefused(
             f"the portal announced as {portal.name!r} at {portal.address} is not what it "
             "claims: the CA its enrolment endpoint serves does not match the fingerprint in "
@@ -253,11 +263,11 @@ def discover(
     return check_all(portals) if check else portals
 
 
-def nothing_found_message(timeout: float) -> str:
+def nothing_found_message(timeout: float, type_the_url: str = TYPE_THE_URL) -> str:
     return (
         f"no Grid Portal announced itself on this network within {timeout:g} s (the portal "
         "may run with --no-announce, or this network carries no multicast: containers, "
-        f"guest Wi-Fi, VPNs); {TYPE_THE_URL}"
+        f"guest Wi-Fi, VPNs); {type_the_url}"
     )
 
 

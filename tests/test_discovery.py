@@ -9,22 +9,22 @@ namespaces cannot be made here (not root, no `ip`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import grid_portal_command, wait_for
+from lan_impostor import impostor_command
 from netns import _ip, why_namespaces_unavailable
 
 _WHY = why_namespaces_unavailable()
@@ -312,48 +312,27 @@ def test_denied_request_joins_nothing(lan_portal: LanPortal, tmp_path: Path) -> 
         stop(volunteer)
 
 
-IMPOSTOR = """
-import asyncio, socket, sys
-from zeroconf import IPVersion, ServiceInfo
-from zeroconf.asyncio import AsyncZeroconf
-
-async def main():
-    ip, port, fp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    info = ServiceInfo(
-        "_gridportal._tcp.local.", "Impostor._gridportal._tcp.local.",
-        addresses=[socket.inet_aton(ip)], port=port, server="impostor.local.",
-        properties={"name": "Impostor", "version": "0", "enrol": f"https://{ip}:{port}",
-                    "status": f"https://{ip}:{port}/status", "ca": fp},
-    )
-    zc = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
-    await zc.async_register_service(info)
-    print("announced", flush=True)
-    await asyncio.sleep(600)
-
-asyncio.run(main())
-"""
+def start_impostor(lan_portal: LanPortal, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A second announcer: it claims the real portal's enrolment endpoint, under a CA
+    fingerprint of its own."""
+    lan = lan_portal.lan
+    port = lan_portal.info["http"].rsplit(":", 1)[1]
+    log = tmp_path / "impostor.log"
+    impostor = lan.popen(lan.portal_ns, log, *impostor_command(lan.portal_ip, port))
+    try:
+        wait_for(lambda: "announced" in log.read_text(), timeout=20, what="the impostor")
+    except BaseException:
+        stop(impostor)
+        raise
+    return impostor
 
 
 def test_announcer_with_another_ca_fingerprint_is_refused(
     lan_portal: LanPortal, tmp_path: Path
 ) -> None:
     lan = lan_portal.lan
-    port = lan_portal.info["http"].rsplit(":", 1)[1]
-    wrong = hashlib.sha256(b"not this portal's CA").hexdigest()
-    log = tmp_path / "impostor.log"
-    # It claims the real portal's enrolment endpoint, under a CA fingerprint of its own.
-    impostor = lan.popen(
-        lan.portal_ns,
-        log,
-        sys.executable,
-        "-c",
-        textwrap.dedent(IMPOSTOR),
-        lan.portal_ip,
-        port,
-        wrong,
-    )
+    impostor = start_impostor(lan_portal, tmp_path)
     try:
-        wait_for(lambda: "announced" in log.read_text(), timeout=20, what="the impostor")
         found = {p["name"]: p for p in discover(lan)}
         assert set(found) == {lan_portal.name, "Impostor"}, found
         assert found["Impostor"]["verified"] is False
@@ -393,73 +372,145 @@ def test_no_announce_is_not_found(tmp_path: Path) -> None:
             portal.stop()
 
 
-FETCH = """
-import json, sys, urllib.request
-req = urllib.request.Request(sys.argv[1], headers={"Authorization": "token " + sys.argv[2]})
-print(urllib.request.urlopen(req, timeout=20).read().decode())
+CALL = """
+import json, sys, urllib.error, urllib.request
+method, url, token = sys.argv[1:4]
+req = urllib.request.Request(
+    url, method=method, data=b"{}" if method == "POST" else None,
+    headers={"Authorization": "token " + token},
+)
+try:
+    with urllib.request.urlopen(req, timeout=20) as reply:
+        status, body = reply.status, reply.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+print(json.dumps({"status": status, "body": json.loads(body or b"null")}))
 """
 
 
-def test_jupyter_server_with_no_portal_lists_the_lan_portals(
-    lan_portal: LanPortal, tmp_path: Path
-) -> None:
-    """Browsers cannot do mDNS: the Jupyter server browses (in the guest's namespace here)."""
-    lan = lan_portal.lan
+UNSET = ("GRID_PORTAL_", "XDG_", "JUPYTERHUB_")  # what could name a portal for the server
+
+
+@contextmanager
+def jupyter_server_in(ns: str, tmp_path: Path) -> Iterator[Callable[..., tuple[int, Any]]]:
+    """A Jupyter server with no portal configured, in namespace ``ns``; yields ``call(method,
+    path)`` -> (HTTP status, JSON body), over real HTTP from inside that namespace."""
     port, token = 20000 + os.getpid() % 20000, "discovery-test-token"
     log = tmp_path / "jupyter.log"
-    server = lan.popen(
-        lan.guest_ns,
-        log,
-        sys.executable,
-        "-m",
-        "jupyter_server",
-        "--allow-root",
-        "--no-browser",
-        "--ip=127.0.0.1",
-        f"--port={port}",
-        f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={tmp_path}",
-    )
-
-    def get() -> dict[str, Any] | None:
-        if server.poll() is not None:
-            raise AssertionError(f"jupyter server exited:\n{log.read_text()}")
-        out = subprocess.run(
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
             [
                 "ip",
                 "netns",
                 "exec",
-                lan.guest_ns,
+                ns,
                 sys.executable,
-                "-c",
-                FETCH,
-                f"http://127.0.0.1:{port}/grid/api/discovered",
-                token,
+                "-m",
+                "jupyter_server",
+                "--allow-root",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                f"--port={port}",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={tmp_path}",
             ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            # No saved login, no portal of this user's: the server browses the LAN.
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith(UNSET)},
+                "HOME": str(tmp_path),
+            },
+        )
+
+    def call(method: str, path: str) -> tuple[int, Any]:
+        if server.poll() is not None:
+            raise AssertionError(f"jupyter server exited:\n{log.read_text()}")
+        url = f"http://127.0.0.1:{port}/grid/api/{path}"
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", CALL, method, url, token],
             capture_output=True,
             text=True,
             timeout=40,
         )
-        return json.loads(out.stdout) if out.returncode == 0 else None
+        if out.returncode != 0:  # not listening yet
+            raise ConnectionError(out.stderr[-500:])
+        reply = json.loads(out.stdout)
+        return reply["status"], reply["body"]
 
     try:
-        body = wait_for(get, timeout=60, interval=0.5, what="GET grid/api/discovered")
-        assert body["configured"] is False
-        names = {p["name"]: p for p in body["portals"]}
-        assert names[lan_portal.name]["verified"] is True
-        assert names[lan_portal.name]["url"] == lan_portal.info["http"]
+        wait_for(lambda: call("GET", "version"), timeout=60, what="the Jupyter server")
+        yield call
     finally:
         stop(server)
+        assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+def test_jupyter_server_with_no_portal_lists_the_lan_portals_and_refuses_an_impostor(
+    lan_portal: LanPortal, tmp_path: Path
+) -> None:
+    """Browsers cannot do mDNS: the Jupyter server browses (in the guest's namespace here),
+    and says of a second announcer whose CA does not match what its endpoint serves that it
+    is not trusted, what to do instead, and will not join it."""
+    lan = lan_portal.lan
+    impostor = start_impostor(lan_portal, tmp_path)
+    before = lan_portal.admin("requests", "--all", "--json")
+    try:
+        with jupyter_server_in(lan.guest_ns, tmp_path) as call:
+
+            def both() -> dict[str, Any] | None:
+                status, body = call("GET", "discovered?refresh=true")
+                assert status == 200, body
+                names = {p["name"]: p for p in body["portals"]}
+                return names if {lan_portal.name, "Impostor"} <= set(names) else None
+
+            names = wait_for(both, timeout=60, interval=0.5, what="both announcements")
+            real, fake = names[lan_portal.name], names["Impostor"]
+            assert real["verified"] is True and real["message"] is None
+            assert real["url"] == lan_portal.info["http"]
+            assert fake["verified"] is False
+            said = fake["message"]
+            assert said.startswith("Not trusted: the portal announced as 'Impostor'"), said
+            assert "does not match the fingerprint it announces" in said
+            assert "Nothing was sent" in said and "grid-portal login https://" in said
+            assert "restart JupyterLab" in said
+            status, body = call("POST", f"discovered/{fake['id']}/join")
+            assert (status, body["message"]) == (409, said), body
+    finally:
+        stop(impostor)
+    assert lan_portal.admin("requests", "--all", "--json") == before  # nothing was sent
+
+
+@needs_namespaces
+def test_jupyter_server_on_a_machine_with_no_lan_says_how_to_type_the_url(
+    tmp_path: Path,
+) -> None:
+    """No network to send multicast on (a container, here a namespace with loopback alone):
+    one message with the way in by URL, never an error."""
+    ns = f"gpdn{os.getpid() % 10000}{next(_COUNTER)}"
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "set", "lo", "up", netns=ns)
+        with jupyter_server_in(ns, tmp_path) as call:
+            status, body = call("GET", "discovered")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert status == 200, body
+    assert (body["configured"], body["portals"]) == (False, [])
+    assert "no network but loopback" in body["message"], body
+    assert "grid-portal login https://" in body["message"]
 
 
 # -- the portal's book of join requests (no network needed) -----------------------------------
 
 
 def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -> None:
+    from grid_portal import settings
     from grid_portal.discovery import csr_public_key_der, pairing_code
     from grid_portal.errors import EnrolmentRefused, UsageError
     from grid_portal.keys import make_key_and_csr
-    from grid_portal import settings
     from grid_portal.portal.join_requests import MAX_PENDING_PER_ADDRESS, JoinRequests
     from grid_portal.portal.security import CertificateAuthority
 

@@ -13,6 +13,7 @@ its admin. Skipped, saying why, without root or Chromium.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
     why_no_browser_tests,
 )
 from conftest import Portal, researcher_connection, start_portal, wait_for
+from lan_impostor import NAME as IMPOSTOR
+from lan_impostor import impostor_command
 from netns import GuestHost, guest_host, why_namespaces_unavailable
 
 _WHY_NOT = why_no_browser_tests() or why_namespaces_unavailable()
@@ -67,6 +70,23 @@ def portal(lan: GuestHost, tmp: Path) -> Iterator[Portal]:
 
 
 @pytest.fixture(scope="module")
+def impostor(lan: GuestHost, portal: Portal, tmp: Path) -> Iterator[None]:
+    """A second announcer on the LAN, claiming the portal's endpoint under another CA."""
+    log = tmp / "impostor.log"
+    port = portal.info["http"].rsplit(":", 1)[1]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            impostor_command(lan.host_ip, port), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "announced" in log.read_text(), timeout=20, what="the impostor")
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
 def admin_lab(portal: Portal, tmp: Path) -> Iterator[Lab]:
     server = start_lab(tmp / "admin-lab", portal.connection_file)
     yield server
@@ -98,7 +118,7 @@ def call(lab: Lab, method: str, *path: str) -> tuple[int, Any]:
 
 
 def test_a_researcher_joins_a_lan_portal_that_the_admin_approves_in_the_sidebar(
-    browser: Any, portal: Portal, admin_lab: Lab, guest_lab: Lab, lan: GuestHost
+    browser: Any, portal: Portal, admin_lab: Lab, guest_lab: Lab, lan: GuestHost, impostor: None
 ) -> None:
     from playwright.sync_api import expect
 
@@ -110,6 +130,16 @@ def test_a_researcher_joins_a_lan_portal_that_the_admin_approves_in_the_sidebar(
     expect(row.locator(".gp-lan-ca")).to_have_attribute("data-verified", "true")
     expect(row.locator(".gp-lan-url")).to_have_text(portal.info["http"])
     expect(row.locator(".gp-lan-nodes")).to_contain_text("nodes online")
+    expect(row.locator(".gp-lan-problem")).to_have_count(0)
+    # The impostor is listed as not trusted, cannot be joined, and the sidebar says why and
+    # how to type the portal's address instead.
+    fake = guest.locator(f'.gp-lan-portal[data-portal="{IMPOSTOR}"]')
+    expect(fake).to_be_visible(timeout=60_000)
+    expect(fake.locator(".gp-lan-ca")).to_have_attribute("data-verified", "false")
+    expect(fake.locator(".gp-lan-join")).to_be_disabled()
+    problem = fake.locator(".gp-lan-problem")
+    expect(problem).to_contain_text("does not match the fingerprint it announces")
+    expect(problem).to_contain_text("grid-portal login https://PORTAL:8788")
     ARTIFACTS.mkdir(exist_ok=True)
     guest.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-on-this-network.png"))
 

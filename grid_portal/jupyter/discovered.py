@@ -6,7 +6,10 @@ configured for this server (no ``c.GridPortal.address``, ``GRID_PORTAL_ADDRESS``
 JupyterHub class portal or portal run by this user): a server that has its portal sends no
 multicast at all. Each record was checked the way the CLI checks it (the enrolment endpoint's
 CA must hash to the announced fingerprint); ``verified: false`` ones are listed with their
-``problem`` and must not be offered for joining.
+``problem`` and a ``message`` that says what to do instead, and must not be offered for
+joining. Finding nothing, or a network where multicast DNS cannot be used, is an answer
+too (an empty list and a ``message`` with the way to type the portal's address), never an
+error: the sidebar polls this.
 
 Answers are cached for ``CACHE_SECONDS`` and one browse at a time runs, so a sidebar polling
 every few seconds costs one browse per period, not one per poll.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -28,6 +32,7 @@ from grid_portal.jupyter.handlers import GridHandler
 if TYPE_CHECKING:
     from grid_portal.discovery import DiscoveredPortal
 
+log = logging.getLogger("grid_portal.jupyter")
 CACHE_SECONDS = 15.0
 BROWSE_SECONDS = 2.0
 
@@ -75,19 +80,66 @@ def cache_of(settings: dict[str, Any]) -> _Cache:
     return settings.setdefault("grid_portal_discovered", _Cache())
 
 
+def untrusted_message(portal: DiscoveredPortal) -> str:
+    """What the sidebar says of a portal that failed its check: the problem, and the way in."""
+    from grid_portal.discovery import TYPE_THE_URL_IN_JUPYTER
+
+    return (
+        f"Not trusted: the portal announced as {portal.name!r} at {portal.address}: "
+        f"{portal.problem or 'not checked'}. Nothing was sent to it. To join the portal "
+        f"you meant, {TYPE_THE_URL_IN_JUPYTER}."
+    )
+
+
+async def _browse() -> tuple[list[DiscoveredPortal], str | None]:
+    """The portals that answered, or none and why: never an exception (the sidebar polls)."""
+    from grid_portal.discovery import (
+        TYPE_THE_URL_IN_JUPYTER,
+        browse,
+        lan_addresses,
+        nothing_found_message,
+    )
+
+    interfaces = await asyncio.to_thread(lan_addresses)
+    if not interfaces:
+        return [], (
+            "This Jupyter server's machine has no network but loopback (a container, or "
+            "no LAN), so no portal can announce itself to it; "
+            f"{TYPE_THE_URL_IN_JUPYTER}."
+        )
+    try:
+        portals = await browse(BROWSE_SECONDS, interfaces)
+    except Exception as exc:  # noqa: BLE001 - zeroconf could not use multicast here; say so
+        log.warning("Grid Portal: browsing the LAN for portals failed: %s", exc)
+        return [], (
+            f"Multicast DNS cannot be used on this network ({exc}), so portals cannot be "
+            f"found here; {TYPE_THE_URL_IN_JUPYTER}."
+        )
+    if not portals:
+        return [], nothing_found_message(BROWSE_SECONDS, TYPE_THE_URL_IN_JUPYTER) + "."
+    return portals, None
+
+
 async def discovered_body(cache: _Cache, refresh: bool = False) -> dict[str, Any]:
-    from grid_portal.discovery import browse, check_all, nothing_found_message
+    from grid_portal.discovery import check_all
 
     async with cache.lock:
         if cache.body is not None and not refresh and time.monotonic() - cache.at < CACHE_SECONDS:
             return cache.body
-        portals = await browse(BROWSE_SECONDS)
+        portals, message = await _browse()
         await asyncio.to_thread(check_all, portals)
         cache.found = {portal_id(p): p for p in portals}
         cache.body = {
             "configured": False,
-            "portals": [{**p.to_dict(), "id": i} for i, p in cache.found.items()],
-            "message": None if portals else nothing_found_message(BROWSE_SECONDS),
+            "portals": [
+                {
+                    **p.to_dict(),
+                    "id": i,
+                    "message": None if p.verified else untrusted_message(p),
+                }
+                for i, p in cache.found.items()
+            ],
+            "message": message,
             "searched_at": time.time(),
         }
         cache.at = time.monotonic()

@@ -20,7 +20,12 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from grid_portal.errors import GridError, NotFound, UsageError
-from grid_portal.jupyter.discovered import DiscoveredHandler, cache_of, portal_configured
+from grid_portal.jupyter.discovered import (
+    DiscoveredHandler,
+    cache_of,
+    portal_configured,
+    untrusted_message,
+)
 from grid_portal.jupyter.handlers import ApiError, GridHandler, api_error, require_admin
 from grid_portal.jupyter.joins import LanJoins
 
@@ -51,12 +56,7 @@ class DiscoveredJoinHandler(GridHandler):
                 "the ones found (add refresh=true to look again)",
             )
         if not found.verified:
-            raise ApiError(
-                409,
-                f"the portal announced as {found.name!r} cannot be trusted "
-                f"({found.problem or 'not checked'}); type the portal's address instead: "
-                "grid-portal login https://PORTAL:8788",
-            )
+            raise ApiError(409, untrusted_message(found))
         joins = _joins(self)
         if joins.busy():
             raise ApiError(

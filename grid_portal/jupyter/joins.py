@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from grid_portal.errors import ConnectionFailed, GridError
+from grid_portal.errors import ConnectionFailed, EnrolmentRefused, GridError
 
 if TYPE_CHECKING:
     from grid_portal.discovery import DiscoveredPortal
@@ -53,6 +53,14 @@ class JoinStatus:
         return asdict(self)
 
 
+def in_jupyter(message: str) -> str:
+    """A requester's message, its way in by URL worded for JupyterLab rather than a shell
+    that runs ``grid-portal volunteer`` (the messages come from the CLI's join code)."""
+    from grid_portal.discovery import TYPE_THE_URL, TYPE_THE_URL_IN_JUPYTER
+
+    return message.replace(TYPE_THE_URL, TYPE_THE_URL_IN_JUPYTER)
+
+
 class LanJoins:
     """The server's one join request in flight (a second one replaces a finished one only)."""
 
@@ -76,7 +84,10 @@ class LanJoins:
             join = ResearcherJoin(found.url, ca_pem, wanted)
             return join, join.start()
 
-        join, pending = await self.portal.offload(send)
+        try:
+            join, pending = await self.portal.offload(send)
+        except (ConnectionFailed, EnrolmentRefused) as exc:  # checked again, and refused
+            raise type(exc)(in_jupyter(str(exc))) from None
         self.status = JoinStatus(
             portal=found.name,
             url=found.url,
@@ -102,12 +113,12 @@ class LanJoins:
             except ConnectionFailed as exc:
                 failures += 1
                 if failures > MAX_POLL_FAILURES:
-                    status.state, status.message = FAILED, str(exc)
+                    status.state, status.message = FAILED, in_jupyter(str(exc))
                     return
                 await asyncio.sleep(2)  # the portal is away: ask again, not in a tight loop
                 continue
             except GridError as exc:  # denied, expired, refused
-                status.state, status.message = REFUSED, str(exc)
+                status.state, status.message = REFUSED, in_jupyter(str(exc))
                 return
             except Exception:  # noqa: BLE001 - the sidebar must not wait for ever
                 self.portal.log.exception("Grid Portal: the join request failed")

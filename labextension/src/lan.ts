@@ -29,6 +29,8 @@ export interface IDiscoveredPortal {
   nodes_online: number | null;
   verified: boolean | null;
   problem: string | null;
+  /** For a portal that is not trusted: the problem and the way to type its address. */
+  message?: string | null;
   ca_fingerprint: string;
 }
 
@@ -155,7 +157,14 @@ export class LanSection {
     const trusted = p.verified === true;
     const ca = trusted
       ? h('span', { class: 'gp-lan-ca', 'data-verified': 'true', title: `CA ${p.ca_fingerprint}` }, '✓ CA checked')
-      : h('span', { class: 'gp-lan-ca', 'data-verified': 'false' }, `✗ not trusted: ${p.problem ?? 'not checked'}`);
+      : h(
+          'span',
+          { class: 'gp-lan-ca', 'data-verified': 'false' },
+          // The message names the problem and what to do instead (an older server
+          // extension sends only the problem).
+          p.message ? '✗ not trusted' : `✗ not trusted: ${p.problem ?? 'not checked'}`
+        );
+    const advice = trusted || !p.message ? null : h('div', { class: 'gp-lan-problem gp-job-error' }, p.message);
     const join = h(
       'button',
       {
@@ -177,7 +186,8 @@ export class LanSection {
         h('span', { class: 'gp-lan-nodes' }, nodes),
         h('span', { class: 'gp-lan-url' }, p.url)
       ),
-      h('div', { class: 'gp-row-line' }, ca)
+      h('div', { class: 'gp-row-line' }, ca),
+      advice
     );
   }
 
