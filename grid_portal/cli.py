@@ -20,6 +20,7 @@ from grid_portal import (
     cli_classroom,
     cli_discovery,
     cli_jobs,
+    cli_peers,
     cli_volunteer,
 )
 from grid_portal.errors import GridError, UsageError
@@ -176,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--for",
         dest="role",
-        choices=["node", "client"],
+        choices=["node", "client", "peer"],
         default="node",
-        help="node: a volunteer machine (default); client: a researcher's connection",
+        help="node: a volunteer machine (default); client: a researcher's connection; peer: "
+        "another portal that may borrow this portal's idle volunteers (its admin runs "
+        "`grid-portal peers add URL --token T`; one use by default)",
     )
     t.add_argument("--note", default="", help="a note for `token list`")
     t.add_argument("--data-dir", type=Path, help="the portal's data dir")
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     # certs list / certs revoke / token revoke: the admin can cut anyone off (nobody is trusted
     # for good: a certificate or a token can be withdrawn at once)
     cli_certs.add_parsers(sub, tsub)
+    cli_peers.add_parsers(sub)  # peers add / list / remove: portal peering
 
     # volunteer
     p = sub.add_parser(
@@ -448,7 +452,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     store, pin = cli_certs.token_store(args)
-    created = store.create(ttl=args.ttl, uses=args.uses, note=args.note, pin=pin, role=args.role)
+    uses = 1 if args.role == "peer" and args.uses is None else args.uses  # one peer links
+    created = store.create(ttl=args.ttl, uses=uses, note=args.note, pin=pin, role=args.role)
     print(created.text)
     return 0
 
@@ -596,6 +601,8 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         control=True,
         verbose=args.verbose,
         portal_url=enrolled[0][0].url,
+        lend_to_peers=args.lend_to_peers,
+        lend_bound=args.lend_bound,
         **settings["timings"],  # drain_timeout, reconnect_max, ...: flags, file, configuration
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.errors import GridError, UsageError
+from grid_portal.units import duration_arg
 
 
 @dataclass
@@ -72,6 +73,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action=_EntryOption,
         help="this portal's share of the machine when several have work (default 1; "
         "--share 2 gets twice the CPU time of a portal with 1)",
+    )
+    lend = p.add_argument_group("lending to peer portals (docs/federation.md)")
+    lend.add_argument(
+        "--lend-to-peers",
+        action="store_true",
+        help="also serve the peer portals your portal lends to, only while your portal has "
+        "nothing for this machine (off by default)",
+    )
+    lend.add_argument(
+        "--lend-bound",
+        type=duration_arg,
+        default=10.0,
+        metavar="D",
+        help="when your portal's work comes, a peer's running tasks may finish within D, then "
+        "they move back to the peer (default 10s)",
     )
     p.set_defaults(portal_entries=[], share=None)
 

@@ -14,6 +14,8 @@ session, never from a message:
 - ``teacher``: a class's teacher: a client who may also see and cancel everyone's jobs and set
   quotas, but runs no code on the portal or outside tasks.
 - ``admin``: the portal's owner (who runs ``grid-portal serve``): everything.
+- ``peer``: another portal that borrows this portal's idle volunteers (portal peering,
+  ``grid-portal peers add``): it may ask what this portal lent it, and nothing else.
 - ``delegate``: a credential the portal gives one running job of a researcher, named
   ``<owner>/job/<job id>`` (`delegate_name`), so that the job's own tasks can be Dask clients
   (``get_client()``): it submits into that job only, as its owner, sees only that job's keys,
@@ -37,13 +39,15 @@ CLIENT = "client"
 TEACHER = "teacher"
 ADMIN = "admin"
 DELEGATE = "delegate"
-ROLES = (SCHEDULER, NODE, CLIENT, TEACHER, ADMIN, DELEGATE)
+PEER = "peer"
+ROLES = (SCHEDULER, NODE, CLIENT, TEACHER, ADMIN, DELEGATE, PEER)
 
 PEOPLE = frozenset({CLIENT, TEACHER, ADMIN})  # who may use the grid's own handlers
 CLIENTS = PEOPLE | {DELEGATE}  # who may be a Dask client
 STAFF = frozenset({TEACHER, ADMIN})  # who may see everyone's work
 NODES = frozenset({NODE})
 ADMINS = frozenset({ADMIN})
+PEERS = frozenset({PEER})
 NOBODY: frozenset[str] = frozenset()
 
 # -- annotations the grid sets on tasks (dask.annotate), read by the portal and the nodes -----
@@ -233,6 +237,26 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         refusal="only the portal's admin or a class's teachers may change fair-share settings",
     ),
     **_rules(ADMINS, "cut off a node", ["grid_revoke"]),
+    **_rules(
+        NODES,
+        "a volunteer that lends to peers: the peer portals it may serve now, and what it lent",
+        ["grid_peer_offers"],
+        "what it lent is recorded under the caller's own name",
+    ),
+    **_rules(
+        PEERS,
+        "a peer portal: what this portal lent it",
+        ["grid_peer_exchange"],
+        "only its own peering, while its peer token is not revoked",
+        refusal="only a peer portal's certificate may ask what was lent to it",
+    ),
+    **_rules(
+        PEERS,
+        "a peer portal ended the peering (`grid-portal peers remove` there)",
+        ["grid_peer_unlink"],
+        "only its own peering",
+        refusal="only a peer portal's certificate may end its peering",
+    ),
     **_rules(
         ADMINS,
         "answer join requests from the sidebar, as `grid-portal requests` does",

@@ -49,6 +49,7 @@ from grid_portal.enrolment import (
 )
 from grid_portal.errors import GridError, UsageError
 from grid_portal.model import NetworkInfo, Offer, StaticCapacity
+from grid_portal.node.lending import Lending
 from grid_portal.node.policy import Decision, Observation, Policy, PolicyEngine, observe
 from grid_portal.node.portal_link import WORKER_BOOT, PortalLink  # noqa: F401 - WORKER_BOOT's old home
 from grid_portal.node.sandbox import SandboxPlan, plan_sandbox
@@ -101,6 +102,10 @@ class VolunteerOptions:
     telemetry_interval: float = field_from("volunteer.telemetry-interval")
     local_directory: str | None = None  # the worker's scratch directory (sandboxed: required)
     policy: Policy | None = None  # the volunteer's rules; None: always run
+    # Serve the peer portals a home portal lends this machine to, while it has no work here
+    # (node/lending.py); a lent task ends or moves within lend_bound seconds of home work.
+    lend_to_peers: bool = False
+    lend_bound: float = 10.0
     control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
     verbose: bool = False
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
@@ -347,6 +352,8 @@ class Volunteer:
         self._changed = asyncio.Event()  # a link ended
         self._said: tuple[str | None, str | None, bool] | None = None
         self._pending_links: list[PortalLink] = []  # added before run() started them
+        # The peer portals the home portals lend this machine to (--lend-to-peers).
+        self.lending: Lending | None = Lending(self) if options.lend_to_peers else None
         self._running = False
         if creds is not None:
             self._pending_links.append(
@@ -375,14 +382,25 @@ class Volunteer:
         }
 
     # -- the set of portals -----------------------------------------------------------------
-    def add_link(self, creds: Credentials, share: float, url: str | None, label: str) -> PortalLink:
-        """Serve one more portal (before or while running); its worker starts at once."""
+    def add_link(
+        self,
+        creds: Credentials,
+        share: float,
+        url: str | None,
+        label: str,
+        lent_by: str | None = None,
+        peer: str | None = None,
+    ) -> PortalLink:
+        """Serve one more portal (before or while running); its worker starts at once.
+        ``lent_by``: a peer portal that home portal lends this machine to (``peer``: its name
+        there), served only while the home portals have no work here (node/lending.py)."""
         problem = self._duplicate(creds, url, label)
         if problem is not None:
             raise UsageError(problem)
         first = not self.links and not self._pending_links
         plan = self.plan if first or self.plan_for is None else self.plan_for(label)
         link = PortalLink(self, creds, plan, share=share, url=url, label=label)
+        link.lent_by, link.peer = lent_by, peer
         if self._running:
             self._start(link)
         else:
@@ -407,7 +425,7 @@ class Volunteer:
 
     def _start(self, link: PortalLink) -> None:
         self.links[link.key] = link
-        self.arbiter.add(link.key, link.share)
+        self.arbiter.add(link.key, link.share, lend=link.lent_by is not None)
         link.arbitrated = len(self.links) > 1
         self._tasks[f"{link.key}#{id(link)}"] = asyncio.ensure_future(self._serve(link))
         asyncio.ensure_future(self._arbitrate_all())
@@ -472,6 +490,12 @@ class Volunteer:
         except (KeyError, TypeError, ValueError):
             return  # not from our worker code; nothing to do
         self._grant(grants)
+        if self.lending is not None:
+            self.lending.slots_changed()  # home work may have come or gone: lent links follow
+
+    def grant_all(self, grants: list[tuple[Any, int]]) -> None:
+        """Send the arbiter's grants to the workers (the lending side's timers)."""
+        self._grant(grants)
 
     def _grant(self, grants: list[tuple[Any, int]]) -> None:
         for key, ticket in grants:
@@ -492,6 +516,7 @@ class Volunteer:
             self._start(link)
         self._pending_links.clear()
         watcher = asyncio.ensure_future(self._policy_loop())
+        lending = asyncio.ensure_future(self.lending.run()) if self.lending else None
         try:
             # Up while any portal is served: a portal that refused this machine stays listed
             # with its problem, a detached one goes; with none left, the agent ends.
@@ -509,6 +534,8 @@ class Volunteer:
         finally:
             for link in self.links.values():
                 link.request_stop(self.stop_reason, repeat_forces=False)
+            if lending is not None:
+                lending.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -569,6 +596,14 @@ class Volunteer:
                     logger.warning("could not look at the machine: %s", exc)
             await self._push_quietly()
             await asyncio.sleep(interval)
+
+    def desired_for(self, link: PortalLink) -> tuple[str | None, str | None, bool]:
+        """What ``link``'s worker should be doing: the rules' state, and for a lent-to peer
+        portal also whether its home portals' work has come (node/lending.py)."""
+        desired = self.desired()
+        if desired[0] is None and link.lent_by is not None and self.lending is not None:
+            return self.lending.desired(link)
+        return desired
 
     def desired(self) -> tuple[str | None, str | None, bool]:
         """What every worker should be doing now: (None or "paused", reason, move tasks)."""

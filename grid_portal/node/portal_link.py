@@ -75,6 +75,10 @@ class PortalLink:
         self.proc: asyncio.subprocess.Process | None = None
         self.address: str | None = None
         self.arbitrated = False  # whether the worker asks for a slot before each task
+        # A peer portal this machine's home portal (that link's key) lends it to, by the name
+        # the home portal gives the peer; None: a portal the volunteer attached itself.
+        self.lent_by: str | None = None
+        self.peer: str | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._pushed: tuple[str | None, str | None, bool] | None = None
@@ -316,8 +320,8 @@ class PortalLink:
             with contextlib.suppress(ConnectionError, OSError):
                 proc.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
 
-    def grant(self, ticket: int) -> None:
-        self._tell("grant", ticket=ticket)
+    def grant(self, ticket: int, move: bool = False) -> None:
+        self._tell("grant", ticket=ticket, **({"move": True} if move else {}))
 
     async def set_arbitrated(self, on: bool) -> None:
         """Ask for a slot before each task (several portals) or not (this one alone)."""
@@ -370,7 +374,7 @@ class PortalLink:
         async with self._push_lock:
             if not self.joined.is_set():
                 return
-            desired = self.agent.desired()
+            desired = self.agent.desired_for(self)
             if desired == self._pushed and not force:
                 return
             state, reason, move = desired
@@ -394,6 +398,7 @@ class PortalLink:
             "scheduler": self.creds.scheduler,
             "name": self.creds.name,
             "share": self.share,
+            "lent_by": self.lent_by,  # a peer portal served for its home portal
             "state": word,
             "problem": self.problem,
             **received(self.key),

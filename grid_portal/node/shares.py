@@ -12,6 +12,10 @@ So under load from all, core time is split by share, and a portal with nothing q
 nothing: the others use every slot (work-conserving). A portal that comes back from idle starts
 level with the busiest-served active portal, not with the credit of its idle hours.
 
+A portal added with ``lend`` (a peer portal the volunteer's home portal lends it to) gets a
+slot only while no home portal has had a task waiting or running for ``LEND_GRACE`` seconds:
+home work always comes first.
+
 Pure logic: no I/O, a clock that can be given; the agent (agent.py) feeds it the workers'
 events and sends the grants it returns.
 """
@@ -27,6 +31,10 @@ from dataclasses import dataclass, field
 FIRST_TASK_ESTIMATE = 1.0
 # How fast the mean task time follows new tasks (exponential moving average weight).
 MEAN_WEIGHT = 0.2
+# Seconds the home portals must have had no task here before a lent-to peer gets a slot: a home
+# portal's next task comes a round trip after the last one ended, and must not find the peer's
+# task in its way (measured: without it a peer's tasks were moved twice in one burst of work).
+LEND_GRACE = 1.0
 
 Grant = tuple[Hashable, int]  # (portal key, ticket)
 
@@ -37,6 +45,7 @@ class _Portal:
     waiting: deque[int] = field(default_factory=deque)
     running: dict[int, float] = field(default_factory=dict)  # ticket -> granted at
     charged: float = 0.0  # slot-seconds of finished tasks, for fairness
+    lend: bool = False  # a peer portal's: served only while no home portal has work
     tasks: int = 0  # received: tasks finished and their core-seconds
     core_seconds: float = 0.0
 
@@ -54,16 +63,42 @@ class SlotArbiter:
         # One mean over all portals: a portal that just came has no tasks of its own to go by.
         self.mean = FIRST_TASK_ESTIMATE
         self._measured = False
+        self._home_last = float("-inf")  # when a home portal last had a task here
 
     # -- the set of portals -----------------------------------------------------------------
-    def add(self, key: Hashable, share: float) -> None:
+    def add(self, key: Hashable, share: float, lend: bool = False) -> None:
+        """Serve ``key`` with ``share``; ``lend``: a peer portal this machine's home portal
+        lends it to, given a slot only while no home portal has tasks waiting or running."""
         if share <= 0:
             raise ValueError(f"a share must be more than 0, not {share!r}")
         portal = self._portals.get(key)
         if portal is None:
-            self._portals[key] = _Portal(share=float(share))
+            self._portals[key] = _Portal(share=float(share), lend=lend)
         else:
-            portal.share = float(share)
+            portal.share, portal.lend = float(share), lend
+
+    def home_active(self) -> bool:
+        """Whether a home (not lent-to) portal has tasks waiting or running."""
+        return any(p.active() for p in self._portals.values() if not p.lend)
+
+    def lend_open(self) -> bool:
+        """Whether lent-to portals may have slots: no home task for ``LEND_GRACE`` s."""
+        if self.home_active():
+            return False
+        return self.clock() - self._home_last >= LEND_GRACE
+
+    def tick(self) -> list[Grant]:
+        """Grants that time alone made possible (the home portals' grace ran out)."""
+        return self._dispatch()
+
+    def bounce(self, key: Hashable) -> list[int]:
+        """Take ``key``'s waiting tasks out of the queue (they go back to their portal)."""
+        portal = self._portals.get(key)
+        if portal is None:
+            return []
+        tickets = list(portal.waiting)
+        portal.waiting.clear()
+        return tickets
 
     def remove(self, key: Hashable) -> list[Grant]:
         """Forget a portal (detached): its slots go to the others' waiting tasks."""
@@ -91,6 +126,8 @@ class SlotArbiter:
             if others:
                 portal.charged = max(portal.charged, min(others) * portal.share)
         portal.waiting.append(ticket)
+        if not portal.lend:
+            self._home_last = self.clock()
         return self._dispatch()
 
     def done(self, key: Hashable, ticket: int, seconds: float) -> list[Grant]:
@@ -99,6 +136,8 @@ class SlotArbiter:
         if portal is None:
             return self._dispatch()
         seconds = max(0.0, float(seconds))
+        if not portal.lend:
+            self._home_last = self.clock()
         portal.tasks += 1
         portal.core_seconds += seconds
         if ticket in portal.running:
@@ -134,7 +173,11 @@ class SlotArbiter:
         now = self.clock()
         free = self.slots - sum(len(p.running) for p in self._portals.values())
         while free > 0:
-            candidates = [(k, p) for k, p in self._portals.items() if p.waiting]
+            # Lent-to portals only while the home portals have nothing (flocking: home first).
+            closed = not self.lend_open()
+            candidates = [
+                (k, p) for k, p in self._portals.items() if p.waiting and not (p.lend and closed)
+            ]
             if not candidates:
                 break
             # Ties (frequent with tasks of one length) go to the one furthest below its share.
@@ -149,4 +192,4 @@ class SlotArbiter:
         return grants
 
 
-__all__ = ["FIRST_TASK_ESTIMATE", "Grant", "SlotArbiter"]
+__all__ = ["FIRST_TASK_ESTIMATE", "LEND_GRACE", "Grant", "SlotArbiter"]

@@ -51,6 +51,7 @@ class SlotGate:
         self.tasks = 0
         self.core_seconds = 0.0
         self._local = threading.local()  # the slot the task in this thread holds, if any
+        self._moved: set[int] = set()  # tickets sent back instead of granted
 
     # -- from the agent ----------------------------------------------------------------------
     def arbitrate(self, on: bool) -> None:
@@ -63,9 +64,13 @@ class SlotGate:
         for event in released:
             event.set()
 
-    def grant(self, ticket: int) -> None:
+    def grant(self, ticket: int, move: bool = False) -> None:
+        """Let the task waiting with ``ticket`` run; ``move``: send it back to the scheduler
+        instead (a peer's task on a lent machine whose home portal's work has come)."""
         with self._lock:
             event = self._waiting.pop(ticket, None)
+            if event is not None and move:
+                self._moved.add(ticket)
         if event is not None:
             event.set()
 
@@ -76,6 +81,8 @@ class SlotGate:
     # -- in an executor thread ---------------------------------------------------------------
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         self._local.held = self._acquire()
+        if self._local.held is None:
+            return _rescheduled()
         try:
             return fn(*args, **kwargs)
         finally:
@@ -97,8 +104,9 @@ class SlotGate:
         if getattr(self._local, "held", "none") is None:
             self._local.held = self._acquire()
 
-    def _acquire(self) -> tuple[int, float]:
-        """Wait for a slot (when arbitrated); returns (ticket, when it started)."""
+    def _acquire(self) -> tuple[int, float] | None:
+        """Wait for a slot (when arbitrated); returns (ticket, when it started), or None
+        when the agent sent the task back instead."""
         ticket = next(self._tickets)
         event = None
         with self._lock:
@@ -107,6 +115,10 @@ class SlotGate:
         if event is not None:
             self._emit({"event": "want", "ticket": ticket})
             event.wait()
+            with self._lock:
+                if ticket in self._moved:
+                    self._moved.discard(ticket)
+                    return None
         return ticket, time.perf_counter()
 
     def _release(self, ticket: int, started: float) -> None:
@@ -123,6 +135,16 @@ class SlotGate:
                 "waiting": len(self._waiting),
                 "arbitrated": self._arbitrated,
             }
+
+
+def _rescheduled() -> dict[str, Any]:
+    """What Dask's task runner returns for a task that raised ``Reschedule``: the worker
+    hands it back to its scheduler, which places it again (not a failure)."""
+    from distributed import Reschedule
+    from distributed.metrics import time as dask_time
+
+    now = dask_time()
+    return {"op": "task-erred", "actual_exception": Reschedule(), "start": now, "stop": now}
 
 
 class GatedThreadPoolExecutor(ThreadPoolExecutor):

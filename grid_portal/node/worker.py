@@ -8,7 +8,7 @@ prints or reads can get mixed into them.
 
 Commands: ``{"id": N, "op": "policy", "state": null|"paused", "reason": str, "move": bool}``,
 ``{"id": N, "op": "status"}``, ``{"id": N, "op": "drain", "timeout": s, "reason": str}``,
-``{"id": N, "op": "arbitrate", "on": bool}``, ``{"op": "grant", "ticket": N}``,
+``{"id": N, "op": "arbitrate", "on": bool}``, ``{"op": "grant", "ticket": N}`` (``"move": true``: send the task back),
 ``{"op": "close"}``. Replies: ``{"id": N, "reply": {...}}``. Events: ``{"event": "ready",
 "address": ...}`` once registered with the scheduler, ``{"event": "refused", "reason": str}``
 when the portal refused it, ``{"event": "want"|"done", "ticket": N, ...}`` for each task
@@ -221,7 +221,7 @@ class WorkerProcess:
                 logger.warning("ignoring a malformed command from the agent")
                 continue
             if command.get("op") == "grant":  # here, not on the loop: a task thread waits
-                self.gate.grant(int(command.get("ticket", 0)))
+                self.gate.grant(int(command.get("ticket", 0)), bool(command.get("move")))
                 continue
             asyncio.run_coroutine_threadsafe(self._handle(command), loop)
         # End of input: the agent has gone, so must we.

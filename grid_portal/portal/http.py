@@ -20,6 +20,7 @@ import tornado.web
 from grid_portal import __version__
 from grid_portal.envcheck import local_versions, refusal_for
 from grid_portal.errors import EnrolmentRefused, GridError
+from grid_portal.portal import peering
 from grid_portal.portal.join_requests import join_routes  # joins with no token
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
@@ -101,12 +102,18 @@ class EnrolHandler(BaseHandler):
         window.append(now)
         return False
 
-    def post(self) -> None:
+    def _turned_away(self) -> bool:
+        """Too many attempts from this address, or too large a request: answered here."""
         if self._rate_limited():
             self.write_json({"error": "too many enrolment attempts; wait a minute"}, 429)
-            return
+            return True
         if len(self.request.body) > MAX_BODY:
             self.write_json({"error": "request too large"}, 413)
+            return True
+        return False
+
+    def post(self) -> None:
+        if self._turned_away():
             return
         try:
             body = json.loads(self.request.body or b"{}")
@@ -124,7 +131,10 @@ class EnrolHandler(BaseHandler):
             check_csr(csr)  # before the token is spent: a garbled CSR must not use it up
             record = self.portal.tokens.redeem(token)
             role = record.role
-            name = self.portal.enrolments.unique_name(_safe_name(wanted), role)
+            if role in (peering.PEER_ROLE, peering.LENT_ROLE):
+                role, name = _peer_enrolment(self.portal, role, record.id, _safe_name(wanted))
+            else:
+                name = self.portal.enrolments.unique_name(_safe_name(wanted), role)
             # People's certificates are short-lived; their Grid renews them (renewal.py).
             days = PERSON_CERT_DAYS if role in PERSON_ROLES_RENEWED else 365
             cert = self.portal.ca.sign_csr(csr, name=name, role=role, days=days)
@@ -150,7 +160,20 @@ class EnrolHandler(BaseHandler):
         )
 
 
+def _peer_enrolment(
+    portal: PortalContext, role: str, token_id: str, wanted: str
+) -> tuple[str, str]:
+    """A lend token enrols a peer portal's volunteer as a node named ``wanted@peer``; a peer
+    token enrols nobody (it links portals: portal/peer_link.py)."""
+    if role == peering.PEER_ROLE:
+        raise EnrolmentRefused(peering.PEER_TOKEN_AT_ENROL)
+    book = peering.PeerBook(portal.enrolments.conn)
+    return "node", peering.lent_enrolment(book, portal.enrolments, token_id, wanted)
+
+
 def make_app(portal: PortalContext) -> tornado.web.Application:
+    from grid_portal.portal.peer_link import PeerLinkHandler  # it builds on this module
+
     kwargs = {"portal": portal}
     return tornado.web.Application(
         [
@@ -158,6 +181,7 @@ def make_app(portal: PortalContext) -> tornado.web.Application:
             (r"/api/ping", PingHandler, kwargs),
             (r"/api/bandwidth", BandwidthHandler, kwargs),
             (r"/api/enrol", EnrolHandler, kwargs),
+            (r"/api/peers/link", PeerLinkHandler, kwargs),
             *join_routes(kwargs),
             *portal.extra_routes,
         ],

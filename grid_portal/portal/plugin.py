@@ -32,6 +32,7 @@ from grid_portal.portal.delegation import issue as issue_delegation
 from grid_portal.portal.jobs import JobBook, spec_problem
 from grid_portal.portal.join_requests import JoinRequestHandlers
 from grid_portal.portal.ledger import EnrolmentBook
+from grid_portal.portal.peering import PeerHandlers
 from grid_portal.portal.recovery import Recovery
 from grid_portal.portal.registry import NodeRegistry
 from grid_portal.portal.reports import NodeReports
@@ -160,6 +161,7 @@ class PortalPlugin(SchedulerPlugin):
         # The admin answers join requests from the sidebar too, not only from a terminal.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
         scheduler.handlers.update(self.dashboard.handlers())
+        scheduler.handlers.update(PeerHandlers(self.ledger_path).handlers())  # peering
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         self.leases.install(scheduler)
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the

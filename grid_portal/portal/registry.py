@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grid_portal.model import CPU, GPU, MEMORY, NodeState
+from grid_portal.portal.peering import site_labels
 from grid_portal.settings import given_or
 
 HISTORY_SECONDS = 600.0  # sparklines show the last 10 minutes
@@ -132,7 +133,7 @@ class NodeRegistry:
             self.nodes[name] = record
         record.capacity = capacity
         record.offer = offer
-        record.labels = dict(labels or {})
+        record.labels = site_labels(name, dict(labels or {}))  # a lent node's site is its peer
         if record.address:
             self._names_by_address.pop(record.address, None)
         record.address = address

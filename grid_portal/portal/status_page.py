@@ -33,6 +33,7 @@ from grid_portal.portal.contributions import (
     to_csv,
     totals_of,
 )
+from grid_portal.portal.peering import peers_html, public_peers
 from grid_portal.units import format_size
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def build_status(
         "jobs_per_day": ledger.jobs_per_day(JOB_DAYS, now),
         "contributions": rows,
         "totals": totals_of(rows),
+        "peers": public_peers(getattr(portal, "ledger_path", None)),  # peer portals, each way
     }
 
 
@@ -310,6 +312,7 @@ Data: <a href="status.json">status.json</a>, contributions as
 <table><tr><th>site</th>{"".join(f'<th class="n">{s}</th>' for s in STATES)}<th class="n">total</th></tr>
 {site_rows}</table>
 {named}
+{peers_html(status.get("peers") or [])}
 <h2>Jobs per day</h2>
 {jobs_chart}
 <h2 id="contributions">Contributions</h2>

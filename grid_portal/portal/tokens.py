@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     uses_total    INTEGER,               -- NULL: unlimited
     uses_left     INTEGER,               -- NULL: unlimited
     note          TEXT NOT NULL DEFAULT '',
-    role          TEXT NOT NULL DEFAULT 'node',  -- what enrolling makes: 'node' or 'client'
+    role          TEXT NOT NULL DEFAULT 'node',  -- 'node', 'client', 'peer' or 'lent' (peering)
     revoked_at    REAL                   -- NULL: not revoked
 )
 """
@@ -156,9 +156,10 @@ class TokenStore:
             raise UsageError(
                 f"CA pin {pin!r}: give ca_pin(ca.fingerprint()), {PIN_HEX_CHARS} lowercase hex"
             )
-        if role not in ("node", "client"):
+        if role not in ("node", "client", "peer", "lent"):
             raise UsageError(
-                f"token role {role!r}: use 'node' (a volunteer) or 'client' (a researcher)"
+                f"token role {role!r}: use 'node' (a volunteer), 'client' (a researcher) or "
+                "'peer' (a peer portal, grid-portal peers add)"
             )
         note = str(note)
         if len(note) > MAX_NOTE_LENGTH or not note.isprintable():

@@ -94,6 +94,9 @@ ATTRIBUTES: Mapping[str, Attribute] = {
         VERSION, "highest CUDA compute capability among offered GPUs; 0 without one"
     ),
     "gpu.name": Attribute(STRING, "name of the offered GPU with the most memory"),
+    "site": Attribute(
+        STRING, 'the site: its labels.site; a peer portal\'s lent node: that portal ("" if none)'
+    ),
     "labels": Attribute(
         DICT, 'labels set by the volunteer: "k" in labels, labels.k', STRING, "label"
     ),
@@ -1130,6 +1133,7 @@ def node_attributes(node: Node) -> dict[str, Any]:
             default="0",
         ),
         "labels": dict(node.labels),
+        "site": str(node.labels.get("site", "")),
         "packages": {_normalize_package(k): v for k, v in cap.packages.items()},
     }
     if offered:

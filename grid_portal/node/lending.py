@@ -1,0 +1,246 @@
+"""Lending to peer portals (``grid-portal volunteer --lend-to-peers``): flocking, node side.
+
+A home portal (one the volunteer attached itself) may lend its volunteers to peer portals
+(portal/peering.py). A volunteer that opted in asks each home portal, once a heartbeat, which
+peers it lends to now (``grid_peer_offers`` over the node's own mutual-TLS identity), and tells
+it in the same call what it lent since it last asked (core-seconds and tasks per peer: the
+home portal's ledger of the work given away). For each peer offered, the agent enrols with that
+peer using the lend token the home portal passed on (the peer's own CA signs the node's
+certificate; the home portal's keys never leave it) and serves it as one more portal whose
+share is used only while the home portals have nothing here:
+
+- the arbiter (shares.py) gives the peer a slot only while no home portal has had a task
+  waiting or running for a second (``LEND_GRACE``);
+- when home work comes, the peer's tasks still waiting are sent back to it at once (Dask's
+  ``Reschedule``: the peer's scheduler places them again) and its worker is paused once none of
+  its tasks runs; its running tasks may finish within ``lend_bound`` seconds, after which they
+  are moved (ended here, run again elsewhere by the peer). So home work waits at most
+  ``lend_bound`` for a core;
+- when the home portal no longer offers a peer (the peering was removed, or its peer token
+  revoked), the peer's worker leaves at once (running tasks get ``lend_bound`` to finish).
+
+A peer that cannot be enrolled with (unreachable, refused) is said once and tried again later;
+nothing of the home portals stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grid_portal.errors import GridError
+from grid_portal.node.shares import LEND_GRACE
+
+if TYPE_CHECKING:
+    from grid_portal.node.agent import Volunteer
+    from grid_portal.node.portal_link import PortalLink
+
+logger = logging.getLogger("grid_portal.volunteer")
+
+RETRY_AFTER = 30.0  # seconds before enrolling again with a peer that failed
+OFFERS_TIMEOUT = 10.0
+HOME_WORK = "its home portal has work"
+
+
+class Lending:
+    """The agent's peer portals: which to serve, when, and what each received."""
+
+    def __init__(self, agent: Volunteer) -> None:
+        self.agent = agent
+        self.home_since: float | None = None  # when the home portals' work came
+        self._reported: dict[str, dict[str, float]] = {}  # lent link key -> counts sent
+        self._pending: dict[str, dict[str, dict[str, float]]] = {}  # home -> peer -> unsent
+        self._failed: dict[str, float] = {}  # peer URL -> when to try again
+        self._said: set[str] = set()
+        self._rpcs: dict[str, Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._following = False
+
+    # -- which peers ----------------------------------------------------------------------
+    async def run(self) -> None:
+        interval = max(0.2, float(self.agent.options.telemetry_interval))
+        try:
+            while True:
+                for home in self.homes():
+                    if home.joined.is_set():
+                        await self._poll(home)
+                for link in self.lent():  # a home portal detached: its peers go too
+                    if self.agent.links.get(link.lent_by or "") is None:
+                        self.withdraw(link, "its home portal is no longer served")
+                await asyncio.sleep(interval)
+        finally:
+            for r in self._rpcs.values():
+                with contextlib.suppress(Exception):
+                    await r.close_rpc()
+
+    def homes(self) -> list[PortalLink]:
+        return [link for link in self.agent.links.values() if link.lent_by is None]
+
+    def lent(self, home: str | None = None) -> list[PortalLink]:
+        return [
+            link
+            for link in self.agent.links.values()
+            if link.lent_by is not None and (home is None or link.lent_by == home)
+        ]
+
+    async def _poll(self, home: PortalLink) -> None:
+        for link in self.lent(home.key):
+            self._collect(link)
+        unsent = self._pending.get(home.key, {})
+        try:
+            reply = await asyncio.wait_for(
+                self._rpc(home).grid_peer_offers(lent=unsent), OFFERS_TIMEOUT
+            )
+        except Exception as exc:  # noqa: BLE001 - the home portal answers next heartbeat
+            self._say_once(f"offers:{home.key}", f"{home.label}: cannot ask for peers ({exc})")
+            return
+        self._pending.pop(home.key, None)
+        offers = {
+            str(o.get("name")): o
+            for o in (reply or {}).get("peers", [])
+            if isinstance(o, dict) and o.get("url") and o.get("token")
+        }
+        for link in self.lent(home.key):
+            if link.peer not in offers:
+                self.withdraw(link, f"{home.label} no longer lends to it")
+        served = {link.peer for link in self.lent(home.key)}
+        for name, offer in offers.items():
+            if name not in served:
+                await self._attach(home, name, offer)
+
+    def _rpc(self, home: PortalLink) -> Any:
+        from distributed.core import rpc
+
+        r = self._rpcs.get(home.key)
+        if r is None or r.address != home.creds.scheduler:
+            args = home.creds.security().get_connection_args("client")
+            r = self._rpcs[home.key] = rpc(home.creds.scheduler, connection_args=args)
+        return r
+
+    async def _attach(self, home: PortalLink, name: str, offer: dict[str, Any]) -> None:
+        from grid_portal.node.agent import default_state_dir, enrol
+        from grid_portal.node.portals import portal_label
+
+        url, token = str(offer["url"]), str(offer["token"])
+        if time.monotonic() < self._failed.get(url, 0.0):
+            return
+        try:
+            label = portal_label(url)
+        except GridError:
+            return
+        if label in self.agent.links:
+            self._say_once(f"served:{label}", f"{label}: already served; not lent to it again")
+            return
+        # One enrolment per lend token: a new peering (a new token) enrols afresh.
+        state_dir = self.agent.state_dir or default_state_dir()
+        where = Path(state_dir) / "lent" / hashlib.sha256(token.encode()).hexdigest()[:16]
+        try:
+            creds = await asyncio.to_thread(
+                enrol, url, token, self.agent.name, where, name_given=False
+            )
+            link = self.agent.add_link(creds, 1.0, url, label, lent_by=home.key, peer=name)
+        except (GridError, OSError, ValueError) as exc:
+            self._failed[url] = time.monotonic() + RETRY_AFTER
+            logger.warning("peer %s (%s), lent by %s: %s", name, url, home.label, exc)
+            return
+        self._failed.pop(url, None)
+        logger.info(
+            "lending to peer %s (%s) as %s, for %s, while %s has no work here",
+            name,
+            label,
+            creds.name,
+            home.label,
+            home.label,
+        )
+        self._reported[link.key] = {"tasks": 0, "core_seconds": 0.0}
+
+    def withdraw(self, link: PortalLink, why: str) -> None:
+        """Stop serving a lent-to peer: its worker leaves now; running tasks get the bound."""
+        self._collect(link)
+        logger.info("leaving peer %s (%s): %s", link.peer, link.label, why)
+        with contextlib.suppress(GridError):
+            self.agent.detach(link.key)
+        bound = self.agent.options.lend_bound
+        asyncio.get_running_loop().call_later(bound, link.request_stop, why)  # then: force
+
+    # -- what each received ---------------------------------------------------------------
+    def _collect(self, link: PortalLink) -> None:
+        """Move what ``link`` received since the last report into its home's unsent counts."""
+        now = self.agent.arbiter.received(link.key)
+        before = self._reported.get(link.key, {"tasks": 0, "core_seconds": 0.0})
+        delta = {k: max(0.0, float(now[k]) - float(before[k])) for k in ("tasks", "core_seconds")}
+        self._reported[link.key] = {k: float(now[k]) for k in ("tasks", "core_seconds")}
+        if not (delta["tasks"] or delta["core_seconds"]) or link.lent_by is None:
+            return
+        peer = self._pending.setdefault(link.lent_by, {}).setdefault(
+            str(link.peer), {"tasks": 0, "core_seconds": 0.0}
+        )
+        for key, value in delta.items():
+            peer[key] += value
+
+    # -- home work first ------------------------------------------------------------------
+    def desired(self, link: PortalLink) -> tuple[str | None, str | None, bool]:
+        """A lent-to peer's worker: run while the home portals have no work (for a grace
+        second); paused once none of its tasks runs; its running tasks moved after
+        ``lend_bound``."""
+        if self.agent.arbiter.lend_open():
+            return None, None, False
+        since = self.home_since if self.home_since is not None else time.monotonic()
+        running = self.agent.arbiter.received(link.key)["running"]
+        if not running:
+            return "paused", HOME_WORK, False
+        if time.monotonic() - since >= self.agent.options.lend_bound:
+            return "paused", HOME_WORK, True
+        return None, None, False
+
+    def slots_changed(self) -> None:
+        """After each slot event: home work came or went, or a lent task ended."""
+        if not self.lent():
+            return
+        home = self.agent.arbiter.home_active()
+        if home and self.home_since is None:
+            self.home_since = time.monotonic()
+            loop = asyncio.get_running_loop()
+            bound = self.agent.options.lend_bound
+            self._timer = loop.call_later(bound + 0.05, self._follow_soon)
+        elif not home and self.home_since is not None:
+            self.home_since = None
+            if self._timer is not None:
+                self._timer.cancel()
+            # Once the grace is over, the peers get the free slots again.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(LEND_GRACE + 0.05, self._reopen)
+        self._follow_soon()
+
+    def _reopen(self) -> None:
+        self.agent.grant_all(self.agent.arbiter.tick())
+        self._follow_soon()
+
+    def _follow_soon(self) -> None:
+        if not self._following:
+            self._following = True
+            asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        """Tell each lent worker what it should do now; send back what waits while paused."""
+        try:
+            for link in self.lent():
+                await link.push_quietly()
+                if self.desired(link)[0] == "paused":
+                    for ticket in self.agent.arbiter.bounce(link.key):
+                        link.grant(ticket, move=True)
+        finally:
+            self._following = False
+
+    def _say_once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            logger.warning("%s", text)
+
+
+__all__ = ["HOME_WORK", "Lending"]

@@ -1,0 +1,296 @@
+"""Portal peering (flocking): portal B lends its idle volunteers to portal A.
+
+Real processes, shared by the tests of this module (two portals and one volunteer of B that
+lends to peers): A links to B with B's peer token; B's volunteer then also serves A, as node
+``lender@b`` labelled ``site=b``, while B has nothing for it; B's own work takes it back within
+the bound; both ledgers count the work exchanged alike; removing the peering or revoking B's
+peer token ends the lent worker within a heartbeat; the CLI's bad inputs get one message each
+while both grids go on. The tests run in the order written (each leaves the peering linked).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Portal, Volunteer, grid_portal_command, start_portal, start_volunteer, wait_for
+
+BOUND = 2.0  # --lend-bound: how long A's running tasks may keep B's cores once B's work came
+HEARTBEAT = 2.0  # the volunteer's telemetry interval (grid-portal.volunteer.telemetry-interval)
+
+
+@dataclass
+class World:
+    a: Portal
+    b: Portal
+    lender: Volunteer
+    tmp: Path
+
+    def peers(self, portal: Portal, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            grid_portal_command("peers", *args, "--data-dir", str(portal.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+
+    def link(self) -> None:
+        out = self.peers(self.a, "add", self.b.http, "--token", peer_token(self.b), "--as", "b")
+        assert out.returncode == 0, out.stderr
+        assert "linked: b" in out.stdout
+
+    def exchange(self, portal: Portal) -> dict[str, Any]:
+        out = self.peers(portal, "list", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def lent_status(self) -> dict[str, Any]:
+        out = subprocess.run(
+            grid_portal_command("volunteer", "status", "--name", "lender", "--json"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        return {("a" if p.get("lent_by") else "b"): p for p in status["portals"]}
+
+
+def peer_token(portal: Portal, *extra: str) -> str:
+    return portal.token("--for", "peer", *extra)
+
+
+def lent_nodes(portal: Portal) -> list[Any]:
+    with portal.grid() as grid:
+        return [n for n in grid.nodes() if n.online and n.name.endswith("@b")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("peering")
+    a = start_portal(tmp / "a")
+    b = start_portal(tmp / "b")
+    try:
+        options = ["--lend-to-peers", "--lend-bound", f"{BOUND}s", "--cpus", "2"]
+        lender = start_volunteer(b, tmp, "lender", *options, "--oversubscribe")
+        yield World(a, b, lender, tmp)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_b_lends_its_idle_volunteer_to_a_labelled_site_b(world: World) -> None:
+    world.link()
+    nodes = wait_for(lambda: lent_nodes(world.a), timeout=60, what="B's volunteer to join A")
+    assert [n.name for n in nodes] == ["lender@b"]
+    assert nodes[0].labels.get("site") == "b"
+    from gridtasks import burn
+
+    with world.a.grid() as grid:
+        # A's researchers select it with `where`, on the site.
+        assert grid.submit(burn, 0.01, where='site == "b"').result(timeout=60) == "lender@b"
+        futures = grid.map(burn, [0.1] * 30, batch=1, where='site == "b"')
+        assert set(grid.client.gather(futures)) == {"lender@b"}
+
+    # Both ledgers: A counted the work from its scheduler, B from its volunteer's reports.
+    def both_counted() -> tuple[float, float] | None:
+        got = world.exchange(world.a)["received_core_seconds"]
+        gave = world.exchange(world.b)["lent_core_seconds"]
+        return (got, gave) if got >= 2.5 and gave >= 2.5 else None
+
+    got, gave = wait_for(both_counted, timeout=30, what="both ledgers to count the work")
+    assert abs(got - gave) <= 0.2 * max(got, gave), f"A received {got} s, B lent {gave} s"
+    a_row, b_row = world.exchange(world.a), world.exchange(world.b)
+    assert a_row["direction"] == "lends" and b_row["direction"] == "borrows"
+    # B's view, asked over the peer link with A's peer certificate, agrees with B's ledger.
+    out = world.peers(world.a, "list", "--json", "--ask")
+    asked = json.loads(out.stdout)[0]["their_count"]
+    assert asked["lent"]["core_seconds"] >= gave, asked
+    # Both status pages show the peer and the core-hours each way.
+    for portal, words in ((world.a, "lends us"), (world.b, "borrows our")):
+        page = _status_page(portal)
+        assert "Peer portals" in page and words in page, page[-2000:]
+
+
+def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
+    from gridtasks import burn
+
+    with world.a.grid() as grid_a, world.b.grid() as grid_b:
+        long = grid_a.map(burn, [30.0] * 2, batch=1, where='site == "b"')
+        wait_for(
+            lambda: world.lent_status()["a"]["running"] == 2,
+            timeout=60,
+            what="A's tasks to hold both lent cores",
+        )
+        started = time.monotonic()
+        mine = grid_b.map(burn, [0.2] * 4, batch=1)
+        assert len(grid_b.client.gather(mine)) == 4
+        took = time.monotonic() - started
+        # B waited at most the bound (A's tasks were moved), plus the pause's round trips.
+        assert took < BOUND + 6.0, f"B's own work took {took:.1f} s on its own volunteer"
+        # A's two tasks were moved back to A (to come back here now that B is idle again).
+        status = world.lent_status()
+        assert status["a"]["moved_tasks"] == 2, status["a"]
+        grid_a.client.cancel(long)
+    # Idle again: the lent worker runs A's work again.
+    with world.a.grid() as grid_a:
+        assert grid_a.submit(burn, 0.01, where='site == "b"').result(timeout=60) == "lender@b"
+
+
+def test_bad_input_one_message_each_and_both_grids_go_on(world: World) -> None:
+    def refused(out: subprocess.CompletedProcess[str], words: str) -> None:
+        assert out.returncode == 2, out
+        assert words in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+    # The same peer twice.
+    out = world.peers(world.a, "add", world.b.http, "--token", peer_token(world.b), "--as", "b2")
+    refused(out, "already borrows from")
+    # An unreachable peer.
+    gone = start_portal(world.tmp / "gone")
+    token, address = peer_token(gone), gone.http
+    gone.stop()
+    refused(world.peers(world.a, "add", address, "--token", token), "cannot reach the peer portal")
+    # A peer whose CA changed: the token was made for another CA than the one at the address.
+    out = world.peers(world.a, "add", world.a.http, "--token", peer_token(world.b), "--as", "c")
+    refused(out, "has another CA than the one this peer token was made for")
+    # An expired and a revoked peer token (a third portal, so that no duplicate is involved).
+    c = start_portal(world.tmp / "c")
+    try:
+        expired = peer_token(c, "--ttl", "1s")
+        wait_for(lambda: _token_state(c, "expired"), timeout=10, what="the token to expire")
+        out = world.peers(world.a, "add", c.http, "--token", expired, "--as", "c")
+        refused(out, "expired")
+        revoked = peer_token(c, "--note", "to revoke")
+        _revoke_peer_tokens(c)
+        refused(world.peers(world.a, "add", c.http, "--token", revoked, "--as", "c"), "revoked")
+        # A volunteer's token is not a peer token.
+        out = world.peers(world.a, "add", c.http, "--token", c.token(), "--as", "c")
+        refused(out, "not for a peer portal")
+    finally:
+        c.stop()
+    refused(world.peers(world.a, "remove", "nobody"), "no peer named 'nobody'")
+    # A peer token does not enrol a volunteer.
+    body = json.dumps({"token": peer_token(world.b), "csr": _csr(), "name": "x"}).encode()
+    status, reply = world.b.enrol(body)
+    assert status == 403 and "peer token" in reply["error"], reply
+    # Nothing stopped: the peering and both grids still work.
+    assert [n.name for n in lent_nodes(world.a)] == ["lender@b"]
+    from gridtasks import burn
+
+    with world.b.grid() as grid_b:
+        assert grid_b.submit(burn, 0.01).result(timeout=60) == "lender"
+
+
+def test_a_peer_certificate_may_only_ask_what_was_lent(world: World) -> None:
+    """The peer role over a real TLS connection: its one handler, everything else refused."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    from grid_portal.tls import tls_security
+
+    peer_dir = world.a.data_dir / "peers" / "b"
+    security = tls_security(peer_dir / "ca.pem", peer_dir / "cert.pem", peer_dir / "key.pem")
+
+    async def call(op: str) -> Any:
+        async with rpc(
+            world.b.scheduler, connection_args=security.get_connection_args("client")
+        ) as r:
+            return await getattr(r, op)()
+
+    assert "lent" in asyncio.run(call("grid_peer_exchange"))
+    for op in ("grid_nodes", "grid_peer_offers", "grid_jobs", "ncores"):
+        with pytest.raises(Exception, match="not open to a peer certificate"):
+            asyncio.run(call(op))
+
+
+def test_removing_the_peer_or_revoking_its_token_ends_lent_workers(world: World) -> None:
+    # `peers remove` at A: A cuts the lent node off, and tells B, which stops offering A.
+    out = world.peers(world.a, "remove", "b")
+    assert out.returncode == 0, out.stderr
+    assert "1 lent node(s) cut off" in out.stdout and "not told" not in out.stdout, out.stdout
+    wait_for(lambda: not lent_nodes(world.a), timeout=HEARTBEAT + 1, what="lender@b to leave A")
+    wait_for(lambda: "a" not in world.lent_status(), timeout=HEARTBEAT + 3, what="B to stop")
+    assert world.peers(world.b, "list", "--json").stdout.strip() == "[]"
+    # Linked again: the volunteer enrols afresh (its old certificate there is revoked).
+    world.link()
+    nodes = wait_for(lambda: lent_nodes(world.a), timeout=60, what="B's volunteer to rejoin A")
+    assert nodes[0].labels.get("site") == "b"
+    # B revokes the peer token it gave A: its volunteer leaves A within a heartbeat.
+    _revoke_peer_tokens(world.b)
+    wait_for(lambda: not lent_nodes(world.a), timeout=HEARTBEAT + 3, what="lender to leave A")
+    assert world.exchange(world.b)["state"] == "revoked"
+    assert world.lender.process.poll() is None
+    assert "Traceback" not in world.lender.output()
+
+
+def test_the_arbiter_lends_only_while_home_has_had_nothing_for_the_grace() -> None:
+    """The agent's arbiter (no processes): a lent-to peer's tasks get slots only while the
+    home portal has had no task for LEND_GRACE seconds; its waiting tasks can be sent back."""
+    from grid_portal.node.shares import LEND_GRACE, SlotArbiter
+
+    now = [100.0]
+    arbiter = SlotArbiter(2, clock=lambda: now[0])
+    arbiter.add("home", 1)
+    arbiter.add("peer", 1, lend=True)
+    assert arbiter.want("peer", 1) == [("peer", 1)]  # home idle from the start: lent
+    assert arbiter.want("home", 1) == [("home", 1)]  # a free slot: home at once
+    assert arbiter.want("peer", 2) == []  # home has work: the peer waits
+    assert arbiter.done("home", 1, 0.5) == []  # home just ended: still the grace
+    assert arbiter.want("peer", 3) == []
+    now[0] += LEND_GRACE
+    assert arbiter.tick() == [("peer", 2)]  # the grace is over: one free slot, the oldest
+    assert arbiter.bounce("peer") == [3]  # what still waits can go back to the peer
+    assert arbiter.received("peer")["waiting"] == 0
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _status_page(portal: Portal) -> str:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(portal.data_dir / "ca" / "ca.pem"))
+    context.check_hostname = False
+    with urllib.request.urlopen(f"{portal.http}/status", context=context, timeout=30) as r:
+        return r.read().decode()
+
+
+def _tokens(portal: Portal) -> Any:
+    from grid_portal.portal.ledger import LEDGER_FILE
+    from grid_portal.portal.tokens import TokenStore
+
+    return TokenStore(portal.data_dir / LEDGER_FILE)
+
+
+def _token_state(portal: Portal, state: str) -> bool:
+    return any(t.state() == state for t in _tokens(portal).list() if t.role == "peer")
+
+
+def _revoke_peer_tokens(portal: Portal) -> None:
+    """``grid-portal token revoke ID`` for every peer token of ``portal`` not yet revoked."""
+    for record in _tokens(portal).list():
+        if record.role == "peer":
+            out = subprocess.run(
+                grid_portal_command(
+                    "token", "revoke", record.id, "--data-dir", str(portal.data_dir)
+                ),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+
+
+def _csr() -> str:
+    from grid_portal.keys import make_key_and_csr
+
+    return make_key_and_csr("x")[1]
