@@ -1194,7 +1194,9 @@ class Grid:
         -------
         dict or None
             ``{"job", "stages", "tasks", "items"}`` as plain data; None when the portal
-            knows no such job of the caller's.
+            knows no such job of the caller's. ``items`` is a pipeline's items (stages that
+            map over another stage's items, ``map: {each: ...}``): for each, the stage it is
+            in now, the node it runs on and its path through the stages.
         """
         return self._call("grid_job_tasks", job_id=job_id)
 

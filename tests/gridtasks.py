@@ -117,6 +117,28 @@ def pipe_next(seconds: float = 0.0, fail_item: int = -1, **inputs: dict) -> dict
     return {**previous, "path": [*previous["path"], get_worker().name]}
 
 
+def two_stage_pipeline(name: str, items: int, seconds: float) -> dict:
+    """A workflow spec: ``decode`` (pipe_first) over ``items``, then ``encode`` (pipe_next)
+    of each item, each task taking ``seconds``."""
+    return {
+        "name": name,
+        "stages": [
+            {
+                "name": "decode",
+                "run": "gridtasks:pipe_first",
+                "map": {"range": {"stop": items}, "as": "item"},
+                "params": {"seconds": seconds},
+            },
+            {
+                "name": "encode",
+                "run": "gridtasks:pipe_next",
+                "map": {"each": "decode"},
+                "params": {"seconds": seconds},
+            },
+        ],
+    }
+
+
 def pipe_count(**inputs: list) -> int:
     (items,) = inputs.values()
     return len(items)

@@ -26,7 +26,7 @@ from conftest import (
     start_volunteer,
     wait_for,
 )
-from gridtasks import where_and_what
+from gridtasks import two_stage_pipeline, where_and_what
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -376,6 +376,44 @@ def test_a_workflows_logs_as_the_cli_shows_them(api: Api, grid: Portal) -> None:
     assert status == 400 and "whole number" in body["message"]
 
     not_yours_is_unknown(api, grid, "logs")
+
+
+def test_a_running_pipelines_items_say_their_stage_and_node(api: Api) -> None:
+    """GET jobs/{id}/tasks of a pipeline: per item, the stage it is in and where it runs,
+    while it runs and once done (the sidebar's job view draws this)."""
+    spec = two_stage_pipeline("pipe", items=3, seconds=0.6)
+    status, job = api("jobs", method="POST", body=spec)
+    assert status == 201, job
+
+    def items_under_way() -> Any:
+        status, body = api("jobs", job["id"], "tasks")
+        conforms("/jobs/{job_id}/tasks", "GET", status, body)
+        assert status == 200 and body["job"]["state"] in ("queued", "running"), body
+        running = [i for i in body["items"] if i["state"] == "running"]
+        return body if running and len(body["items"]) == 3 else None
+
+    body = wait_for(items_under_way, timeout=30, interval=0.05, what="an item running")
+    for entry in body["items"]:
+        assert [step["stage"] for step in entry["path"]] == ["decode", "encode"], entry
+        if entry["state"] == "running":  # given to alpha, the one node
+            assert entry["node"] == "alpha" and entry["stage"] in ("decode", "encode"), entry
+        elif entry["state"] == "queued":  # waiting for a node
+            assert entry["node"] is None, entry
+    assert body["items"][0]["state"] != "done"  # items under way come first
+
+    def finished() -> Any:
+        status, body = api("jobs", job["id"], "tasks")
+        return body if status == 200 and body["job"]["state"] == "done" else None
+
+    body = wait_for(finished, timeout=60, what="the pipeline to finish")
+    conforms("/jobs/{job_id}/tasks", "GET", 200, body)
+    assert body["items_truncated"] is False
+    assert [(i["item"], i["stage"], i["state"], i["node"]) for i in body["items"]] == [
+        (n, "encode", "done", "alpha") for n in range(3)
+    ]
+    for entry in body["items"]:
+        path = [(step["stage"], step["node"], step["moved"]) for step in entry["path"]]
+        assert path == [("decode", "alpha", 0), ("encode", "alpha", 0)], entry
 
 
 def not_yours_is_unknown(api: Api, grid: Portal, what: str) -> None:

@@ -28,7 +28,7 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
     why_no_browser_tests,
 )
 from conftest import Portal, researcher_connection, start_portal, start_volunteer
-from gridtasks import where_and_what
+from gridtasks import two_stage_pipeline, where_and_what
 
 _WHY_NOT = why_no_browser_tests()
 if _WHY_NOT:
@@ -124,6 +124,43 @@ def test_the_sidebar_shows_a_running_jobs_task_stream(
         page.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-task-stream-done.png"))
         detail.locator(".gp-job-back").click()
         expect(page.locator(".gp-job-list")).to_be_visible()
+    errors = console.ours()
+    assert not errors, "browser console errors from the Grid extension:\n" + "\n".join(errors)
+
+
+def test_the_sidebar_shows_which_stage_each_pipeline_item_is_in_and_where(
+    browser: Any, rita: str, rita_lab: Lab
+) -> None:
+    from playwright.sync_api import expect
+
+    from grid_portal import Grid
+
+    console = ConsoleLog()
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    console.attach(page)
+    # A fresh layout: the workspace saved with the sidebar open would make the click close it.
+    page.goto(f"{rita_lab.url}&reset")
+    page.locator('li[data-id="grid-portal:sidebar"]').click(timeout=90_000)
+    expect(page.locator(SIDEBAR)).to_be_visible()
+    expect(page.locator(".gp-conn")).to_have_text("live")
+    with Grid(rita, start_embedded=False) as g:
+        job = g.run_workflow(two_stage_pipeline("pipeline demo", items=4, seconds=1.5))
+        page.locator(f'.gp-job-row[data-job="{job.id}"] .gp-job-name').click()
+        detail = page.locator(f'.gp-job-detail[data-job="{job.id}"]')
+        items = detail.locator(".gp-item-row")
+        # While it runs: an item in a stage on alpha, the others waiting or done.
+        running = detail.locator('.gp-item-row[data-state="running"][data-node="alpha"]')
+        expect(running.first).to_be_visible()
+        expect(running.first.locator(".gp-item-where")).to_contain_text(
+            re.compile(r"^(decode|encode) on alpha$")
+        )
+        expect(items).to_have_count(4)
+        page.locator(SIDEBAR).screenshot(path=str(ARTIFACTS / "sidebar-pipeline-items.png"))
+        # Done: every item through its last stage, on alpha.
+        expect(detail).to_have_attribute("data-state", "done", timeout=60_000)
+        done = detail.locator('.gp-item-row[data-stage="encode"][data-state="done"]')
+        expect(done).to_have_count(4)
+        expect(items.first).to_have_attribute("title", "decode@alpha → encode@alpha")
     errors = console.ours()
     assert not errors, "browser console errors from the Grid extension:\n" + "\n".join(errors)
 

@@ -11,6 +11,7 @@ from typing import Any
 _STR = {"type": "string"}
 _STR_OR_NULL = {"type": ["string", "null"]}
 _NUM_OR_NULL = {"type": ["number", "null"]}
+_TASK_STATES = ["queued", "running", "done", "failed", "cancelled"]
 
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -60,6 +61,11 @@ SCHEMAS: dict[str, Any] = {
                 "announced fingerprint. Only verified portals may be joined.",
             },
             "problem": _STR_OR_NULL,
+            "message": {
+                **_STR_OR_NULL,
+                "description": "For a portal that is not verified: the problem and how to "
+                "type the portal's address instead. Null for a verified one.",
+            },
         },
         ["id", "name", "addresses", "port", "url", "verified"],
     ),
@@ -71,7 +77,12 @@ SCHEMAS: dict[str, Any] = {
                 "browsed then.",
             },
             "portals": {"type": "array", "items": _ref("DiscoveredPortal")},
-            "message": _STR_OR_NULL,
+            "message": {
+                **_STR_OR_NULL,
+                "description": "Why no portal was found (nothing announced, no LAN to look "
+                "on, multicast DNS unusable here) and how to type the portal's address "
+                "instead.",
+            },
             "searched_at": {"type": "number"},
         },
         ["configured", "portals"],
@@ -123,10 +134,7 @@ SCHEMAS: dict[str, Any] = {
                         "stage": _STR,
                         "item": {"type": ["integer", "null"]},
                         "node": _STR_OR_NULL,
-                        "state": {
-                            "type": "string",
-                            "enum": ["queued", "running", "done", "failed", "cancelled"],
-                        },
+                        "state": {"type": "string", "enum": _TASK_STATES},
                         "started": _NUM_OR_NULL,
                         "finished": _NUM_OR_NULL,
                         "attempts": {"type": "integer"},
@@ -135,8 +143,47 @@ SCHEMAS: dict[str, Any] = {
                 ),
             },
             "truncated": {"type": "boolean", "description": "Only the latest tasks are listed."},
+            "items": {
+                "type": "array",
+                "description": "A pipeline's items (stages that map over another stage's "
+                "items): the stage each is in now, the node it runs on (or ran on, once "
+                "done), and its path through the stages. Items still under way first; "
+                "empty for a job with no such stages.",
+                "items": _ref("PipelineItem"),
+            },
+            "items_truncated": {
+                "type": "boolean",
+                "description": "Only the first 500 items are listed.",
+            },
         },
         ["job", "now", "stages", "tasks", "truncated"],
+    ),
+    "PipelineItem": _object(
+        {
+            "item": {"type": "integer", "description": "The map item's index."},
+            "stage": {**_STR, "description": "Its first stage not done, else its last."},
+            "state": {"type": "string", "enum": _TASK_STATES},
+            "node": {**_STR_OR_NULL, "description": "Where that stage runs (null: queued)."},
+            "path": {
+                "type": "array",
+                "description": "Its tasks, stage by stage, in the order they ran.",
+                "items": _object(
+                    {
+                        "stage": _STR,
+                        "state": {"type": "string", "enum": _TASK_STATES},
+                        "node": _STR_OR_NULL,
+                        "started": _NUM_OR_NULL,
+                        "finished": _NUM_OR_NULL,
+                        "moved": {
+                            "type": ["integer", "null"],
+                            "description": "Bytes of its inputs made on other nodes.",
+                        },
+                    },
+                    ["stage", "state", "node"],
+                ),
+            },
+        },
+        ["item", "stage", "state", "node", "path"],
     ),
     "JoinRequests": _object(
         {"requests": {"type": "array", "items": _ref("JoinRequest")}}, ["requests"]

@@ -1,7 +1,9 @@
 """``GET jobs/{id}/tasks``: one of your jobs as a live task stream, for the sidebar.
 
 What Dask's dashboard shows as its task stream and progress bars, limited to the caller's own
-job: each task's node, stage, state and when it ran, and per-stage counts. It comes from the
+job: each task's node, stage, state and when it ran, and per-stage counts; for a pipeline
+(stages that map over another stage's items), each item's current stage, its node and its
+path through the stages. It comes from the
 portal's task records (``Grid.job_tasks``, handler ``grid_job_tasks``), which the portal only
 answers for the caller's own jobs (staff: any), and this handler narrows staff to their own
 jobs too, as ``GET jobs/{id}`` does: someone else's job is 404, as if unknown.
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from grid_portal.client import Grid
 
 MAX_TASKS = 2000  # the most recent ones: a sidebar lane cannot show more
+MAX_ITEMS = 500  # a pipeline's items: those still under way first
 TASK_FIELDS = ("key", "stage", "item", "node", "state", "started", "finished", "attempts")
 
 
@@ -29,12 +32,18 @@ def stream_view(data: dict[str, Any], now: float) -> dict[str, Any]:
     tasks = data.get("tasks") or []
     # Running and queued tasks first, then the latest finished: the bars people look at.
     tasks = sorted(tasks, key=lambda t: t.get("finished") or now, reverse=True)[:MAX_TASKS]
+    # A pipeline's items (an older portal sends none): where each is now, items still
+    # under way first, then the rest in order.
+    items = data.get("items") or []
+    shown = sorted(items, key=lambda i: (i.get("state") == "done", i.get("item")))[:MAX_ITEMS]
     return {
         "job": data["job"],
         "now": now,
         "stages": data.get("stages") or [],
         "tasks": [{k: t.get(k) for k in TASK_FIELDS} for t in tasks],
         "truncated": len(data.get("tasks") or []) > MAX_TASKS,
+        "items": shown,
+        "items_truncated": len(items) > MAX_ITEMS,
     }
 
 

@@ -25,18 +25,41 @@ export interface IStageSummary {
   nodes: string[];
 }
 
+/** One step of a pipeline item's path: its task in one stage. */
+export interface IItemStep {
+  stage: string;
+  state: string;
+  node: string | null;
+  started?: number | null;
+  finished?: number | null;
+  moved?: number | null;
+}
+
+/** A pipeline's item: the stage it is in now, where, and its path through the stages. */
+export interface IPipelineItem {
+  item: number;
+  stage: string;
+  state: string;
+  node: string | null;
+  path: IItemStep[];
+}
+
 export interface IJobTaskStream {
   job: IJob;
   now: number;
   stages: IStageSummary[];
   tasks: ITaskRecord[];
   truncated: boolean;
+  /** Absent from an older server extension. */
+  items?: IPipelineItem[];
+  items_truncated?: boolean;
 }
 
 const POLL_MS = 1000;
 const LANE_HEIGHT = 18;
 const LABEL_WIDTH = 70;
 const WIDTH = 300; // the SVG's own units; it scales to the sidebar's width
+const ITEM_ROWS = 100; // a sidebar list longer than this is not read; the REST answer has more
 
 const isActive = (job: IJob) => job.state === 'queued' || job.state === 'running';
 
@@ -59,9 +82,11 @@ export class JobDetail {
       h('div', { class: 'gp-subtitle gp-small' }, 'Task stream'),
       this._stream,
       this._legend,
-      this._axis
+      this._axis,
+      this._items
     );
     this._error.hidden = true;
+    this._items.hidden = true;
   }
 
   get jobId(): string | null {
@@ -74,6 +99,8 @@ export class JobDetail {
     this.node.dataset.job = jobId;
     setText(this._title, jobId);
     replaceChildren(this._stages);
+    replaceChildren(this._items);
+    this._items.hidden = true;
     replaceChildren(this._stream, h('div', { class: 'gp-empty' }, 'Loading…'));
     replaceChildren(this._legend);
     this.resume();
@@ -138,6 +165,27 @@ export class JobDetail {
       data.now
     );
     this._renderStream(layout, data);
+    this._renderItems(data);
+  }
+
+  /** A pipeline's items: which stage each is in and on which node (none for other jobs). */
+  private _renderItems(data: IJobTaskStream): void {
+    const items = data.items ?? [];
+    this._items.hidden = !items.length;
+    if (!items.length) {
+      replaceChildren(this._items);
+      return;
+    }
+    const rows = items.slice(0, ITEM_ROWS).map(itemRow);
+    const more = items.length - rows.length;
+    replaceChildren(
+      this._items,
+      h('div', { class: 'gp-subtitle gp-small' }, 'Items: the stage each is in, and where'),
+      ...rows,
+      more > 0 || data.items_truncated
+        ? h('div', { class: 'gp-items-more gp-small' }, `More items: grid-portal job ${data.job.id} lists them all.`)
+        : null
+    );
   }
 
   private _renderStream(layout: IStreamLayout, data: IJobTaskStream): void {
@@ -212,6 +260,28 @@ export class JobDetail {
   private _stream = h('div', { class: 'gp-taskstream-box' });
   private _legend = h('div', { class: 'gp-ts-legend' });
   private _axis = h('div', { class: 'gp-ts-axis' });
+  private _items = h('div', { class: 'gp-items' });
+}
+
+function itemRow(item: IPipelineItem): HTMLElement {
+  const where = item.node ? `on ${item.node}` : 'waiting for a node';
+  const path = item.path
+    .map(step => `${step.stage}@${step.node ?? '-'}${step.state === 'done' ? '' : ` (${step.state})`}`)
+    .join(' → ');
+  return h(
+    'div',
+    {
+      class: 'gp-item-row gp-row-line',
+      'data-item': item.item,
+      'data-stage': item.stage,
+      'data-state': item.state,
+      'data-node': item.node ?? '',
+      title: path
+    },
+    h('span', { class: 'gp-item-index' }, `#${item.item}`),
+    h('span', { class: 'gp-item-where' }, `${item.stage} ${where}`),
+    h('span', { class: 'gp-item-state' }, item.state)
+  );
 }
 
 function stageRow(s: IStageSummary): HTMLElement {
