@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,9 +228,10 @@ def test_openapi_lists_every_route() -> None:
     assert served <= documented, f"not in the OpenAPI document: {sorted(served - documented)}"
 
 
-def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -> None:
-    """What the sidebar shows after a denial comes from the server's join, as here: refused,
-    with the way in by typing the URL (and nothing enrolled)."""
+def join_from_jupyter(portal: Portal, name: str, answer: Callable[[str], None]) -> Any:
+    """The Jupyter server's join request (what the sidebar shows comes from it), sent to
+    ``portal`` as ``name``; ``answer(request_id)`` is the admin's part. The JoinStatus once
+    the request is no longer pending (or after 60 s)."""
     import asyncio
     import concurrent.futures
     import time
@@ -238,7 +239,7 @@ def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -
 
     from grid_portal.discovery import DiscoveredPortal
     from grid_portal.enrolment import fingerprint
-    from grid_portal.jupyter.joins import PENDING, REFUSED, LanJoins
+    from grid_portal.jupyter.joins import PENDING, LanJoins
     from grid_portal.jupyter.service import GridPortal
 
     ca = (portal.data_dir / "ca" / "ca.pem").read_text()
@@ -251,28 +252,56 @@ def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -
         ca_fingerprint=fingerprint(ca),
     )
 
-    def deny(request_id: str) -> None:
-        with portal.grid() as grid:
-            grid.decide_join_request(request_id, approve=False)
-
     async def scenario() -> Any:
         joins = LanJoins(GridPortal())
-        status = await joins.start(found, "dora")
+        status = await joins.start(found, name)
         assert status.state == PENDING and status.code, status
-        await asyncio.to_thread(deny, str(status.request))
-        deadline = time.monotonic() + 30
+        await asyncio.to_thread(answer, str(status.request))
+        deadline = time.monotonic() + 60
         while status.state == PENDING and time.monotonic() < deadline:
             await asyncio.sleep(0.2)  # the server's poll of the portal answers within 0.5 s
         return status
 
     # A loop of its own, on a thread of its own: Playwright's sync API holds this thread's.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        status = pool.submit(asyncio.run, scenario()).result(timeout=90)
+        return pool.submit(asyncio.run, scenario()).result(timeout=120)
+
+
+def test_a_denied_join_request_says_so_and_how_to_type_the_url(portal: Portal) -> None:
+    """What the sidebar shows after a denial comes from the server's join, as here: refused,
+    with the way in by typing the URL (and nothing enrolled)."""
+    from grid_portal.jupyter.joins import REFUSED
+
+    def deny(request_id: str) -> None:
+        with portal.grid() as grid:
+            grid.decide_join_request(request_id, approve=False)
+
+    status = join_from_jupyter(portal, "dora", deny)
     assert status.state == REFUSED, status
-    assert "denied" in (status.message or "") and "grid-portal login https://" in (
-        status.message or ""
-    )
+    said = status.message or ""
+    assert "denied" in said and "grid-portal login https://" in said, said
+    assert "restart JupyterLab" in said  # worded for JupyterLab, not for a volunteer's shell
     with portal.grid() as grid:
         decided = {r["id"]: r for r in grid.join_requests(everything=True)}
     assert decided[status.request]["state"] == "denied"
     assert decided[status.request]["enrolled_name"] is None
+
+
+def test_an_expired_join_request_says_so_and_how_to_type_the_url(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the admin leaves unanswered expires: refused, with the way in by URL."""
+    from grid_portal.jupyter.joins import REFUSED
+
+    monkeypatch.setenv("DASK_GRID_PORTAL__PORTAL__JOIN_REQUEST_TTL", "3s")
+    short = start_portal(tmp / "short-ttl", "--no-announce")
+    try:
+        status = join_from_jupyter(short, "erin", lambda request_id: None)
+        assert status.state == REFUSED, status
+        said = status.message or ""
+        assert "expired" in said and "grid-portal login https://" in said, said
+        with short.grid() as grid:
+            (record,) = grid.join_requests(everything=True)
+        assert (record["state"], record["enrolled_name"]) == ("expired", None)
+    finally:
+        short.stop()
