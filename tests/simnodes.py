@@ -146,7 +146,8 @@ def _volunteer_plugin(info: dict[str, Any]) -> Any:
                 "policy": {"state": self.state, "reason": self.reason},
             }
 
-    return SimulatedNodePlugin(info, gpus=[], memory_pause_fraction=None)
+    # A simulated node shares its process with many: it never pauses for memory (0).
+    return SimulatedNodePlugin(info, gpus=[], memory_pause_fraction=0)
 
 
 async def _run(

@@ -22,15 +22,19 @@ import psutil
 import pytest
 from conftest import Portal, start_volunteer, wait_for
 
+from grid_portal import settings
 from grid_portal.node.agent import policy_needs
-from grid_portal.node.plugin import IDLE_HEARTBEAT_INTERVAL, telemetry_changed
+from grid_portal.node.plugin import telemetry_changed
 from grid_portal.node.policy import policy_from_options
 from grid_portal.node.probe import TelemetrySampler
+
+# The packaged idle heartbeat interval (grid-portal.volunteer.idle-heartbeat-interval).
+IDLE_HEARTBEAT_INTERVAL = settings.value("volunteer.idle-heartbeat-interval")
 
 # What the admin's client.run sends is pickled by value: the node need not import this module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-NODE_TIMEOUT = 15.0  # the portal's default (grid-portal serve --node-timeout)
+NODE_TIMEOUT = settings.value("portal.node-timeout")  # the portal's default
 
 
 def _pacing(dask_worker: Any) -> dict[str, float]:

@@ -243,12 +243,14 @@ def test_the_volunteer_file_adds_to_the_workers_dask_settings(tmp_path: Path) ->
 
 
 def test_a_volunteers_worker_runs_with_its_dask_settings(tmp_path: Path) -> None:
-    """The agent sends grid-portal.volunteer.worker-dask (with the file's additions) to its
-    worker process, which runs under them; what the worker needs is not overridden."""
+    """The agent sends its settings to its worker process: grid-portal.volunteer.worker-dask
+    (with the file's additions), under which the worker runs, what the worker needs not
+    overridden; the node plugin's idle heartbeat and memory pause."""
     config = tmp_path / "volunteer.toml"
     config.write_text(
         'worker_dask = { "distributed.admin.system-monitor.interval" = "7s", '
         '"distributed.worker.daemon" = true }\n'
+        'idle_heartbeat_interval = "3s"\nmemory_pause = 0.9\n'
     )
     node = ("n", "--cpus", "1", "--memory", "1GB", "--sandbox", "none", "--config", str(config))
     keys = (
@@ -259,7 +261,16 @@ def test_a_volunteers_worker_runs_with_its_dask_settings(tmp_path: Path) -> None
     )
     with portal_with(tmp_path, node) as portal, portal.grid() as grid:
         seen = [grid.submit(dask.config.get, key).result(timeout=60) for key in keys]
+        address = grid.node("n").address
+        plugin = grid.client.run(
+            lambda dask_worker: (
+                dask_worker.plugins["grid-node"].idle_heartbeat_interval,
+                dask_worker.plugins["grid-node"].memory_pause_fraction,
+            ),
+            workers=[address],
+        )[address]
     assert seen == ["7s", "1s", False, False]
+    assert list(plugin) == [3.0, 0.9]
 
 
 def test_a_bad_duration_in_the_volunteer_file_names_the_file_and_key(tmp_path: Path) -> None:
@@ -405,6 +416,9 @@ MOVED_NAMES = {
     "network_refresh",
     "half_life",
     "worker_dask",
+    "idle_heartbeat_interval",
+    "memory_pause",
+    "memory_pause_fraction",
     "http_port",
 }
 MOVED_CONSTANTS = {
@@ -422,6 +436,8 @@ MOVED_CONSTANTS = {
     "DEFAULT_HALF_LIFE",
     "REQUEST_TTL",
     "START_TIMEOUT",
+    "IDLE_HEARTBEAT_INTERVAL",
+    "MEMORY_PAUSE_FRACTION",
 }
 # The Dask settings grid-portal.yaml gives the scheduler and the worker: written there alone.
 MOVED_DASK_KEYS = {

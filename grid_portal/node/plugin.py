@@ -9,8 +9,8 @@
 - ends the process of a task the scheduler cancelled;
 - pushes the small result of a task annotated ``grid_push`` (a ``%%grid`` cell) to the portal
   with its completion, so that its client need not fetch it (``grid_portal.pushed``).
-- keeps an idle volunteer cheap, since the machine is its owner's: heartbeats slow to
-  IDLE_HEARTBEAT_INTERVAL once no task has been here for IDLE_AFTER seconds and speed back up
+- keeps an idle volunteer cheap, since the machine is its owner's: heartbeats slow to the
+  idle heartbeat interval once no task has been here for IDLE_AFTER seconds and speed back up
   when work arrives; telemetry is sampled every telemetry interval and a sample that changed
   (TELEMETRY_STEPS) is sent at once in an early heartbeat, so the sidebar stays live while
   nothing else is sent.
@@ -54,19 +54,18 @@ logger = logging.getLogger("grid_portal.node")
 STARTUP_KEY = "grid"
 METRIC_KEY = "grid"
 
-# Dask pauses a worker whose memory passes this share of its limit, and un-pauses it when the
+# Dask pauses a worker whose memory passes a share of its limit, and un-pauses it when the
 # memory falls again, which would also undo the volunteer's pause. So the worker process turns
-# Dask's own pausing off (distributed.worker.memory.pause: False) and this plugin does both.
-MEMORY_PAUSE_FRACTION = 0.8
+# Dask's own pausing off (distributed.worker.memory.pause: False) and this plugin does both, at
+# the volunteer's share (grid-portal.volunteer.memory-pause).
 RECONCILE_INTERVAL = 0.5  # seconds; IDLE_RECONCILE_INTERVAL while no task is here
 IDLE_RECONCILE_INTERVAL = 2.0
 
 # Idle cost: a volunteer's machine is its owner's, so an idle node must cost next to nothing.
-# Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends
-# one every IDLE_HEARTBEAT_INTERVAL seconds instead, which must stay under a third of the portal's
-# node timeout (15 s: portal/plugin.py declares a node silent after that). Work arriving (any
+# Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends one every
+# grid-portal.volunteer.idle-heartbeat-interval instead, which must stay under a third of the
+# portal's node timeout (portal/plugin.py declares a node silent after that). Work arriving (any
 # task on this worker) brings Dask's own interval back at once.
-IDLE_HEARTBEAT_INTERVAL = 4.5  # seconds
 IDLE_AFTER = 5.0  # seconds without a task here before heartbeats slow down
 # A telemetry sample is "changed", and sent at once, when a figure moved by at least this much
 # since the last one sent (percentage points; GPU temperature in degrees C); any change of
@@ -90,14 +89,18 @@ class NodePlugin(WorkerPlugin):
         gpus: list[int],
         telemetry_interval: float | None = None,  # seconds; None: the configured one
         executor: TaskProcessExecutor | None = None,
-        memory_pause_fraction: float | None = MEMORY_PAUSE_FRACTION,
+        memory_pause_fraction: float | None = None,  # None: the configured one; 0: never
         gate: SlotGate | None = None,
+        idle_heartbeat_interval: float | None = None,  # seconds; None: the configured one
     ):
         self.info = info  # {"capacity": ..., "offer": ..., "labels": ..., "sandbox": ...}
         self.gpus = list(gpus)
         self.telemetry_interval = given_or(telemetry_interval, "volunteer.telemetry-interval")
         self.executor = executor
-        self.memory_pause_fraction = memory_pause_fraction
+        self.memory_pause_fraction = given_or(memory_pause_fraction, "volunteer.memory-pause")
+        self.idle_heartbeat_interval = given_or(
+            idle_heartbeat_interval, "volunteer.idle-heartbeat-interval"
+        )
         self.gate = gate  # counts what this portal received (tasks, core-seconds)
         self.network: dict[str, Any] | None = None
         self.state: str | None = None  # None (running), "paused" or "draining"
@@ -190,7 +193,7 @@ class NodePlugin(WorkerPlugin):
     # -- heartbeat pacing ---------------------------------------------------------------------
     def heartbeat_interval(self) -> float:
         """Seconds until the next heartbeat: Dask's while work is here or was lately, else at
-        least IDLE_HEARTBEAT_INTERVAL."""
+        least the idle heartbeat interval."""
         dask_interval = self._dask_interval_ms / 1000
         if self._busy():
             self._last_activity = time.monotonic()
@@ -199,7 +202,7 @@ class NodePlugin(WorkerPlugin):
             self._reconcile_pc.callback_time = 1000 * (
                 IDLE_RECONCILE_INTERVAL if self._idle else RECONCILE_INTERVAL
             )
-        return max(dask_interval, IDLE_HEARTBEAT_INTERVAL) if self._idle else dask_interval
+        return max(dask_interval, self.idle_heartbeat_interval) if self._idle else dask_interval
 
     def _busy(self) -> bool:
         worker = self.worker

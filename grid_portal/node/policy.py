@@ -545,10 +545,15 @@ DURATION_SETTINGS = (
     "reconnect_max",
     "drain_timeout",
     "network_refresh",
+    "idle_heartbeat_interval",
 )
-SETTING_KEYS = (*DURATION_SETTINGS, "worker_dask")
+SETTING_KEYS = (*DURATION_SETTINGS, "memory_pause", "worker_dask")
 for _key in DURATION_SETTINGS:
     _CONFIG_KEYS[_key] = (lambda v: isinstance(v, str) or _is_number(v), 'a duration, like "2m"')
+_CONFIG_KEYS["memory_pause"] = (
+    lambda v: _is_number(v) and 0 < v <= 1,
+    "a share of the worker's memory, more than 0 and at most 1, like 0.8",
+)
 _CONFIG_KEYS["worker_dask"] = (
     lambda v: (
         isinstance(v, dict)

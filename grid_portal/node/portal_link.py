@@ -179,6 +179,8 @@ class PortalLink:
             "telemetry_interval": options.telemetry_interval,
             "death_timeout": options.death_timeout,
             "worker_dask": options.worker_dask,
+            "idle_heartbeat_interval": options.idle_heartbeat_interval,
+            "memory_pause": options.memory_pause,
             "local_directory": local or options.local_directory,
             "isolate_tasks": self.plan.isolates_tasks,
             "verbose": options.verbose,

@@ -149,7 +149,10 @@ class WorkerProcess:
         self.plugin = NodePlugin(
             c["info"],
             gpus=c.get("gpus", []),
-            telemetry_interval=c["telemetry_interval"],  # the agent's settings, always sent
+            # The agent's settings, always sent.
+            telemetry_interval=c["telemetry_interval"],
+            idle_heartbeat_interval=c["idle_heartbeat_interval"],
+            memory_pause_fraction=c["memory_pause"],
             executor=executor,
             gate=gate,
         )
