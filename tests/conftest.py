@@ -102,15 +102,16 @@ class Portal:
 
         return Grid(self.connection_file, start_embedded=False)
 
-    def enrol(self, body: bytes) -> tuple[int, Any]:
-        """``POST /api/enrol`` with these bytes as they are: (HTTP status, JSON reply)."""
+    def enrol(self, body: bytes, endpoint: str = "enrol") -> tuple[int, Any]:
+        """``POST /api/enrol`` (or another ``endpoint`` of the enrolment process, such as
+        ``join``) with these bytes as they are: (HTTP status, JSON reply)."""
         import ssl
         import urllib.error
         import urllib.request
 
         context = ssl.create_default_context(cafile=str(self.data_dir / "ca" / "ca.pem"))
         request = urllib.request.Request(
-            f"{self.http}/api/enrol",
+            f"{self.http}/api/{endpoint}",
             data=body,
             method="POST",
             headers={"Content-Type": "application/json"},

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import grid_portal_command, wait_for
+from conftest import Portal, grid_portal_command, wait_for
 from lan_impostor import impostor_command
 from netns import _ip, why_namespaces_unavailable
 
@@ -546,3 +546,18 @@ def test_join_requests_are_bounded_expire_and_are_decided_once(tmp_path: Path) -
     found = book.by_secret(made[0][1])
     assert found is not None and found[0].id == first.id
     assert book.by_secret("wrong") is None
+
+
+def test_join_requests_are_rate_limited_per_address(portal: Portal) -> None:
+    """A flood of join requests from one address is cut off before anything is read or
+    stored, whatever the requests held."""
+    from grid_portal.keys import make_key_and_csr
+    from grid_portal.portal.join_requests import REQUESTS_PER_MINUTE, JoinRequests
+
+    statuses = [portal.enrol(b"not json", "join")[0] for _ in range(REQUESTS_PER_MINUTE)]
+    assert statuses == [400] * REQUESTS_PER_MINUTE
+    _, csr = make_key_and_csr("flood")
+    request = {"csr": csr, "name": "flood", "role": "node"}
+    status, body = portal.enrol(json.dumps(request).encode(), "join")
+    assert status == 429 and "too many join requests" in body["error"], body
+    assert JoinRequests(portal.data_dir / "ledger.sqlite").list() == []
