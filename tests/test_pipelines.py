@@ -186,6 +186,26 @@ def test_stream_false_keeps_a_barrier_between_stages(portal: Portal) -> None:
     assert [o["item"] for o in outputs["verify"]] == list(range(12))  # item i got item i
 
 
+def test_a_fan_in_stage_after_a_pipeline_waits_for_every_item(portal: Portal) -> None:
+    spec = three_stages(8)
+    spec["stages"].append(
+        {"name": "count", "run": "gridtasks:pipe_count", "needs": ["verify"], "where": ON_CPU}
+    )
+    with portal.grid() as grid:
+        job = run(grid, spec)
+        detail = grid.job_tasks(job.id)
+        outputs = workflow_outputs(grid, job.id)
+        from grid_portal.jobs.workflow import release_outputs
+
+        release_outputs(grid, job.id)
+    assert job.state is JobState.DONE, job.error
+    assert detail is not None
+    (count,) = [t for t in detail["tasks"] if t["stage"] == "count"]
+    last_verify = max(t["finished"] for t in detail["tasks"] if t["stage"] == "verify")
+    assert count["started"] >= last_verify - 0.05, (count, last_verify)
+    assert outputs["count"] == 8  # it received all eight items at once
+
+
 def test_a_fail_job_stage_fails_the_whole_job(portal: Portal) -> None:
     spec = three_stages(30, decode={"params": {"seconds": 0.2}})
     spec["stages"][1].update({"fail": "job", "params": {"fail_item": 0}})
