@@ -1,6 +1,6 @@
 """One Grid over two portals against one portal.
 
-    python bench/bench_federation.py [--items 2000] [--repeat 3] [--trips 40]
+    python bench/bench_federation.py [--items 2000] [--repeat 3] [--trips 40] [--lent-only]
 
 Starts two real portals (mutual TLS), each with one real volunteer (``--cpus`` each), and
 measures in one run, each contender ``--repeat`` times in turn (so drift in the machine's load
@@ -11,8 +11,10 @@ hits all alike), from the call to the last result gathered:
 - the round trip of one task (``submit(...).result()``): on A's and on B's volunteer through a
   plain Grid of each, and through the Grid over both (``where`` names the node), in a shuffled
   order each round.
-  Portal peering (a volunteer lent by B to A) is not built yet, so the second portal's
-  volunteer reached through the multi-portal Grid stands in for a "lent" one.
+- the round trip a task on a volunteer lent by B to A adds over one on A's own volunteer
+  (portal peering: B's volunteer runs with ``--lend-to-peers``, A links with ``grid-portal
+  peers add``): ``submit(...).result()`` through A's plain Grid, ``where`` picking the node,
+  ``--trips`` of each in a shuffled order, ``--repeat`` rounds (``--lent-only``: this alone).
 Medians with the range over the repeats; results printed as Markdown for docs/benchmarks.md.
 """
 
@@ -56,7 +58,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--trips", type=int, default=40)
     parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--lent-only", action="store_true", help="only the lent round trip")
     args = parser.parse_args()
+    if args.lent_only:
+        lent_round_trip(args)
+        return
 
     from grid_portal import Grid
 
@@ -124,6 +130,70 @@ def main() -> None:
     for label, values in trip_times.items():
         p90 = sorted(values)[int(0.9 * (len(values) - 1))] * 1000
         print(f"| {label} | {summary(values, 1000, '{:.1f}')} | {p90:.1f} |")
+
+
+def lent_round_trip(args: argparse.Namespace) -> None:
+    """A task on a volunteer B lends to A against one on A's own volunteer, through A."""
+    import subprocess
+
+    from conftest import grid_portal_command, wait_for
+
+    from grid_portal import Grid
+
+    tmp = Path(tempfile.mkdtemp(prefix="grid-bench-lent-"))
+    portals = {name: start_portal(tmp / name) for name in ("a", "b")}
+    try:
+        start_volunteer(portals["a"], tmp / "a", "a-vol", "--cpus", str(args.cpus))
+        lend = ["--cpus", str(args.cpus), "--lend-to-peers"]
+        start_volunteer(portals["b"], tmp / "b", "b-vol", *lend)
+        token = portals["b"].token("--for", "peer")
+        a_dir = str(portals["a"].data_dir)
+        subprocess.run(
+            grid_portal_command("peers", "add", portals["b"].http, "--token", token, "--as", "b")
+            + ["--data-dir", a_dir],
+            check=True,
+            capture_output=True,
+        )
+        grid = Grid(portals["a"].connection_file, start_embedded=False)
+        wait_for(
+            lambda: any(n.name == "b-vol@b" and n.online for n in grid.nodes()),
+            timeout=120,
+            what="B's volunteer to be lent to A",
+        )
+        trips: dict[str, Callable[[], Any]] = {
+            "A's own volunteer": lambda: grid.submit(inc, 1, where='name == "a-vol"').result(),
+            "B's volunteer lent to A": lambda: grid.submit(inc, 1, where='site == "b"').result(),
+        }
+        for run in trips.values():
+            run()
+        rounds: dict[str, list[float]] = {k: [] for k in trips}
+        every: dict[str, list[float]] = {k: [] for k in trips}
+        order = list(trips)
+        for r in range(args.repeat):
+            times: dict[str, list[float]] = {k: [] for k in trips}
+            for _ in range(args.trips):
+                random.shuffle(order)
+                for label in order:
+                    times[label].append(seconds(trips[label]))
+            for label, values in times.items():
+                rounds[label].append(statistics.median(values))
+                every[label].extend(values)
+            note(f"round {r}: " + ", ".join(f"{k} {rounds[k][-1] * 1000:.1f} ms" for k in trips))
+        grid.close()
+    finally:
+        for p in portals.values():
+            p.stop()
+    print(
+        f"\n| one task through A ({args.repeat} rounds of {args.trips}) | median of the rounds' "
+        "medians, ms (min–max) | p90 of all, ms |"
+    )
+    print("|---|---|---|")
+    for label, values in rounds.items():
+        p90 = sorted(every[label])[int(0.9 * (len(every[label]) - 1))] * 1000
+        print(f"| {label} | {summary(values, 1000, '{:.1f}')} | {p90:.1f} |")
+    own, lent = rounds["A's own volunteer"], rounds["B's volunteer lent to A"]
+    added = [b - a for a, b in zip(own, lent, strict=True)]
+    print(f"\nAdded by lending, per round: {summary(added, 1000, '{:+.1f}')} ms")
 
 
 if __name__ == "__main__":
