@@ -14,16 +14,23 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from grid_portal.connection import Connection
 from grid_portal.keys import make_key_and_csr, write_private
 from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
 
-if TYPE_CHECKING:
-    from grid_portal.client import Grid
-
 logger = logging.getLogger("grid_portal.renewal")
+
+
+class Renewing(Protocol):
+    """What renewal needs of a client (a ``Grid``): its connection, and the portal's
+    signature on a request. The client imports this module; naming what it needs of the client
+    here, rather than the class, keeps that arrow one way."""
+
+    connection: Connection
+
+    def renew_certificate(self, csr: str) -> dict[str, Any]: ...
 
 
 def lifetime_left(cert_pem: str | bytes) -> tuple[float, float]:
@@ -48,7 +55,7 @@ def due(connection: Connection) -> bool:
     return left < whole / 2
 
 
-def renew(grid: Grid) -> bool:
+def renew(grid: Renewing) -> bool:
     """Renew ``grid``'s certificate if it is due; True when a new one was written."""
     connection = grid.connection
     if not due(connection):
@@ -75,7 +82,7 @@ def renew(grid: Grid) -> bool:
     return True
 
 
-def renew_quietly(grid: Grid) -> None:
+def renew_quietly(grid: Renewing) -> None:
     """`renew` for a background thread: a failure is logged, never raised (the certificate in
     use stays valid for days; the next Grid tries again)."""
     try:

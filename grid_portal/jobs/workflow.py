@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from grid_portal.errors import Unsatisfiable
 from grid_portal.jobs.graph import (  # noqa: F401 - also importable from here
@@ -54,8 +54,46 @@ from grid_portal.jobs.stage_task import (  # noqa: F401 - also importable from h
 if TYPE_CHECKING:
     from distributed import Future
 
-    from grid_portal.client import Grid
     from grid_portal.model import Job
+
+
+class WorkflowClient(Protocol):
+    """What a workflow's kernel side needs of its client (a ``grid_portal.Grid``, whose
+    methods these are). The client imports this module; naming what it needs of the client
+    here, rather than the class, keeps that arrow one way."""
+
+    @property
+    def client(self) -> Any: ...
+
+    def require(
+        self,
+        where: str | None,
+        resources: Mapping[str, float] | None = None,
+        asked: str | None = None,
+    ) -> list[str]: ...
+
+    def register_job(
+        self, job_id: str, name: str, kind: str, spec: dict[str, Any] | None = None
+    ) -> Job: ...
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        futures: Iterable[Future] = (),
+        progress: Callable[[Job], None] | None = None,
+        timeout: float | None = None,
+    ) -> Job | None: ...
+
+    def get_job(self, job_id: str) -> Job | None: ...
+
+    def held_keys(self, job_id: str) -> dict[str, list[Any]]: ...
+
+    def held_results(
+        self, job_id: str, *, data_only: bool = False, timeout: float = 60.0
+    ) -> dict[str, list[tuple[int | None, Any, BaseException | None]]]: ...
+
+    def release_held(self, job_id: str) -> bool: ...
 
 
 def save_outputs(outputs: Mapping[str, Any], dest: str | Path) -> list[Path]:
@@ -98,7 +136,7 @@ def load_workflow(
     return spec
 
 
-def check_nodes(grid: Grid, spec: JobSpec) -> None:
+def check_nodes(grid: WorkflowClient, spec: JobSpec) -> None:
     """Refuse a stage that no connected node could run (Unsatisfiable names the closest ones)."""
     for stage in spec.stages:
         asked = f"where {stage.where!r}" if stage.where else "its resources"
@@ -110,7 +148,7 @@ def check_nodes(grid: Grid, spec: JobSpec) -> None:
 
 
 def submit_workflow(
-    grid: Grid,
+    grid: WorkflowClient,
     spec: JobSpec | str | Path | Mapping[str, Any],
     overrides: Iterable[str] = (),
     *,
@@ -138,7 +176,7 @@ def submit_workflow(
 
 
 def _register_and_submit(
-    grid: Grid,
+    grid: WorkflowClient,
     spec: JobSpec,
     job_id: str,
     plans: Mapping[str, StagePlan],
@@ -152,12 +190,12 @@ def _register_and_submit(
 # --- results -------------------------------------------------------------------------------------
 
 
-def held_outputs(grid: Grid, job_id: str) -> dict[str, list[Any]]:
+def held_outputs(grid: WorkflowClient, job_id: str) -> dict[str, list[Any]]:
     """The keys of a workflow's held outputs by stage (``Grid.held_keys``)."""
     return grid.held_keys(job_id)  # NotFound, UsageError
 
 
-def workflow_outputs(grid: Grid, job_id: str, *, partial: bool = False) -> dict[str, Any]:
+def workflow_outputs(grid: WorkflowClient, job_id: str, *, partial: bool = False) -> dict[str, Any]:
     """A workflow's kept outputs (last stages, stages with output files), by stage; a map
     stage's as a list in map order.
 
@@ -189,7 +227,7 @@ def failed_items(outputs: Mapping[str, Any]) -> dict[str, dict[int | None, BaseE
     return failed
 
 
-def release_outputs(grid: Grid, job_id: str) -> bool:
+def release_outputs(grid: WorkflowClient, job_id: str) -> bool:
     """Let the portal drop a workflow's held outputs (after they were fetched)."""
     return grid.release_held(job_id)
 
