@@ -58,6 +58,21 @@ class Access:
         self.queue_owner: dict[str, tuple[str, str]] = {}
         self.revoked: set[tuple[str, str]] = set()
         self._refreshed = 0.0
+        # Replicas the scheduler itself asked a worker to copy (Dask's active memory manager,
+        # e.g. moving a leaving node's results): that worker's "I copied it" is expected.
+        self.replicas_asked: dict[str, set[Any]] = {}
+
+    def attach(self, scheduler: Scheduler) -> None:
+        """Serve ``scheduler``; note the replicas it asks workers to acquire."""
+        self.scheduler = scheduler
+        ask = scheduler.request_acquire_replicas
+
+        def request_acquire_replicas(addr: str, keys: Any, *, stimulus_id: str) -> None:
+            keys = list(keys)
+            self.replicas_asked.setdefault(addr, set()).update(keys)
+            ask(addr, keys, stimulus_id=stimulus_id)
+
+        scheduler.request_acquire_replicas = request_acquire_replicas  # type: ignore[method-assign]
 
     # -- revocation -------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -154,7 +169,8 @@ class Access:
         return False
 
     def _narrow_to_fetched(self, identity: Identity, msg: dict[str, Any], worker: Any) -> None:
-        """Keep only the keys ``worker`` had a reason to fetch: inputs of a task it runs.
+        """Keep only the keys ``worker`` had a reason to fetch: inputs of a task it runs, or
+        replicas the scheduler asked it to acquire.
 
         A worker says "add-keys" after it copied a task's input from another node. Taken at
         its word, a node could claim to hold any result, and the scheduler would send other
@@ -169,12 +185,18 @@ class Access:
         if isinstance(keys, (str, bytes)):
             keys = [keys]
         if ws is None:
+            if isinstance(worker, str):
+                self.replicas_asked.pop(worker, None)
             msg["keys"] = []
             return None
-        wanted = set()
+        asked = self.replicas_asked.get(worker, set())
+        wanted = set(asked)
         for ts in ws.processing:
             wanted.update(dep.key for dep in ts.dependencies)
         msg["keys"] = [k for k in keys if k in wanted]
+        asked.difference_update(msg["keys"])
+        if not asked:
+            self.replicas_asked.pop(worker, None)
         return None
 
     # -- the gate's hooks -----------------------------------------------------------------

@@ -170,7 +170,7 @@ class PortalPlugin(SchedulerPlugin):
         self._poll.start()
         # Default deny (grid_portal/protocol.py): every call and stream message is checked
         # against the caller's role, then against what it owns (portal/access.py).
-        self.access.scheduler = scheduler
+        self.access.attach(scheduler)
         self.gate = Gate(
             "portal",
             SCHEDULER_HANDLERS,
