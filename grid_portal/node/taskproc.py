@@ -529,7 +529,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self._allowed.set()
         self._threads.shutdown(wait=wait, cancel_futures=cancel_futures)
         for child in children:
-            self._end(child)
+            # A self-isolating task's child is reaped by the thread that started it (signalled
+            # above); only our own task processes have streams to close and an exit to wait for.
+            if isinstance(child, _Child):
+                self._end(child)
         with self._server_lock:
             server, self._server = self._server, None
         if server is not None:
