@@ -374,7 +374,8 @@ import json, time
 from grid_portal import Grid
 g = Grid()
 with g.job("long-{name}") as long_id:
-    long_future = g.submit(time.sleep, 30)
+    # Long enough to outlast the checks below on a slow machine; the test cancels both.
+    long_future = g.submit(time.sleep, 600)
 print("REPORT" + json.dumps({{
     "me": g.whoami(),
     "owners": sorted({{j.owner for j in g.jobs()}}),
@@ -447,6 +448,9 @@ def test_students_teacher_and_identity(classroom: Classroom) -> None:
         "except Exception as exc:\n    print('REFUSED', type(exc).__name__, exc)\n",
     )
     assert "REFUSED NotAllowed" in out and "only the portal's admin" in out
+    # Bob may cancel his own, which frees the volunteer's slot for the tests after this one.
+    out = room.run_cell("bob", f"print('STATE', g.cancel({reports['bob']['long']!r}).state.value)")
+    assert "STATE cancelled" in out
 
 
 def test_a_claimed_name_is_never_trusted(classroom: Classroom) -> None:
