@@ -602,7 +602,6 @@ def cmd_volunteer(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         portal_url=enrolled[0][0].url,
         lend_to_peers=args.lend_to_peers,
-        lend_bound=args.lend_bound,
         **settings["timings"],  # drain_timeout, reconnect_max, ...: flags, file, configuration
     )
 

@@ -81,14 +81,15 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="also serve the peer portals your portal lends to, only while your portal has "
         "nothing for this machine (off by default)",
     )
-    lend.add_argument(
+    bound = lend.add_argument(
         "--lend-bound",
         type=duration_arg,
-        default=10.0,
         metavar="D",
         help="when your portal's work comes, a peer's running tasks may finish within D, then "
-        "they move back to the peer (default 10s)",
+        "they move back to the peer",
     )
+    # Its default is the setting, written once in grid-portal.yaml (as cli._configured marks).
+    bound.config_key = "volunteer.lend-bound"  # type: ignore[attr-defined]
     p.set_defaults(portal_entries=[], share=None)
 
 

@@ -223,6 +223,9 @@ def test_the_volunteer_file_overrides_the_yaml_and_a_flag_overrides_the_file(
     assert timings["drain_timeout"] == 300.0  # the file, over the yaml's 2m
     assert timings["reconnect_max"] == 4.0  # the flag, over the file
     assert timings["network_refresh"] == 1800.0  # neither: the yaml
+    assert timings["lend_bound"] == 10.0  # the yaml's, also for --lend-to-peers' bound
+    flagged = build_parser().parse_args(["volunteer", "https://p.invalid", "--lend-bound", "3s"])
+    assert _volunteer_settings(flagged)["timings"]["lend_bound"] == 3.0
     assert timings["worker_dask"] == settings.get("volunteer.worker-dask")
 
 
@@ -419,6 +422,7 @@ MOVED_NAMES = {
     "idle_heartbeat_interval",
     "memory_pause",
     "memory_pause_fraction",
+    "lend_bound",
     "http_port",
 }
 MOVED_CONSTANTS = {

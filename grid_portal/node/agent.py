@@ -105,7 +105,7 @@ class VolunteerOptions:
     # Serve the peer portals a home portal lends this machine to, while it has no work here
     # (node/lending.py); a lent task ends or moves within lend_bound seconds of home work.
     lend_to_peers: bool = False
-    lend_bound: float = 10.0
+    lend_bound: float = field_from("volunteer.lend-bound")
     control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
     verbose: bool = False
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network

@@ -546,6 +546,7 @@ DURATION_SETTINGS = (
     "drain_timeout",
     "network_refresh",
     "idle_heartbeat_interval",
+    "lend_bound",
 )
 SETTING_KEYS = (*DURATION_SETTINGS, "memory_pause", "worker_dask")
 for _key in DURATION_SETTINGS:
