@@ -95,6 +95,15 @@ def _kind(value: Any) -> str:
 
 
 # -- scalars -----------------------------------------------------------------------------------
+def _absent(value: Any, where: str, problems: _Problems, required: bool) -> bool:
+    """Whether the field is missing or None (a problem only when it is ``required``)."""
+    if value is not _MISSING and value is not None:
+        return False
+    if required:
+        problems.add(f"{where}: missing")
+    return True
+
+
 def _number(
     value: Any,
     where: str,
@@ -109,9 +118,7 @@ def _number(
     """A finite number clamped to [lo, hi] (an int when ``integer``), else ``default``.
 
     Missing or None is quietly ``default`` unless the field is ``required``."""
-    if value is _MISSING or value is None:
-        if required:
-            problems.add(f"{where}: missing")
+    if _absent(value, where, problems, required):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problems.add(f"{where}: {_kind(value)}, not a number")
@@ -146,9 +153,7 @@ def _text(
     default: Any = None,
     required: bool = False,
 ) -> Any:
-    if value is _MISSING or value is None:
-        if required:
-            problems.add(f"{where}: missing")
+    if _absent(value, where, problems, required):
         return default
     if not isinstance(value, str):
         problems.add(f"{where}: {_kind(value)}, not text")
