@@ -320,11 +320,17 @@ def portals_text(status: dict[str, Any]) -> str:
     if not portals:
         return "  portals  none"
     lines = []
-    total = sum(float(p.get("share") or 0) for p in portals) or 1.0
+    # A peer portal lent to (--lend-to-peers) has no share: it gets what its home leaves.
+    total = sum(float(p.get("share") or 0) for p in portals if not p.get("lent_by")) or 1.0
     for p in portals:
+        share = float(p.get("share") or 0)
+        how = (
+            f"lent by {p['lent_by']} while it has no work here"
+            if p.get("lent_by")
+            else f"share {share:g} ({100 * share / total:.0f}%)"
+        )
         line = (
-            f"  {p.get('portal')}  {p.get('state')}, share {float(p.get('share') or 0):g} "
-            f"({100 * float(p.get('share') or 0) / total:.0f}%), received {p.get('tasks', 0)} "
+            f"  {p.get('portal')}  {p.get('state')}, {how}, received {p.get('tasks', 0)} "
             f"tasks, {float(p.get('core_seconds') or 0):.1f} core-s"
         )
         if p.get("running_tasks"):
