@@ -146,7 +146,8 @@ class Lending:
             link = self.agent.add_link(creds, 1.0, url, label, lent_by=home.key, peer=name)
         except (GridError, OSError, ValueError) as exc:
             self._failed[url] = time.monotonic() + RETRY_AFTER
-            logger.warning("peer %s (%s), lent by %s: %s", name, url, home.label, exc)
+            text = f"peer {name} ({url}), lent by {home.label}: {exc}; tried again later"
+            self._say_once(f"attach:{url}:{exc}", text)
             return
         self._failed.pop(url, None)
         logger.info(
