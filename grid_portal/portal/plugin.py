@@ -25,6 +25,7 @@ from grid_portal.identity import Identity
 from grid_portal.model import JobState, NodeState
 from grid_portal.portal import graph_guard, retries
 from grid_portal.portal.access import Access
+from grid_portal.portal.bandwidth import TransferCost
 from grid_portal.portal.cell_lease import CellLeases
 from grid_portal.portal.dashboard import DashboardAddress
 from grid_portal.portal.delegation import confine, delegation_of
@@ -182,6 +183,10 @@ class PortalPlugin(SchedulerPlugin):
         )
         install(scheduler, self.gate)
         quiet_work_stealing(scheduler)  # idle grids pay nothing for it
+        # A moved input prefers the node with more measured bandwidth to its sender. Dask has
+        # no plugin hook for the transfer cost in its worker objective (work stealing asks the
+        # same method), so the portal replaces that method, on this instance only.
+        scheduler.get_comm_cost = TransferCost(scheduler, self.registry)  # type: ignore[method-assign]
         # A revoked identity's live connections go within a second (Access.sweep).
         self._revocations = PeriodicCallback(self._sweep_revoked, 1000)
         self._revocations.start()
