@@ -104,8 +104,14 @@ def pipe_first(item: int, seconds: float = 0.0, size: int = 0) -> dict:
     return {"item": item, "path": [get_worker().name], "payload": b"x" * size}
 
 
-def pipe_next(seconds: float = 0.0, fail_item: int = -1, **inputs: dict) -> dict:
-    """A later stage: its one input is the item's previous stage's output."""
+def pipe_next(
+    seconds: float = 0.0, fail_item: int = -1, fail_once: int = -1, mark: str = "", **inputs: dict
+) -> dict:
+    """A later stage: its one input is the item's previous stage's output. Item ``fail_item``
+    always fails; item ``fail_once`` fails on its first try on a node and then works (a mark
+    named by ``mark`` in the job's own TMPDIR on that node remembers the try)."""
+    import os as _os
+    import tempfile as _tempfile
     import time as _time
 
     from distributed import get_worker
@@ -113,6 +119,11 @@ def pipe_next(seconds: float = 0.0, fail_item: int = -1, **inputs: dict) -> dict
     (previous,) = inputs.values()
     if previous["item"] == fail_item:
         raise ValueError(f"item {fail_item} is broken")
+    if previous["item"] == fail_once:
+        tried = _os.path.join(_tempfile.gettempdir(), f"pipe-tried-{mark}-{fail_once}")
+        if not _os.path.exists(tried):
+            open(tried, "w").close()
+            raise ValueError(f"item {fail_once} failed its first try")
     _time.sleep(seconds)
     return {**previous, "path": [*previous["path"], get_worker().name]}
 

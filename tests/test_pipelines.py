@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 from conftest import Portal, grid_portal_command, start_portal, start_volunteer, wait_for
 
 from grid_portal.jobs.spec import load_spec
-from grid_portal.jobs.workflow import failed_items, workflow_outputs
+from grid_portal.jobs.workflow import failed_items, release_outputs, workflow_outputs
 from grid_portal.model import JobState
 
 CPU_NODES = {"cpu-a", "cpu-b"}
 MID_NODES = {"mid"}
 ON_CPU = 'labels.role == "cpu"'
 ON_MID = 'labels.role == "mid"'
+
+# What the admin's client.run sends to a node is pickled by value: nodes need not import this.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +262,136 @@ def test_the_each_form_through_set_and_the_schema(tmp_path: Path) -> None:
     assert b.map is not None and (b.map.each, b.map.stream, b.map.as_name) == ("a", False, "a")
     assert b.needs == ["a"] and checked.count(b) == 3 and checked.task_count() == 6
     assert load_spec(checked.to_dict()).to_dict() == checked.to_dict()
+
+
+# -- moving an item's input: to the faster link, once; retries per stage ----------------------
+
+
+def _measured(bandwidth: float, dask_worker: Any = None) -> None:
+    """On a node: what its agent does after measuring its link to the portal (node/agent.py);
+    the worker's node plugin sends it with its next telemetry."""
+    network = {"bandwidth": bandwidth, "rtt": 0.001, "measured_at": time.time()}
+    dask_worker.plugins["grid-node"].network = network
+
+
+def measure(grid: Any, bandwidths: dict[str, float]) -> None:
+    """Have these nodes report these bandwidths, and wait until the portal has them."""
+    for name, bandwidth in bandwidths.items():
+        grid.client.run(_measured, bandwidth, workers=[grid.node(name).address])
+    wait_for(
+        lambda: all(grid.node(n).capacity.network.bandwidth == b for n, b in bandwidths.items()),
+        timeout=30,
+        what=f"the portal to see the bandwidths {bandwidths}",
+    )
+
+
+def test_a_moved_input_goes_to_the_node_with_more_bandwidth_to_its_sender(
+    portal: Portal,
+) -> None:
+    # Every item's first stage runs on "mid", which cannot run the second stage: each input
+    # must move, to cpu-a or cpu-b, equally idle. cpu-b's measured link is 10,000 times slower,
+    # so its 2 MB would take 20 s to arrive there, longer than cpu-a takes for every item.
+    # With Dask's one bandwidth for every pair, the items would be spread over both.
+    spec = three_stages(
+        8,
+        decode={"where": ON_MID, "params": {"seconds": 0.02, "size": 2_000_000}},
+        encode={"where": ON_CPU, "params": {"seconds": 0.3}},
+    )
+    spec["stages"].pop()
+    names = ("mid", "cpu-a", "cpu-b")
+    with portal.grid() as grid:
+        before = {n: grid.node(n).capacity.network.bandwidth for n in names}
+        measure(grid, {"mid": 1e9, "cpu-a": 1e9, "cpu-b": 1e5})
+        try:
+            job = run(grid, spec)
+            tasks = records(grid, job.id)
+            release_outputs(grid, job.id)
+        finally:  # the other tests' nodes measure what they measured at enrolment
+            measure(grid, {n: b for n, b in before.items() if b})
+    assert job.state is JobState.DONE, job.error
+    where = {i: tasks[("encode", i)]["node"] for i in range(8)}
+    assert set(where.values()) == {"cpu-a"}, where
+    assert all(tasks[("encode", i)]["moved"] > 2_000_000 for i in range(8))
+
+
+def _incoming(dask_worker: Any = None) -> list[list[str]]:
+    """On a node: the keys of each transfer it received from another node, as text."""
+    return [[str(key) for key in entry["keys"]] for entry in dask_worker.transfer_incoming_log]
+
+
+def test_staged_files_travel_to_the_node_that_needs_them_once(portal: Portal) -> None:
+    # A shell stage makes a file per item on a cpu node; two stages on "mid" each use it.
+    spec = {
+        "name": "staged-once",
+        "stages": [
+            {
+                "name": "decode",
+                "run": {"shell": "head -c 300000 /dev/zero > clip{item}.bin"},
+                "map": {"range": {"stop": 4}, "as": "item"},
+                "outputs": ["clip*.bin"],
+                "where": ON_CPU,
+            },
+            {
+                "name": "encode",
+                "run": {"shell": "cat {decode} > enc.bin"},
+                "map": {"each": "decode"},
+                "outputs": ["enc.bin"],
+                "where": ON_MID,
+            },
+            {
+                "name": "check",
+                "run": {"shell": "wc -c < {decode}"},
+                "map": {"each": "decode"},
+                "where": ON_MID,
+            },
+        ],
+    }
+    with portal.grid() as grid:
+        job = run(grid, spec)
+        tasks = records(grid, job.id)
+        outputs = workflow_outputs(grid, job.id)
+        release_outputs(grid, job.id)
+        address = grid.node("mid").address
+        received = grid.client.run(_incoming, workers=[address])[address]
+    assert job.state is JobState.DONE, job.error
+    assert [int(text) for text in outputs["check"]] == [300_000] * 4
+    # The ledger: both of an item's later stages used the file made on a cpu node...
+    for i in range(4):
+        made_on = tasks[("decode", i)]["node"]
+        for stage in ("encode", "check"):
+            assert tasks[(stage, i)]["node"] == "mid"
+            assert tasks[(stage, i)]["moved"] >= 300_000, tasks[(stage, i)]
+            assert tasks[(stage, i)]["moved_from"] == made_on, tasks[(stage, i)]
+    # ...and "mid" received each item's file once: one transfer per key, whatever used it.
+    decoded = [k for keys in received for k in keys if f"decode-{job.id}" in k]
+    assert sorted(decoded) == sorted({k for k in decoded}) and len(decoded) == 4, received
+
+
+def test_a_stage_retries_a_failed_item_and_a_failing_one_fails_only_its_chain(
+    portal: Portal,
+) -> None:
+    # encode runs on "mid" only, so a retry runs there too. Item 3 fails its first try and
+    # works on the second; item 5 fails every time and, after its one retry, fails its chain.
+    spec = three_stages(
+        10,
+        encode={
+            "retries": 1,
+            "params": {"seconds": 0.02, "fail_once": 3, "fail_item": 5, "mark": uuid.uuid4().hex},
+        },
+    )
+    with portal.grid() as grid:
+        job = run(grid, spec)
+        tasks = records(grid, job.id)
+        outputs = workflow_outputs(grid, job.id, partial=True)
+        release_outputs(grid, job.id)
+    assert job.state is JobState.FAILED and "item 5 is broken" in (job.error or "")
+    assert tasks[("encode", 3)]["state"] == "done" and tasks[("encode", 3)]["attempts"] == 2
+    assert tasks[("verify", 3)]["state"] == "done"
+    assert tasks[("encode", 5)]["state"] == "failed" and tasks[("encode", 5)]["attempts"] == 2
+    assert tasks[("verify", 5)]["state"] != "done"
+    others = [i for i in range(10) if i != 5]
+    assert [i for i in range(10) if tasks[("verify", i)]["state"] == "done"] == others
+    assert all(tasks[("encode", i)]["attempts"] == 1 for i in others if i != 3)
+    assert [outputs["verify"][i]["item"] for i in others] == others
+    (broken,) = failed_items(outputs)["verify"].items()
+    assert broken[0] == 5 and "item 5 is broken" in str(broken[1])
