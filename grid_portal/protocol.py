@@ -121,7 +121,7 @@ def _rules(
 OWNED_KEYS = "every key must be one the caller's identity submitted (staff: any)"
 BOUND_WORKER = "the worker named is the caller's own connection"
 BOUND_CLIENT = "the client named is one of the caller's own connections"
-FETCHED_INPUTS = "only keys that are inputs of a task the worker runs"
+FETCHED_INPUTS = "only inputs of a task the worker runs, or replicas the scheduler asked for"
 OWNED_JOB = "the job is the caller's (staff: any); else 'not found'"
 OWNED_QUEUE = "the queue is one the caller made, or (a node) a running task of its streams to it"
 DELEGATED = "; a delegate: only its job's keys, while the job runs"
