@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+import psutil
 
 from grid_portal.errors import ConnectionFailed
 
@@ -97,12 +98,14 @@ class Connection:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid runs. A zombie (ended, not yet reaped by the process
+    that started it, e.g. an embedded portal a Jupyter server stopped) does not: its
+    connection file names a portal that no longer answers."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True

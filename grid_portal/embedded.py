@@ -167,7 +167,7 @@ def stop_embedded_portal(timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while pid_alive(conn.pid) and time.monotonic() < deadline:
         # Started by this very process (Grid() or a Jupyter server): reap it, or it lingers
-        # as a zombie that pid_alive() counts as alive.
+        # as a zombie (which pid_alive() counts as gone) until this process ends.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(conn.pid, os.WNOHANG)
         time.sleep(0.1)
