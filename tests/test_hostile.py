@@ -77,10 +77,13 @@ def jp_server_config(target: Portal) -> Config:
 
 @pytest.fixture
 def post_job(jp_fetch: Any, jp_asyncio_loop: Any) -> Callable[[bytes], tuple[int, dict]]:
+    async def fetch(body: bytes) -> Any:
+        # Called inside the loop: tornado makes its Future at call time, and an earlier test
+        # may have left this thread with no current event loop (asyncio.run() clears it).
+        return await jp_fetch("grid", "api", "jobs", method="POST", body=body, raise_error=False)
+
     def post(body: bytes) -> tuple[int, dict]:
-        response = jp_asyncio_loop.run_until_complete(
-            jp_fetch("grid", "api", "jobs", method="POST", body=body, raise_error=False)
-        )
+        response = jp_asyncio_loop.run_until_complete(fetch(body))
         return response.code, json.loads(response.body)
 
     return post
