@@ -86,6 +86,12 @@ def copy_of_checkout(where: Path) -> Path:
     return where
 
 
+def _pip_cache_dir() -> str:
+    import platformdirs
+
+    return platformdirs.user_cache_dir("pip")  # where pip keeps it
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without its virtual environment or test-only settings."""
     drop = (
@@ -96,6 +102,11 @@ def clean_env(**extra: str) -> dict[str, str]:
         "GRID_PORTAL_DATA_DIR",
     )
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    # Installs here are about where packages go, not how fast they import later: no bytecode
+    # compiling (PIP_COMPILE=0; pip reads PIP_NO_COMPILE=1 the wrong way round), and pip's
+    # cache stays the user's even where a test moves HOME.
+    env.setdefault("PIP_COMPILE", "0")
+    env.setdefault("PIP_CACHE_DIR", _pip_cache_dir())
     venv_bin = str(Path(sys.prefix) / "bin")
     if sys.prefix != sys.base_prefix:  # run by ./dev test: its .venv must not leak in
         env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv_bin)
