@@ -276,6 +276,38 @@ def test_a_volunteers_worker_runs_with_its_dask_settings(tmp_path: Path) -> None
     assert list(plugin) == [3.0, 0.9]
 
 
+def test_a_sandboxed_volunteers_node_runs_with_the_files_idle_and_linger_times(
+    tmp_path: Path,
+) -> None:
+    """idle-after reaches the node plugin and job-linger the task executor (which exists only
+    with a sandbox), in the volunteer's real worker process, from the volunteer's file."""
+    config = tmp_path / "volunteer.toml"
+    config.write_text('idle_after = "7s"\njob_linger = "3s"\n')
+    node = ("n", "--cpus", "1", "--memory", "1GB", "--sandbox", "process", "--config", str(config))
+    with portal_with(tmp_path, node) as portal, portal.grid() as grid:
+        address = grid.node("n").address
+        seen = grid.client.run(
+            lambda dask_worker: (
+                dask_worker.plugins["grid-node"].idle_after,
+                dask_worker.plugins["grid-node"].executor.job_linger,
+            ),
+            workers=[address],
+        )[address]
+    assert list(seen) == [7.0, 3.0]
+    assert (settings.value("volunteer.idle-after"), settings.value("volunteer.job-linger")) == (
+        5.0,
+        10.0,
+    )  # the packaged ones, which the file changed
+
+
+def test_the_contribution_flush_interval_is_the_setting() -> None:
+    from grid_portal.portal.contributions import ContributionsPlugin
+
+    assert ContributionsPlugin(None, PortalPlugin()).flush_interval == 5.0
+    with dask.config.set({"grid-portal.portal.contribution-flush-interval": "30s"}):
+        assert ContributionsPlugin(None, PortalPlugin()).flush_interval == 30.0
+
+
 def test_a_bad_duration_in_the_volunteer_file_names_the_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "volunteer.toml"
     config.write_text('drain_timeout = "soon"\n')
@@ -424,6 +456,9 @@ MOVED_NAMES = {
     "memory_pause_fraction",
     "lend_bound",
     "http_port",
+    "idle_after",
+    "job_linger",
+    "flush_interval",
 }
 MOVED_CONSTANTS = {
     "RESULT_EXPIRY_INTERVAL",
@@ -442,6 +477,8 @@ MOVED_CONSTANTS = {
     "START_TIMEOUT",
     "IDLE_HEARTBEAT_INTERVAL",
     "MEMORY_PAUSE_FRACTION",
+    "IDLE_AFTER",
+    "JOB_LINGER",
 }
 # The Dask settings grid-portal.yaml gives the scheduler and the worker: written there alone.
 MOVED_DASK_KEYS = {

@@ -111,6 +111,8 @@ class VolunteerOptions:
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
     network_refresh: float = field_from("volunteer.network-refresh")  # bandwidth and RTT again
     idle_heartbeat_interval: float = field_from("volunteer.idle-heartbeat-interval")
+    idle_after: float = field_from("volunteer.idle-after")  # no task this long: idle
+    job_linger: float = field_from("volunteer.job-linger")  # a sandboxed job's processes stay
     memory_pause: float = field_from("volunteer.memory-pause")  # share of the worker's memory
     # Dask settings for the worker process (its idle cost): grid-portal.volunteer.worker-dask.
     worker_dask: dict[str, Any] = field_from("volunteer.worker-dask")

@@ -10,7 +10,7 @@
 - pushes the small result of a task annotated ``grid_push`` (a ``%%grid`` cell) to the portal
   with its completion, so that its client need not fetch it (``grid_portal.pushed``).
 - keeps an idle volunteer cheap, since the machine is its owner's: heartbeats slow to the
-  idle heartbeat interval once no task has been here for IDLE_AFTER seconds and speed back up
+  idle heartbeat interval once no task has been here for the idle-after time and speed back up
   when work arrives; telemetry is sampled every telemetry interval and a sample that changed
   (TELEMETRY_STEPS) is sent at once in an early heartbeat, so the sidebar stays live while
   nothing else is sent.
@@ -65,8 +65,9 @@ IDLE_RECONCILE_INTERVAL = 2.0
 # Dask asks for a heartbeat every 0.5 s on a small grid; an idle node sends one every
 # grid-portal.volunteer.idle-heartbeat-interval instead, which must stay under a third of the
 # portal's node timeout (portal/plugin.py declares a node silent after that). Work arriving (any
-# task on this worker) brings Dask's own interval back at once.
-IDLE_AFTER = 5.0  # seconds without a task here before heartbeats slow down
+# task on this worker) brings Dask's own interval back at once. A node counts as idle after
+# grid-portal.volunteer.idle-after without a task. The reconcile intervals above are not
+# settings: they are how soon the node acts on its own state (a pause, a cancelled task).
 # A telemetry sample is "changed", and sent at once, when a figure moved by at least this much
 # since the last one sent (percentage points; GPU temperature in degrees C); any change of
 # running tasks, policy, network or the GPU list counts too.
@@ -92,6 +93,7 @@ class NodePlugin(WorkerPlugin):
         memory_pause_fraction: float | None = None,  # None: the configured one; 0: never
         gate: SlotGate | None = None,
         idle_heartbeat_interval: float | None = None,  # seconds; None: the configured one
+        idle_after: float | None = None,  # seconds; None: the configured one
     ):
         self.info = info  # {"capacity": ..., "offer": ..., "labels": ..., "sandbox": ...}
         self.gpus = list(gpus)
@@ -101,6 +103,7 @@ class NodePlugin(WorkerPlugin):
         self.idle_heartbeat_interval = given_or(
             idle_heartbeat_interval, "volunteer.idle-heartbeat-interval"
         )
+        self.idle_after = given_or(idle_after, "volunteer.idle-after")
         self.gate = gate  # counts what this portal received (tasks, core-seconds)
         self.network: dict[str, Any] | None = None
         self.state: str | None = None  # None (running), "paused" or "draining"
@@ -197,7 +200,7 @@ class NodePlugin(WorkerPlugin):
         dask_interval = self._dask_interval_ms / 1000
         if self._busy():
             self._last_activity = time.monotonic()
-        self._idle = time.monotonic() - self._last_activity >= IDLE_AFTER
+        self._idle = time.monotonic() - self._last_activity >= self.idle_after
         if self._reconcile_pc is not None:  # memory cannot grow much with no task here
             self._reconcile_pc.callback_time = 1000 * (
                 IDLE_RECONCILE_INTERVAL if self._idle else RECONCILE_INTERVAL

@@ -546,7 +546,9 @@ DURATION_SETTINGS = (
     "drain_timeout",
     "network_refresh",
     "idle_heartbeat_interval",
+    "idle_after",
     "lend_bound",
+    "job_linger",
 )
 SETTING_KEYS = (*DURATION_SETTINGS, "memory_pause", "worker_dask")
 for _key in DURATION_SETTINGS:

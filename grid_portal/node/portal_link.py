@@ -93,6 +93,8 @@ class PortalLink:
     async def run(self) -> None:
         network = asyncio.ensure_future(self._network_loop())
         try:
+            # Rejoining backs off from 1 s, doubling, to reconnect-max (the setting): the start
+            # is not a setting, for the first retry after a short outage should be quick.
             delay = 1.0
             while not self.stop_requested.is_set():
                 started = time.monotonic()
@@ -180,6 +182,8 @@ class PortalLink:
             "death_timeout": options.death_timeout,
             "worker_dask": options.worker_dask,
             "idle_heartbeat_interval": options.idle_heartbeat_interval,
+            "idle_after": options.idle_after,
+            "job_linger": options.job_linger,
             "memory_pause": options.memory_pause,
             "local_directory": local or options.local_directory,
             "isolate_tasks": self.plan.isolates_tasks,

@@ -31,7 +31,7 @@ job of its own) gets a directory of its own under the worker's jobs directory, w
 serves one job only: a spare process is bound to the job of its first task (``bind``) and never
 runs another job's task, for a job could leave state in a long-lived process (modules it
 patched, threads). A job's directory and its processes go when another job starts on a node
-where it has nothing running, or after JOB_LINGER seconds without a task here; when no job runs
+where it has nothing running, or after the job linger (grid-portal.volunteer.job-linger) without a task here; when no job runs
 at all, the sandbox's shared writable places (``/tmp``, ``/dev/shm`` under bubblewrap) are
 emptied too. So nothing a task writes survives into another job. (Jobs that run on the node at
 the same time share the sandbox's user and those places while they both run.)
@@ -87,6 +87,7 @@ from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
     JOB_ANNOTATION,
     STREAM_ANNOTATION,
 )
+from grid_portal.settings import given_or
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -94,6 +95,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("grid_portal.node")
 
 TASK_NICE = 10
+# Not settings: how quickly a task over its memory is stopped is part of the limit's promise
+# to the volunteer, and the timeout below is the node's own patience with its scheduler
+# connection, not something a deployment would tune.
 WATCHDOG_INTERVAL = 0.2  # seconds between memory checks while tasks run
 MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's memory= becomes
 # Task annotations that name what a task may reach through its channel. The wire contract with
@@ -101,7 +105,6 @@ MEMORY_RESOURCE = "MEMORY"  # grid_portal.model.MEMORY, the resource a task's me
 EMIT_TIMEOUT = 10.0  # s the executor waits for the scheduler to take a task's message
 MAX_QUEUE_ITEM = 16 * 2**20  # characters/bytes in one queue item: it lives at the portal
 MAX_CSR = 8192  # characters of a task's certificate request (taskclient.py)
-JOB_LINGER = 10.0  # s without a running task before a job's directory and processes go
 
 
 @dataclass
@@ -357,6 +360,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         shared_places: tuple[str, ...] | list[str] = (),
         fork_server: bool = True,
         gate: SlotGate | None = None,
+        job_linger: float | None = None,  # seconds; None: the configured one
     ) -> None:
         self.slots = max(1, int(slots))
         # Tasks wait here for the agent's grant when the volunteer serves several portals.
@@ -368,6 +372,8 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         # A directory per job under jobs_dir (None: no per-job sandbox, processes serve all).
         self.jobs_dir = jobs_dir
         self.shared_places = tuple(shared_places)  # emptied whenever no job runs here
+        # Seconds without a running task before a job's directory and processes go.
+        self.job_linger = given_or(job_linger, "volunteer.job-linger")
         self._jobs: dict[Any, _Workspace] = {}
         self._numbers = itertools.count(1)
         # Directories of ended jobs that held nothing but their empty skeleton, renamed out of
@@ -1099,7 +1105,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             time.sleep(WATCHDOG_INTERVAL)
             if self._jobs:
                 with self._lock:
-                    gone = self._retire_idle_jobs(linger=JOB_LINGER)
+                    gone = self._retire_idle_jobs(linger=self.job_linger)
                     if gone:  # a job that starts meanwhile waits for their removal
                         self._trash_lock.acquire()
                 if gone:

@@ -57,6 +57,8 @@ BOOT = (
     "import json, sys; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p not in sys.path]; "
     "from grid_portal.node.taskzygote import serve; serve(int(sys.argv[2]))"
 )
+# Not a setting: the fork server is this worker's own child on this machine; a fork that takes
+# a minute means the server is wedged, and waiting longer would only stall the task.
 FORK_TIMEOUT = 60.0  # s to wait for a fork (the first waits for the server's own imports)
 
 

@@ -145,6 +145,7 @@ class WorkerProcess:
                 jobs_dir=c.get("jobs_directory"),
                 shared_places=c.get("shared_places") or (),
                 gate=gate,
+                job_linger=c["job_linger"],
             )
         self.plugin = NodePlugin(
             c["info"],
@@ -152,6 +153,7 @@ class WorkerProcess:
             # The agent's settings, always sent.
             telemetry_interval=c["telemetry_interval"],
             idle_heartbeat_interval=c["idle_heartbeat_interval"],
+            idle_after=c["idle_after"],
             memory_pause_fraction=c["memory_pause"],
             executor=executor,
             gate=gate,

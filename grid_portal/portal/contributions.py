@@ -58,7 +58,7 @@ PUBLIC_LABEL = "public"  # --label public=yes shows the volunteer's name; hidden
 _YES = ("yes", "true", "1", "on")
 # Capacity samples are taken every grid-portal.portal.capacity-sample-interval and kept for
 # capacity-sample-retention (the status page shows the last day): grid_portal/settings.py.
-FLUSH_INTERVAL = 5.0  # contribution counters reach the ledger within this many seconds
+# Contribution counters reach the ledger every grid-portal.portal.contribution-flush-interval.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volunteers (
@@ -443,12 +443,12 @@ class ContributionsPlugin(SchedulerPlugin):
         ledger_path: Path | None,
         portal: PortalPlugin,
         sample_interval: float | None = None,
-        flush_interval: float = FLUSH_INTERVAL,
+        flush_interval: float | None = None,  # seconds; None: the configured one
     ) -> None:
         self.ledger = ContributionLedger(ledger_path)
         self.portal = portal
         self.sample_interval = given_or(sample_interval, "portal.capacity-sample-interval")
-        self.flush_interval = flush_interval
+        self.flush_interval = given_or(flush_interval, "portal.contribution-flush-interval")
         self.scheduler: Scheduler | None = None
         self._last_sample = 0.0
         self._pc: PeriodicCallback | None = None

@@ -39,6 +39,8 @@ from grid_portal.protocol import JOB_OWNER_ANNOTATION as OWNER_ANNOTATION  # noq
 
 logger = logging.getLogger("grid_portal.portal")
 
+# Not a setting: the portal's own client reaches its own scheduler, in the same process, over
+# loopback; this only bounds a scheduler that is stopping.
 CONNECT_TIMEOUT = 20.0  # seconds for the portal's own client to reach its scheduler
 
 GONE = (

@@ -20,6 +20,8 @@ from grid_portal.model import CPU, GPU, MEMORY, NodeState
 from grid_portal.portal.peering import site_labels
 from grid_portal.settings import given_or
 
+# Not a setting: the sidebar's sparklines are drawn and labelled for this window, and it bounds
+# the memory a node's history takes at the portal.
 HISTORY_SECONDS = 600.0  # sparklines show the last 10 minutes
 
 

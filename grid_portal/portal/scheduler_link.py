@@ -78,6 +78,9 @@ from grid_portal.protocol import (
 
 logger = logging.getLogger("grid_portal.portal.scheduler_link")
 
+# Not settings: how long the portal waits for its own scheduler process (on this machine) to
+# end or answer before it gives up on it. Nothing a deployment changes makes these slower, and
+# the slow case (a cold start) has its own setting, portal.scheduler-start-timeout.
 STOP_TIMEOUT = 20.0
 STATUS_TIMEOUT = 10.0
 MAX_STATUS_RESPONSE = 32 * 2**20

@@ -27,6 +27,10 @@ from grid_portal.settings import given_or
 if TYPE_CHECKING:
     from distributed import Scheduler
 
+# Not settings: the first three bound what researchers' tasks and queries may make the portal
+# hold (memory, ledger rows, one reply's size), whatever they send; the flush keeps a task's
+# state in the ledger within a second of the portal hearing of it, which `grid-portal job`
+# and a restarted portal's recovery rely on.
 MAX_LOG_CHARS = 64 * 1024  # per stream and task: the tail is what people read
 MAX_ROWS = 10_000  # one query answers at most this many tasks
 RECENT = 10_000  # finished task records kept in memory for output that arrives late
