@@ -299,6 +299,17 @@ def browser_fixture() -> Iterator[Any]:
         yield chromium
 
 
+def open_sidebar(browser: Any, lab: Lab, console: ConsoleLog) -> Any:
+    """A new page of ``lab`` in ``browser`` with the Grid sidebar opened."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    console.attach(page)
+    page.goto(lab.url)
+    page.locator('li[data-id="grid-portal:sidebar"]').click(timeout=90_000)
+    return page
+
+
 @contextmanager
 def launch_chromium() -> Iterator[Any]:
     """A headless Chromium (Debian's), through Python playwright."""

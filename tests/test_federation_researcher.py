@@ -282,8 +282,9 @@ def test_a_plain_grid_beside_one_over_portals_keeps_its_speed(
 def test_the_jupyter_servers_grid_stays_on_one_portal(
     two_portals: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sidebar shows one portal, so GRID_PORTAL_PORTALS (for kernels) leaves the Jupyter
-    server's own Grid on the portal logged in to last."""
+    """The Jupyter server's own Grid (jobs, the live feed, cells) is on one portal, so
+    GRID_PORTAL_PORTALS (for kernels) leaves it on the portal logged in to last; the sidebar
+    lists the other portals' nodes through GET portals (tests/test_sidebar_portals.py)."""
     import asyncio
 
     from grid_portal.jupyter.service import GridPortal

@@ -30,6 +30,7 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
     jp_asyncio_loop,
     jp_server_cleanup,
     launch_chromium,
+    open_sidebar,
     start_lab,
     why_no_browser_tests,
 )
@@ -99,16 +100,6 @@ def guest_lab(lan: GuestHost, portal: Portal, tmp: Path) -> Iterator[Lab]:
     server = start_lab(tmp / "guest-lab", None, host=lan.guest_ip, prefix=lan.prefix)
     yield server
     server.stop()
-
-
-def open_sidebar(browser: Any, lab: Lab, console: ConsoleLog) -> Any:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(WAIT_MS)
-    console.attach(page)
-    page.goto(lab.url)
-    page.locator('li[data-id="grid-portal:sidebar"]').click(timeout=90_000)
-    return page
 
 
 def call(lab: Lab, method: str, *path: str) -> tuple[int, Any]:

@@ -188,6 +188,46 @@ SCHEMAS: dict[str, Any] = {
     "JoinRequests": _object(
         {"requests": {"type": "array", "items": _ref("JoinRequest")}}, ["requests"]
     ),
+    "SavedPortals": _object(
+        {
+            "default": {
+                **_STR_OR_NULL,
+                "description": "The saved portal this server's own Grid uses (the rest of the "
+                "sidebar shows it); null when none of the saved portals is that one.",
+            },
+            "portals": {
+                "type": "array",
+                "description": "Every portal saved by `grid-portal login`, in name order; "
+                "empty unless there are at least two.",
+                "items": _ref("SavedPortal"),
+            },
+        },
+        ["default", "portals"],
+    ),
+    "SavedPortal": _object(
+        {
+            "name": {**_STR, "description": "The name it was saved under (`--as`)."},
+            "default": {"type": "boolean"},
+            "scheduler": _STR_OR_NULL,
+            "capacity": {
+                "oneOf": [_ref("Capacity"), {"type": "null"}],
+                "description": "Its totals (nodes online, free cores...); null while it "
+                "cannot be used.",
+            },
+            "nodes": {
+                "type": "array",
+                "description": "Its nodes, each with `portal` set to this portal's name; a "
+                "node lent by a peer portal has the label `site`.",
+                "items": _ref("Node"),
+            },
+            "problem": {
+                **_STR_OR_NULL,
+                "description": "Why it cannot be used now, and what to do (expired or "
+                "revoked certificate, another CA, unreachable).",
+            },
+        },
+        ["name", "default", "scheduler", "capacity", "nodes", "problem"],
+    ),
 }
 
 
@@ -244,6 +284,17 @@ def paths(operation: Any, json_body: Any, path_parameter: Any, flag: Any) -> dic
                         }
                     },
                 },
+            )
+        },
+        "/portals": {
+            "get": operation(
+                "Every portal this user logged in to, with its nodes and counts",
+                {"200": json_body("SavedPortals", "The saved portals, grouped.")},
+                description="For a researcher who ran `grid-portal login` to several portals: "
+                "each one's nodes and totals, and which one this server's own Grid (the rest "
+                "of the API) uses. A portal that cannot be used is listed with its problem; "
+                "the others are answered all the same. Answers are cached for 2 s.",
+                operationId="getPortals",
             )
         },
         "/jobs/{job_id}/tasks": {

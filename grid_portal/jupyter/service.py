@@ -121,6 +121,9 @@ class GridPortal(LoggingConfigurable):
         # two threads submitting at once could tag each other's tasks. One at a time.
         self.submit_lock = threading.Lock()
         self.events = EventHub(self)
+        # Blocking close steps of what handlers keep beside the Grid (the saved portals'
+        # own Grids), run on close().
+        self.closers: list[Callable[[], None]] = []
 
     # -- the connection -------------------------------------------------------------------
     def _connect(self) -> tuple[Grid, str, str]:
@@ -143,8 +146,9 @@ class GridPortal(LoggingConfigurable):
                 self.log.info("Grid Portal: started the embedded portal (pid %s)", conn.pid)
             address = str(embedded_connection_path())
         elif address is None and found.source:
-            # The sidebar shows one portal: named, the connection found is not taken for
-            # GRID_PORTAL_PORTALS (several portals are for kernels and scripts).
+            # The server's own Grid (jobs, the live feed, cells) is on one portal: named, the
+            # connection found is not taken for GRID_PORTAL_PORTALS (several portals are for
+            # kernels and scripts; the sidebar lists the others through GET portals).
             address = found.source
         # reconnect=0: a call cut by a lost portal fails at once instead of waiting for the
         # portal to come back. The event feed reconnects by itself (a fresh Grid, then a
@@ -280,6 +284,9 @@ class GridPortal(LoggingConfigurable):
                 await asyncio.wait_for(loop.run_in_executor(None, _close_quietly, grid), 10)
             except TimeoutError:
                 self.log.warning("Grid Portal: closing the portal connection timed out")
+        for closer in self.closers:
+            with contextlib.suppress(Exception):  # one that fails must not keep the rest open
+                await asyncio.wait_for(loop.run_in_executor(None, closer), 10)
         if self.embedded_pid is not None and _embedded_pid() == self.embedded_pid:
             from grid_portal.embedded import stop_embedded_portal
 

@@ -29,6 +29,7 @@ import {
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { LanSection, RequestsSection } from './lan';
+import { PortalsSection } from './portals';
 import { JobDetail } from './taskstream';
 import { visibleRange } from './timing';
 import { IGridNode, IJob } from './types';
@@ -98,6 +99,7 @@ export class GridSidebar extends Widget {
     this._stopPoll();
     this._lan.stop();
     this._requests.pause();
+    this._portals.stop();
     this._jobDetail.pause();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
@@ -109,6 +111,7 @@ export class GridSidebar extends Widget {
     this._startTick();
     this._lan.start();
     this._requests.start();
+    this._portals.start();
     this._jobDetail.resume();
     if (this._everyone) {
       this._startPoll();
@@ -120,6 +123,7 @@ export class GridSidebar extends Widget {
     this._stopTick();
     this._lan.stop();
     this._requests.pause();
+    this._portals.stop();
     this._jobDetail.pause();
     this._stopPoll();
   }
@@ -234,6 +238,7 @@ export class GridSidebar extends Widget {
       h('div', { class: 'gp-error', role: 'alert', hidden: true }, this._errorText, retry),
       this._lan.node,
       this._requests.node,
+      this._portals.node,
       this._totals,
       h(
         'section',
@@ -605,6 +610,7 @@ export class GridSidebar extends Widget {
     this._jobList.hidden = false;
   });
   private _requests = new RequestsSection();
+  private _portals = new PortalsSection();
   private _columns: ReadonlySet<Column> = new Set(ALL_COLUMNS);
   private _filter: INodeFilter = { gpuOnly: false, idleOnly: false, text: '' };
   private _sort: INodeSort = { key: 'name', descending: false };

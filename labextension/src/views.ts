@@ -15,6 +15,8 @@ import {
   shortGpuName
 } from './format';
 import { IPoint, cpuSeries, gpuIndices, gpuSeries, memorySeries, sparklinePath } from './sparkline';
+import { siteBadge } from './portals';
+import { siteOf } from './site';
 import { IGridNode, IJob } from './types';
 
 export type Column = 'state' | 'cpu' | 'memory' | 'gpu' | 'tasks';
@@ -69,11 +71,13 @@ export function nodeRowContent(
 ): Child[] {
   const t = node.telemetry;
   const tasks = t?.running_tasks ?? 0;
+  const site = siteOf(node);
   const head = h(
     'div',
     { class: 'gp-row-line gp-row-head' },
     h('span', { class: `gp-dot gp-state-${node.state}` }),
     h('span', { class: 'gp-node-name', title: node.address ?? node.name }, node.name),
+    site && siteBadge(site),
     columns.has('state') && stateBadge(node.state),
     columns.has('tasks') &&
       node.state !== 'offline' &&
