@@ -87,7 +87,11 @@ def connect(
         else:
             members[name] = outcome
     if not members:
-        raise ConnectionFailed("none of the portals can be used: " + "; ".join(problems.values()))
+        failed = ConnectionFailed(
+            "none of the portals can be used: " + "; ".join(problems.values())
+        )
+        failed.problems = problems  # type: ignore[attr-defined] - each portal's own line
+        raise failed
     for message in problems.values():
         warnings.warn(message, PortalWarning, stacklevel=stacklevel)
     return Federation(members, problems)

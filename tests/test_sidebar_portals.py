@@ -159,7 +159,10 @@ def test_a_saved_portal_that_cannot_be_reached_is_listed_with_its_problem(
 
         by_name = wait_for(listed, timeout=90, what="the unreachable portal to be listed")
         problem = by_name["fed-gone"]["problem"]
-        assert "'fed-gone'" in problem and "cannot be reached" in problem, problem
+        # One line for that portal, as a Grid over several portals warns (what to do included).
+        assert problem.startswith("portal 'fed-gone' (tls://127.0.0.1:"), problem
+        assert "cannot be reached" in problem and "is it running?" in problem, problem
+        assert "none of the portals" not in problem, problem
         assert by_name["fed-gone"]["capacity"] is None and by_name["fed-gone"]["nodes"] == []
         assert all(by_name[n]["problem"] is None for n in OURS)  # the others answer
     finally:

@@ -32,11 +32,10 @@ from grid_portal.jupyter.handlers import GridHandler
 
 if TYPE_CHECKING:
     from grid_portal.client import Grid
-    from grid_portal.federated import Federation
     from grid_portal.jupyter.service import GridPortal
 
 FRESH = 2.0  # seconds an answer serves every sidebar that asks (each poll is one per portal)
-RETRY_AFTER = 15.0  # seconds before a portal that could not be used is tried again
+RETRY_AFTER = 30.0  # seconds before a portal that could not be used is tried again
 
 
 class SavedPortals:
@@ -45,10 +44,10 @@ class SavedPortals:
     def __init__(self, portal: GridPortal) -> None:
         self.portal = portal
         self._lock = threading.Lock()
-        self._federation: Federation | None = None
-        self._key: tuple[tuple[str, int], ...] = ()  # the saved logins it was made from
-        self._connected_at = 0.0
-        self._last_try = 0.0
+        self._members: dict[str, Grid] = {}  # name -> its Grid, while it can be used
+        self._problems: dict[str, str] = {}  # name -> why it cannot be used now
+        self._mtimes: dict[str, int] = {}  # name -> its saved login's mtime when connected
+        self._tried: dict[str, float] = {}  # name -> when it was last connected (monotonic)
         self._answer: tuple[float, str | None, dict[str, Any]] | None = None
 
     def overview(self, default_scheduler: str | None) -> dict[str, Any]:
@@ -56,19 +55,17 @@ class SavedPortals:
         the portal the server's own Grid uses (None when it cannot be reached)."""
         with self._lock:
             now = time.monotonic()
-            if (
-                self._answer
-                and now - self._answer[0] < FRESH
-                and self._answer[1] == default_scheduler
-            ):
-                return self._answer[2]
-            answer = self._overview(default_scheduler)
-            self._answer = (time.monotonic(), default_scheduler, answer)
-            return answer
+            answer = self._answer
+            if answer and now - answer[0] < FRESH and answer[1] == default_scheduler:
+                return answer[2]
+            fresh = self._overview(default_scheduler)
+            self._answer = (time.monotonic(), default_scheduler, fresh)
+            return fresh
 
     def close(self) -> None:
         with self._lock:
-            self._drop()
+            for name in list(self._members):
+                self._forget(name)
 
     # -- inside the lock ----------------------------------------------------------------------
     def _overview(self, default_scheduler: str | None) -> dict[str, Any]:
@@ -82,10 +79,10 @@ class SavedPortals:
                 schedulers[name] = Connection.load(path).scheduler
         default = next((n for n, s in schedulers.items() if s == default_scheduler), None)
         if len(kept) < 2:
-            self._drop()
+            for name in list(self._members):
+                self._forget(name)
             return {"default": default, "portals": []}
-        federation = self._connected(kept)
-        problems = dict(federation.problems) if federation else {}
+        self._connect(kept)
         portals = []
         for name, path in kept.items():
             entry: dict[str, Any] = {
@@ -94,42 +91,49 @@ class SavedPortals:
                 "scheduler": schedulers.get(name),
                 "capacity": None,
                 "nodes": [],
-                "problem": problems.get(name),
+                "problem": self._problems.get(name),
             }
-            member = federation.members.get(name) if federation else None
-            if member is not None:
-                entry.update(self._member(name, path, member))
-            elif entry["problem"] is None:
-                entry["problem"] = f"portal {name!r} could not be used; it is tried again soon"
+            if name in self._members:
+                entry.update(self._ask(name, path))
             portals.append(entry)
         return {"default": default, "portals": portals}
 
-    def _member(self, name: str, path: Path, member: Grid) -> dict[str, Any]:
+    def _ask(self, name: str, path: Path) -> dict[str, Any]:
         """One portal's nodes and counts, or the problem that kept them from us."""
         from grid_portal.federated import diagnose
 
+        member = self._members[name]
         try:
             if member.client.status != "running":  # Dask knows the portal went away
                 raise OSError(f"the Dask client is {member.client.status}")
             nodes = member.nodes(as_dict=True)
             capacity = member.capacity().to_dict()
         except (GridError, OSError, TimeoutError) as exc:
-            self._connected_at = 0.0  # connect again at the next request after RETRY_AFTER
-            return {"problem": diagnose(name, path, exc)}
+            problem = diagnose(name, path, exc)
+            self._forget(name)  # connected again after RETRY_AFTER
+            self._problems[name] = problem
+            return {"problem": problem}
         return {"nodes": [{**n, "portal": name} for n in nodes], "capacity": capacity}
 
-    def _connected(self, kept: dict[str, Path]) -> Federation | None:
-        """The Grids to the saved portals, made again when the logins changed, or when a
-        portal failed and RETRY_AFTER has passed (it may be back)."""
+    def _connect(self, kept: dict[str, Path]) -> None:
+        """Connect the saved portals not connected yet: new logins at once, one that failed
+        after RETRY_AFTER (it may be back); forget those logged out of or logged in again."""
         from grid_portal import federated
 
-        key = tuple((name, _mtime(path)) for name, path in kept.items())
-        stale = self._federation is None or bool(self._federation.problems)
-        stale = stale or self._connected_at == 0.0
-        if key == self._key and not (stale and time.monotonic() - self._last_try > RETRY_AFTER):
-            return self._federation
-        self._drop()
-        self._key, self._last_try = key, time.monotonic()
+        for name in set(self._members) | set(self._problems):
+            if name not in kept or self._mtimes.get(name) != _mtime(kept[name]):
+                self._forget(name)
+                self._problems.pop(name, None)
+                self._tried.pop(name, None)
+        now = time.monotonic()
+        due = [
+            (name, path)
+            for name, path in kept.items()
+            if name not in self._members
+            and now - self._tried.get(name, -RETRY_AFTER) >= RETRY_AFTER
+        ]
+        if not due:
+            return
         timeout = self.portal.connect_timeout
 
         def member(path: Path, first: bool) -> Grid:
@@ -142,19 +146,25 @@ class SavedPortals:
             )
 
         try:
-            self._federation = federated.connect(list(kept.items()), member)
-        except GridError:
-            self._federation = None
-            return None
-        self._connected_at = time.monotonic()
-        return self._federation
+            connected = federated.connect(due, member)
+            members, problems = connected.members, connected.problems
+        except GridError as exc:  # none of them could be used: each one's line is on it
+            members, problems = {}, dict(getattr(exc, "problems", {}))
+        for name, path in due:
+            self._tried[name] = now
+            self._mtimes[name] = _mtime(path)
+            if name in members:
+                self._members[name] = members[name]
+                self._problems.pop(name, None)
+            else:
+                self._problems[name] = problems.get(name) or f"portal {name!r} cannot be used"
 
-    def _drop(self) -> None:
-        federation, self._federation = self._federation, None
-        self._key, self._answer = (), None
-        if federation is not None:
+    def _forget(self, name: str) -> None:
+        grid = self._members.pop(name, None)
+        self._answer = None
+        if grid is not None:
             with contextlib.suppress(Exception):  # a portal that went away may fail to close
-                federation.close()
+                grid.close()
 
 
 def _mtime(path: Path) -> int:
