@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,18 @@ def test_a_saved_portal_that_cannot_be_reached_is_listed_with_its_problem(
     gone = dataclasses.replace(kept, scheduler=f"tls://127.0.0.1:{free_port()}")
     path: Path = save(gone, "fed-gone")
     try:
+        # No request waits for it (the server connects in the background, for up to its
+        # connect timeout of 5 s here): at first it is listed as connecting.
+        started = time.monotonic()
+        first = {p["name"]: p for p in portals(lab)["portals"]}
+        assert time.monotonic() - started < 3
+        assert first["fed-gone"]["connecting"] is True and first["fed-gone"]["nodes"] == []
 
         def listed() -> dict[str, Any] | None:
             answer = portals(lab)
             by_name = {p["name"]: p for p in answer["portals"]}
-            return by_name if "fed-gone" in by_name and both_online(lab) else None
+            gone = by_name.get("fed-gone") or {}
+            return by_name if gone.get("problem") and both_online(lab) else None
 
         by_name = wait_for(listed, timeout=90, what="the unreachable portal to be listed")
         problem = by_name["fed-gone"]["problem"]
@@ -164,6 +172,7 @@ def test_a_saved_portal_that_cannot_be_reached_is_listed_with_its_problem(
         assert "cannot be reached" in problem and "is it running?" in problem, problem
         assert "none of the portals" not in problem, problem
         assert by_name["fed-gone"]["capacity"] is None and by_name["fed-gone"]["nodes"] == []
+        assert by_name["fed-gone"]["connecting"] is False
         assert all(by_name[n]["problem"] is None for n in OURS)  # the others answer
     finally:
         path.unlink()

@@ -225,8 +225,13 @@ SCHEMAS: dict[str, Any] = {
                 "description": "Why it cannot be used now, and what to do (expired or "
                 "revoked certificate, another CA, unreachable).",
             },
+            "connecting": {
+                "type": "boolean",
+                "description": "The server is connecting to it now (in the background: no "
+                "request waits for a portal); its nodes follow in a later answer.",
+            },
         },
-        ["name", "default", "scheduler", "capacity", "nodes", "problem"],
+        ["name", "default", "scheduler", "capacity", "nodes", "problem", "connecting"],
     ),
 }
 

@@ -29,6 +29,7 @@ from tornado import web
 
 from grid_portal.errors import GridError
 from grid_portal.jupyter.handlers import GridHandler
+from grid_portal.jupyter.service import _close_quietly
 
 if TYPE_CHECKING:
     from grid_portal.client import Grid
@@ -48,31 +49,36 @@ class SavedPortals:
         self._problems: dict[str, str] = {}  # name -> why it cannot be used now
         self._mtimes: dict[str, int] = {}  # name -> its saved login's mtime when connected
         self._tried: dict[str, float] = {}  # name -> when it was last connected (monotonic)
-        self._answer: tuple[float, str | None, dict[str, Any]] | None = None
+        self._answer: tuple[float, Any, dict[str, Any]] | None = None  # (when, key, answer)
+        self._connecting: set[str] = set()  # names a connecting thread works on now
+        self._closed = False
 
     def overview(self, default_scheduler: str | None) -> dict[str, Any]:
         """``{"default": NAME, "portals": [...]}``; ``default_scheduler`` is the address of
         the portal the server's own Grid uses (None when it cannot be reached)."""
+        from grid_portal.portals import saved
+
+        kept = saved()
+        # A new login, or one logged out of, shows at once: it is part of what is cached.
+        key = (default_scheduler, tuple((name, _mtime(path)) for name, path in kept.items()))
         with self._lock:
-            now = time.monotonic()
             answer = self._answer
-            if answer and now - answer[0] < FRESH and answer[1] == default_scheduler:
+            if answer and time.monotonic() - answer[0] < FRESH and answer[1] == key:
                 return answer[2]
-            fresh = self._overview(default_scheduler)
-            self._answer = (time.monotonic(), default_scheduler, fresh)
+            fresh = self._overview(default_scheduler, kept)
+            self._answer = (time.monotonic(), key, fresh)
             return fresh
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for name in list(self._members):
                 self._forget(name)
 
     # -- inside the lock ----------------------------------------------------------------------
-    def _overview(self, default_scheduler: str | None) -> dict[str, Any]:
+    def _overview(self, default_scheduler: str | None, kept: dict[str, Path]) -> dict[str, Any]:
         from grid_portal.connection import Connection
-        from grid_portal.portals import saved
 
-        kept = saved()
         schedulers: dict[str, str] = {}
         for name, path in kept.items():
             with contextlib.suppress(GridError, OSError):
@@ -92,6 +98,7 @@ class SavedPortals:
                 "capacity": None,
                 "nodes": [],
                 "problem": self._problems.get(name),
+                "connecting": name in self._connecting,
             }
             if name in self._members:
                 entry.update(self._ask(name, path))
@@ -116,15 +123,16 @@ class SavedPortals:
         return {"nodes": [{**n, "portal": name} for n in nodes], "capacity": capacity}
 
     def _connect(self, kept: dict[str, Path]) -> None:
-        """Connect the saved portals not connected yet: new logins at once, one that failed
-        after RETRY_AFTER (it may be back); forget those logged out of or logged in again."""
-        from grid_portal import federated
-
-        for name in set(self._members) | set(self._problems):
+        """Start connecting the saved portals not connected yet (new logins at once, one that
+        failed after RETRY_AFTER: it may be back), on a thread of its own so that no request
+        waits for a portal that does not answer; forget those logged out of or in again."""
+        for name in set(self._members) | set(self._problems) | set(self._tried):
             if name not in kept or self._mtimes.get(name) != _mtime(kept[name]):
                 self._forget(name)
                 self._problems.pop(name, None)
                 self._tried.pop(name, None)
+        if self._connecting or self._closed:
+            return  # one batch at a time; the next request starts the rest
         now = time.monotonic()
         due = [
             (name, path)
@@ -132,8 +140,18 @@ class SavedPortals:
             if name not in self._members
             and now - self._tried.get(name, -RETRY_AFTER) >= RETRY_AFTER
         ]
-        if not due:
-            return
+        for name, path in due:
+            self._tried[name], self._mtimes[name] = now, _mtime(path)
+        if due:
+            self._connecting = {name for name, _ in due}
+            threading.Thread(
+                target=self._connect_batch, args=(due,), name="grid-portal-portals", daemon=True
+            ).start()
+
+    def _connect_batch(self, due: list[tuple[str, Path]]) -> None:
+        """On its own thread: connect ``due`` at once, then keep what came of it."""
+        from grid_portal import federated
+
         timeout = self.portal.connect_timeout
 
         def member(path: Path, first: bool) -> Grid:
@@ -145,26 +163,34 @@ class SavedPortals:
                 str(path), timeout=timeout, start_embedded=False, reconnect=0, set_as_default=False
             )
 
+        members: dict[str, Grid] = {}
+        problems: dict[str, str] = {}
         try:
             connected = federated.connect(due, member)
             members, problems = connected.members, connected.problems
         except GridError as exc:  # none of them could be used: each one's line is on it
-            members, problems = {}, dict(getattr(exc, "problems", {}))
-        for name, path in due:
-            self._tried[name] = now
-            self._mtimes[name] = _mtime(path)
-            if name in members:
-                self._members[name] = members[name]
-                self._problems.pop(name, None)
-            else:
-                self._problems[name] = problems.get(name) or f"portal {name!r} cannot be used"
+            problems = dict(getattr(exc, "problems", {}))
+        except Exception as exc:  # noqa: BLE001 - a thread's failure must reach the answer
+            problems = {name: f"portal {name!r} cannot be used: {exc}" for name, _ in due}
+        with self._lock:
+            self._connecting = set()
+            self._answer = None
+            for name, path in due:
+                grid = members.get(name)
+                if self._closed or self._mtimes.get(name) != _mtime(path):
+                    if grid is not None:  # closed, or logged in again meanwhile: not this one
+                        _close_quietly(grid)
+                elif grid is not None:
+                    self._members[name] = grid
+                    self._problems.pop(name, None)
+                else:
+                    self._problems[name] = problems.get(name) or f"portal {name!r} cannot be used"
 
     def _forget(self, name: str) -> None:
         grid = self._members.pop(name, None)
         self._answer = None
         if grid is not None:
-            with contextlib.suppress(Exception):  # a portal that went away may fail to close
-                grid.close()
+            _close_quietly(grid)
 
 
 def _mtime(path: Path) -> int:

@@ -28,6 +28,8 @@ export interface ISavedPortal {
   capacity: ICapacity | null;
   nodes: IGridNode[];
   problem: string | null;
+  /** The server is connecting to it now; its nodes follow. */
+  connecting: boolean;
 }
 
 interface ISavedPortals {
@@ -103,6 +105,7 @@ function portalGroup(p: ISavedPortal): HTMLElement {
     ),
     h('div', { class: 'gp-row-line gp-job-meta' }, ...counts),
     p.problem && h('div', { class: 'gp-portal-problem gp-job-error' }, p.problem),
+    p.connecting && !c && h('div', { class: 'gp-empty gp-portal-connecting' }, 'connecting…'),
     ...shown.map(portalNode),
     more > 0 && h('div', { class: 'gp-empty' }, `and ${plural(more, 'more node')}`)
   );
