@@ -284,18 +284,25 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
             stages.append(stage)
 
     known = list(first_seen)
+
+    def refers(path: str, name: str, own: str, itself: str) -> bool:
+        """Does ``name`` (at ``path``, in stage ``own``) name another stage? If not, say why."""
+        if name not in first_seen:
+            problems.add(
+                path,
+                f"unknown stage {name!r}{_did_you_mean(name, known)}; known stages: {', '.join(known)}",
+            )
+            return False
+        if name == own:
+            problems.add(path, f"stage {name!r} cannot {itself}")
+            return False
+        return True
+
     needs_ok = True
     for i, raw in enumerate(doc["stages"]):
         for j, need in enumerate(raw.get("needs", [])):
-            if need not in first_seen:
+            if not refers(f"stages[{i}].needs[{j}]", need, raw["name"], "need itself"):
                 needs_ok = False
-                problems.add(
-                    f"stages[{i}].needs[{j}]",
-                    f"unknown stage {need!r}{_did_you_mean(need, known)}; known stages: {', '.join(known)}",
-                )
-            elif need == raw["name"]:
-                needs_ok = False
-                problems.add(f"stages[{i}].needs[{j}]", f"stage {need!r} cannot need itself")
             elif keyword.iskeyword(_argument_name(need)) and not isinstance(raw.get("run"), dict):
                 problems.add(
                     f"stages[{i}].needs[{j}]",
@@ -306,15 +313,8 @@ def _build(doc: dict[str, Any], base_dir: Path) -> JobSpec:
         each = raw.get("map", {}).get("each")
         if each is None:
             continue
-        if each not in first_seen:
+        if not refers(f"stages[{i}].map.each", each, raw["name"], "map over itself"):
             needs_ok = False
-            problems.add(
-                f"stages[{i}].map.each",
-                f"unknown stage {each!r}{_did_you_mean(each, known)}; known stages: {', '.join(known)}",
-            )
-        elif each == raw["name"]:
-            needs_ok = False
-            problems.add(f"stages[{i}].map.each", f"stage {each!r} cannot map over itself")
         elif "map" not in doc["stages"][first_seen[each]]:
             problems.add(
                 f"stages[{i}].map.each",
