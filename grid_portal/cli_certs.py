@@ -64,6 +64,21 @@ def data_dir_of(args: argparse.Namespace) -> Path:
     return (args.data_dir or default_data_dir()).expanduser()
 
 
+def portal_ledger(args: argparse.Namespace) -> Path:
+    """The ledger of the portal in the data dir (``data_dir_of``); where there is none, a
+    GridError saying what to do. Every command that reads a portal's ledger starts here."""
+    from grid_portal.portal.ledger import LEDGER_FILE
+
+    data_dir = data_dir_of(args)
+    path = data_dir / LEDGER_FILE
+    if not path.is_file():
+        raise GridError(
+            f"no ledger in {data_dir}: no portal was started there; start one with "
+            "`grid-portal serve`, or give the portal's --data-dir"
+        )
+    return path
+
+
 def token_store(args: argparse.Namespace) -> tuple[Any, str]:
     """The portal's join tokens and its CA pin, for `grid-portal token ...`."""
     from grid_portal.portal.ledger import LEDGER_FILE
@@ -81,16 +96,9 @@ def token_store(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _book(args: argparse.Namespace) -> Any:
-    from grid_portal.portal.ledger import LEDGER_FILE, EnrolmentBook
+    from grid_portal.portal.ledger import EnrolmentBook
 
-    data_dir = data_dir_of(args)
-    ledger = data_dir / LEDGER_FILE
-    if not ledger.exists():
-        raise GridError(
-            f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
-            "portal's --data-dir"
-        )
-    return EnrolmentBook(ledger)
+    return EnrolmentBook(portal_ledger(args))
 
 
 def cmd_certs_list(args: argparse.Namespace) -> int:

@@ -11,9 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grid_portal.errors import GridError
-
-LEDGER_FILE = "ledger.sqlite"  # grid_portal.portal.ledger.LEDGER_FILE, without importing it
+from grid_portal.cli_certs import portal_ledger
 
 
 # -- grid-portal serve --jupyterhub ------------------------------------------------------------
@@ -95,19 +93,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
-def _ledger_path(args: argparse.Namespace) -> Path:
-    from grid_portal.cli_certs import data_dir_of
-
-    data_dir = data_dir_of(args)
-    path = data_dir / LEDGER_FILE
-    if not path.exists():
-        raise GridError(
-            f"no ledger in {data_dir}: give the portal's --data-dir (where `grid-portal serve` "
-            "keeps its CA and ledger)"
-        )
-    return path
-
-
 def ledger_report(path: Path, reveal: bool = False) -> dict[str, Any]:
     """The ledger's records in the shape of ``/status.json`` (capacity: the last sample)."""
     import time
@@ -133,7 +118,7 @@ def ledger_report(path: Path, reveal: bool = False) -> dict[str, Any]:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    report = ledger_report(_ledger_path(args), reveal=args.names)
+    report = ledger_report(portal_ledger(args), reveal=args.names)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

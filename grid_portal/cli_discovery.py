@@ -281,17 +281,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _requests_store(args: argparse.Namespace) -> Any:
-    from grid_portal.cli_certs import data_dir_of
+    from grid_portal.cli_certs import portal_ledger
     from grid_portal.portal.join_requests import JoinRequests
-    from grid_portal.portal.ledger import LEDGER_FILE
 
-    data_dir = data_dir_of(args)
-    if not (data_dir / LEDGER_FILE).exists():
-        raise GridError(
-            f"no portal in {data_dir}: start one with `grid-portal serve` first, or pass the "
-            "portal's --data-dir"
-        )
-    return JoinRequests(data_dir / LEDGER_FILE)
+    return JoinRequests(portal_ledger(args))
 
 
 def cmd_requests(args: argparse.Namespace) -> int:

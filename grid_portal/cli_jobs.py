@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grid_portal.cli_certs import portal_ledger
 from grid_portal.errors import GridError, NotFound
 from grid_portal.units import duration_arg
 
-LEDGER_FILE = "ledger.sqlite"  # grid_portal.portal.ledger.LEDGER_FILE, without importing it
 TASK_ROWS = 100  # tasks shown by `grid-portal job ID` unless --all-tasks
 
 
@@ -244,13 +244,6 @@ _JOB_COLUMNS = (
 )
 
 
-def _ledger(args: argparse.Namespace) -> Path:
-    path = args.data_dir.expanduser() / LEDGER_FILE
-    if not path.is_file():
-        raise GridError(f"no portal ledger in {args.data_dir}: give the portal's --data-dir")
-    return path
-
-
 def _read_jobs(path: Path, job_id: str | None = None) -> list[dict[str, Any]]:
     import sqlite3
 
@@ -279,7 +272,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from grid_portal.model import Job
 
     if args.data_dir is not None:
-        jobs = [Job.from_dict(j) for j in _read_jobs(_ledger(args))]
+        jobs = [Job.from_dict(j) for j in _read_jobs(portal_ledger(args))]
     else:
         with _grid(args) as grid:
             jobs = grid.jobs(everyone=args.all)
@@ -314,7 +307,7 @@ def _job_detail(args: argparse.Namespace) -> dict[str, Any]:
     if args.data_dir is not None:
         from grid_portal.portal.tasklog import item_paths, read_tasks, summarize_stages
 
-        path = _ledger(args)
+        path = portal_ledger(args)
         found = _read_jobs(path, args.job_id)
         if not found:
             raise GridError(f"no job {args.job_id!r} in {args.data_dir}; see grid-portal jobs")
@@ -444,11 +437,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         from grid_portal.portal.tasklog import read_tasks
 
-        if not _read_jobs(_ledger(args), args.job_id):
+        if not _read_jobs(portal_ledger(args), args.job_id):
             raise GridError(f"no job {args.job_id!r} in {args.data_dir}; see grid-portal jobs")
         tasks = [
             t
-            for t in read_tasks(_ledger(args), args.job_id)
+            for t in read_tasks(portal_ledger(args), args.job_id)
             if (t["stdout"] or t["stderr"])
             and (args.stage is None or t["stage"] == args.stage)
             and (args.item is None or t["item"] == args.item)
