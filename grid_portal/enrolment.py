@@ -121,3 +121,18 @@ def post_json(
     if not isinstance(reply, dict):
         raise ConnectionFailed(f"the portal's answer at {url} was not a JSON object")
     return reply
+
+
+def enrol_with_token(
+    base: str, ca_pem: str, token: str, name: str, what: str
+) -> tuple[str, dict[str, Any]]:
+    """Enrol with a join token at the portal ``base`` whose CA is ``ca_pem`` (already checked
+    against the token's pin): a new key and a CSR for ``name``, sent with this Python's
+    versions, so that the portal can refuse a machine that could not run its work. Returns
+    the private key (PEM) and the portal's reply (certificate, name, role, scheduler, CA)."""
+    from grid_portal.envcheck import local_versions
+    from grid_portal.keys import make_key_and_csr
+
+    key_pem, csr_pem = make_key_and_csr(name)
+    body = {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()}
+    return key_pem, post_json(f"{base}/api/enrol", ca_pem, body, what=what)

@@ -86,6 +86,21 @@ def write_private(path: Path, data: bytes | str) -> None:
     _write_atomic(Path(path), data, 0o600)
 
 
+def keep_credentials(
+    folder: Path, stem: str, ca_pem: str, cert_pem: str, key_pem: str
+) -> tuple[Path, Path, Path]:
+    """Keep what an enrolment gave (the portal's CA, a certificate, its key) in ``folder``,
+    made private (0700; the key 0600), as ``ca.pem``, ``STEM.pem`` and ``STEM-key.pem``.
+    Returns their paths: CA, certificate, key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    ca, cert, key = folder / "ca.pem", folder / f"{stem}.pem", folder / f"{stem}-key.pem"
+    ca.write_text(ca_pem)
+    cert.write_text(cert_pem)
+    write_private(key, key_pem)
+    return ca, cert, key
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (made, mode 0600, if missing) in the block, so

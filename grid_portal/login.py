@@ -11,15 +11,13 @@ second portal keeps the first: ``Grid(portals=[...])`` uses several.
 from __future__ import annotations
 
 import getpass
-import os
 from pathlib import Path
 
 from grid_portal import portals
 from grid_portal.connection import Connection, user_connection_path
-from grid_portal.enrolment import fetch_pinned_ca, portal_base, post_json
-from grid_portal.envcheck import local_versions
+from grid_portal.enrolment import enrol_with_token, fetch_pinned_ca, portal_base
 from grid_portal.errors import EnrolmentRefused
-from grid_portal.keys import make_key_and_csr, parse_token, write_private
+from grid_portal.keys import keep_credentials, parse_token
 
 
 def login(
@@ -37,13 +35,7 @@ def login(
     base = portal_base(portal_url)
     ca_pem = fetch_pinned_ca(base, pin)
     wanted = name or getpass.getuser()
-    key_pem, csr_pem = make_key_and_csr(wanted)
-    reply = post_json(
-        f"{base}/api/enrol",
-        ca_pem,
-        {"token": token, "csr": csr_pem, "name": wanted, "versions": local_versions()},
-        what="log you in",
-    )
+    key_pem, reply = enrol_with_token(base, ca_pem, token, wanted, "log you in")
     if reply.get("role") == "node":
         raise EnrolmentRefused(
             "that token is for volunteer machines; ask the portal's admin for a researcher "
@@ -68,17 +60,13 @@ def save_connection(
     keep = output is None
     output = output or user_connection_path()
     folder = output.parent / "certs" / pin
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    (folder / "ca.pem").write_text(ca_pem)
-    (folder / "client.pem").write_text(reply["cert"])
-    write_private(folder / "client-key.pem", key_pem)
+    ca, cert, key = keep_credentials(folder, "client", ca_pem, reply["cert"], key_pem)
     connection = Connection(
         scheduler=reply["scheduler"],
         http=base,
-        ca=str(folder / "ca.pem"),
-        cert=str(folder / "client.pem"),
-        key=str(folder / "client-key.pem"),
+        ca=str(ca),
+        cert=str(cert),
+        key=str(key),
         name=reply["name"],
         role=reply.get("role", "client"),
     )

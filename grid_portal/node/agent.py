@@ -40,10 +40,10 @@ import platformdirs
 import psutil
 
 from grid_portal.enrolment import (
+    enrol_with_token,
     fetch_pinned_ca,
     pinned_context,
     portal_base,
-    post_json,
     reason,
     request,
 )
@@ -175,7 +175,6 @@ def enrol(
     ``check(base_url, pinned_context)`` runs before anything is sent (the token is not spent on
     a machine the portal could not use): the environment check of ``envcheck.check_portal``.
     """
-    from grid_portal.envcheck import local_versions
     from grid_portal.keys import parse_token
 
     secret_pin = parse_token(token)
@@ -201,16 +200,7 @@ def enrol(
     ca_pem = fetch_pinned_ca(base, pin)
     if check is not None:
         check(base, pinned_context(ca_pem))
-    from grid_portal.keys import make_key_and_csr
-
-    key_pem, csr_pem = make_key_and_csr(name)
-    reply = post_json(
-        f"{base}/api/enrol",
-        ca_pem,
-        # Versions let the portal refuse a machine whose Python or Dask cannot run its work.
-        {"token": token, "csr": csr_pem, "name": name, "versions": local_versions()},
-        what="enrol this machine",
-    )
+    key_pem, reply = enrol_with_token(base, ca_pem, token, name, "enrol this machine")
     return save_credentials(node_dir, reply["ca"], key_pem, reply, name)
 
 
@@ -219,19 +209,15 @@ def save_credentials(
 ) -> Credentials:
     """Keep what enrolment gave this machine (a token's or an approved join request's): the
     CA, the certificate and key (0600) and ``node.json``, in its private state dir."""
-    from grid_portal.keys import write_private
+    from grid_portal.keys import keep_credentials, write_private
 
-    node_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(node_dir, 0o700)
-    (node_dir / "ca.pem").write_text(ca_pem)
-    (node_dir / "node.pem").write_text(reply["cert"])
-    write_private(node_dir / "node-key.pem", key_pem)
+    ca, cert, key = keep_credentials(node_dir, "node", ca_pem, reply["cert"], key_pem)
     creds = Credentials(
         name=reply["name"],
         scheduler=reply["scheduler"],
-        ca=str(node_dir / "ca.pem"),
-        cert=str(node_dir / "node.pem"),
-        key=str(node_dir / "node-key.pem"),
+        ca=str(ca),
+        cert=str(cert),
+        key=str(key),
         requested_name=requested_name,
     )
     write_private(node_dir / "node.json", json.dumps(asdict(creds), indent=2))
