@@ -31,7 +31,7 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
     why_no_browser_tests,
 )
 from conftest import wait_for
-from test_federation_researcher import login, two_portals  # noqa: F401 - the fixture
+from test_federation_researcher import two_portals  # noqa: F401 - the fixture
 
 from grid_portal.jupyter.openapi import openapi_document
 
