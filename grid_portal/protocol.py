@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 SCHEDULER = "scheduler"
 NODE = "node"
@@ -90,6 +91,14 @@ MAX_GPUS = 64
 # the admin's lives with the CA, a node's is revoked by name.
 PERSON_CERT_DAYS = 14
 PERSON_ROLES_RENEWED = frozenset({CLIENT, TEACHER})
+ENROLLED_CERT_DAYS = 365  # any other role's certificate from enrolment (a node's, the admin's)
+
+
+def enrolment_cert_days(role: str) -> float:
+    """How long a certificate given at enrolment (a token or an approved join request) lives."""
+    return PERSON_CERT_DAYS if role in PERSON_ROLES_RENEWED else ENROLLED_CERT_DAYS
+
+
 # A job's delegated credential (portal/delegation.py) lives at most this long; a task that
 # needs longer asks again, and none works once its job has ended.
 DELEGATE_CERT_HOURS = 1.0
@@ -136,6 +145,31 @@ def delegation(name: str) -> tuple[str, str] | None:
     """(owner, job id) of a delegate's name, or None if it is not one."""
     owner, sep, job_id = name.rpartition("/job/")
     return (owner, job_id) if sep and owner and job_id else None
+
+
+# Copy j >= 1 of a replicated task is named from copy 0's key: what a kernel (replication.py)
+# and a workflow (jobs/graph.py) submit, and what the portal (portal/replicas.py) reads back.
+REPLICA_SUFFIX = "-replica"
+
+
+def copy_key(key: Any, j: int) -> Any:
+    """The key of copy ``j`` of the task whose copy 0 has ``key``: ``KEY-replicaJ``, or that
+    in the name part of a tuple key (a map's item keeps its index)."""
+    if j == 0:
+        return key
+    if isinstance(key, tuple):
+        return (f"{key[0]}{REPLICA_SUFFIX}{j}", *key[1:])
+    return f"{key}{REPLICA_SUFFIX}{j}"
+
+
+def original_key(key: Any, j: int) -> Any:
+    """Copy 0's key, from the key of copy ``j`` (None where ``key`` is not such a copy)."""
+    suffix = f"{REPLICA_SUFFIX}{j}"
+    if isinstance(key, tuple) and isinstance(key[0], str) and key[0].endswith(suffix):
+        return (key[0][: -len(suffix)], *key[1:])
+    if isinstance(key, str) and key.endswith(suffix):
+        return key[: -len(suffix)]
+    return None
 
 
 # -- the portal's scheduler: request/reply handlers --------------------------------------------

@@ -34,6 +34,7 @@ from grid_portal.protocol import (
     REPLICA_ANNOTATION,
     REPLICAS_ANNOTATION,
     STAGE_ANNOTATION,
+    copy_key,
 )
 
 MAX_REPLICAS = 5  # as for workflow stages (grid_portal.jobs.spec.MAX_REPLICAS)
@@ -61,15 +62,6 @@ def check_replicas(replicas: Any) -> int:
             f"replicas={replicas}: each copy runs on its own node; ask for 1 to {MAX_REPLICAS}"
         )
     return replicas
-
-
-def copy_key(key: Any, j: int) -> Any:
-    """Copy ``j``'s key (grid_portal.portal.replicas.copy_key's convention)."""
-    if j == 0:
-        return key
-    if isinstance(key, tuple):
-        return (f"{key[0]}-replica{j}", *key[1:])
-    return f"{key}-replica{j}"
 
 
 def refuse_too_few(grid: Any, replicas: int, where: str | None, resources: dict) -> None:

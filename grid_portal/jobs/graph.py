@@ -28,6 +28,7 @@ from grid_portal.protocol import (
     RETRIES_ANNOTATION,
     STAGE_ANNOTATION,
     WHERE_ANNOTATION,
+    copy_key,
 )
 
 # Annotations the portal plugin reads (grid_portal/portal/{placement,tasklog}.py), for
@@ -266,7 +267,7 @@ def submit_stages(
                     marks[WHERE_ANNOTATION] = where
                 if stage.retries is not None:
                     marks[RETRIES_ANNOTATION] = stage.retries
-                _map_stage(client, stage, task, [_copy_key(k, j) for k in keys], marks)
+                _map_stage(client, stage, task, [copy_key(k, j) for k in keys], marks)
     return [f for s in spec.stages if _kept(s, needed) for f in futures[s.name]]
 
 
@@ -295,13 +296,6 @@ def _map_stage(
             priority=stage.priority,
             pure=False,
         )
-
-
-def _copy_key(key: Any, j: int) -> Any:
-    """The key of copy ``j`` of a replicated task (grid_portal.portal.replicas.copy_key)."""
-    if isinstance(key, tuple):
-        return (f"{key[0]}-replica{j}", *key[1:])
-    return f"{key}-replica{j}"
 
 
 def _kept(stage: StageSpec, needed: set[str]) -> bool:

@@ -25,7 +25,7 @@ from grid_portal.portal.join_requests import join_routes  # joins with no token
 from grid_portal.portal.ledger import EnrolmentBook
 from grid_portal.portal.security import CertificateAuthority, check_csr
 from grid_portal.portal.tokens import TokenStore
-from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
+from grid_portal.protocol import enrolment_cert_days
 
 logger = logging.getLogger("grid_portal.portal.http")
 
@@ -53,6 +53,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
+
+    def refused_versions(self, body: dict[str, Any]) -> bool:
+        """Refuse (403, saying why) a machine whose Python or Dask, as its request's
+        ``versions`` say, cannot run this portal's work; True when it was refused."""
+        refusal = refusal_for(body.get("versions"))
+        if refusal is not None:
+            self.write_json({"error": refusal}, 403)
+        return refusal is not None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Never a Python traceback to the network.
@@ -123,9 +131,7 @@ class EnrolHandler(BaseHandler):
             self.write_json({"error": "send JSON with 'token', 'csr' and 'name'"}, 400)
             return
         # Before the token is spent: a machine that cannot work must not use it up.
-        refusal = refusal_for(body.get("versions"))
-        if refusal is not None:
-            self.write_json({"error": refusal}, 403)
+        if self.refused_versions(body):
             return
         try:
             check_csr(csr)  # before the token is spent: a garbled CSR must not use it up
@@ -136,7 +142,7 @@ class EnrolHandler(BaseHandler):
             else:
                 name = self.portal.enrolments.unique_name(_safe_name(wanted), role)
             # People's certificates are short-lived; their Grid renews them (renewal.py).
-            days = PERSON_CERT_DAYS if role in PERSON_ROLES_RENEWED else 365
+            days = enrolment_cert_days(role)
             cert = self.portal.ca.sign_csr(csr, name=name, role=role, days=days)
         except EnrolmentRefused as exc:
             logger.info("enrolment refused from %s: %s", self.request.remote_ip, exc)

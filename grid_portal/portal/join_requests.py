@@ -34,10 +34,9 @@ from typing import Any
 
 from grid_portal import settings
 from grid_portal.discovery import csr_public_key_der, pairing_code
-from grid_portal.envcheck import refusal_for
 from grid_portal.errors import EnrolmentRefused, GridError, UsageError
 from grid_portal.portal.ledger import connect, transaction
-from grid_portal.protocol import PERSON_CERT_DAYS, PERSON_ROLES_RENEWED
+from grid_portal.protocol import enrolment_cert_days
 
 logger = logging.getLogger("grid_portal.portal.join_requests")
 
@@ -275,9 +274,7 @@ def _handlers() -> tuple[type, type]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 self.write_json({"error": "send JSON with 'csr', 'name' and 'role'"}, 400)
                 return
-            refusal = refusal_for(body.get("versions"))
-            if refusal is not None:
-                self.write_json({"error": refusal}, 403)
+            if self.refused_versions(body):
                 return
             try:
                 check_csr(csr)
@@ -347,7 +344,7 @@ def _handlers() -> tuple[type, type]:
         def _sign(self, book: JoinRequests, record: JoinRequest, csr: str) -> str | None:
             enrolments = self.portal.enrolments
             name = enrolments.unique_name(record.name, record.role)
-            days = PERSON_CERT_DAYS if record.role in PERSON_ROLES_RENEWED else 365
+            days = enrolment_cert_days(record.role)
             cert = self.portal.ca.sign_csr(csr, name=name, role=record.role, days=days)
             if not book.mark_enrolled(record.id, name, cert):
                 return None  # another poll won the race; its certificate stands

@@ -47,7 +47,13 @@ from typing import TYPE_CHECKING, Any
 from grid_portal.payload import OpaqueResult
 from grid_portal.portal.placement import NOWHERE, Placement, place_parked
 from grid_portal.portal.tasklog import item_of
-from grid_portal.protocol import JOB_ANNOTATION, REPLICA_ANNOTATION, REPLICAS_ANNOTATION  # noqa: F401 - names of the wire contract
+from grid_portal.protocol import (  # noqa: F401 - names of the wire contract
+    AGREED_ANNOTATION,
+    JOB_ANNOTATION,
+    REPLICA_ANNOTATION,
+    REPLICAS_ANNOTATION,
+    original_key,
+)
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -57,27 +63,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grid_portal.portal")
 
-AGREED_ANNOTATION = "grid_agreed"  # on the task that hands the agreed value on (picks)
-REPLICA_SUFFIX = "-replica"
 UNSTARTED = ("released", "waiting", "no-worker", "queued")
-
-
-def copy_key(key: Any, j: int) -> Any:
-    """The key of copy ``j`` of the task whose copy 0 has ``key`` (workflow.py's convention)."""
-    if j == 0:
-        return key
-    if isinstance(key, tuple):
-        return (f"{key[0]}{REPLICA_SUFFIX}{j}", *key[1:])
-    return f"{key}{REPLICA_SUFFIX}{j}"
-
-
-def _original_key(key: Any, j: int) -> Any:
-    suffix = f"{REPLICA_SUFFIX}{j}"
-    if isinstance(key, tuple) and isinstance(key[0], str) and key[0].endswith(suffix):
-        return (key[0][: -len(suffix)], *key[1:])
-    if isinstance(key, str) and key.endswith(suffix):
-        return key[: -len(suffix)]
-    return None
 
 
 @dataclass
@@ -135,7 +121,7 @@ class Replicas:
                 self.groups[key] = group
                 self.plugin.jobs.check_started(group.job_id)
             elif j:
-                group = self.groups.get(_original_key(key, int(j)))
+                group = self.groups.get(original_key(key, int(j)))
                 if group is None or group.job_id != str(job_id):
                     continue
                 group.members[int(j)] = key
