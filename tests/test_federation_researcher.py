@@ -45,18 +45,23 @@ def login(portal: Portal, name: str) -> None:
 @pytest.fixture(scope="module")
 def two_portals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("federation")
-    portals = {name: start_portal(tmp / name) for name in ("fed-a", "fed-b")}
-    try:
-        volunteers = {
-            name: start_volunteer(p, tmp / name, f"{name}-vol", "--cpus", "1")
-            for name, p in portals.items()
-        }
-        for name, p in portals.items():
-            login(p, name)
-        yield {"tmp": tmp, "portals": portals, "volunteers": volunteers}
-    finally:
-        for p in portals.values():
-            p.stop()
+    # The logins are this module's: in the session's config dir they would outlive the
+    # portals, and a later test with nothing configured would find them (Grid() uses the
+    # last login) and wait on a portal that is gone.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CONFIG_HOME", str(tmp / "config"))
+        portals = {name: start_portal(tmp / name) for name in ("fed-a", "fed-b")}
+        try:
+            volunteers = {
+                name: start_volunteer(p, tmp / name, f"{name}-vol", "--cpus", "1")
+                for name, p in portals.items()
+            }
+            for name, p in portals.items():
+                login(p, name)
+            yield {"tmp": tmp, "portals": portals, "volunteers": volunteers}
+        finally:
+            for p in portals.values():
+                p.stop()
 
 
 def test_login_keeps_each_portal(two_portals: dict[str, Any]) -> None:
