@@ -339,6 +339,13 @@ class NodePlugin(WorkerPlugin):
         while worker.state.executing and time.monotonic() < deadline:
             await asyncio.sleep(0.1)  # polling the worker's own state; no event exists for it
         finished = not worker.state.executing
+        # A task that just finished has its "task-finished" waiting in the batched stream; the
+        # retirement below goes on another connection and could reach the scheduler first,
+        # which would then run the task again elsewhere. Let the stream empty first.
+        stream = worker.batched_stream
+        while stream.buffer and not stream.closed() and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.01)  # polling Dask's send buffer; it has no drained event
+        await asyncio.sleep(stream.interval)  # the last batch's write
         logger.info("drained (running tasks finished: %s); leaving the grid", finished)
         # close_gracefully asks the scheduler to move our results elsewhere (retire_workers),
         # then closes the worker. Anything still running is rescheduled.
