@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Portal, grid_portal_command, start_volunteer, wait_for
-from gridtasks import burn, where_and_what
+from conftest import Portal, grid_portal_command, researcher_connection, start_volunteer, wait_for
+from gridtasks import burn, plus_one, slow_square, where_and_what
 
 from grid_portal.errors import Unsatisfiable
 from grid_portal.model import NodeState
@@ -120,6 +120,22 @@ def test_killed_volunteer_goes_offline_and_its_task_reruns_elsewhere(
         wait_for(lambda: grid.node("doomed").state is NodeState.OFFLINE, what="doomed offline")
         node = grid.node("doomed")
         assert node.last_seen is not None and node.last_seen <= time.time()
+
+
+def test_a_task_cancelled_as_it_starts_never_runs_on(portal: Portal, tmp_path: Path) -> None:
+    """A cancel can reach the node while the task's process is still being readied; the task
+    must not start then, or it runs on (here for two minutes) and holds the node's one slot."""
+    from grid_portal import Grid
+
+    start_volunteer(portal, tmp_path, "solo", "--cpus", "1", "--memory", "1GB")
+    with Grid(researcher_connection(portal, tmp_path, "cara"), start_embedded=False) as grid:
+        for attempt in range(3):  # the cancel lands at another moment of the start each time
+            with grid.job(f"doomed-{attempt}") as job_id:
+                grid.submit(slow_square, attempt, 120, workers=["solo"])
+            wait_for(lambda: grid.get_job(job_id).state.value == "running", what="the start")
+            grid.cancel(job_id)
+            after = grid.submit(plus_one, attempt, workers=["solo"])
+            assert after.result(timeout=30) == attempt + 1
 
 
 def test_sigterm_mid_task_lets_the_task_finish_then_leaves(portal: Portal, tmp_path: Path) -> None:

@@ -378,6 +378,8 @@ class NodePlugin(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         if finish in _WORK_STATES:
             self._work_arrived()
+            if start == "released" and self.executor is not None:
+                self.executor.forget_cancel(key)  # sent again: an earlier cancel is over
         if finish == "memory" and start in ("executing", "long-running"):
             self._push_result(key)
             return

@@ -395,6 +395,9 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         self._cond = threading.Condition(self._lock)  # an idle task process became available
         self._idle: list[_Child] = []
         self._busy: dict[int, _Child] = {}
+        # Keys the scheduler cancelled before their process was registered (the cancel can
+        # arrive while a task is still starting): such a task must not start at all.
+        self._cancelled_early: set[Any] = set()
         self._spawning = 0
         self._allowed = threading.Event()  # cleared while suspended
         self._allowed.set()
@@ -583,6 +586,7 @@ class TaskProcessExecutor(concurrent.futures.Executor):
         with self._lock:
             child = next((c for c in self._busy.values() if c.key == key), None)
             if child is None:
+                self._cancelled_early.add(key)
                 return False
             child.fate = "cancelled"
         child.signal(signal.SIGKILL)
@@ -623,7 +627,11 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             raise
         child.key, child.limit, child.fate = key, limit, None
         child.base = child.rss() if limit else 0
-        self._register(child)
+        if not self._register(child):  # cancelled while it was starting: never run it
+            child.key = None
+            self._give_back(child)
+            self._leave(workspace)
+            return self._reschedule(task)
         started = time.time()
         try:
             send(child.to_child, ("run", key, limit, payload))
@@ -992,12 +1000,22 @@ class TaskProcessExecutor(concurrent.futures.Executor):
             while self._trash:
                 shutil.rmtree(self._trash.pop(), ignore_errors=True)
 
-    def _register(self, child: _Child) -> None:
+    def forget_cancel(self, key: Any) -> None:
+        """``key`` arrived again (resubmitted): a cancel noted before no longer applies."""
         with self._lock:
+            self._cancelled_early.discard(key)
+
+    def _register(self, child: _Child) -> bool:
+        """Count ``child`` as running its task; False if that task was cancelled meanwhile."""
+        with self._lock:
+            if child.key in self._cancelled_early:
+                self._cancelled_early.discard(child.key)
+                return False
             self._busy[child.pid] = child
             if self.suspended:  # paused between our check and now: start it stopped
                 child.stopped = True
                 child.signal(signal.SIGSTOP)
+        return True
 
     def _give_back(self, child: _Child) -> None:
         with self._cond:
