@@ -697,6 +697,10 @@ class TaskProcessExecutor(concurrent.futures.Executor):
                 if self._moves != moves:  # moved away before its child started
                     record.fate = "moved"
                     record.signal(signal.SIGKILL)
+                elif key in self._cancelled_early:  # cancelled before its child started
+                    self._cancelled_early.discard(key)
+                    record.fate = "cancelled"
+                    record.signal(signal.SIGKILL)
                 elif self.suspended:  # paused meanwhile: hold it at once, as _register does
                     record.stopped = True
                     record.signal(signal.SIGSTOP)
