@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Portal, grid_portal_command, researcher_connection, start_volunteer, wait_for
+from conftest import Portal, grid_portal_command, start_volunteer, wait_for
 from gridtasks import burn, plus_one, slow_square, where_and_what
 
 from grid_portal.errors import Unsatisfiable
@@ -125,15 +125,12 @@ def test_killed_volunteer_goes_offline_and_its_task_reruns_elsewhere(
 def test_a_task_cancelled_as_it_starts_never_runs_on(portal: Portal, tmp_path: Path) -> None:
     """A cancel can reach the node while the task's process is still being readied; the task
     must not start then, or it runs on (here for two minutes) and holds the node's one slot."""
-    from grid_portal import Grid
-
     start_volunteer(portal, tmp_path, "solo", "--cpus", "1", "--memory", "1GB")
-    with Grid(researcher_connection(portal, tmp_path, "cara"), start_embedded=False) as grid:
+    with portal.grid() as grid:
         for attempt in range(3):  # the cancel lands at another moment of the start each time
-            with grid.job(f"doomed-{attempt}") as job_id:
-                grid.submit(slow_square, attempt, 120, workers=["solo"])
-            wait_for(lambda: grid.get_job(job_id).state.value == "running", what="the start")
-            grid.cancel(job_id)
+            doomed = grid.submit(slow_square, attempt, 120, workers=["solo"])
+            wait_for(lambda: grid.node("solo").state is NodeState.BUSY, what="the start")
+            doomed.cancel()
             after = grid.submit(plus_one, attempt, workers=["solo"])
             assert after.result(timeout=30) == attempt + 1
 
