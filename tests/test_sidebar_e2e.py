@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import REPO, ConsoleLog, Lab, launch_chromium, start_lab, why_no_browser_tests
+from browser import (
+    REPO,
+    ConsoleLog,
+    Lab,
+    launch_chromium,
+    open_sidebar,
+    start_lab,
+    why_no_browser_tests,
+)
 from conftest import Portal, portal_with, start_volunteer
 from gridtasks import where_and_what
 
@@ -84,18 +92,12 @@ def page(lab: Lab, console: ConsoleLog) -> Iterator[Any]:
 
     expect.set_options(timeout=WAIT_MS)
     with launch_chromium() as browser:
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
-        page = context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        console.attach(page)
-        page.goto(lab.url)
-        # The sidebar's tab in the left bar, then the sidebar itself, live.
-        page.locator('li[data-id="grid-portal:sidebar"]').click(timeout=60_000)
+        page = open_sidebar(browser, lab, console)  # the sidebar's tab, then the sidebar, live
         expect(page.locator(SIDEBAR)).to_be_visible()
         expect(page.locator(".gp-conn")).to_have_attribute("data-status", "open")
         expect(page.locator(".gp-conn")).to_have_text("live")
         yield page
-        context.close()
+        page.context.close()
 
 
 @pytest.fixture(autouse=True)
