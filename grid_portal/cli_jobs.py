@@ -101,7 +101,9 @@ def register(subparsers: Any) -> None:
         help="each user's recent usage and priority; the admin sets half-life and quotas",
         description="Fair share: each user's usage (core-seconds, decaying with a half-life) "
         "sets how much of the grid their queued work gets. The portal's admin may change the "
-        "half-life and give users quotas (most cores at once).",
+        "half-life and give users quotas (most cores at once). A peer portal that borrows this "
+        "portal's volunteers (grid-portal peers) counts as one user, peer:NAME: "
+        "--quota peer:NAME=4 lends it at most four cores at once.",
     )
     p.add_argument("--half-life", type=duration_arg, help="e.g. 1d, 12h (admin)")
     p.add_argument(
@@ -502,7 +504,9 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
 
     table = Table(title=f"fair share (usage half-life {format_duration(report['half_life'])})")
     for column in ("user", "usage (core-h)", "priority factor", "queued", "cores in use", "quota"):
-        table.add_column(column, justify="left" if column == "user" else "right")
+        # A user's name is never cut short (a peer portal's, peer:HOST-PORT, is long).
+        left = column == "user"
+        table.add_column(column, justify="left" if left else "right", no_wrap=left, min_width=4)
     for user, u in report["users"].items():
         table.add_row(
             user,

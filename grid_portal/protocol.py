@@ -275,7 +275,7 @@ SCHEDULER_HANDLERS: dict[str, Rule] = {
         NODES,
         "a volunteer that lends to peers: the peer portals it may serve now, and what it lent",
         ["grid_peer_offers"],
-        "what it lent is recorded under the caller's own name",
+        "what it lent is recorded under the caller's own name; what it says it uses only splits a peer's quota among volunteers, never above it",
     ),
     **_rules(
         PEERS,

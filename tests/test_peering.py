@@ -155,6 +155,62 @@ def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
         assert grid_a.submit(burn, 0.01, where='site == "b"').result(timeout=60) == "lender@b"
 
 
+def test_b_counts_a_as_one_user_with_its_usage_and_quota(world: World) -> None:
+    """B's fair share sees A as one user, ``peer:NAME``: what B's volunteers lent A is its
+    usage there, and B's admin's quota for it caps the cores A gets at once (here one of the
+    lender's two)."""
+    from gridtasks import wf_timed
+
+    user = "peer:" + world.exchange(world.b)["name"]
+    with world.b.grid() as grid_b:
+        before = grid_b.fairshare()["users"].get(user, {}).get("usage", 0.0)
+        grid_b.set_fairshare(user=user, quota=1)
+        try:
+            wait_for(
+                lambda: world.lent_status()["a"]["cap"] == 1,
+                timeout=3 * HEARTBEAT + 10,
+                what="the lender to be given its part of A's quota",
+            )
+            with world.a.grid() as grid_a:
+                futures = grid_a.map(wf_timed, range(4), seconds=0.5, batch=1, where='site == "b"')
+                runs = grid_a.client.gather(futures)
+            assert {r["node"] for r in runs} == {"lender@b"}
+            assert _most_at_once(runs) == 1, runs  # two cores, one of them A's at a time
+
+            # With the next heartbeat's report, B charged A (one user) what it was lent.
+            def charged() -> dict[str, Any] | None:
+                row = grid_b.fairshare()["users"].get(user)
+                return row if row and row["usage"] >= before + 1.5 else None
+
+            row = wait_for(charged, timeout=3 * HEARTBEAT + 10, what="B to charge A's usage")
+            assert row["quota"] == 1 and row["factor"] >= 0.5, row
+            # The admin's table shows A among B's users.
+            out = subprocess.run(
+                grid_portal_command("fairshare", "--portal", world.b.connection_file),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0 and user in out.stdout, out
+        finally:
+            grid_b.set_fairshare(user=user, clear_quota=True)
+    wait_for(
+        lambda: world.lent_status()["a"]["cap"] is None,
+        timeout=3 * HEARTBEAT + 10,
+        what="the quota's end to reach the lender",
+    )
+
+
+def _most_at_once(runs: list[dict[str, Any]]) -> int:
+    """The most of ``runs`` (each with start and end) that overlapped in time."""
+    edges = sorted([(r["start"], 1) for r in runs] + [(r["end"], -1) for r in runs])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def test_bad_input_one_message_each_and_both_grids_go_on(world: World) -> None:
     def refused(out: subprocess.CompletedProcess[str], words: str) -> None:
         assert out.returncode == 2, out
@@ -261,6 +317,37 @@ def test_the_arbiter_lends_only_while_home_has_had_nothing_for_the_grace() -> No
     assert arbiter.tick() == [("peer", 2)]  # the grace is over: one free slot, the oldest
     assert arbiter.bounce("peer") == [3]  # what still waits can go back to the peer
     assert arbiter.received("peer")["waiting"] == 0
+
+
+def test_a_peers_quota_is_split_among_volunteers_and_never_exceeded() -> None:
+    """B's parts of A's quota (no processes): the parts never add up to more than the quota,
+    each is what the volunteer uses plus one, a silent volunteer's part comes back, and a
+    volunteer's bad report is read as data."""
+    from grid_portal.node.shares import SlotArbiter
+    from grid_portal.portal.lend_quota import ALLOWANCE_TTL, LendAllowances, peer_share
+
+    now = [0.0]
+    parts = LendAllowances(clock=lambda: now[0])
+    assert parts.allow("a", "v1", None, running=3) is None  # no quota: as much as home leaves
+    assert parts.allow("a", "v1", 3, running=0, waiting=0) == 1  # one, so a task can come
+    assert parts.allow("a", "v2", 3, running=0, waiting=5) == 2  # what is left of three
+    assert parts.allow("a", "v3", 3, running=0, waiting=5) == 0  # nothing left
+    assert parts.allow("a", "v1", 3, running=1, waiting=4) == 1  # v2 holds two
+    assert parts.running("a") == 1
+    now[0] += ALLOWANCE_TTL + 1  # v2 and v1 went silent: their parts come back
+    assert parts.allow("a", "v3", 3, running=0, waiting=5) == 3
+    assert parts.allow("a", "v4", 3, running="many", waiting=float("inf")) == 0
+    assert parts.allow("a", "v5", 2.9, running=-4, waiting=None) == 0  # whole cores only
+    assert peer_share(0.5) == 2 * peer_share(1.0)  # less recent use, a larger share
+    # The volunteer's side: a cap of one slot for the peer, home idle.
+    arbiter = SlotArbiter(2, clock=lambda: 100.0)
+    arbiter.add("home", 1)
+    arbiter.add("peer", 1, lend=True)
+    assert arbiter.set_cap("peer", 1) == []
+    assert arbiter.want("peer", 1) == [("peer", 1)]
+    assert arbiter.want("peer", 2) == []  # the second core stays free: the cap
+    assert arbiter.set_cap("peer", 2) == [("peer", 2)]  # a larger part lets it run
+    assert arbiter.received("peer")["cap"] == 2
 
 
 # -- helpers ---------------------------------------------------------------------------------

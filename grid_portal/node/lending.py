@@ -16,6 +16,11 @@ share is used only while the home portals have nothing here:
   its tasks runs; its running tasks may finish within ``lend_bound`` seconds, after which they
   are moved (ended here, run again elsewhere by the peer). So home work waits at most
   ``lend_bound`` for a core;
+- the home portal counts each peer as one user of its fair share (portal/lend_quota.py): with
+  each offer comes the peer's share among the peers lent to, and, when the home portal's admin
+  gave the peer a quota, the most slots it may hold here now (the arbiter's ``cap``); with none
+  left here and none of its tasks running, its worker is paused so that the peer sends its
+  tasks elsewhere;
 - when the home portal no longer offers a peer (the peering was removed, or its peer token
   revoked), the peer's worker leaves at once (running tasks get ``lend_bound`` to finish).
 
@@ -45,6 +50,8 @@ logger = logging.getLogger("grid_portal.volunteer")
 RETRY_AFTER = 30.0  # seconds before enrolling again with a peer that failed
 OFFERS_TIMEOUT = 10.0
 HOME_WORK = "its home portal has work"
+QUOTA_ELSEWHERE = "its home portal's quota for this peer is used on other machines"
+USING = ("running", "waiting")  # what a volunteer tells its home portal a peer holds here
 
 
 class Lending:
@@ -92,9 +99,14 @@ class Lending:
         for link in self.lent(home.key):
             self._collect(link)
         unsent = self._pending.get(home.key, {})
+        # What each peer holds here now: the home portal splits its quota for the peer by it.
+        using = {
+            str(link.peer): {k: self.agent.arbiter.received(link.key)[k] for k in USING}
+            for link in self.lent(home.key)
+        }
         try:
             reply = await asyncio.wait_for(
-                self._rpc(home).grid_peer_offers(lent=unsent), OFFERS_TIMEOUT
+                self._rpc(home).grid_peer_offers(lent=unsent, using=using), OFFERS_TIMEOUT
             )
         except Exception as exc:  # noqa: BLE001 - the home portal answers next heartbeat
             self._say_once(f"offers:{home.key}", f"{home.label}: cannot ask for peers ({exc})")
@@ -108,10 +120,31 @@ class Lending:
         for link in self.lent(home.key):
             if link.peer not in offers:
                 self.withdraw(link, f"{home.label} no longer lends to it")
-        served = {link.peer for link in self.lent(home.key)}
+        served = {link.peer: link for link in self.lent(home.key)}
         for name, offer in offers.items():
             if name not in served:
                 await self._attach(home, name, offer)
+        for link in self.lent(home.key):
+            if link.peer in offers:
+                self._apply_terms(link, offers[str(link.peer)])
+
+    def _apply_terms(self, link: PortalLink, offer: dict[str, Any]) -> None:
+        """The home portal's terms for a peer (portal/lend_quota.py): its share among the peers
+        lent to, the most slots it may hold here now (its quota's part; absent: no quota)."""
+        arbiter = self.agent.arbiter
+        try:
+            share = float(offer.get("share") or 1.0)
+            slots = offer.get("slots")
+            cap = None if slots is None else max(0, int(slots))
+        except (TypeError, ValueError):
+            return
+        if not (0 < share < float("inf")):
+            share = 1.0
+        before = arbiter.received(link.key)["cap"]
+        arbiter.add(link.key, share, lend=True)
+        self.agent.grant_all(arbiter.set_cap(link.key, cap))
+        if cap != before:
+            self._follow_soon()
 
     def _rpc(self, home: PortalLink) -> Any:
         from distributed.core import rpc
@@ -190,6 +223,11 @@ class Lending:
         second); paused once none of its tasks runs; its running tasks moved after
         ``lend_bound``."""
         if self.agent.arbiter.lend_open():
+            taken = self.agent.arbiter.received(link.key)
+            if taken["cap"] == 0 and not taken["running"]:
+                # Its quota at the home portal is held by other volunteers: A sends nothing
+                # here meanwhile (a paused worker gets no tasks), so none waits in vain.
+                return "paused", QUOTA_ELSEWHERE, False
             return None, None, False
         since = self.home_since if self.home_since is not None else time.monotonic()
         running = self.agent.arbiter.received(link.key)["running"]

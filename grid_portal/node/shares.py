@@ -14,7 +14,8 @@ level with the busiest-served active portal, not with the credit of its idle hou
 
 A portal added with ``lend`` (a peer portal the volunteer's home portal lends it to) gets a
 slot only while no home portal has had a task waiting or running for ``LEND_GRACE`` seconds:
-home work always comes first.
+home work always comes first. Such a portal may also have a ``cap``: the most slots it may hold
+at once here (its part of the quota the home portal set for it, portal/lend_quota.py).
 
 Pure logic: no I/O, a clock that can be given; the agent (agent.py) feeds it the workers'
 events and sends the grants it returns.
@@ -26,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 # Running tasks are charged at least the mean task time (seconds), this until one finished.
 FIRST_TASK_ESTIMATE = 1.0
@@ -46,6 +48,7 @@ class _Portal:
     running: dict[int, float] = field(default_factory=dict)  # ticket -> granted at
     charged: float = 0.0  # slot-seconds of finished tasks, for fairness
     lend: bool = False  # a peer portal's: served only while no home portal has work
+    cap: int | None = None  # most slots at once (a lent-to peer's part of its quota); None: all
     tasks: int = 0  # received: tasks finished and their core-seconds
     core_seconds: float = 0.0
 
@@ -76,6 +79,14 @@ class SlotArbiter:
             self._portals[key] = _Portal(share=float(share), lend=lend)
         else:
             portal.share, portal.lend = float(share), lend
+
+    def set_cap(self, key: Hashable, cap: int | None) -> list[Grant]:
+        """At most ``cap`` slots at once for ``key`` (None: no limit of its own); running tasks
+        over a lowered cap finish, no new ones start. Returns the grants a raised cap allows."""
+        portal = self._portals.get(key)
+        if portal is not None:
+            portal.cap = None if cap is None else max(0, int(cap))
+        return self._dispatch()
 
     def home_active(self) -> bool:
         """Whether a home (not lent-to) portal has tasks waiting or running."""
@@ -149,15 +160,16 @@ class SlotArbiter:
         return self._dispatch()
 
     # -- what each received ------------------------------------------------------------------
-    def received(self, key: Hashable) -> dict[str, float]:
+    def received(self, key: Hashable) -> dict[str, Any]:
         portal = self._portals.get(key)
         if portal is None:
-            return {"tasks": 0, "core_seconds": 0.0, "running": 0, "waiting": 0}
+            return {"tasks": 0, "core_seconds": 0.0, "running": 0, "waiting": 0, "cap": None}
         return {
             "tasks": portal.tasks,
             "core_seconds": round(portal.core_seconds, 3),
             "running": len(portal.running),
             "waiting": len(portal.waiting),
+            "cap": portal.cap,
         }
 
     # -- granting ----------------------------------------------------------------------------
@@ -176,7 +188,11 @@ class SlotArbiter:
             # Lent-to portals only while the home portals have nothing (flocking: home first).
             closed = not self.lend_open()
             candidates = [
-                (k, p) for k, p in self._portals.items() if p.waiting and not (p.lend and closed)
+                (k, p)
+                for k, p in self._portals.items()
+                if p.waiting
+                and not (p.lend and closed)
+                and (p.cap is None or len(p.running) < p.cap)
             ]
             if not candidates:
                 break

@@ -202,6 +202,11 @@ class FairShare:
         self._dirty.add(user)
         self._flush_soon()
 
+    def set_running_elsewhere(self, user: str, cpus: float) -> None:
+        """Cores ``user`` holds outside our scheduler (a borrowing peer portal on our lent
+        volunteers, portal/lend_quota.py): shown in the report beside our users'."""
+        self.users.setdefault(user, _User(at=self.clock())).running = max(0.0, float(cpus))
+
     def factor(self, user: str, now: float | None = None) -> float:
         """The priority factor: recent usage as cores in steady use, at least 0.5.
 

@@ -36,9 +36,13 @@ import re
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grid_portal.errors import EnrolmentRefused, UsageError
+from grid_portal.portal.lend_quota import LendAllowances, peer_share, peer_user
+
+if TYPE_CHECKING:
+    from grid_portal.portal.fairshare import FairShare
 
 logger = logging.getLogger("grid_portal.portal.peering")
 
@@ -196,10 +200,11 @@ class PeerBook:
         return [p for p in self.list(BORROWS) if not self.token_revoked(p.token_id)]
 
     # -- the work exchanged ---------------------------------------------------------------
-    def record_lent(self, node: str, lent: Any) -> None:
-        """A volunteer's report of what it lent since its last report, per peer name."""
+    def record_lent(self, node: str, lent: Any) -> dict[str, float]:
+        """A volunteer's report of what it lent since its last report, per peer name; returns
+        the core-seconds recorded per peer."""
         if not isinstance(lent, dict):
-            return
+            return {}
         known = {p.name for p in self.list(BORROWS)}
         rows = []
         for peer, figures in list(lent.items())[:64]:
@@ -210,7 +215,7 @@ class PeerBook:
             if seconds or tasks:
                 rows.append((peer, node, tasks, seconds))
         if not rows:
-            return
+            return {}
         from grid_portal.portal.ledger import transaction
 
         with transaction(self.conn):
@@ -220,6 +225,7 @@ class PeerBook:
                 "core_seconds = core_seconds + excluded.core_seconds",
                 rows,
             )
+        return {peer: seconds for peer, _, _, seconds in rows}
 
     def lent_to(self, peer: str) -> dict[str, float]:
         row = self.conn.execute(
@@ -301,10 +307,16 @@ PEER_TOKEN_AT_ENROL = (
 # -- the scheduler's handlers (the scheduler process) ----------------------------------------
 class PeerHandlers:
     """``grid_peer_offers`` (a volunteer: the portals it may lend to; its report of what it
-    lent) and ``grid_peer_exchange`` (a peer: what we lent it)."""
+    lent) and ``grid_peer_exchange`` (a peer: what we lent it).
 
-    def __init__(self, ledger_path: Path | None) -> None:
+    With ``fairshare`` (the portal's), a borrowing peer counts as one user of it
+    (portal/lend_quota.py): what was lent to it is charged to ``peer:NAME``, its priority sets
+    its share among the peers a volunteer lends to, and its quota caps the cores it gets."""
+
+    def __init__(self, ledger_path: Path | None, fairshare: FairShare | None = None) -> None:
         self.ledger_path = ledger_path
+        self.fairshare = fairshare
+        self.allowances = LendAllowances()
         self._book: PeerBook | None = None
 
     def handlers(self) -> dict[str, Any]:
@@ -321,20 +333,46 @@ class PeerHandlers:
             self._book = PeerBook(self.ledger_path)
         return self._book
 
-    def handle_offers(self, comm: Any = None, lent: Any = None) -> dict[str, Any]:
+    def handle_offers(
+        self, comm: Any = None, lent: Any = None, using: Any = None
+    ) -> dict[str, Any]:
+        """``lent``: per peer, what the volunteer lent since it last asked (tasks,
+        core-seconds); ``using``: per peer, the slots it runs and has waiting now. Answers the
+        peers it may lend to, each with its share and the most slots it may give it now."""
         from grid_portal.guard import caller_identity
 
         identity = caller_identity(comm)
         if self.ledger_path is None or identity is None:
             return {"peers": []}
         book = self.book()
-        book.record_lent(identity.name, lent)
-        offers = [
-            {"name": p.name, "url": p.url, "ca": p.ca_pem, "token": p.lend_token}
-            for p in book.borrowers()
-            if p.lend_token
-        ]
+        recorded = book.record_lent(identity.name, lent)
+        using = using if isinstance(using, dict) else {}
+        offers = []
+        for p in book.borrowers():
+            if not p.lend_token:
+                continue
+            offer = {"name": p.name, "url": p.url, "ca": p.ca_pem, "token": p.lend_token}
+            now = using.get(p.name)
+            now = now if isinstance(now, dict) else {}
+            offer.update(self._share(p.name, identity.name, recorded.get(p.name, 0.0), now))
+            offers.append(offer)
         return {"peers": offers}
+
+    def _share(
+        self, peer: str, node: str, lent_seconds: float, using: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The peer as one user of our fair share: charge what was lent, then its share and
+        this volunteer's part of its quota."""
+        fairshare = self.fairshare
+        if fairshare is None:
+            return {"share": 1.0, "slots": None}
+        user = peer_user(peer)
+        fairshare.charge(user, lent_seconds)
+        slots = self.allowances.allow(
+            peer, node, fairshare.quotas.get(user), using.get("running"), using.get("waiting")
+        )
+        fairshare.set_running_elsewhere(user, self.allowances.running(peer))
+        return {"share": peer_share(fairshare.factor(user)), "slots": slots}
 
     def handle_exchange(self, comm: Any = None) -> dict[str, Any]:
         from grid_portal.guard import caller_identity

@@ -162,7 +162,9 @@ class PortalPlugin(SchedulerPlugin):
         # The admin answers join requests from the sidebar too, not only from a terminal.
         scheduler.handlers.update(JoinRequestHandlers(self.ledger_path).handlers())
         scheduler.handlers.update(self.dashboard.handlers())
-        scheduler.handlers.update(PeerHandlers(self.ledger_path).handlers())  # peering
+        # Peering; a borrowing peer counts as one user of our fair share.
+        peers = PeerHandlers(self.ledger_path, self.scheduling.fairshare)
+        scheduler.handlers.update(peers.handlers())
         scheduler.stream_handlers[PUSH_OP] = self.forward_pushed_result
         self.leases.install(scheduler)
         # Heartbeats have no plugin hook, so read the latest metrics on our own clock. Half the
