@@ -319,20 +319,21 @@ def portals_text(status: dict[str, Any]) -> str:
     portals = status.get("portals") or []
     if not portals:
         return "  portals  none"
+    from grid_portal.node.portals import share_percents
+
     lines = []
-    # A peer portal lent to (--lend-to-peers) has no share: it gets what its home leaves.
-    total = sum(float(p.get("share") or 0) for p in portals if not p.get("lent_by")) or 1.0
-    for p in portals:
-        share = float(p.get("share") or 0)
+    for p, percent in zip(portals, share_percents(portals), strict=True):
         how = (
             f"lent by {p['lent_by']} while it has no work here"
-            if p.get("lent_by")
-            else f"share {share:g} ({100 * share / total:.0f}%)"
+            if percent is None
+            else f"share {float(p.get('share') or 0):g} ({percent:.0f}%)"
         )
         line = (
             f"  {p.get('portal')}  {p.get('state')}, {how}, received {p.get('tasks', 0)} "
             f"tasks, {float(p.get('core_seconds') or 0):.1f} core-s"
         )
+        if p.get("lent_by") and p.get("cap") is not None:
+            line += f", at most {p['cap']} slot(s) now (its quota at {p['lent_by']})"
         if p.get("running_tasks"):
             line += f", {p['running_tasks']} running"
         if p.get("problem"):

@@ -45,6 +45,9 @@ MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes, depending on the OS
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
+START_ONE = "start one with `grid-portal volunteer PORTAL_URL --token ...`"
+NONE_RUNNING = f"no volunteer runs on this machine for this user; {START_ONE}"
+
 
 class NoVolunteer(GridError):
     """No running volunteer agent answers on this machine (for this user)."""
@@ -204,15 +207,12 @@ def find_agent(name: str | None, directory: Path | None = None) -> Path:
             raise NoVolunteer(
                 f"no volunteer named {name!r} runs on this machine for this user"
                 + (f" (running: {', '.join(running)})" if running else "")
-                + "; start one with `grid-portal volunteer PORTAL_URL --token ...`"
+                + f"; {START_ONE}"
             )
         return path
     running = running_agents(directory)
     if not running:
-        raise NoVolunteer(
-            "no volunteer runs on this machine for this user; start one with "
-            "`grid-portal volunteer PORTAL_URL --token ...`"
-        )
+        raise NoVolunteer(NONE_RUNNING)
     if len(running) > 1:
         raise UsageError(
             f"several volunteers run here ({', '.join(running)}); choose one with --name"
@@ -250,6 +250,7 @@ def request(path: Path, op: str, timeout: float = 30.0, **fields: Any) -> dict[s
 
 
 __all__ = [
+    "NONE_RUNNING",
     "OPS",
     "ControlServer",
     "NoVolunteer",

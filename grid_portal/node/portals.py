@@ -58,6 +58,16 @@ def parse_share(value: Any, where: str = "--share") -> float:
     return share
 
 
+def share_percents(portals: list[dict[str, Any]]) -> list[float | None]:
+    """Each served portal's part of the machine in percent, as ``volunteer status`` and the
+    sidebar show it (entries of the agent's status): its share of the shares of the portals
+    served for themselves. None for a peer portal lent to (``--lend-to-peers``): it has no
+    share, it gets what its home portal leaves."""
+    own = [float(p.get("share") or 0) for p in portals if not p.get("lent_by")]
+    total = sum(own) or 1.0
+    return [None if p.get("lent_by") else 100 * float(p.get("share") or 0) / total for p in portals]
+
+
 def load_portals(state_dir: Path) -> list[PortalEntry]:
     path = state_dir / PORTALS_FILE
     try:
@@ -156,4 +166,5 @@ __all__ = [
     "portal_label",
     "remember",
     "save_portals",
+    "share_percents",
 ]
