@@ -525,6 +525,7 @@ ENDPOINTS = [
     ("GET", "jobs/x/outputs/out/a.txt"),
     ("GET", "version"),
     ("GET", "whoami"),
+    ("GET", "volunteer"),
     ("GET", "openapi.json"),
     ("GET", "events"),
     ("OPTIONS", "nodes"),

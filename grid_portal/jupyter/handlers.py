@@ -470,16 +470,23 @@ class EventsHandler(_JsonErrors, WebSocketMixin, websocket.WebSocketHandler, Jup
 
 
 def _sidebar_routes(base_url: str) -> list[tuple[str, type[web.RequestHandler]]]:
-    """Portals on the LAN and joining them, the saved portals, a job's task stream, the
-    admin's Dask dashboard."""
+    """Portals on the LAN and joining them, the saved portals, this machine's volunteer, a
+    job's task stream, the admin's Dask dashboard."""
     from grid_portal.jupyter.dashboard_proxy import dashboard_routes  # they import this module
     from grid_portal.jupyter.discovery_handlers import lan_routes
     from grid_portal.jupyter.portals_view import portals_routes
     from grid_portal.jupyter.taskstream import JobTasksHandler
+    from grid_portal.jupyter.volunteer_view import volunteer_routes
 
     api = url_path_join(base_url, "grid", "api")
     tasks = (url_path_join(api, "jobs", "([^/]+)", "tasks"), JobTasksHandler)
-    return [*lan_routes(api), *portals_routes(api), tasks, *dashboard_routes(base_url)]
+    return [
+        *lan_routes(api),
+        *portals_routes(api),
+        *volunteer_routes(api),
+        tasks,
+        *dashboard_routes(base_url),
+    ]
 
 
 def _output_routes(api: str) -> list[tuple[str, type[web.RequestHandler]]]:

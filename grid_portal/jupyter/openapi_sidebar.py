@@ -41,7 +41,72 @@ _JOIN_REQUEST = _object(
     ["id", "name", "role", "code", "address", "created_at", "expires_at", "state"],
 )
 
+_INT_OR_NULL = {"type": ["integer", "null"]}
+
+_MACHINE_PORTAL = _object(
+    {
+        "portal": {**_STR, "description": "The portal's host and port, as the volunteer names it."},
+        "state": {
+            **_STR_OR_NULL,
+            "description": "running, paused, draining, connecting, refused, leaving...",
+        },
+        "share": {**_NUM_OR_NULL, "description": "Its share (`--share`)."},
+        "share_percent": {
+            **_NUM_OR_NULL,
+            "description": "Its share of the shares of the portals served for themselves, in "
+            "percent; null for a peer portal lent to, which gets what its home leaves.",
+        },
+        "lent_by": {
+            **_STR_OR_NULL,
+            "description": "The home portal that lends this machine to this peer portal "
+            "(`--lend-to-peers`); null for a portal served for itself.",
+        },
+        "tasks": {**_INT_OR_NULL, "description": "Tasks received since the volunteer started."},
+        "core_seconds": {**_NUM_OR_NULL, "description": "CPU time those tasks were given."},
+        "running_tasks": {**_INT_OR_NULL, "description": "Null while not connected."},
+        "problem": {
+            **_STR_OR_NULL,
+            "description": "Why it is not served (unreachable, refused, its CA changed).",
+        },
+    },
+    ["portal", "state", "share", "share_percent", "lent_by", "tasks", "core_seconds"],
+)
+
+_MACHINE_VOLUNTEER = {
+    "name": {**_STR, "description": "The volunteer's name (`--name`)."},
+    "state": {
+        **_STR_OR_NULL,
+        "description": "running, paused, draining, connecting; null when it did not answer.",
+    },
+    "reason": {**_STR_OR_NULL, "description": "Why it is paused or draining."},
+    "problem": {
+        **_STR_OR_NULL,
+        "description": "Why it could not be asked (it did not answer in time, refused).",
+    },
+    "portals": {"type": "array", "items": _ref("MachinePortal")},
+}
+
 SCHEMAS: dict[str, Any] = {
+    "MachinePortal": _MACHINE_PORTAL,
+    "MachineVolunteer": _object(_MACHINE_VOLUNTEER, ["name", "state", "problem", "portals"]),
+    "ThisMachine": _object(
+        {
+            "running": {
+                "type": "boolean",
+                "description": "Whether a volunteer of this server's user runs on its machine.",
+            },
+            "hint": {**_STR, "description": "With none running: how to start one."},
+            **_MACHINE_VOLUNTEER,
+            "name": {**_MACHINE_VOLUNTEER["name"], "description": "The first volunteer's."},
+            "volunteers": {
+                "type": "array",
+                "description": "Every volunteer of this user here (one, nearly always; the "
+                "fields above are the first one's).",
+                "items": _ref("MachineVolunteer"),
+            },
+        },
+        ["running", "volunteers"],
+    ),
     "DiscoveredPortal": _object(
         {
             "id": {**_STR, "description": "Use it to join: POST discovered/{id}/join."},
@@ -300,6 +365,18 @@ def paths(operation: Any, json_body: Any, path_parameter: Any, flag: Any) -> dic
                 "of the API) uses. A portal that cannot be used is listed with its problem; "
                 "the others are answered all the same. Answers are cached for 2 s.",
                 operationId="getPortals",
+            )
+        },
+        "/volunteer": {
+            "get": operation(
+                "The volunteer running on this server's machine, and what each portal received",
+                {"200": json_body("ThisMachine", "Its portals, or running false and a hint.")},
+                description="The volunteer agent of this server's user, asked over its "
+                "control socket as `grid-portal volunteer status` asks it: per portal it "
+                "serves, its state, share, tasks and core-seconds received, running tasks and "
+                "problem. No volunteer running, or one that does not answer, is a 200 too. "
+                "Answers are cached for 2 s.",
+                operationId="getVolunteer",
             )
         },
         "/jobs/{job_id}/tasks": {
