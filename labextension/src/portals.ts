@@ -13,10 +13,12 @@ import { ServerConnection } from '@jupyterlab/services';
 import { requestAPI } from './api';
 import { h, replaceChildren } from './dom';
 import { plural } from './format';
+import { Poller } from './poller';
 import { siteOf } from './site';
 import { ICapacity, IGridNode } from './types';
 
-const PORTALS_POLL_MS = 5000;
+/** How often the sidebar's sections about portals refresh while it is shown. */
+export const PORTALS_POLL_MS = 5000;
 /** Rows listed per portal; the rest are counted (the main list shows the default's all). */
 const NODES_PER_PORTAL = 50;
 
@@ -46,18 +48,11 @@ export class PortalsSection {
   }
 
   start(): void {
-    if (this._timer !== null) {
-      return;
-    }
-    void this._fetch();
-    this._timer = window.setInterval(() => void this._fetch(), PORTALS_POLL_MS);
+    this._poller.start();
   }
 
   stop(): void {
-    if (this._timer !== null) {
-      window.clearInterval(this._timer);
-      this._timer = null;
-    }
+    this._poller.stop();
   }
 
   private async _fetch(): Promise<void> {
@@ -75,7 +70,7 @@ export class PortalsSection {
   }
 
   private _settings: ServerConnection.ISettings;
-  private _timer: number | null = null;
+  private _poller = new Poller(() => this._fetch(), PORTALS_POLL_MS);
   private _list = h('div', { class: 'gp-portal-list' });
 }
 

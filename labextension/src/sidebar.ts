@@ -29,6 +29,7 @@ import {
 import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { LanSection, RequestsSection } from './lan';
+import { MachineSection } from './machine';
 import { PortalsSection } from './portals';
 import { JobDetail } from './taskstream';
 import { visibleRange } from './timing';
@@ -100,6 +101,7 @@ export class GridSidebar extends Widget {
     this._lan.stop();
     this._requests.pause();
     this._portals.stop();
+    this._machine.stop();
     this._jobDetail.pause();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
@@ -112,6 +114,7 @@ export class GridSidebar extends Widget {
     this._lan.start();
     this._requests.start();
     this._portals.start();
+    this._machine.start();
     this._jobDetail.resume();
     if (this._everyone) {
       this._startPoll();
@@ -124,6 +127,7 @@ export class GridSidebar extends Widget {
     this._lan.stop();
     this._requests.pause();
     this._portals.stop();
+    this._machine.stop();
     this._jobDetail.pause();
     this._stopPoll();
   }
@@ -239,6 +243,7 @@ export class GridSidebar extends Widget {
       this._lan.node,
       this._requests.node,
       this._portals.node,
+      this._machine.node,
       this._totals,
       h(
         'section',
@@ -611,6 +616,7 @@ export class GridSidebar extends Widget {
   });
   private _requests = new RequestsSection();
   private _portals = new PortalsSection();
+  private _machine = new MachineSection();
   private _columns: ReadonlySet<Column> = new Set(ALL_COLUMNS);
   private _filter: INodeFilter = { gpuOnly: false, idleOnly: false, text: '' };
   private _sort: INodeSort = { key: 'name', descending: false };
