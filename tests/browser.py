@@ -232,6 +232,22 @@ def http(lab: Lab, method: str, path: str, token: bool = True) -> tuple[int, str
         return exc.code, exc.read().decode(errors="replace")
 
 
+def conforms(path: str, body: Any, method: str = "get", status: int = 200) -> None:
+    """``body`` matches the OpenAPI document's schema for that answer of ``path``."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    from grid_portal.jupyter.openapi import openapi_document
+
+    document = openapi_document()
+    registry = Registry().with_resource("urn:grid-api", DRAFT202012.create_resource(document))
+    schema = document["paths"][path][method]["responses"][str(status)]["content"]
+    text = json.dumps(schema["application/json"]["schema"])
+    text = text.replace('"#/components/', '"urn:grid-api#/components/')
+    Draft202012Validator(json.loads(text), registry=registry).validate(body)
+
+
 # -- the browser --------------------------------------------------------------------------------
 
 # Console errors that are not ours and say nothing about the sidebar. Each entry is a regular

@@ -22,6 +22,7 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
     ConsoleLog,
     Lab,
     browser_fixture,
+    conforms,
     free_port,
     http,
     jp_asyncio_loop,
@@ -32,8 +33,6 @@ from browser import (  # noqa: F401 - browser_fixture, jp_*: fixtures pytest fin
 )
 from conftest import wait_for
 from test_federation_researcher import two_portals  # noqa: F401 - the fixture
-
-from grid_portal.jupyter.openapi import openapi_document
 
 ARTIFACTS = REPO / "test-artifacts"
 SIDEBAR = "#grid-portal\\:sidebar"
@@ -60,20 +59,6 @@ def portals(lab: Lab) -> dict[str, Any]:
     return json.loads(body)
 
 
-def conforms(body: Any) -> None:
-    """The answer matches the OpenAPI document's schema for GET portals."""
-    from jsonschema import Draft202012Validator
-    from referencing import Registry
-    from referencing.jsonschema import DRAFT202012
-
-    document = openapi_document()
-    registry = Registry().with_resource("urn:grid-api", DRAFT202012.create_resource(document))
-    schema = document["paths"]["/portals"]["get"]["responses"]["200"]["content"]
-    text = json.dumps(schema["application/json"]["schema"])
-    text = text.replace('"#/components/', '"urn:grid-api#/components/')
-    Draft202012Validator(json.loads(text), registry=registry).validate(body)
-
-
 def both_online(lab: Lab) -> dict[str, Any] | None:
     answer = portals(lab)
     by_name = {p["name"]: p for p in answer["portals"]}
@@ -84,7 +69,7 @@ def both_online(lab: Lab) -> dict[str, Any] | None:
 
 def test_rest_lists_each_portal_with_its_nodes_and_the_default(lab: Lab) -> None:
     answer = wait_for(lambda: both_online(lab), timeout=60, what="both portals' volunteers")
-    conforms(answer)
+    conforms("/portals", answer)
     assert answer["default"] == "fed-b"
     by_name = {p["name"]: p for p in answer["portals"]}
     for name in OURS:
