@@ -155,6 +155,32 @@ def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
         assert grid_a.submit(burn, 0.01, where='site == "b"').result(timeout=60) == "lender@b"
 
 
+def test_a_machine_lends_the_cores_its_home_portal_leaves(world: World) -> None:
+    """While B runs one long task on the two-core lender, A's tasks run on the other core,
+    one at a time; B's task is never held up."""
+    import distributed
+    from gridtasks import burn, wf_timed
+
+    moved = world.lent_status()["a"]["moved_tasks"]  # by the tests before
+    with world.a.grid() as grid_a, world.b.grid() as grid_b:
+        home = grid_b.submit(burn, 60.0)
+        wait_for(
+            lambda: world.lent_status()["b"]["running"] == 1,
+            timeout=60,
+            what="B's task to hold one of the lender's cores",
+        )
+        futures = grid_a.map(wf_timed, range(3), seconds=0.3, batch=1, where='site == "b"')
+        distributed.wait(futures, timeout=60)  # not after B's minute: beside it
+        runs = grid_a.client.gather(futures)
+        assert {r["node"] for r in runs} == {"lender@b"}
+        assert _most_at_once(runs) == 1, runs  # one core left over, never B's
+        status = world.lent_status()
+        assert not home.done() and status["b"]["running"] == 1, status
+        assert status["a"]["moved_tasks"] == moved, status["a"]  # none had to move
+        grid_b.client.cancel(home)
+    wait_for(lambda: world.lent_status()["b"]["running"] == 0, timeout=30, what="B's task to end")
+
+
 def test_b_counts_a_as_one_user_with_its_usage_and_quota(world: World) -> None:
     """B's fair share sees A as one user, ``peer:NAME``: what B's volunteers lent A is its
     usage there, and B's admin's quota for it caps the cores A gets at once (here one of the
@@ -317,6 +343,21 @@ def test_the_arbiter_lends_only_while_home_has_had_nothing_for_the_grace() -> No
     assert arbiter.tick() == [("peer", 2)]  # the grace is over: one free slot, the oldest
     assert arbiter.bounce("peer") == [3]  # what still waits can go back to the peer
     assert arbiter.received("peer")["waiting"] == 0
+    # Three slots, home holds one: the peer gets the other two, not home's.
+    arbiter = SlotArbiter(3, clock=lambda: now[0])
+    arbiter.add("home", 1)
+    arbiter.add("peer", 1, lend=True)
+    assert arbiter.want("home", 1) == [("home", 1)]
+    assert [arbiter.want("peer", t) for t in (1, 2, 3)] == [[("peer", 1)], [("peer", 2)], []]
+    assert not arbiter.home_short()
+    assert arbiter.want("home", 2) == []  # home's second task finds the peer in its slot
+    assert arbiter.home_short() and arbiter.lend_room("peer") == 0
+    assert arbiter.done("peer", 1, 1.0) == [("home", 2)]  # a freed slot goes home first
+    assert arbiter.done("peer", 2, 1.0) == [("peer", 3)]  # home holds two: one is left
+    assert arbiter.done("home", 2, 1.0) == []  # home's slot is kept for it for the grace
+    assert arbiter.want("peer", 4) == []
+    now[0] += LEND_GRACE
+    assert arbiter.tick() == [("peer", 4)]  # the grace is over: home's spare slot is lent
 
 
 def test_a_peers_quota_is_split_among_volunteers_and_never_exceeded() -> None:

@@ -6,21 +6,22 @@ peers it lends to now (``grid_peer_offers`` over the node's own mutual-TLS ident
 it in the same call what it lent since it last asked (core-seconds and tasks per peer: the
 home portal's ledger of the work given away). For each peer offered, the agent enrols with that
 peer using the lend token the home portal passed on (the peer's own CA signs the node's
-certificate; the home portal's keys never leave it) and serves it as one more portal whose
-share is used only while the home portals have nothing here:
+certificate; the home portal's keys never leave it) and serves it as one more portal that gets
+only what the home portals leave:
 
-- the arbiter (shares.py) gives the peer a slot only while no home portal has had a task
-  waiting or running for a second (``LEND_GRACE``);
-- when home work comes, the peer's tasks still waiting are sent back to it at once (Dask's
-  ``Reschedule``: the peer's scheduler places them again) and its worker is paused once none of
-  its tasks runs; its running tasks may finish within ``lend_bound`` seconds, after which they
-  are moved (ended here, run again elsewhere by the peer). So home work waits at most
-  ``lend_bound`` for a core;
+- the arbiter (shares.py) gives the peer only the slots the home portals leave: never while a
+  home task waits, never one the home portals used in the last second (``LEND_GRACE``). A
+  machine whose home portal keeps one core of four busy lends the other three;
+- a peer's worker with no slot left to take is ``FULL``: it takes no new task (the peer's
+  scheduler sends them elsewhere; those already waiting at the slot gate are sent back at once,
+  with Dask's ``Reschedule``) while its running tasks go on; with none running it is paused;
+- when a home task waits for a slot the peer's tasks hold, they may finish within
+  ``lend_bound`` seconds, after which they are moved (ended here, run again elsewhere by the
+  peer). So home work waits at most ``lend_bound`` for a core;
 - the home portal counts each peer as one user of its fair share (portal/lend_quota.py): with
   each offer comes the peer's share among the peers lent to, and, when the home portal's admin
-  gave the peer a quota, the most slots it may hold here now (the arbiter's ``cap``); with none
-  left here and none of its tasks running, its worker is paused so that the peer sends its
-  tasks elsewhere;
+  gave the peer a quota, the most slots it may hold here now (the arbiter's ``cap``), held to
+  as the slots the home portals leave are;
 - when the home portal no longer offers a peer (the peering was removed, or its peer token
   revoked), the peer's worker leaves at once (running tasks get ``lend_bound`` to finish).
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grid_portal.errors import GridError
+from grid_portal.node.plugin import FULL
 from grid_portal.node.shares import LEND_GRACE
 
 if TYPE_CHECKING:
@@ -51,6 +53,8 @@ RETRY_AFTER = 30.0  # seconds before enrolling again with a peer that failed
 OFFERS_TIMEOUT = 10.0
 HOME_WORK = "its home portal has work"
 QUOTA_ELSEWHERE = "its home portal's quota for this peer is used on other machines"
+QUOTA_IN_USE = "its home portal's quota for this peer is in use here"
+SLOTS_IN_USE = "lends only the cores its home portal leaves; all of them are in use"
 USING = ("running", "waiting")  # what a volunteer tells its home portal a peer holds here
 
 
@@ -59,13 +63,15 @@ class Lending:
 
     def __init__(self, agent: Volunteer) -> None:
         self.agent = agent
-        self.home_since: float | None = None  # when the home portals' work came
+        self.short_since: float | None = None  # since when a home task waits for a lent slot
+        self._bound_timer: asyncio.TimerHandle | None = None
+        self._reopen_timer: asyncio.TimerHandle | None = None
+        self._again = False
         self._reported: dict[str, dict[str, float]] = {}  # lent link key -> counts sent
         self._pending: dict[str, dict[str, dict[str, float]]] = {}  # home -> peer -> unsent
         self._failed: dict[str, float] = {}  # peer URL -> when to try again
         self._said: set[str] = set()
         self._rpcs: dict[str, Any] = {}
-        self._timer: asyncio.TimerHandle | None = None
         self._following = False
 
     # -- which peers ----------------------------------------------------------------------
@@ -219,60 +225,74 @@ class Lending:
 
     # -- home work first ------------------------------------------------------------------
     def desired(self, link: PortalLink) -> tuple[str | None, str | None, bool]:
-        """A lent-to peer's worker: run while the home portals have no work (for a grace
-        second); paused once none of its tasks runs; its running tasks moved after
-        ``lend_bound``."""
-        if self.agent.arbiter.lend_open():
-            taken = self.agent.arbiter.received(link.key)
-            if taken["cap"] == 0 and not taken["running"]:
-                # Its quota at the home portal is held by other volunteers: A sends nothing
-                # here meanwhile (a paused worker gets no tasks), so none waits in vain.
-                return "paused", QUOTA_ELSEWHERE, False
+        """A lent-to peer's worker: run while it has room (the slots the home portals leave,
+        within its quota's part); ``FULL`` (no new tasks, running ones go on) when it has
+        none; paused when none of its tasks runs either. When a home task waits for a slot
+        that the peer's tasks hold, those tasks get ``lend_bound`` to finish, then move."""
+        arbiter = self.agent.arbiter
+        taken = arbiter.received(link.key)
+        running = taken["running"]
+        if arbiter.home_short():
+            if not running:
+                return "paused", HOME_WORK, False
+            since = self.short_since if self.short_since is not None else time.monotonic()
+            if time.monotonic() - since >= self.agent.options.lend_bound:
+                return "paused", HOME_WORK, True
+            return FULL, HOME_WORK, False
+        if arbiter.lend_room(link.key) > 0 or (arbiter.lend_open() and taken["cap"] is None):
+            # Room, or the whole machine lent: A's tasks may queue here as on any worker.
             return None, None, False
-        since = self.home_since if self.home_since is not None else time.monotonic()
-        running = self.agent.arbiter.received(link.key)["running"]
-        if not running:
-            return "paused", HOME_WORK, False
-        if time.monotonic() - since >= self.agent.options.lend_bound:
-            return "paused", HOME_WORK, True
-        return None, None, False
+        quota = taken["cap"] is not None and arbiter.lend_room() > 0
+        if running:
+            return FULL, QUOTA_IN_USE if quota else SLOTS_IN_USE, False
+        return "paused", QUOTA_ELSEWHERE if taken["cap"] == 0 else HOME_WORK, False
 
     def slots_changed(self) -> None:
         """After each slot event: home work came or went, or a lent task ended."""
         if not self.lent():
             return
-        home = self.agent.arbiter.home_active()
-        if home and self.home_since is None:
-            self.home_since = time.monotonic()
-            loop = asyncio.get_running_loop()
+        arbiter = self.agent.arbiter
+        loop = asyncio.get_running_loop()
+        short = arbiter.home_short()
+        if short and self.short_since is None:
+            self.short_since = time.monotonic()
             bound = self.agent.options.lend_bound
-            self._timer = loop.call_later(bound + 0.05, self._follow_soon)
-        elif not home and self.home_since is not None:
-            self.home_since = None
-            if self._timer is not None:
-                self._timer.cancel()
-            # Once the grace is over, the peers get the free slots again.
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(LEND_GRACE + 0.05, self._reopen)
+            self._bound_timer = loop.call_later(bound + 0.05, self._follow_soon)
+        elif not short and self.short_since is not None:
+            self.short_since = None
+            if self._bound_timer is not None:
+                self._bound_timer.cancel()
+        if arbiter.home_reserve() > 0:
+            # The home portals' reserve shrinks as their recent demand ages: look again then.
+            if self._reopen_timer is not None:
+                self._reopen_timer.cancel()
+            self._reopen_timer = loop.call_later(LEND_GRACE + 0.05, self._reopen)
         self._follow_soon()
 
     def _reopen(self) -> None:
+        self._reopen_timer = None
         self.agent.grant_all(self.agent.arbiter.tick())
-        self._follow_soon()
+        self.slots_changed()
 
     def _follow_soon(self) -> None:
-        if not self._following:
-            self._following = True
-            asyncio.ensure_future(self._follow())
+        if self._following:
+            self._again = True  # the round under way may have passed a link already
+            return
+        self._following = True
+        asyncio.ensure_future(self._follow())
 
     async def _follow(self) -> None:
-        """Tell each lent worker what it should do now; send back what waits while paused."""
+        """Tell each lent worker what it should do now; send back what waits at the slot
+        gate while it may take nothing new (the peer places those tasks again, elsewhere)."""
         try:
-            for link in self.lent():
-                await link.push_quietly()
-                if self.desired(link)[0] == "paused":
-                    for ticket in self.agent.arbiter.bounce(link.key):
-                        link.grant(ticket, move=True)
+            self._again = True
+            while self._again:
+                self._again = False
+                for link in self.lent():
+                    await link.push_quietly()
+                    if self.desired(link)[0] in ("paused", FULL):
+                        for ticket in self.agent.arbiter.bounce(link.key):
+                            link.grant(ticket, move=True)
         finally:
             self._following = False
 

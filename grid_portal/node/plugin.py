@@ -68,6 +68,11 @@ IDLE_RECONCILE_INTERVAL = 2.0
 # task on this worker) brings Dask's own interval back at once. A node counts as idle after
 # grid-portal.volunteer.idle-after without a task. The reconcile intervals above are not
 # settings: they are how soon the node acts on its own state (a pause, a cancelled task).
+
+# The policy state of a worker that may take no new task while its running ones go on (a
+# lent worker using every slot its home portal leaves it, node/lending.py).
+FULL = "full"
+
 # A telemetry sample is "changed", and sent at once, when a figure moved by at least this much
 # since the last one sent (percentage points; GPU temperature in degrees C); any change of
 # running tasks, policy, network or the GPU list counts too.
@@ -270,14 +275,19 @@ class NodePlugin(WorkerPlugin):
         """Put the node in the state the agent decided: None (run) or "paused".
 
         Paused: no new tasks, running ones suspended; ``move`` hands them back to the scheduler
-        to run elsewhere. A draining node stays draining.
+        to run elsewhere. ``FULL`` (a lent worker using every slot its home portal leaves it):
+        no new tasks, running ones go on; it shows as paused. A draining node stays draining.
         """
         if self.state == "draining":
             # Leaving anyway: rather than keep the owner waiting, hand running tasks back.
             if state == "paused" and self.executor is not None:
                 self.executor.evict()
             return self.status()
-        if state == "paused":
+        if state == FULL:
+            self.state, self.reason = "paused", reason or "every slot it may use is in use"
+            if self.executor is not None and self.executor.resume():
+                logger.info("resumed the suspended task(s)")
+        elif state == "paused":
             self.state, self.reason = "paused", reason or "paused"
             if self.executor is not None:
                 suspended = self.executor.suspend()

@@ -12,10 +12,16 @@ So under load from all, core time is split by share, and a portal with nothing q
 nothing: the others use every slot (work-conserving). A portal that comes back from idle starts
 level with the busiest-served active portal, not with the credit of its idle hours.
 
-A portal added with ``lend`` (a peer portal the volunteer's home portal lends it to) gets a
-slot only while no home portal has had a task waiting or running for ``LEND_GRACE`` seconds:
-home work always comes first. Such a portal may also have a ``cap``: the most slots it may hold
-at once here (its part of the quota the home portal set for it, portal/lend_quota.py).
+A portal added with ``lend`` (a peer portal the volunteer's home portal lends it to) gets only
+the slots the home portals leave: never while a home task waits, and never one of the slots the
+home portals held in the last ``LEND_GRACE`` seconds (their *reserve*: a home portal's next task
+comes a round trip after its last one ended, and must find its slot free). So a machine whose
+home portal keeps one core of four busy lends the other three; one whose home portal has had
+nothing for the grace lends them all. Home work always comes first: a home task that waits while
+lent tasks hold the slots is what ``home_short`` says, and the lending side (lending.py) then
+gives those slots back within its bound. A lent portal may also have a ``cap``: the most slots
+it may hold at once here (its part of the quota the home portal set for it,
+portal/lend_quota.py).
 
 Pure logic: no I/O, a clock that can be given; the agent (agent.py) feeds it the workers'
 events and sends the grants it returns.
@@ -66,7 +72,8 @@ class SlotArbiter:
         # One mean over all portals: a portal that just came has no tasks of its own to go by.
         self.mean = FIRST_TASK_ESTIMATE
         self._measured = False
-        self._home_last = float("-inf")  # when a home portal last had a task here
+        # (when, home slots wanted then): the home portals' recent demand, for their reserve.
+        self._home_marks: deque[tuple[float, int]] = deque()
 
     # -- the set of portals -----------------------------------------------------------------
     def add(self, key: Hashable, share: float, lend: bool = False) -> None:
@@ -92,11 +99,47 @@ class SlotArbiter:
         """Whether a home (not lent-to) portal has tasks waiting or running."""
         return any(p.active() for p in self._portals.values() if not p.lend)
 
+    def _home_demand(self) -> int:
+        return sum(len(p.waiting) + len(p.running) for p in self._portals.values() if not p.lend)
+
+    def _mark_home(self, before: int) -> None:
+        # A sliding-window maximum: a mark no larger than a later one can never be the most.
+        demand = max(before, self._home_demand())
+        marks = self._home_marks
+        while marks and marks[-1][1] <= demand:
+            marks.pop()
+        marks.append((self.clock(), demand))
+
+    def home_reserve(self) -> int:
+        """The slots kept for the home portals: the most they wanted in the last
+        ``LEND_GRACE`` seconds (and now)."""
+        now = self.clock()
+        marks = self._home_marks
+        while marks and now - marks[0][0] >= LEND_GRACE:
+            marks.popleft()
+        return min(self.slots, max(self._home_demand(), marks[0][1] if marks else 0))
+
     def lend_open(self) -> bool:
-        """Whether lent-to portals may have slots: no home task for ``LEND_GRACE`` s."""
-        if self.home_active():
-            return False
-        return self.clock() - self._home_last >= LEND_GRACE
+        """Whether every slot may be lent: no home task for ``LEND_GRACE`` s."""
+        return self.home_reserve() == 0
+
+    def _lent_running(self) -> int:
+        return sum(len(p.running) for p in self._portals.values() if p.lend)
+
+    def home_short(self) -> bool:
+        """A home task waits while lent tasks hold slots: they must give them back."""
+        home_waits = any(p.waiting for p in self._portals.values() if not p.lend)
+        return home_waits and self._lent_running() > 0
+
+    def lend_room(self, key: Hashable | None = None) -> int:
+        """How many more slots lent portals (``key`` alone, within its cap) may take now."""
+        if any(p.waiting for p in self._portals.values() if not p.lend):
+            return 0
+        room = max(0, self.slots - self.home_reserve() - self._lent_running())
+        portal = self._portals.get(key) if key is not None else None
+        if portal is not None and portal.cap is not None:
+            room = min(room, max(0, portal.cap - len(portal.running)))
+        return room
 
     def tick(self) -> list[Grant]:
         """Grants that time alone made possible (the home portals' grace ran out)."""
@@ -136,9 +179,10 @@ class SlotArbiter:
             others = [self._vtime(p, now, 0.0) for p in self._portals.values() if p.active()]
             if others:
                 portal.charged = max(portal.charged, min(others) * portal.share)
+        before = self._home_demand()
         portal.waiting.append(ticket)
         if not portal.lend:
-            self._home_last = self.clock()
+            self._mark_home(before)
         return self._dispatch()
 
     def done(self, key: Hashable, ticket: int, seconds: float) -> list[Grant]:
@@ -147,8 +191,7 @@ class SlotArbiter:
         if portal is None:
             return self._dispatch()
         seconds = max(0.0, float(seconds))
-        if not portal.lend:
-            self._home_last = self.clock()
+        before = self._home_demand()
         portal.tasks += 1
         portal.core_seconds += seconds
         if ticket in portal.running:
@@ -157,6 +200,8 @@ class SlotArbiter:
             weight = MEAN_WEIGHT if self._measured else 1.0  # the first one replaces the guess
             self.mean += weight * (seconds - self.mean)
             self._measured = True
+        if not portal.lend:
+            self._mark_home(before)  # its slot stays reserved for the grace
         return self._dispatch()
 
     # -- what each received ------------------------------------------------------------------
@@ -185,14 +230,11 @@ class SlotArbiter:
         now = self.clock()
         free = self.slots - sum(len(p.running) for p in self._portals.values())
         while free > 0:
-            # Lent-to portals only while the home portals have nothing (flocking: home first).
-            closed = not self.lend_open()
+            # Lent-to portals only get what the home portals leave (flocking: home first).
             candidates = [
                 (k, p)
                 for k, p in self._portals.items()
-                if p.waiting
-                and not (p.lend and closed)
-                and (p.cap is None or len(p.running) < p.cap)
+                if p.waiting and (not p.lend or self.lend_room(k) > 0)
             ]
             if not candidates:
                 break

@@ -144,7 +144,14 @@ def _rescheduled() -> dict[str, Any]:
     from distributed.metrics import time as dask_time
 
     now = dask_time()
-    return {"op": "task-erred", "actual_exception": Reschedule(), "start": now, "stop": now}
+    # Dask's Worker.execute reads the thread of every result, a rescheduled one's too.
+    return {
+        "op": "task-erred",
+        "actual_exception": Reschedule(),
+        "start": now,
+        "stop": now,
+        "thread": threading.get_ident(),
+    }
 
 
 class GatedThreadPoolExecutor(ThreadPoolExecutor):
