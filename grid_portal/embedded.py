@@ -76,7 +76,11 @@ async def run_local_volunteer(
         cert=str(directory / "node.pem"),
         key=str(directory / "node-key.pem"),
     )
-    options = VolunteerOptions(cpus=offer.cpus, memory=offer.memory, labels={"embedded": "true"})
+    # `grid-portal volunteer status|pause --name NAME-local` and the sidebar's This machine
+    # reach it as any volunteer of this user.
+    options = VolunteerOptions(
+        cpus=offer.cpus, memory=offer.memory, labels={"embedded": "true"}, control_if_free=True
+    )
     volunteer = Volunteer(creds, options, static)
     running = asyncio.create_task(volunteer.run())
     try:

@@ -511,6 +511,12 @@ def test_the_embedded_portal_with_no_configuration(shell, portal: Portal) -> Non
         assert value is True
         assert "embedded Grid Portal" in captured.stderr
         assert grid_of(shell).nodes()[0].labels.get("embedded") == "true"
+        # Its volunteer answers `volunteer status` (and the sidebar's This machine).
+        from grid_portal.node.agent import hostname
+        from grid_portal.node.control import find_agent, request
+
+        status = request(find_agent(f"{hostname()}-local"), "status")
+        assert [p["state"] for p in status["portals"]] == ["running"], status
     finally:
         shell.run_line_magic("unload_ext", "grid_portal")
         stop_embedded_portal()

@@ -107,6 +107,9 @@ class VolunteerOptions:
     lend_to_peers: bool = False
     lend_bound: float = field_from("volunteer.lend-bound")
     control: bool = False  # answer `grid-portal volunteer pause|resume|drain|status`
+    # Answer them only if no other agent of this name does (the embedded portal's volunteer:
+    # the portal must not fail because the CLI cannot reach its volunteer).
+    control_if_free: bool = False
     verbose: bool = False
     portal_url: str | None = None  # the portal's HTTPS address, to re-measure the network
     network_refresh: float = field_from("volunteer.network-refresh")  # bandwidth and RTT again
@@ -498,9 +501,15 @@ class Volunteer:
         from grid_portal.node.control import ControlServer
 
         control = None
-        if self.options.control:
+        if self.options.control or self.options.control_if_free:
             control = ControlServer(self.name, self.control)
-            await control.start()
+            try:
+                await control.start()
+            except (UsageError, OSError) as exc:
+                if self.options.control:
+                    raise
+                logger.info("no control socket (volunteer status cannot reach it): %s", exc)
+                control = None
         self._running = True
         for link in self._pending_links:
             self._start(link)
