@@ -134,7 +134,8 @@ def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
     from gridtasks import burn
 
     with world.a.grid() as grid_a, world.b.grid() as grid_b:
-        long = grid_a.map(burn, [30.0] * 2, batch=1, where='site == "b"')
+        # Four: two hold both cores, two wait queued in the lent worker.
+        long = grid_a.map(burn, [30.0] * 4, batch=1, where='site == "b"')
         wait_for(
             lambda: world.lent_status()["a"]["running"] == 2,
             timeout=60,
@@ -149,6 +150,8 @@ def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
         # A's two tasks were moved back to A (to come back here now that B is idle again).
         status = world.lent_status()
         assert status["a"]["moved_tasks"] == 2, status["a"]
+        # The two queued ones went back to A at once, not after B was idle again.
+        assert "gave 2 queued task(s) back to the portal" in world.lender.output()
         grid_a.client.cancel(long)
     # Idle again: the lent worker runs A's work again.
     with world.a.grid() as grid_a:

@@ -12,9 +12,10 @@ only what the home portals leave:
 - the arbiter (shares.py) gives the peer only the slots the home portals leave: never while a
   home task waits, never one the home portals used in the last second (``LEND_GRACE``). A
   machine whose home portal keeps one core of four busy lends the other three;
-- a peer's worker with no slot left to take is ``FULL``: it takes no new task (the peer's
-  scheduler sends them elsewhere; those already waiting at the slot gate are sent back at once,
-  with Dask's ``Reschedule``) while its running tasks go on; with none running it is paused;
+- a peer's worker with no slot left to take is ``FULL``: paused in Dask (the peer's scheduler
+  sends it nothing new) while its running tasks go on; the tasks the peer had already sent it,
+  queued in the worker or waiting at the slot gate, go back to the peer at once (Dask's
+  ``reschedule``), which places them elsewhere;
 - when a home task waits for a slot the peer's tasks hold, they may finish within
   ``lend_bound`` seconds, after which they are moved (ended here, run again elsewhere by the
   peer). So home work waits at most ``lend_bound`` for a core;
@@ -233,19 +234,18 @@ class Lending:
         taken = arbiter.received(link.key)
         running = taken["running"]
         if arbiter.home_short():
-            if not running:
-                return "paused", HOME_WORK, False
             since = self.short_since if self.short_since is not None else time.monotonic()
-            if time.monotonic() - since >= self.agent.options.lend_bound:
+            if running and time.monotonic() - since >= self.agent.options.lend_bound:
                 return "paused", HOME_WORK, True
             return FULL, HOME_WORK, False
         if arbiter.lend_room(link.key) > 0 or (arbiter.lend_open() and taken["cap"] is None):
             # Room, or the whole machine lent: A's tasks may queue here as on any worker.
             return None, None, False
-        quota = taken["cap"] is not None and arbiter.lend_room() > 0
-        if running:
-            return FULL, QUOTA_IN_USE if quota else SLOTS_IN_USE, False
-        return "paused", QUOTA_ELSEWHERE if taken["cap"] == 0 else HOME_WORK, False
+        if taken["cap"] == 0 and not running:
+            return FULL, QUOTA_ELSEWHERE, False
+        if taken["cap"] is not None and arbiter.lend_room() > 0:
+            return FULL, QUOTA_IN_USE, False
+        return FULL, SLOTS_IN_USE if running else HOME_WORK, False
 
     def slots_changed(self) -> None:
         """After each slot event: home work came or went, or a lent task ended."""

@@ -287,6 +287,10 @@ class NodePlugin(WorkerPlugin):
             self.state, self.reason = "paused", reason or "every slot it may use is in use"
             if self.executor is not None and self.executor.resume():
                 logger.info("resumed the suspended task(s)")
+            self.reconcile()  # paused in Dask first: nothing queued may start meanwhile
+            given = self._give_back_queued()
+            if given:
+                logger.info("gave %d queued task(s) back to the portal: %s", given, self.reason)
         elif state == "paused":
             self.state, self.reason = "paused", reason or "paused"
             if self.executor is not None:
@@ -305,6 +309,24 @@ class NodePlugin(WorkerPlugin):
         self.reconcile()
         self._report()
         return self.status()
+
+    def _give_back_queued(self) -> int:
+        """Hand the tasks queued in this worker (assigned, not started) back to the scheduler,
+        which places them on a worker that can take them. Released here first, as Dask's
+        ``reschedule`` message asks; a paused worker starts none of them meanwhile."""
+        from distributed.worker_state_machine import FreeKeysEvent
+
+        worker = self.worker
+        if worker is None or worker.status != Status.paused:
+            return 0
+        keys = [ts.key for ts in (*worker.state.ready, *worker.state.constrained)]
+        if not keys:
+            return 0
+        stimulus_id = f"grid-give-back-{time.time()}"
+        worker.handle_stimulus(FreeKeysEvent(keys=keys, stimulus_id=stimulus_id))
+        for key in keys:
+            worker.batched_send({"op": "reschedule", "key": key, "stimulus_id": stimulus_id})
+        return len(keys)
 
     def _report(self) -> None:
         """Send a heartbeat now, so the portal shows the new state and its reason at once."""
