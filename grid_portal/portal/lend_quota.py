@@ -2,8 +2,8 @@
 
 Flocking (portal/peering.py) lends our idle volunteers to peer portal A. A's work never enters
 our scheduler (the volunteers run it on workers of A's), so our fair share would not see it.
-This module gives A a place in it under one user name, ``peer:A`` (no person's name can have a
-``:``; enrolment cleans names):
+This module gives A a place in it under one user name, ``peer:A`` (the CA signs no certificate
+whose name starts with ``peer:``, security.py, so no person shares it):
 
 - **usage**: the core-seconds our volunteers report lending to A are charged to ``peer:A`` in
   our fair-share ledger, so ``grid-portal fairshare`` lists A beside our users, with the same

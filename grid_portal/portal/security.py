@@ -61,6 +61,7 @@ from grid_portal.keys import (  # noqa: F401 - re-exported for portal code
     make_private_dirs,
     write_private,
 )
+from grid_portal.portal.lend_quota import PEER_USER_PREFIX
 from grid_portal.protocol import ROLES
 from grid_portal.tls import tls_security  # noqa: F401 - re-exported for portal code
 
@@ -455,6 +456,13 @@ class CertificateAuthority:
         not_after: datetime | None = None,
     ) -> x509.Certificate:
         name, role = _check_name(name), _check_role(role)
+        if name.startswith(PEER_USER_PREFIX):
+            # Fair share counts a borrowing peer portal as the user peer:NAME (lend_quota.py):
+            # a person by that name would share its usage and quota.
+            raise CertificateRequestRefused(
+                f"the name {name!r} starts with {PEER_USER_PREFIX!r}, which this portal keeps "
+                "for peer portals in its fair share: use another name"
+            )
         now = datetime.now(timezone.utc)
         start = _utc(not_before) if not_before is not None else now - CLOCK_SKEW
         end = _utc(not_after) if not_after is not None else now + timedelta(days=_check_days(days))
