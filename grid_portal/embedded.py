@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from asyncio import FIRST_COMPLETED
 from pathlib import Path
 
 from grid_portal.connection import (
@@ -86,8 +87,12 @@ async def run_local_volunteer(
     try:
         # Publish the connection only once this machine has joined, so that a kernel that
         # finds the portal also finds a node to run on (and is not told "no node offers...").
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(volunteer.joined.wait(), JOIN_TIMEOUT)
+        # A volunteer that fails before joining must say so now, not after JOIN_TIMEOUT.
+        joined = asyncio.ensure_future(volunteer.joined.wait())
+        await asyncio.wait({joined, running}, timeout=JOIN_TIMEOUT, return_when=FIRST_COMPLETED)
+        joined.cancel()
+        if running.done() and running.exception() is not None:
+            logger.error("this machine could not join its embedded portal: %s", running.exception())
         publish_connection(info)
         await running
     finally:

@@ -502,8 +502,9 @@ class Volunteer:
 
         control = None
         if self.options.control or self.options.control_if_free:
-            control = ControlServer(self.name, self.control)
             try:
+                # Both can refuse: a socket path too long for Unix, a name another agent holds.
+                control = ControlServer(self.name, self.control)
                 await control.start()
             except (UsageError, OSError) as exc:
                 if self.options.control:
