@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from asyncio import FIRST_COMPLETED
 from pathlib import Path
 
 from grid_portal.connection import (
@@ -89,9 +88,11 @@ async def run_local_volunteer(
         # finds the portal also finds a node to run on (and is not told "no node offers...").
         # A volunteer that fails before joining must say so now, not after JOIN_TIMEOUT.
         joined = asyncio.ensure_future(volunteer.joined.wait())
-        await asyncio.wait({joined, running}, timeout=JOIN_TIMEOUT, return_when=FIRST_COMPLETED)
+        await asyncio.wait(
+            {joined, running}, timeout=JOIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
         joined.cancel()
-        if running.done() and running.exception() is not None:
+        if running.done() and not running.cancelled() and running.exception() is not None:
             logger.error("this machine could not join its embedded portal: %s", running.exception())
         publish_connection(info)
         await running
