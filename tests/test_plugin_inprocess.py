@@ -42,6 +42,7 @@ import dask
 import distributed.protocol.core as dask_core
 import pytest
 from distributed import Worker, get_worker
+from distributed.core import Status
 from distributed.utils_test import gen_cluster
 
 from grid_portal.daskclient import GridDaskClient
@@ -333,6 +334,27 @@ async def test_replicas_that_disagree_fail_the_job_naming_the_nodes(s, a, b):
         await wait_until(failed)
         error = (await job_state(client, "job-7"))["error"]
         assert "disagree" in error and "0 returned" in error and "1 returned" in error, error
+
+
+# -- copies the scheduler asked a node to make ------------------------------------------------------
+@grid_cluster()
+async def test_a_node_that_leaves_is_owed_no_copies(s, a, b):
+    """The portal believes a node's "I copied it" only for copies it asked for (Access); a
+    node that leaves takes those requests with it, so a later worker at its address (one
+    that reconnects) cannot claim them."""
+    async with portal(s) as (plugin, client):
+        with annotations("job-copies"):
+            held = client.submit(square, 3, key="held")
+        assert opened(await held) == 9
+        holder = next(iter(s.tasks["held"].who_has)).address
+        target = a if holder == b.address else b
+        target.status = Status.paused  # a paused worker fetches nothing: the request stays open
+        s.request_acquire_replicas(target.address, ["held"], stimulus_id="test-copies")
+        assert plugin.access.replicas_asked == {target.address: {"held"}}
+
+        await s.remove_worker(target.address, stimulus_id="test-leaves")
+        assert target.address not in plugin.access.replicas_asked
+        assert opened(await held) == 9  # the copy on the node that stays is untouched
 
 
 # -- fair share ------------------------------------------------------------------------------------

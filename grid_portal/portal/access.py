@@ -74,6 +74,11 @@ class Access:
 
         scheduler.request_acquire_replicas = request_acquire_replicas  # type: ignore[method-assign]
 
+    def forget_worker(self, address: str) -> None:
+        """A worker left: what it was asked to copy is void. A later worker at the same address
+        (a node that reconnects) must not be believed for copies asked of its predecessor."""
+        self.replicas_asked.pop(address, None)
+
     # -- revocation -------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Read the revocations back from the ledger (the portal does once a second, off the

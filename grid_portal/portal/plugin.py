@@ -421,6 +421,7 @@ class PortalPlugin(SchedulerPlugin):
         self._observed.pop(worker, None)
         self.registry.leave(worker, reason="left the grid")
         self.scheduling.remove_worker(scheduler, worker)  # its replicas and placements
+        self.access.forget_worker(worker)
         logger.info("node at %s left", worker)
 
     # -- live telemetry -------------------------------------------------------------------
