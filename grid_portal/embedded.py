@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -17,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from grid_portal.connection import (
+    PORTAL_FILE,
     Connection,
     embedded_connection_path,
     embedded_data_dir,
@@ -169,16 +173,39 @@ def _alive_connection(path: Path) -> Connection | None:
 
 
 def stop_embedded_portal(timeout: float = 30.0) -> bool:
-    """Stop the embedded portal if one runs; returns whether one did."""
+    """Stop the embedded portal if one runs; returns whether one did.
+
+    Found through the kernels' connection file, or else through the pid in its data dir's
+    ``portal.json``: a portal whose volunteer has not joined yet has published no connection
+    file, and one started under another Jupyter runtime dir published it elsewhere.
+    """
     conn = _alive_connection(embedded_connection_path())
-    if conn is None or conn.pid is None:
+    pid = conn.pid if conn is not None else _running_embedded_pid()
+    if pid is None:
         return False
-    os.kill(conn.pid, 15)
+    os.kill(pid, 15)
     deadline = time.monotonic() + timeout
-    while pid_alive(conn.pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         # Started by this very process (Grid() or a Jupyter server): reap it, or it lingers
         # as a zombie (which pid_alive() counts as gone) until this process ends.
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(conn.pid, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         time.sleep(0.1)
     return True
+
+
+def _running_embedded_pid() -> int | None:
+    """The pid in the embedded data dir's ``portal.json``, if that process is still this
+    user's ``grid-portal serve --embedded`` (a pid is reused: never signal another program)."""
+    try:
+        pid = json.loads((embedded_data_dir() / PORTAL_FILE).read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return None
+    try:
+        command = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+    ours = any(part == "grid_portal.cli" or Path(part).name == "grid-portal" for part in command)
+    return pid if ours and "serve" in command and "--embedded" in command else None
