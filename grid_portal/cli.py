@@ -25,7 +25,7 @@ from grid_portal import (
 )
 from grid_portal.errors import GridError, UsageError
 from grid_portal.process_logging import setup_logging
-from grid_portal.units import duration_arg, size_arg
+from grid_portal.units import counted, duration_arg, size_arg
 
 EPILOG = """\
 Start here:
@@ -719,7 +719,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             raise UsageError("say which node: grid-portal nodes revoke NAME")
         with _grid(args) as grid:
             reply = grid.revoke(args.name)
-        print(f"revoked {reply['revoked']}; disconnected {reply['disconnected']} worker(s)")
+        print(
+            f"revoked {reply['revoked']}; disconnected {counted(reply['disconnected'], 'worker')}"
+        )
         return 0
     with _grid(args) as grid:
         nodes = grid.nodes()

@@ -20,7 +20,7 @@ from typing import Any
 
 from grid_portal.cli_certs import portal_ledger
 from grid_portal.errors import GridError, NotFound
-from grid_portal.units import duration_arg
+from grid_portal.units import counted, duration_arg
 
 TASK_ROWS = 100  # tasks shown by `grid-portal job ID` unless --all-tasks
 
@@ -231,7 +231,7 @@ def _finish(grid: Any, job: Any, dest: Path, as_json: bool, console: Any) -> int
         for line in lines:
             print(f"  {line}")
         if written:
-            print(f"  {len(written)} file(s) saved in {dest}")
+            print(f"  {counted(len(written), 'file')} saved in {dest}")
     if job.state is not JobState.DONE:
         raise GridError(
             f"job {job.id} {job.state.value}: {job.error or 'see grid-portal job ' + job.id}"
@@ -283,7 +283,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{len(jobs)} job(s)")
+    table = Table(title=counted(len(jobs), "job"))
     for column in ("id", "name", "kind", "owner", "state", "tasks", "nodes", "submitted", "took"):
         table.add_column(column, justify="right" if column == "tasks" else "left")
     for j in jobs:

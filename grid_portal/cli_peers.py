@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.errors import ConnectionFailed, EnrolmentRefused, GridError, UsageError
+from grid_portal.units import counted
 
 PEERS_DIR = "peers"  # in the data dir: our key and certificate at each lending peer (0600)
 LEND_TOKEN_TTL = 10 * 365 * 24 * 3600.0  # lives as long as the peering; revoked on remove
@@ -300,7 +301,9 @@ def cmd_peers_remove(args: argparse.Namespace) -> int:
                 enrolments.revoke(node, "node")
             told = _ask(data_dir / PEERS_DIR / peer.name, "grid_peer_unlink")
             shutil.rmtree(data_dir / PEERS_DIR / peer.name, ignore_errors=True)
-            print(f"removed {peer.name}: it lends no more; {len(cut)} lent node(s) cut off")
+            print(
+                f"removed {peer.name}: it lends no more; {counted(len(cut), 'lent node')} cut off"
+            )
             if "error" in told:
                 print(
                     f"  {peer.name} was not told ({told['error']}); its volunteers are refused "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_portal.errors import GridError, UsageError
-from grid_portal.units import duration_arg
+from grid_portal.units import counted, duration_arg
 
 
 @dataclass
@@ -333,7 +333,7 @@ def portals_text(status: dict[str, Any]) -> str:
             f"tasks, {float(p.get('core_seconds') or 0):.1f} core-s"
         )
         if p.get("lent_by") and p.get("cap") is not None:
-            line += f", at most {p['cap']} slot(s) now (its quota at {p['lent_by']})"
+            line += f", at most {counted(p['cap'], 'slot')} now (its quota at {p['lent_by']})"
         if p.get("running_tasks"):
             line += f", {p['running_tasks']} running"
         if p.get("problem"):

@@ -35,7 +35,7 @@ from grid_portal.portals import ENV_PORTALS
 from grid_portal.protocol import RETRIES_ANNOTATION
 from grid_portal.pushed import PushedResults
 from grid_portal.safe_pickle import Trust
-from grid_portal.units import format_size, parse_size
+from grid_portal.units import counted, format_size, parse_size
 from grid_portal.which_portal import find_connection
 
 if TYPE_CHECKING:
@@ -1097,7 +1097,7 @@ class Grid:
                 return matching
             if left <= 0:
                 raise TimeoutError(
-                    f"{len(matching)} of {count} node(s) matched within {timeout:g} s"
+                    f"{len(matching)} of {counted(count, 'node')} matched within {timeout:g} s"
                 )
             since = self.changes(since=since, timeout=min(10.0, max(0.1, left)))["version"]
 

@@ -36,6 +36,7 @@ from grid_portal.protocol import (
     STAGE_ANNOTATION,
     copy_key,
 )
+from grid_portal.units import counted
 
 MAX_REPLICAS = 5  # as for workflow stages (grid_portal.jobs.spec.MAX_REPLICAS)
 
@@ -77,7 +78,7 @@ def refuse_too_few(grid: Any, replicas: int, where: str | None, resources: dict)
     have = f": {', '.join(matching)}" if matching else ""
     raise Unsatisfiable(
         f"cannot place {replicas} copies on {replicas} different nodes: only "
-        f"{len(matching)} connected node(s) {which}offer what a copy needs{have}. Ask for "
+        f"{counted(len(matching), 'connected node')} {which}offer what a copy needs{have}. Ask for "
         f"fewer replicas, or pass wait=True (--wait) to wait for more nodes to join.",
         where=where,
         resources=resources,

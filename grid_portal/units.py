@@ -134,3 +134,9 @@ def duration_arg(text: str) -> float:
         return parse_duration(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``counted(1, "task") == "1 task"``, ``counted(3, "task") == "3 tasks"``: messages
+    read as sentences, not as "1 task(s)". ``plural`` for nouns that take more than an -s."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"

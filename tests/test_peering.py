@@ -151,7 +151,7 @@ def test_b_takes_its_volunteer_back_within_the_bound(world: World) -> None:
         status = world.lent_status()
         assert status["a"]["moved_tasks"] == 2, status["a"]
         # The two queued ones went back to A at once, not after B was idle again.
-        assert "gave 2 queued task(s) back to the portal" in world.lender.output()
+        assert "gave 2 queued tasks back to the portal" in world.lender.output()
         grid_a.client.cancel(long)
     # Idle again: the lent worker runs A's work again.
     with world.a.grid() as grid_a:
@@ -312,7 +312,7 @@ def test_removing_the_peer_or_revoking_its_token_ends_lent_workers(world: World)
     # `peers remove` at A: A cuts the lent node off, and tells B, which stops offering A.
     out = world.peers(world.a, "remove", "b")
     assert out.returncode == 0, out.stderr
-    assert "1 lent node(s) cut off" in out.stdout and "not told" not in out.stdout, out.stdout
+    assert "1 lent node cut off" in out.stdout and "not told" not in out.stdout, out.stdout
     wait_for(lambda: not lent_nodes(world.a), timeout=HEARTBEAT + 1, what="lender@b to leave A")
     wait_for(lambda: "a" not in world.lent_status(), timeout=HEARTBEAT + 3, what="B to stop")
     assert world.peers(world.b, "list", "--json").stdout.strip() == "[]"

@@ -174,7 +174,7 @@ def test_a_map_over_a_folder_brings_every_output_back(portal: Portal, tmp_path: 
     out = tmp_path / "got"
 
     result = cli(portal, "submit", str(tmp_path / "job.yaml"), "--wait", "--output", str(out))
-    assert "done" in result.stdout and "5 file(s) saved" in result.stdout
+    assert "done" in result.stdout and "5 files saved" in result.stdout
     for name, text in clips.items():
         got = (out / "out" / f"{name}.up").read_bytes()
         assert got == text.upper().encode()

@@ -50,6 +50,7 @@ from grid_portal.jobs.stage_task import (  # noqa: F401 - also importable from h
     collect,
     run_task,
 )
+from grid_portal.units import counted
 
 if TYPE_CHECKING:
     from distributed import Future
@@ -239,7 +240,7 @@ def describe_outputs(outputs: Mapping[str, Any], limit: int = 200) -> list[str]:
         files = [v for v in _iter_files(value)]
         if files:
             total = sum(f.size for f in files)
-            lines.append(f"{stage}: {len(files)} file(s), {total:,} bytes")
+            lines.append(f"{stage}: {counted(len(files), 'file')}, {total:,} bytes")
         else:
             lines.append(f"{stage}: {_short(repr(value), limit)}")
     return lines

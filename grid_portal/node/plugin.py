@@ -39,6 +39,7 @@ from grid_portal.node import cell_lease
 from grid_portal.node.probe import TelemetrySampler
 from grid_portal.pushed import PUSH_ANNOTATION, PUSH_FORWARDED, PUSH_LIMIT, PUSH_OP
 from grid_portal.settings import given_or
+from grid_portal.units import counted
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -286,26 +287,28 @@ class NodePlugin(WorkerPlugin):
         if state == FULL:
             self.state, self.reason = "paused", reason or "every slot it may use is in use"
             if self.executor is not None and self.executor.resume():
-                logger.info("resumed the suspended task(s)")
+                logger.info("resumed the suspended tasks")
             self.reconcile()  # paused in Dask first: nothing queued may start meanwhile
             given = self._give_back_queued()
             if given:
-                logger.info("gave %d queued task(s) back to the portal: %s", given, self.reason)
+                logger.info(
+                    "gave %s back to the portal: %s", counted(given, "queued task"), self.reason
+                )
         elif state == "paused":
             self.state, self.reason = "paused", reason or "paused"
             if self.executor is not None:
                 suspended = self.executor.suspend()
                 if suspended:
-                    logger.info("suspended %d running task(s): %s", suspended, self.reason)
+                    logger.info("suspended %s: %s", counted(suspended, "running task"), self.reason)
                 if move:
                     moved = self.executor.evict()
                     if moved:
                         self._moved += moved
-                        logger.info("moved %d task(s) elsewhere: paused too long", moved)
+                        logger.info("moved %s elsewhere: paused too long", counted(moved, "task"))
         else:
             self.state, self.reason = None, None
             if self.executor is not None and self.executor.resume():
-                logger.info("resumed the suspended task(s)")
+                logger.info("resumed the suspended tasks")
         self.reconcile()
         self._report()
         return self.status()

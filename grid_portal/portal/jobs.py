@@ -22,6 +22,7 @@ from typing import Any
 from grid_portal.model import Job, JobState
 from grid_portal.portal.ledger import connect, transaction, write_later
 from grid_portal.settings import given_or
+from grid_portal.units import counted
 
 # A job's birth, start and end are written this soon after they happen: not in the middle of
 # the scheduler's handling of a graph, where a write would delay the task's dispatch, and
@@ -359,8 +360,8 @@ class JobBook:
             elif record.abandoned:
                 record.state = JobState.CANCELLED
                 record.error = record.error or (
-                    f"{record.abandoned} task(s) were dropped before they finished: the "
-                    "client that submitted them let go of them or disconnected"
+                    f"{counted(record.abandoned, 'task')} never finished: the client that "
+                    "submitted the job let go of them or disconnected"
                 )
             else:
                 record.state = JobState.DONE

@@ -12,7 +12,7 @@ from typing import Any
 
 from grid_portal.model import CPU, GPU, MEMORY, Node, NodeState
 from grid_portal.requirements.matching import compile_requirement, node_attributes
-from grid_portal.units import format_size
+from grid_portal.units import counted, format_size
 
 
 def _shortfalls(node: Node, resources: Mapping[str, float]) -> list[str]:
@@ -77,7 +77,13 @@ def describe_refusal(what: str, report: Mapping[str, Any]) -> str:
         f"{c['name']}: {'; '.join(c['reasons'])}" for c in report.get("closest", ()) if c["reasons"]
     ]
     closest = " | ".join(parts)
+    online = int(report["online"])
+    nobody = (
+        "the one connected node does not meet"
+        if online == 1
+        else f"none of the {counted(online, 'connected node')} meets"
+    )
     return (
-        f"none of the {report['online']} connected node(s) meets {what}. Closest: {closest}. "
+        f"{nobody} {what}. Closest: {closest}. "
         "Change the requirement, or pass wait=True (--wait-for-nodes) to wait for such a node."
     )
