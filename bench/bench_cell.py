@@ -16,7 +16,11 @@ run, interleaved round by round so that load drifts hit every contender alike:
 - then, interleaved round by round with the defaults, ``%%grid`` and ``Client.submit`` with the
   client's batched-send interval (``client.scheduler_comm.interval``, 10 ms by default in
   distributed) at 0, and with the portal's and the node's batched sends at 0 as well (set
-  through ``run_on_scheduler``/``run``, for the measurement only).
+  through ``run_on_scheduler``/``run``, for the measurement only; ``--as admin`` only: a
+  researcher may not).
+
+The kernel connects as a researcher (a role-client certificate the portal's ledger knows) by
+default, so that every role and ownership check a researcher's call meets is on the timed path.
 
 Results go to docs/benchmarks.md. Medians and 90th percentiles of ``-n`` rounds.
 """
@@ -113,6 +117,19 @@ def start_grid(home: Path, sandbox: str | None) -> tuple[list[subprocess.Popen[b
     return [volunteer, portal], str(data / "connection.json")
 
 
+def as_researcher(home: Path, portal: subprocess.Popen[bytes]) -> str:
+    """A researcher's connection file for the portal in ``home`` (the tests' helper: a
+    role-client certificate from its CA, recorded in its ledger as enrolment records one)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import Portal, researcher_connection
+
+    data = home / "portal"
+    info = json.loads((data / "portal.json").read_text())
+    return researcher_connection(
+        Portal(data, portal, info, home / "portal.log"), home, "bench-user"
+    )
+
+
 def _scheduler_intervals(dask_scheduler: Any, workers: float, clients: float) -> dict[str, float]:
     """Set the portal's batched-send intervals (to workers, to clients); returns the old ones."""
     old = {"workers": 0.005, "clients": 0.002}
@@ -155,6 +172,15 @@ def main() -> None:
         default=None,
         help="the volunteer's --sandbox (default: its own default, bubblewrap where it works)",
     )
+    parser.add_argument(
+        "--as",
+        dest="identity",
+        choices=("researcher", "admin"),
+        default="researcher",
+        help="whose certificate the kernel uses (default: a researcher's, as in a classroom or "
+        "a shared grid; the portal's admin may also change the portal's and node's batching "
+        "intervals for the study at the end)",
+    )
     args = parser.parse_args()
 
     import ipyparallel as ipp
@@ -165,6 +191,9 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="grid-bench-"))
     processes, connection = start_grid(home, args.sandbox)
+    _wait(lambda: Path(connection).exists(), 30, "the portal's connection file")
+    if args.identity == "researcher":
+        connection = as_researcher(home, processes[1])
     cluster = None
     try:
         shell = InteractiveShell.instance()
@@ -228,7 +257,7 @@ def main() -> None:
             client.run_on_scheduler(_scheduler_intervals, **portal_default)
             node_default = next(iter(client.run(_worker_interval, value=0).values()))
             client.run(_worker_interval, value=node_default)
-        except Exception as exc:  # noqa: BLE001 - a portal that forbids run_on_scheduler
+        except Exception as exc:  # noqa: BLE001 - a researcher may not (run with --as admin)
             print(f"(could not change the portal's and node's intervals: {exc})")
             portal_default, node_default = None, None
 
@@ -256,7 +285,10 @@ def main() -> None:
         settings["default intervals"]()
 
         mode = args.sandbox or "default"
-        print(f"{args.n} rounds, volunteer --sandbox {mode}, this machine: {os.cpu_count()} CPUs")
+        print(
+            f"{args.n} rounds, volunteer --sandbox {mode}, the kernel as the {args.identity}, "
+            f"this machine: {os.cpu_count()} CPUs"
+        )
         for name, values in times.items():
             print(f"  {name:48s} {stats(values)}")
         grid_ms = statistics.median(times["%%grid x = 1"])
