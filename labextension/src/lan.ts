@@ -19,6 +19,7 @@ import { ServerConnection } from '@jupyterlab/services';
 import { GridApiError, requestAPI } from './api';
 import { h, replaceChildren, setText } from './dom';
 import { formatDuration } from './format';
+import { Poller } from './poller';
 
 /** A portal as `GET grid/api/discovered` lists it. */
 export interface IDiscoveredPortal {
@@ -99,7 +100,7 @@ export class LanSection {
   }
 
   start(): void {
-    if (this._timer !== null) {
+    if (this._poller.running) {
       return;
     }
     void this._fetch(false).then(() => {
@@ -107,14 +108,11 @@ export class LanSection {
         void this._fetchJoin(); // a request sent before the page was reloaded
       }
     });
-    this._timer = window.setInterval(() => void this._fetch(false), DISCOVERED_POLL_MS);
+    this._poller.start(false); // fetched just above, with the join request after it
   }
 
   stop(): void {
-    if (this._timer !== null) {
-      window.clearInterval(this._timer);
-      this._timer = null;
-    }
+    this._poller.stop();
     this._stopJoinPoll();
   }
 
@@ -241,16 +239,11 @@ export class LanSection {
   }
 
   private _startJoinPoll(): void {
-    if (this._joinTimer === null) {
-      this._joinTimer = window.setInterval(() => void this._fetchJoin(), JOIN_POLL_MS);
-    }
+    this._joinPoller.start(false); // each caller has just read the request's state
   }
 
   private _stopJoinPoll(): void {
-    if (this._joinTimer !== null) {
-      window.clearInterval(this._joinTimer);
-      this._joinTimer = null;
-    }
+    this._joinPoller.stop();
   }
 
   private _showJoin(status: IJoinStatus): void {
@@ -293,8 +286,8 @@ export class LanSection {
 
   private _settings: ServerConnection.ISettings;
   private _onChange: () => void;
-  private _timer: number | null = null;
-  private _joinTimer: number | null = null;
+  private _poller = new Poller(() => this._fetch(false), DISCOVERED_POLL_MS);
+  private _joinPoller = new Poller(() => this._fetchJoin(), JOIN_POLL_MS);
   private _configured: boolean | null = null;
   private _join: IJoinStatus | null = null;
   private _status = h('div', { class: 'gp-lan-status', role: 'status' });
@@ -328,18 +321,13 @@ export class RequestsSection {
 
   start(): void {
     this._wanted = true;
-    if (!this._admin || this._timer !== null) {
-      return;
+    if (this._admin) {
+      this._poller.start();
     }
-    void this._fetch();
-    this._timer = window.setInterval(() => void this._fetch(), REQUESTS_POLL_MS);
   }
 
   stop(): void {
-    if (this._timer !== null) {
-      window.clearInterval(this._timer);
-      this._timer = null;
-    }
+    this._poller.stop();
   }
 
   /** `stop` because the sidebar is hidden: start again when it is shown. */
@@ -401,7 +389,7 @@ export class RequestsSection {
   }
 
   private _settings: ServerConnection.ISettings;
-  private _timer: number | null = null;
+  private _poller = new Poller(() => this._fetch(), REQUESTS_POLL_MS);
   private _admin = false;
   private _wanted = false;
   private _list = h('div', { class: 'gp-request-list' });

@@ -1,6 +1,7 @@
 /**
- * A section's refresh while the sidebar is shown: `tick` at once on `start`, then every
- * `ms` until `stop`. Starting twice keeps one timer.
+ * A section's refresh while the sidebar is shown: `tick` at once on `start` (unless the caller
+ * has just fetched itself: `start(false)`), then every `ms` until `stop`. Starting twice keeps
+ * one timer.
  */
 export class Poller {
   constructor(
@@ -8,20 +9,28 @@ export class Poller {
     private readonly _ms: number
   ) {}
 
-  start(): void {
+  /** Whether it is polling (started and not stopped since). */
+  get running(): boolean {
+    return this._timer !== null;
+  }
+
+  start(now = true): void {
     if (this._timer !== null) {
       return;
     }
-    void this._tick();
-    this._timer = window.setInterval(() => void this._tick(), this._ms);
+    if (now) {
+      void this._tick();
+    }
+    this._timer = setInterval(() => void this._tick(), this._ms);
   }
 
   stop(): void {
     if (this._timer !== null) {
-      window.clearInterval(this._timer);
+      clearInterval(this._timer);
       this._timer = null;
     }
   }
 
-  private _timer: number | null = null;
+  // The browser's timer (a number) or Node's (an object, in the unit tests).
+  private _timer: ReturnType<typeof setInterval> | null = null;
 }

@@ -30,6 +30,7 @@ import { formatSize, plural } from './format';
 import { gridIcon } from './icon';
 import { LanSection, RequestsSection } from './lan';
 import { MachineSection } from './machine';
+import { Poller } from './poller';
 import { PortalsSection } from './portals';
 import { JobDetail } from './taskstream';
 import { visibleRange } from './timing';
@@ -502,32 +503,26 @@ export class GridSidebar extends Widget {
 
   /** Everyone's jobs are not on the events feed (it carries the user's own): poll them. */
   private _startPoll(): void {
-    if (this._poll !== null) {
-      return;
-    }
-    const fetch = async (): Promise<void> => {
-      try {
-        this._everyoneJobs = await this._connection.everyoneJobs();
-      } catch (error) {
-        if ((error as GridApiError).status === 403) {
-          this._everyoneBox.checked = false;
-          this._everyoneToggle.hidden = true;
-          this._setEveryone(false);
-        }
-        return;
-      }
-      this._lastJobs = null;
-      this._scheduleRender();
-    };
-    void fetch();
-    this._poll = window.setInterval(() => void fetch(), EVERYONE_POLL_MS);
+    this._everyonePoller.start();
   }
 
   private _stopPoll(): void {
-    if (this._poll !== null) {
-      window.clearInterval(this._poll);
-      this._poll = null;
+    this._everyonePoller.stop();
+  }
+
+  private async _fetchEveryone(): Promise<void> {
+    try {
+      this._everyoneJobs = await this._connection.everyoneJobs();
+    } catch (error) {
+      if ((error as GridApiError).status === 403) {
+        this._everyoneBox.checked = false;
+        this._everyoneToggle.hidden = true;
+        this._setEveryone(false);
+      }
+      return;
     }
+    this._lastJobs = null;
+    this._scheduleRender();
   }
 
   private _renderJobs(now: number): void {
@@ -664,5 +659,5 @@ export class GridSidebar extends Widget {
   private _me = '';
   private _everyone = false;
   private _everyoneJobs: IJob[] | null = null;
-  private _poll: number | null = null;
+  private _everyonePoller = new Poller(() => this._fetchEveryone(), EVERYONE_POLL_MS);
 }

@@ -11,6 +11,7 @@ import { ServerConnection } from '@jupyterlab/services';
 import { requestAPI } from './api';
 import { h, replaceChildren, setText, svg } from './dom';
 import { formatDuration } from './format';
+import { Poller } from './poller';
 import { IStreamLayout, ITaskRecord, PALETTE_SIZE, layoutTaskStream } from './streamlayout';
 import { IJob } from './types';
 
@@ -103,6 +104,7 @@ export class JobDetail {
     this._items.hidden = true;
     replaceChildren(this._stream, h('div', { class: 'gp-empty' }, 'Loading…'));
     replaceChildren(this._legend);
+    this.pause(); // another job may have been open: fetch this one now, not at the next tick
     this.resume();
   }
 
@@ -114,19 +116,14 @@ export class JobDetail {
 
   /** Poll again (the sidebar is shown). */
   resume(): void {
-    if (this._jobId === null || this._timer !== null) {
-      return;
+    if (this._jobId !== null) {
+      this._poller.start();
     }
-    void this._fetch();
-    this._timer = window.setInterval(() => void this._fetch(), POLL_MS);
   }
 
   /** Stop polling (the sidebar is hidden, or the job ended). */
   pause(): void {
-    if (this._timer !== null) {
-      window.clearInterval(this._timer);
-      this._timer = null;
-    }
+    this._poller.stop();
   }
 
   private async _fetch(): Promise<void> {
@@ -253,7 +250,7 @@ export class JobDetail {
 
   private _settings: ServerConnection.ISettings;
   private _jobId: string | null = null;
-  private _timer: number | null = null;
+  private _poller = new Poller(() => this._fetch(), POLL_MS);
   private _title = h('h3', { class: 'gp-job-detail-name' });
   private _error = h('div', { class: 'gp-job-error gp-job-detail-error' });
   private _stages = h('div', { class: 'gp-stages' });
