@@ -27,13 +27,16 @@ from grid_portal.connection import (
     embedded_data_dir,
     pid_alive,
 )
-from grid_portal.errors import ConnectionFailed
+from grid_portal.errors import ConnectionFailed, UsageError
 from grid_portal.keys import file_lock
 from grid_portal.portal.server import PortalConfig, PortalInfo
 
 logger = logging.getLogger("grid_portal.embedded")
 
 JOIN_TIMEOUT = 60.0  # publish the portal even if its local volunteer is slow to join
+# The portal's log line when this machine cannot be its volunteer; ensure_embedded_portal
+# watches for it, so that whoever started the portal hears why at once.
+COULD_NOT_JOIN = "this machine could not join its embedded portal:"
 
 
 def embedded_config(
@@ -66,7 +69,11 @@ async def run_local_volunteer(
     from grid_portal.portal.security import write_private
 
     static = probe_static()
-    offer = decide_offer(cpus, memory, [], static)
+    try:
+        offer = decide_offer(cpus, memory, [], static)
+    except UsageError as exc:  # e.g. GridPortal.embedded_cpus over what the machine has
+        logger.error("%s %s", COULD_NOT_JOIN, exc)
+        return
     name = f"{hostname()}-local"
     directory = info.data_dir / "local-volunteer"
     cert, key = info.ca.issue(name, role="node")
@@ -97,7 +104,10 @@ async def run_local_volunteer(
         )
         joined.cancel()
         if running.done() and not running.cancelled() and running.exception() is not None:
-            logger.error("this machine could not join its embedded portal: %s", running.exception())
+            # A portal without this machine runs nothing: publish nothing, and let
+            # ensure_embedded_portal, which watches this log, say why and stop it.
+            logger.error("%s %s", COULD_NOT_JOIN, running.exception())
+            return
         publish_connection(info)
         await running
     finally:
@@ -128,6 +138,7 @@ def ensure_embedded_portal(
         if existing is not None:
             return existing
         log_path = embedded_data_dir() / "portal.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0  # this start's lines
         command = [sys.executable, "-m", "grid_portal.cli", "serve", "--embedded"]
         if cpus is not None:
             command += ["--cpus", str(cpus)]
@@ -151,6 +162,15 @@ def ensure_embedded_portal(
             conn = _alive_connection(path)
             if conn is not None and conn.pid == process.pid:
                 return conn
+            reason = _join_failure(log_path, log_start)
+            if reason is not None:
+                process.terminate()  # a portal with no node: nothing could run on it
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=30)
+                raise ConnectionFailed(
+                    f"the embedded portal started, but this machine could not join it: {reason}. "
+                    f"See {log_path}"
+                )
             if process.poll() is not None:
                 raise ConnectionFailed(
                     f"the embedded portal failed to start (exit code {process.returncode}); "
@@ -160,6 +180,21 @@ def ensure_embedded_portal(
         raise ConnectionFailed(
             f"the embedded portal did not start within {timeout:.0f} s; see {log_path}"
         )
+
+
+def _join_failure(log_path: Path, start: int) -> str | None:
+    """Why this machine could not join the portal being started, from its log; None: it
+    has not failed (yet)."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if COULD_NOT_JOIN in line:
+            return line.split(COULD_NOT_JOIN, 1)[1].strip()
+    return None
 
 
 def _alive_connection(path: Path) -> Connection | None:

@@ -109,3 +109,33 @@ def test_embedded_stop_never_signals_another_program_with_a_reused_pid(tmp_path:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_machine_that_cannot_lend_what_was_asked_is_told_why_at_once(tmp_path: Path) -> None:
+    """`c.GridPortal.embedded_cpus = 4096` on a small machine: whoever starts the embedded
+    portal (a kernel's Grid(), the Jupyter server) hears why this machine cannot be its
+    volunteer within seconds, not "did not start within 60 s", and no node-less portal is
+    left running."""
+    dirs = private_dirs(tmp_path)
+    env = {**os.environ, **{var: str(path) for var, path in dirs.items()}}
+    script = (
+        "import sys\n"
+        "from grid_portal.embedded import ensure_embedded_portal\n"
+        "from grid_portal.errors import ConnectionFailed\n"
+        "try:\n"
+        "    ensure_embedded_portal(cpus=4096)\n"
+        "except ConnectionFailed as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    message = done.stdout.strip()
+    assert message.startswith("the embedded portal started, but this machine could not join it: ")
+    assert "--cpus 4096: this machine has" in message and "logical CPUs" in message, message
+    assert not (dirs["JUPYTER_RUNTIME_DIR"] / CONNECTION_FILE).exists()
+    portal_file = dirs["XDG_DATA_HOME"] / "grid-portal" / "embedded" / "portal.json"
+    wait_for(lambda: not portal_file.exists(), timeout=30, what="the node-less portal to stop")
+    assert embedded_stop(dirs) == "no embedded portal runs"
