@@ -778,6 +778,27 @@ def test_schemathesis_finds_no_server_errors(
 
 @pytest.mark.parametrize(
     "grid_settings",
+    [{"address": None, "embedded_cpus": 4096}, {"address": None, "embedded_memory": "1PB"}],
+    indirect=True,
+)
+def test_a_mistake_in_the_servers_grid_settings_is_answered_on_every_call(
+    grid_settings: dict[str, Any], api: Api, jp_serverapp: Any
+) -> None:
+    """More CPUs or memory than the machine has, in c.GridPortal: the extension still loads
+    (the server re-raises extension failures here), and every call says what to fix, with no
+    embedded portal started for a volunteer that could never join it."""
+    (setting,) = (name for name in grid_settings if name != "address")
+    for _ in range(2):
+        status, body = api("capacity")
+        assert status == 503, body
+        assert body["message"].startswith(f"GridPortal.{setting} is "), body
+        assert "but this machine has" in body["message"], body
+        assert "restart the server" in body["message"], body
+    assert jp_serverapp.web_app.settings["grid_portal"].embedded_pid is None
+
+
+@pytest.mark.parametrize(
+    "grid_settings",
     [{"address": None, "embedded_cpus": 1, "embedded_memory": "1GB"}],
     indirect=True,
 )

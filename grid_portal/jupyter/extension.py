@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from traitlets import TraitError
+
 from grid_portal.jupyter.handlers import handlers
 from grid_portal.jupyter.service import GridPortal
 
@@ -25,7 +27,14 @@ SETTINGS_KEY = "grid_portal"
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Add the handlers and one (not yet connected) ``GridPortal`` to the server."""
     web_app = serverapp.web_app
-    portal = GridPortal(parent=serverapp, log=serverapp.log)
+    try:
+        portal = GridPortal(parent=serverapp, log=serverapp.log)
+    except TraitError as exc:
+        # The user's own mistake in c.GridPortal: one line in the log, not a traceback and a
+        # missing extension; the API (and so the sidebar) answers every call with it.
+        serverapp.log.error("Grid Portal: %s", exc)
+        portal = GridPortal(log=serverapp.log)  # the defaults, never used to connect
+        portal.config_error = str(exc)
     web_app.settings[SETTINGS_KEY] = portal
     web_app.add_handlers(".*$", handlers(web_app.settings["base_url"]))
 
@@ -40,5 +49,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.cleanup_extensions = cleanup_extensions
     serverapp.log.info(
         "Grid Portal extension loaded at grid/api/; portal: %s",
-        portal.address or "found on first use (GRID_PORTAL_ADDRESS, else the embedded one)",
+        "none until the setting above is fixed"
+        if portal.config_error
+        else portal.address or "found on first use (GRID_PORTAL_ADDRESS, else the embedded one)",
     )

@@ -92,19 +92,34 @@ class GridPortal(LoggingConfigurable):
 
     @validate("embedded_memory")
     def _valid_memory(self, proposal: dict[str, Any]) -> int | str | None:
+        import psutil
+
+        from grid_portal.units import format_size
+
         value = proposal["value"]
-        if isinstance(value, str):
-            try:
-                parse_size(value)
-            except UsageError as exc:
-                raise TraitError(f"GridPortal.embedded_memory: {exc}") from None
+        if value is None:
+            return value
+        try:
+            size = parse_size(value) if isinstance(value, str) else int(value)
+        except UsageError as exc:
+            raise TraitError(f"GridPortal.embedded_memory: {exc}") from None
+        have = psutil.virtual_memory().total
+        if not 0 < size <= have:
+            raise TraitError(
+                f"GridPortal.embedded_memory is {value!r}, but this machine has "
+                f"{format_size(have)} of memory: lend more than 0 and at most that"
+            )
         return value
 
     @validate("embedded_cpus")
     def _valid_cpus(self, proposal: dict[str, Any]) -> int | None:
         value = proposal["value"]
-        if value is not None and value < 1:
-            raise TraitError(f"GridPortal.embedded_cpus must be 1 or more, not {value}")
+        have = os.cpu_count() or 1
+        if value is not None and not 1 <= value <= have:
+            raise TraitError(
+                f"GridPortal.embedded_cpus is {value}, but this machine has {have} logical "
+                f"CPUs: lend 1 to {have}"
+            )
         return value
 
     def __init__(self, **kwargs: Any) -> None:
@@ -117,6 +132,8 @@ class GridPortal(LoggingConfigurable):
         self._generation = 0  # bumped by reconnect(): a connect begun before it is stale
         self._closed = False
         self.embedded_pid: int | None = None  # set when this server started the embedded portal
+        # A mistake in this server's GridPortal settings (extension.py): every call answers it.
+        self.config_error: str | None = None
         # Grid.job() marks submissions with dask.annotate, which sets Dask's global config:
         # two threads submitting at once could tag each other's tasks. One at a time.
         self.submit_lock = threading.Lock()
@@ -128,6 +145,11 @@ class GridPortal(LoggingConfigurable):
     # -- the connection -------------------------------------------------------------------
     def _connect(self) -> tuple[Grid, str, str]:
         """Blocking: resolve the portal (starting the embedded one if need be) and connect."""
+        if self.config_error is not None:
+            raise ConnectionFailed(
+                f"{self.config_error}. Fix it in the Jupyter server's configuration "
+                "(jupyter_server_config.py or the command line) and restart the server"
+            )
         from grid_portal.client import Grid
         from grid_portal.connection import embedded_connection_path
         from grid_portal.which_portal import find_connection
