@@ -48,7 +48,9 @@ def embedded_config(
     )
 
     async def local_volunteer(info: PortalInfo) -> None:
-        await run_local_volunteer(info, cpus=cpus, memory=memory)
+        joined = await run_local_volunteer(info, cpus=cpus, memory=memory)
+        if not joined and info.stop is not None:
+            info.stop()  # a portal without this machine has nothing to run on
 
     config.companions.append(local_volunteer)
     return config
@@ -56,8 +58,11 @@ def embedded_config(
 
 async def run_local_volunteer(
     info: PortalInfo, cpus: int | None = None, memory: int | None = None
-) -> None:
-    """This machine as a volunteer of its own portal: no token needed, the CA is right here."""
+) -> bool:
+    """This machine as a volunteer of its own portal: no token needed, the CA is right here.
+
+    Runs until the portal stops; returns False at once if this machine could not join (the
+    reason is logged, as ``COULD_NOT_JOIN``), True when it ran and was stopped."""
     from grid_portal.node.agent import (
         Credentials,
         Volunteer,
@@ -73,7 +78,7 @@ async def run_local_volunteer(
         offer = decide_offer(cpus, memory, [], static)
     except UsageError as exc:  # e.g. GridPortal.embedded_cpus over what the machine has
         logger.error("%s %s", COULD_NOT_JOIN, exc)
-        return
+        return False
     name = f"{hostname()}-local"
     directory = info.data_dir / "local-volunteer"
     cert, key = info.ca.issue(name, role="node")
@@ -104,12 +109,13 @@ async def run_local_volunteer(
         )
         joined.cancel()
         if running.done() and not running.cancelled() and running.exception() is not None:
-            # A portal without this machine runs nothing: publish nothing, and let
-            # ensure_embedded_portal, which watches this log, say why and stop it.
+            # A portal without this machine runs nothing: publish nothing; the portal stops,
+            # and ensure_embedded_portal, which watches this log, says why.
             logger.error("%s %s", COULD_NOT_JOIN, running.exception())
-            return
+            return False
         publish_connection(info)
         await running
+        return True
     finally:
         volunteer.request_stop()
         await asyncio.gather(running, return_exceptions=True)

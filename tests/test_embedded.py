@@ -27,12 +27,14 @@ def private_dirs(tmp_path: Path, runtime: Path | None = None) -> dict[str, Path]
     return dirs
 
 
-def start_embedded(tmp_path: Path, dirs: dict[str, Path]) -> tuple[subprocess.Popen, Path]:
+def start_embedded(
+    tmp_path: Path, dirs: dict[str, Path], cpus: int = 1
+) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, **{var: str(path) for var, path in dirs.items()}}
     log = tmp_path / "portal.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            grid_portal_command("serve", "--embedded", "--cpus", "1"),
+            grid_portal_command("serve", "--embedded", "--cpus", str(cpus)),
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -139,3 +141,22 @@ def test_a_machine_that_cannot_lend_what_was_asked_is_told_why_at_once(tmp_path:
     portal_file = dirs["XDG_DATA_HOME"] / "grid-portal" / "embedded" / "portal.json"
     wait_for(lambda: not portal_file.exists(), timeout=30, what="the node-less portal to stop")
     assert embedded_stop(dirs) == "no embedded portal runs"
+
+
+def test_an_embedded_portal_started_by_hand_stops_when_this_machine_cannot_join(
+    tmp_path: Path,
+) -> None:
+    """`grid-portal serve --embedded` run directly, not through Grid(): the same refusal ends
+    the portal (a portal with no node is of no use), with the reason in its output."""
+    dirs = private_dirs(tmp_path)
+    process, log = start_embedded(tmp_path, dirs, cpus=4096)
+    try:
+        assert process.wait(timeout=45) is not None
+        text = log.read_text()
+        assert "this machine could not join its embedded portal: --cpus 4096" in text, text
+        assert "Traceback" not in text, text
+        assert not (dirs["JUPYTER_RUNTIME_DIR"] / CONNECTION_FILE).exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -70,6 +70,9 @@ class PortalInfo:
     connection: Connection
     ca: CertificateAuthority
     scheduler_pid: int | None = None  # the scheduler runs apart (portal/scheduler_link.py)
+    # Ends the portal, as SIGTERM does: for a companion the portal is useless without (the
+    # embedded portal's own volunteer). Set by run_portal before companions start.
+    stop: Callable[[], None] | None = None
 
 
 def advertised_host(host: str) -> str:
@@ -238,6 +241,7 @@ async def run_portal(
         # Not possible outside the main thread, or on Windows: then the caller stops us.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    info.stop = stop.set
     companions = [asyncio.create_task(c(info)) for c in config.companions]
     if on_ready is not None:
         on_ready(info)
