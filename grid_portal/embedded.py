@@ -75,7 +75,7 @@ async def run_local_volunteer(
 
     static = probe_static()
     try:
-        offer = decide_offer(cpus, memory, [], static)
+        offer = decide_offer(cpus, memory, [], static, oversubscribe=None)
     except UsageError as exc:  # e.g. GridPortal.embedded_cpus over what the machine has
         logger.error("%s %s", COULD_NOT_JOIN, exc)
         return False

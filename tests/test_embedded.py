@@ -155,6 +155,7 @@ def test_an_embedded_portal_started_by_hand_stops_when_this_machine_cannot_join(
         text = log.read_text()
         assert "this machine could not join its embedded portal: --cpus 4096" in text, text
         assert "Traceback" not in text, text
+        assert "--oversubscribe" not in text  # serve --embedded has no such flag
         assert not (dirs["JUPYTER_RUNTIME_DIR"] / CONNECTION_FILE).exists()
     finally:
         if process.poll() is None:

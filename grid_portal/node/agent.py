@@ -131,9 +131,12 @@ def decide_offer(
     memory: int | None,
     gpus: list[int],
     static: StaticCapacity,
-    oversubscribe: bool = False,
+    oversubscribe: bool | None = False,
 ) -> Offer:
-    """What the volunteer lends, checked against what the machine has."""
+    """What the volunteer lends, checked against what the machine has. ``oversubscribe``:
+    True lends more than the machine has; None where that cannot be asked for (the embedded
+    portal's volunteer), so a refusal does not suggest it."""
+    hint = ", or add --oversubscribe if you mean it" if oversubscribe is not None else ""
     have_cpus = static.cores_logical
     if cpus is None:
         cpus = max(1, have_cpus - 1) if have_cpus > 2 else have_cpus
@@ -142,7 +145,7 @@ def decide_offer(
     if cpus > have_cpus and not oversubscribe:
         raise UsageError(
             f"--cpus {cpus}: this machine has {have_cpus} logical CPUs; offer at most "
-            f"{have_cpus}, or add --oversubscribe if you mean it"
+            f"{have_cpus}{hint}"
         )
     have_memory = static.memory_total
     if memory is None:
@@ -152,7 +155,7 @@ def decide_offer(
     if memory > have_memory and not oversubscribe:
         raise UsageError(
             f"--memory {format_size(memory)}: this machine has {format_size(have_memory)} of "
-            "memory; offer less, or add --oversubscribe if you mean it"
+            f"memory; offer less{hint}"
         )
     return Offer(cpus=int(cpus), memory=int(memory), gpus=list(gpus))
 
