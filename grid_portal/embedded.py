@@ -34,8 +34,8 @@ from grid_portal.portal.server import PortalConfig, PortalInfo
 logger = logging.getLogger("grid_portal.embedded")
 
 JOIN_TIMEOUT = 60.0  # publish the portal even if its local volunteer is slow to join
-# The portal's log line when this machine cannot be its volunteer; ensure_embedded_portal
-# watches for it, so that whoever started the portal hears why at once.
+# The portal's log line when this machine cannot be its volunteer (the portal then stops);
+# ensure_embedded_portal reads it back, so that whoever started the portal hears why.
 COULD_NOT_JOIN = "this machine could not join its embedded portal:"
 
 
@@ -110,7 +110,7 @@ async def run_local_volunteer(
         joined.cancel()
         if running.done() and not running.cancelled() and running.exception() is not None:
             # A portal without this machine runs nothing: publish nothing; the portal stops,
-            # and ensure_embedded_portal, which watches this log, says why.
+            # and ensure_embedded_portal reads why from this log.
             logger.error("%s %s", COULD_NOT_JOIN, running.exception())
             return False
         publish_connection(info)
@@ -168,16 +168,14 @@ def ensure_embedded_portal(
             conn = _alive_connection(path)
             if conn is not None and conn.pid == process.pid:
                 return conn
-            reason = _join_failure(log_path, log_start)
-            if reason is not None:
-                process.terminate()  # a portal with no node: nothing could run on it
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=30)
-                raise ConnectionFailed(
-                    f"the embedded portal started, but this machine could not join it: {reason}. "
-                    f"See {log_path}"
-                )
             if process.poll() is not None:
+                # A portal whose volunteer cannot join stops itself; its log says why.
+                reason = _join_failure(log_path, log_start)
+                if reason is not None:
+                    raise ConnectionFailed(
+                        "the embedded portal started, but this machine could not join it: "
+                        f"{reason}. See {log_path}"
+                    )
                 raise ConnectionFailed(
                     f"the embedded portal failed to start (exit code {process.returncode}); "
                     f"see {log_path}"
@@ -189,8 +187,8 @@ def ensure_embedded_portal(
 
 
 def _join_failure(log_path: Path, start: int) -> str | None:
-    """Why this machine could not join the portal being started, from its log; None: it
-    has not failed (yet)."""
+    """Why this machine could not join the portal that just stopped, from the lines its log
+    gained since ``start``; None: that was not why."""
     try:
         with open(log_path, "rb") as log:
             log.seek(start)

@@ -28,7 +28,7 @@ from traitlets import Float, Int, TraitError, Unicode, Union, default, validate
 from traitlets.config import LoggingConfigurable
 
 from grid_portal.errors import ConnectionFailed, GridError, UsageError
-from grid_portal.units import parse_size
+from grid_portal.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from grid_portal.client import Grid
@@ -92,9 +92,7 @@ class GridPortal(LoggingConfigurable):
 
     @validate("embedded_memory")
     def _valid_memory(self, proposal: dict[str, Any]) -> int | str | None:
-        import psutil
-
-        from grid_portal.units import format_size
+        import psutil  # the same measures as the volunteer's probe (node/probe.py)
 
         value = proposal["value"]
         if value is None:
@@ -113,8 +111,10 @@ class GridPortal(LoggingConfigurable):
 
     @validate("embedded_cpus")
     def _valid_cpus(self, proposal: dict[str, Any]) -> int | None:
+        import psutil
+
         value = proposal["value"]
-        have = os.cpu_count() or 1
+        have = psutil.cpu_count() or 1
         if value is not None and not 1 <= value <= have:
             raise TraitError(
                 f"GridPortal.embedded_cpus is {value}, but this machine has {have} logical "
